@@ -1,0 +1,352 @@
+"""Integer arithmetic primitives of the INT8 DeiT: rounding, scaling, saturation, isqrt, exact matmul.
+
+Every runtime function computes in int64 and never wraps around silently: inputs outside a
+function's domain raise ValueError, intermediates that would leave int64 raise OverflowError,
+and each message names the function and the violated bound. Saturation happens only in
+`saturate`. The offline helpers (`quantize_multiplier`, `quantize_add_multipliers`,
+`round_half_away_from_zero`) take floats but round exactly (rational arithmetic).
+
+Spec: docs/spec-part1-arith.md (one section per function, same names as here).
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+
+SINGLE_ROUND = "SINGLE_ROUND"   # TOSA apply_scale_32, double_round=false
+DOUBLE_ROUND = "DOUBLE_ROUND"   # TFLite/gemmlowp MultiplyByQuantizedMultiplier
+ROUNDING_MODES = (SINGLE_ROUND, DOUBLE_ROUND)
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT_DTYPES = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------
+# input checking helpers
+# ---------------------------------------------------------------------------------------------
+
+def _int64(x, fn: str, name: str) -> np.ndarray:
+    """x (python int, numpy integer scalar or array) as an int64 ndarray; never wraps."""
+    arr = np.asarray(x)
+    if arr.dtype.kind == "O":  # python ints beyond 64 bits land here
+        raise OverflowError(f"{fn}: {name} does not fit int64 [{INT64_MIN}, {INT64_MAX}]")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: {name} must be an integer array, got dtype {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > INT64_MAX:
+        raise OverflowError(f"{fn}: {name} does not fit int64 (max {int(arr.max())} > {INT64_MAX})")
+    return arr.astype(np.int64, copy=False)
+
+
+def _require_in(arr: np.ndarray, lo: int, hi: int, fn: str, what: str, exc=ValueError) -> None:
+    """Raise exc unless lo <= arr <= hi everywhere (inclusive bounds)."""
+    if arr.size == 0:
+        return
+    amin, amax = int(arr.min()), int(arr.max())
+    if amin < lo or amax > hi:
+        raise exc(f"{fn}: {what} must be in [{lo}, {hi}], got values in [{amin}, {amax}]")
+
+
+def _check_rounding(rounding: str, fn: str) -> None:
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"{fn}: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ranges and saturation
+# ---------------------------------------------------------------------------------------------
+
+def int_range(dtype) -> tuple[int, int]:
+    """(lo, hi) inclusive range of an integer dtype among int8/16/32/64, uint8/16."""
+    dt = np.dtype(dtype)
+    if dt not in _INT_DTYPES:
+        raise ValueError(f"int_range: dtype must be one of {[str(d) for d in _INT_DTYPES]}, got {dt}")
+    info = np.iinfo(dt)
+    return int(info.min), int(info.max)
+
+
+def saturate(x, dtype) -> np.ndarray:
+    """Clip x to dtype's range, then cast: the only place where saturation happens."""
+    lo, hi = int_range(dtype)
+    x = _int64(x, "saturate", "x")
+    return np.clip(x, lo, hi).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# rounding shifts
+# ---------------------------------------------------------------------------------------------
+
+def rounding_shift_right(x, shift) -> np.ndarray:
+    """round(x / 2^shift), ties toward +infinity: (x + 2^(shift-1)) >> shift (floor shift); x if shift == 0.
+
+    shift broadcasts against x and must lie in [0, 63]; x + 2^(shift-1) must fit int64.
+    """
+    fn = "rounding_shift_right"
+    x, shift = _int64(x, fn, "x"), _int64(shift, fn, "shift")
+    _require_in(shift, 0, 63, fn, "shift")
+    half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 0)  # 2^(shift-1) or 0
+    if x.size and np.any(x > INT64_MAX - half):
+        raise OverflowError(f"{fn}: x + 2^(shift-1) exceeds int64 max {INT64_MAX}")
+    return np.asarray(np.right_shift(x + half, shift), dtype=np.int64)
+
+
+def saturating_rounding_doubling_high_mul(a, b) -> np.ndarray:
+    """gemmlowp SaturatingRoundingDoublingHighMul: int32 high half of 2*a*b, rounded to nearest.
+
+    a, b int32. ab = a*b (int64); nudge = 2^30 if ab >= 0 else 1 - 2^30; result = (ab + nudge) / 2^31
+    with C truncating division. Net effect: floor((ab + 2^30) / 2^31), i.e. ties toward +infinity.
+    The only overflow, a == b == INT32_MIN, saturates to INT32_MAX.
+    """
+    fn = "saturating_rounding_doubling_high_mul"
+    a, b = _int64(a, fn, "a"), _int64(b, fn, "b")
+    _require_in(a, INT32_MIN, INT32_MAX, fn, "a (int32)")
+    _require_in(b, INT32_MIN, INT32_MAX, fn, "b (int32)")
+    ab = a * b                                                      # |ab| <= 2^62
+    nudged = ab + np.where(ab >= 0, 1 << 30, 1 - (1 << 30))         # |.| <= 2^62 + 2^30
+    truncated = np.where(nudged >= 0, nudged >> 31, -((-nudged) >> 31))  # C division toward zero
+    overflow = (a == INT32_MIN) & (b == INT32_MIN)
+    return np.asarray(np.where(overflow, INT32_MAX, truncated), dtype=np.int64)
+
+
+def rounding_divide_by_pot(x, exponent) -> np.ndarray:
+    """gemmlowp RoundingDivideByPOT: round(x / 2^exponent), ties away from zero; x int32, exponent in [0, 31].
+
+    mask = 2^exponent - 1; remainder = x & mask; threshold = (mask >> 1) + (x < 0);
+    result = (x >> exponent) + (remainder > threshold).
+    """
+    fn = "rounding_divide_by_pot"
+    x, exponent = _int64(x, fn, "x"), _int64(exponent, fn, "exponent")
+    _require_in(x, INT32_MIN, INT32_MAX, fn, "x (int32)")
+    _require_in(exponent, 0, 31, fn, "exponent")
+    mask = np.left_shift(np.int64(1), exponent) - 1
+    remainder = x & mask                    # low bits of two's complement x: identical in int32 and int64
+    threshold = (mask >> 1) + (x < 0)
+    return np.asarray((x >> exponent) + (remainder > threshold), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed-point rescaling
+# ---------------------------------------------------------------------------------------------
+
+def _check_scale_args(value, multiplier, shift, rounding, fn):
+    """Validate the TOSA apply_scale_32 preconditions; return broadcast-ready int64 arrays."""
+    _check_rounding(rounding, fn)
+    value, multiplier = _int64(value, fn, "value"), _int64(multiplier, fn, "multiplier")
+    shift = _int64(shift, fn, "shift")
+    _require_in(multiplier, 0, INT32_MAX, fn, "multiplier")
+    _require_in(shift, 2, 62, fn, "shift")
+    _require_in(value, INT32_MIN, INT32_MAX, fn, "value (int32)")
+    if value.size and shift.size:
+        smin = int(shift.min())
+        vmin, vmax = int(value.min()), int(value.max())
+        if vmin < -(1 << (smin - 1)) or vmax >= 1 << (smin - 1):  # cheap global test failed: check per element
+            half = np.left_shift(np.int64(1), shift - 1)
+            if np.any((value < -half) | (value >= half)):
+                raise ValueError(f"{fn}: value must satisfy -2^(shift-1) <= value < 2^(shift-1)")
+    return value, multiplier, shift
+
+
+def apply_scale(value, multiplier, shift, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """value * multiplier * 2^-shift rounded to an integer (NOT saturated; |result| <= 2^30 always).
+
+    SINGLE_ROUND: (value*multiplier + 2^(shift-1)) >> shift  (TOSA apply_scale_32, double_round=false).
+    DOUBLE_ROUND: TFLite MultiplyByQuantizedMultiplier(value, multiplier, 31 - shift), i.e.
+      rounding_divide_by_pot(saturating_rounding_doubling_high_mul(value << max(31-shift, 0), multiplier),
+                             max(shift-31, 0)).
+    Preconditions: 0 <= multiplier < 2^31, 2 <= shift <= 62, value int32 with
+    -2^(shift-1) <= value < 2^(shift-1). The latter makes TFLite's left shift safe:
+    |value << (31-shift)| <= 2^30 for shift < 31.
+    """
+    value, multiplier, shift = _check_scale_args(value, multiplier, shift, rounding, "apply_scale")
+    if rounding == SINGLE_ROUND:
+        # |value*multiplier| < 2^31 * 2^31 = 2^62 and 2^(shift-1) <= 2^61: the sum fits int64
+        half = np.left_shift(np.int64(1), shift - 1)
+        return np.asarray((value * multiplier + half) >> shift, dtype=np.int64)
+    left = np.maximum(31 - shift, 0)   # TFLite left_shift  (shift < 31)
+    right = np.maximum(shift - 31, 0)  # TFLite right_shift (shift > 31), <= 31
+    high = saturating_rounding_doubling_high_mul(np.left_shift(value, left), multiplier)
+    return rounding_divide_by_pot(high, right)
+
+
+def requantize(value, multiplier, shift, out_dtype=np.int8, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)."""
+    return saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# offline: float scales -> (multiplier, shift), exact rational rounding
+# ---------------------------------------------------------------------------------------------
+
+def _round_half_up(q: Fraction) -> int:
+    return math.floor(q + Fraction(1, 2))
+
+
+def _check_scale_float(scale, fn: str, name: str, allow_zero: bool = True) -> Fraction:
+    s = float(scale)
+    if not math.isfinite(s) or s < 0 or (s == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{fn}: {name} must be finite and {need}, got {scale!r}")
+    return Fraction(s)  # exact value of the double
+
+
+def quantize_multiplier(scale: float) -> tuple[int, int]:
+    """scale ~= multiplier * 2^-shift with multiplier in [2^30, 2^31), 2 <= shift <= 62 (TOSA/TFLite encoding).
+
+    The mantissa is rounded half-up exactly (Fraction arithmetic); a mantissa that rounds up to 2^31
+    becomes 2^30 with the shift reduced by one; powers of two are exact. Scales below 2^-32 would need
+    shift > 62: they get shift = 62 and multiplier = round_half_up(scale * 2^62) (one rounding of the
+    exact scale, so multiplier < 2^30 and possibly 0). scale == 0 -> (0, 62), the limit of tiny scales.
+    scale >= 2^29 - 2^-3 (needs shift < 2), negative, NaN or inf -> ValueError.
+    """
+    fn = "quantize_multiplier"
+    exact = _check_scale_float(scale, fn, "scale")
+    if exact == 0:
+        return 0, 62
+    _, e = math.frexp(float(scale))                       # scale = m * 2^e, m in [0.5, 1)
+    multiplier = _round_half_up(exact * Fraction(2) ** (31 - e))
+    shift = 31 - e
+    if multiplier == 1 << 31:                             # mantissa rounded up to 1.0
+        multiplier, shift = 1 << 30, shift - 1
+    if shift > 62:                                        # tiny scale: clamp the shift, round once
+        multiplier, shift = _round_half_up(exact * 2 ** 62), 62
+    if shift < 2:
+        raise ValueError(f"{fn}: scale {scale!r} too large: needs shift {shift} < 2 (scale must be < 2^29 - 2^-3)")
+    return multiplier, shift
+
+
+def quantize_add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> tuple[int, int, int]:
+    """(mult_a, mult_b, shift) for out = rounding_shift_right(a*mult_a + b*mult_b, shift).
+
+    shift is the largest value in [2, 62] for which both mult_x = round_half_up(scale_x/scale_out * 2^shift)
+    are < 2^31 (exact rational rounding). scale_a, scale_b >= 0 and finite, scale_out > 0 and finite;
+    ratios too large for shift 2 -> ValueError.
+    """
+    fn = "quantize_add_multipliers"
+    ra = _check_scale_float(scale_a, fn, "scale_a") / _check_scale_float(scale_out, fn, "scale_out", allow_zero=False)
+    rb = _check_scale_float(scale_b, fn, "scale_b") / Fraction(float(scale_out))
+    for shift in range(62, 1, -1):  # offline, at most 61 tries
+        mult_a, mult_b = _round_half_up(ra * 2 ** shift), _round_half_up(rb * 2 ** shift)
+        if mult_a < 1 << 31 and mult_b < 1 << 31:
+            return mult_a, mult_b, shift
+    raise ValueError(f"{fn}: scale ratios {float(ra)!r}, {float(rb)!r} too large: "
+                     f"multiplier >= 2^31 even at shift 2 (ratios must be < 2^29 - 2^-3)")
+
+
+def round_half_away_from_zero(x) -> np.ndarray:
+    """Round floats to the nearest integer, ties away from zero, as int64 (np.round is half-to-even).
+
+    Exact: floor(|x|) and |x| - floor(|x|) are exact in floating point, so no 0.49999... -> 1 error.
+    """
+    fn = "round_half_away_from_zero"
+    x = np.asarray(x)
+    if x.dtype.kind in "iu":
+        return _int64(x, fn, "x")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{fn}: x must be a float array, got dtype {x.dtype}")
+    if x.size and not np.all(np.isfinite(x)):
+        raise ValueError(f"{fn}: x must be finite (no NaN/inf)")
+    mag = np.abs(x)
+    whole = np.floor(mag)
+    rounded = whole + (mag - whole >= 0.5)              # exact: integers, |value| checked below
+    if rounded.size and float(rounded.max()) >= 2.0 ** 63:
+        raise OverflowError(f"{fn}: |x| rounds to >= 2^63, does not fit int64")
+    return np.asarray(np.where(x < 0, -rounded.astype(np.int64), rounded.astype(np.int64)), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# integer square root
+# ---------------------------------------------------------------------------------------------
+
+ISQRT_BITS = 31  # floor(sqrt(x)) < 2^31 for x < 2^62
+
+
+def isqrt(x) -> np.ndarray:
+    """Exact floor(sqrt(x)) for 0 <= x < 2^62, vectorized bit-by-bit method (31 fixed steps, add/sub/shift only).
+
+    Invariant after each step: the remaining x equals x0 - res'^2 where res' is the root found so far;
+    `bit` walks the powers of four 4^30 ... 4^0.
+    """
+    fn = "isqrt"
+    x = _int64(x, fn, "x")
+    _require_in(x, 0, (1 << 62) - 1, fn, "x")
+    rem = x.copy()
+    res = np.zeros_like(x)
+    bit = np.int64(1) << np.int64(2 * (ISQRT_BITS - 1))    # 4^30 = 2^60
+    for _ in range(ISQRT_BITS):
+        trial = res + bit                                   # < 2^62
+        take = rem >= trial
+        rem = np.where(take, rem - trial, rem)
+        res = np.where(take, (res >> 1) + bit, res >> 1)
+        bit >>= np.int64(2)
+    return np.asarray(res, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact integer matmul through floating-point BLAS
+# ---------------------------------------------------------------------------------------------
+
+F32_EXACT = 1 << 24   # every integer with |n| <= 2^24 is a float32
+F64_EXACT = 1 << 53   # every integer with |n| <= 2^53 is a float64
+
+
+def _max_abs(arr: np.ndarray) -> int:
+    """max |arr| as a python int (np.abs(int8(-128)) would wrap)."""
+    return max(int(arr.max()), -int(arr.min())) if arr.size else 0
+
+
+def _matmul_plan(amax: int, bmax: int, k: int):
+    """(float dtype, or None for int64; k_chunk) giving an exact product when |a| <= amax, |b| <= bmax."""
+    prod = amax * bmax
+    if prod == 0 or k == 0:  # all-zero operand or empty sum: one exact pass
+        return np.float32, max(k, 1)
+    k32, k64 = F32_EXACT // prod, F64_EXACT // prod
+    # float32 is ~2x faster per flop than float64, but chunks shorter than ~128 cost more than one float64 pass
+    if k32 >= min(k, 128):
+        return np.float32, k32
+    if k64 >= 1:
+        return np.float64, k64
+    return None, max(k, 1)
+
+
+def int_matmul(a, b) -> np.ndarray:
+    """Exact integer matmul a (..., M, K) @ b (..., K, N) -> int64 (..., M, N), numpy batch broadcasting.
+
+    Equal to np.matmul(a.astype(int64), b.astype(int64)), computed through float32 BLAS:
+    K is split into chunks of k_chunk = 2^24 // (max|a| * max|b|) terms. Proof of exactness: every
+    term a_ik*b_kj is an integer with |a_ik*b_kj| <= max|a|*max|b|, so any partial sum of any subset
+    of the terms of one chunk is an integer of magnitude <= k_chunk*max|a|*max|b| <= 2^24. Integers of
+    magnitude <= 2^24 are exactly representable in float32 (24-bit significand), and IEEE-754 add,
+    multiply and fused multiply-add return the exact result whenever it is representable. Hence every
+    operation BLAS performs (whatever its order, blocking, vectorization or FMA use) is exact, and
+    each chunk result is exactly the integer dot product; the chunks are summed in int64.
+    If max|a|*max|b| > 2^24 (or float32 chunks would be tiny) the same argument is used with float64
+    and 2^53; if even one product exceeds 2^53 the product is done in int64 (after checking
+    K*max|a|*max|b| <= 2^63 - 1).
+    """
+    fn = "int_matmul"
+    a, b = np.asarray(a), np.asarray(b)   # keep the narrow dtype: no int64 copy on the fast path
+    for name, arr in (("a", a), ("b", b)):
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{fn}: {name} must be an integer array, got dtype {arr.dtype}")
+        if arr.ndim < 2:
+            raise ValueError(f"{fn}: {name} must have >= 2 dims, (..., M, K) @ (..., K, N); got shape {arr.shape}")
+    k = a.shape[-1]
+    if b.shape[-2] != k:
+        raise ValueError(f"{fn}: inner dimensions differ: a {a.shape} has K={k}, b {b.shape} has K={b.shape[-2]}")
+    amax, bmax = _max_abs(a), _max_abs(b)
+    if max(amax, bmax) > INT64_MAX or k * amax * bmax > INT64_MAX:
+        raise OverflowError(f"{fn}: K*max|a|*max|b| = {k * amax * bmax} exceeds int64 max {INT64_MAX}")
+    ftype, k_chunk = _matmul_plan(amax, bmax, k)
+    if ftype is None:
+        return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    af, bf = a.astype(ftype), b.astype(ftype)   # exact: |values| <= 2^24 (float32) or 2^53 (float64)
+    out = None
+    for k0 in range(0, max(k, 1), k_chunk):  # loop over K-chunks only; M, N, batch stay inside BLAS
+        part = np.matmul(af[..., k0:k0 + k_chunk], bf[..., k0:k0 + k_chunk, :]).astype(np.int64)  # (..., M, N)
+        if out is None:
+            out = part
+        else:
+            out += part
+    return out

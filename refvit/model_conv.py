@@ -1,0 +1,97 @@
+"""Float DeiT in the NCHW-conv form (B, C, 1, N): the restructuring of arXiv 2602.06300 for
+accelerators that only run 4-D convolutions.
+
+Every Linear is a 1x1 Conv2d (weight (out, in, 1, 1)), the patch embedding is a P x P conv with stride
+P, LayerNorm is rebuilt from conv-friendly ops (channel mean as a 1x1 conv with weight 1/C, subtract,
+square, 1x1 mean conv, add eps, rsqrt, multiply, then gamma/beta as a depthwise 1x1 conv), and
+attention splits heads along C. Parameters keep timm's names, in the shapes made by
+`weights_tools.convert.token_to_conv`; the same weights, no retraining.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeiTConfig
+from .functional import gelu, softmax
+
+
+def conv2d(x, w, b=None, stride: int = 1):
+    """Conv2d with kernel k == stride (non-overlapping, no padding). x (B, Cin, H, W), w (Cout, Cin, k, k)."""
+    B, Cin, H, W = x.shape
+    Cout, _, k, _ = w.shape
+    Ho, Wo = H // k, W // k
+    cols = x.reshape(B, Cin, Ho, k, Wo, k).transpose(0, 1, 3, 5, 2, 4)          # (B, Cin, k, k, Ho, Wo)
+    y = w.reshape(Cout, Cin * k * k) @ cols.reshape(B, Cin * k * k, Ho * Wo)     # (B, Cout, Ho*Wo)
+    if b is not None:
+        y = y + b[:, None]
+    return y.reshape(B, Cout, Ho, Wo)
+
+
+def depthwise_conv1x1(x, w, b):  # x (B, C, H, W), w (C, 1, 1, 1), b (C,): per-channel affine
+    return x * w.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)
+
+
+def layer_norm_conv(x, w, b, eps):  # x (B, C, 1, N) normalized over C
+    C = x.shape[1]
+    mean_w = np.full((1, C, 1, 1), 1.0 / C, dtype=x.dtype)                     # channel-mean as a 1x1 conv
+    d = x - conv2d(x, mean_w)                                                    # (B, C, 1, N)
+    var = conv2d(d * d, mean_w)                                                  # (B, 1, 1, N)
+    y = d * (1.0 / np.sqrt(var + np.asarray(eps, x.dtype)))                     # rsqrt, multiply
+    return depthwise_conv1x1(y, w, b)
+
+
+def embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, C, 1, N)
+    y = conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], cfg.patch_size)  # (B, C, g, g)
+    B, C = y.shape[:2]
+    tokens = y.reshape(B, C, 1, cfg.num_patches)                                 # (B, C, 1, Np)
+    prefix = [p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else [])    # each (1, C, 1, 1)
+    prefix = np.broadcast_to(np.concatenate(prefix, axis=3), (B, C, 1, len(prefix)))
+    return np.concatenate([prefix, tokens], axis=3) + p["pos_embed"]             # (B, C, 1, N)
+
+
+def split_heads(x, num_heads):  # (B, C, 1, N) -> (B, Hh, D, N)
+    B, C, _, N = x.shape
+    return x.reshape(B, num_heads, C // num_heads, N)
+
+
+def attention(p, pre, x, cfg: DeiTConfig):  # x (B, C, 1, N) -> (B, C, 1, N)
+    B, C, _, N = x.shape
+    qkv = conv2d(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias"))             # (B, 3C, 1, N)
+    q, k, v = (split_heads(t, cfg.num_heads) for t in np.split(qkv, 3, axis=1))  # 3 x (B, Hh, D, N)
+    s = q.transpose(0, 1, 3, 2) @ k * np.asarray(cfg.head_dim ** -0.5, x.dtype)  # (B, Hh, N, N) [query, key]
+    a = softmax(s, axis=-1)
+    o = (v @ a.transpose(0, 1, 3, 2)).reshape(B, C, 1, N)                        # (B, Hh, D, N) -> (B, C, 1, N)
+    return conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])
+
+
+def mlp(p, pre, x):  # x (B, C, 1, N) -> (B, C, 1, N)
+    h = gelu(conv2d(x, p[pre + "fc1.weight"], p[pre + "fc1.bias"]))              # (B, 4C, 1, N)
+    return conv2d(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"])
+
+
+def block(p, i, x, cfg: DeiTConfig):  # x (B, C, 1, N) -> (B, C, 1, N)
+    pre = f"blocks.{i}."
+    ln = lambda y, name: layer_norm_conv(y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps)
+    x = x + attention(p, pre + "attn.", ln(x, "norm1"), cfg)
+    return x + mlp(p, pre + "mlp.", ln(x, "norm2"))
+
+
+def head(p, x):  # x (B, C, 1, N) final-normed -> logits (B, K)
+    logits = conv2d(x[..., 0:1], p["head.weight"], p["head.bias"])                # (B, K, 1, 1)
+    if "head_dist.weight" in p:
+        logits = (logits + conv2d(x[..., 1:2], p["head_dist.weight"], p["head_dist.bias"])) / 2
+    return logits[:, :, 0, 0]
+
+
+def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, C, 1, N)
+    x = embed(p, x, cfg)
+    for i in range(cfg.depth):
+        x = block(p, i, x, cfg)
+        if trace is not None:
+            trace[f"blocks.{i}"] = x
+    return layer_norm_conv(x, p["norm.weight"], p["norm.bias"], cfg.ln_eps)
+
+
+def forward(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, K)
+    """Logits of the conv-form DeiT; `p` from `token_to_conv`, in x's float dtype."""
+    return head(p, forward_features(p, x, cfg, trace))

@@ -1,0 +1,82 @@
+"""Float DeiT in the token form (B, N, C), as timm's VisionTransformer / VisionTransformerDistilled.
+
+Pure functions over a dict of parameters keyed by timm's checkpoint names. Linear weights are
+(out, in) as in the checkpoint. A dist token in the sequence comes from `config.distilled`; the
+logits are the cls head alone, or the mean of head(cls) and head_dist(dist) when the parameters
+hold `head_dist.*` (what timm and Hugging Face do at inference).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import DeiTConfig
+from .functional import gelu, layer_norm, softmax
+
+
+def linear(x, w, b):  # x (..., in), w (out, in), b (out,)
+    return x @ w.T + b
+
+
+def patch_embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, Np, C)
+    B, P, g = x.shape[0], cfg.patch_size, cfg.grid
+    patches = x.reshape(B, cfg.in_chans, g, P, g, P).transpose(0, 2, 4, 1, 3, 5)  # (B, g, g, 3, P, P)
+    patches = patches.reshape(B, g * g, cfg.in_chans * P * P)                      # (B, Np, 3*P*P)
+    w = p["patch_embed.proj.weight"].reshape(cfg.embed_dim, -1)                    # (C, 3*P*P)
+    return linear(patches, w, p["patch_embed.proj.bias"])                          # (B, Np, C)
+
+
+def embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, N, C)
+    tokens = patch_embed(p, x, cfg)                                                # (B, Np, C)
+    B, C = tokens.shape[0], cfg.embed_dim
+    prefix = [p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else [])
+    prefix = np.broadcast_to(np.concatenate(prefix, axis=1), (B, len(prefix), C))  # (B, 1|2, C)
+    return np.concatenate([prefix, tokens], axis=1) + p["pos_embed"]               # (B, N, C)
+
+
+def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> (B, N, C)
+    B, N, C = x.shape
+    Hh, D = cfg.num_heads, cfg.head_dim
+    qkv = linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias", 0))             # (B, N, 3C)
+    q, k, v = qkv.reshape(B, N, 3, Hh, D).transpose(2, 0, 3, 1, 4)                 # 3 x (B, Hh, N, D)
+    a = softmax(q @ k.transpose(0, 1, 3, 2) * np.asarray(D ** -0.5, x.dtype))     # (B, Hh, N, N)
+    o = (a @ v).transpose(0, 2, 1, 3).reshape(B, N, C)                             # (B, N, C)
+    return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"])
+
+
+def mlp(p, pre, x):  # x (B, N, C) -> (B, N, C)
+    h = gelu(linear(x, p[pre + "fc1.weight"], p[pre + "fc1.bias"]))                # (B, N, 4C)
+    return linear(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"])
+
+
+def block(p, i, x, cfg: DeiTConfig):  # x (B, N, C) -> (B, N, C)
+    pre = f"blocks.{i}."
+    ln = lambda y, name: layer_norm(y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps)
+    x = x + attention(p, pre + "attn.", ln(x, "norm1"), cfg)
+    return x + mlp(p, pre + "mlp.", ln(x, "norm2"))
+
+
+def head(p, x):  # x (B, N, C) final-normed -> logits (B, K)
+    logits = linear(x[:, 0], p["head.weight"], p["head.bias"])                     # (B, K)
+    if "head_dist.weight" in p:
+        logits = (logits + linear(x[:, 1], p["head_dist.weight"], p["head_dist.bias"])) / 2
+    return logits
+
+
+def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, N, C)
+    x = embed(p, x, cfg)
+    for i in range(cfg.depth):
+        x = block(p, i, x, cfg)
+        if trace is not None:
+            trace[f"blocks.{i}"] = x
+    return layer_norm(x, p["norm.weight"], p["norm.bias"], cfg.ln_eps)
+
+
+def forward(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, K)
+    """Logits of the token-form DeiT; `p` in x's float dtype (see `cast_params`)."""
+    if trace is not None:
+        trace["patch_embed"] = patch_embed(p, x, cfg)
+    return head(p, forward_features(p, x, cfg, trace))
+
+
+def cast_params(p: dict, dtype=np.float32) -> dict:
+    return {k: np.asarray(v, dtype=dtype) for k, v in p.items()}
