@@ -60,7 +60,7 @@ class DeiTConfig:
 
     @property
     def hidden_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return int(round(self.embed_dim * self.mlp_ratio))  # round: 49 * (1/49) is 0.999...
 
     def replace(self, **changes) -> "DeiTConfig":
         return dataclasses.replace(self, **changes)

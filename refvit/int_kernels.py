@@ -1,0 +1,394 @@
+"""Integer kernels of the INT8 DeiT in conv form (NCHW; token tensors are (B, C, 1, N)).
+
+Every runtime kernel is a pure function of integer arrays and integer constants: it checks the
+dtypes, shapes and ranges of its inputs (ValueError naming the argument), computes in int64 at most,
+checks the accumulator bounds stated in the spec (the checks are on the constants wherever the bound
+can be proved for every input), and saturates only through intmath.saturate. All rescaling goes
+through intmath (apply_scale / requantize / rounding_shift_right) and every GEMM through
+intmath.int_matmul. The only float operations are the boundary `quantize_input` / `dequantize` and
+the offline table / constant builders (`make_exp_table`, `make_gelu_table`, `layernorm_eps_int`).
+
+Spec: docs/spec-part2-kernels.md (one section per kernel, same names as here).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refvit.intmath import (
+    SINGLE_ROUND, apply_scale, int_matmul, isqrt, requantize, round_half_away_from_zero,
+    rounding_shift_right, saturate,
+)
+
+INT32_MAX = (1 << 31) - 1
+SYM_PRODUCT_MAX = 128 * 127       # max |x*w| for int8 x and symmetric int8 w in [-127, 127]
+
+MAX_CONV_TERMS = 1 << 16          # Cin*k*k: |sum x*w| <= 2^16 * 128*127 < 2^30
+MAX_HEAD_DIM = 1 << 16            # D: |q.k| <= 2^16 * 2^14 = 2^30
+MAX_TOKENS = (1 << 16) - 1        # N: softmax sum < 2^31, context acc <= N*127*128 < 2^31
+MAX_LN_CHANNELS = 4096            # C: sum_c d^2 <= C^3 * 255^2 / 4 < 2^50
+MAX_LN_EPS_INT = 1 << 61          # q = sum d^2 + eps_int < 2^62 (isqrt domain)
+
+EXP_INDEX_BITS = 4                # softmax table index unit: 1/16 of a real score difference
+EXP_TABLE_SIZE = 256              # idx = min(., 255): "the uint8 difference"
+EXP_ONE = 1 << 15                 # exp_table entries are Q0.15, exp_table[0] = 1.0
+SOFTMAX_RECIP_BITS = 40           # recip = floor(2^40 / sigma): 1/sigma_real in Q0.25
+PROB_ONE = 127                    # softmax output scale 1/127
+LN_RECIP_BITS = 40                # inv = floor(2^40 / r)
+LN_T_SHIFT = 24                   # t = round(d * inv / 2^24) = round(2^16 * d / r)
+LN_T_BITS = LN_RECIP_BITS - LN_T_SHIFT   # 16: |t| <= 2^16
+GELU_TABLE_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checking
+# ---------------------------------------------------------------------------------------------
+
+def _require_array(x, fn: str, name: str, dtype, ndim: int | None = None, layout: str = "") -> np.ndarray:
+    """x must be an ndarray of exactly `dtype` (no silent casts) and, if given, `ndim` dims."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{fn}: {name} must be a numpy array of dtype {np.dtype(dtype)}, got {type(x).__name__}")
+    if x.dtype != np.dtype(dtype):
+        raise ValueError(f"{fn}: {name} must have dtype {np.dtype(dtype)}, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must have {ndim} dims {layout}, got shape {x.shape}")
+    return x
+
+
+def _require_range(x: np.ndarray, lo: int, hi: int, fn: str, name: str) -> None:
+    """lo <= x <= hi everywhere (inclusive)."""
+    if x.size and (int(x.min()) < lo or int(x.max()) > hi):
+        raise ValueError(f"{fn}: {name} must be in [{lo}, {hi}], got values in [{int(x.min())}, {int(x.max())}]")
+
+
+def _per_channel(v, fn: str, name: str, channels: int) -> np.ndarray:
+    """A per-channel integer constant: 1-D of length C -> int64 (1, C, 1, 1) for NCHW broadcasting."""
+    v = np.asarray(v)
+    if v.dtype.kind not in "iu":
+        raise ValueError(f"{fn}: {name} must be an integer array, got dtype {v.dtype}")
+    if v.shape != (channels,):
+        raise ValueError(f"{fn}: {name} must have shape ({channels},) (one per channel), got {v.shape}")
+    return v.astype(np.int64).reshape(1, channels, 1, 1)
+
+
+def _scalar_int(v, fn: str, name: str) -> int:
+    """A scalar integer constant (python int, numpy integer, or 0-d integer array)."""
+    arr = np.asarray(v)
+    if isinstance(v, (bool, np.bool_)) or arr.dtype.kind not in "iu" or arr.ndim != 0:
+        raise ValueError(f"{fn}: {name} must be a scalar integer, got {v!r}")
+    return int(arr)
+
+
+def _require_bias_headroom(bias: np.ndarray, max_abs_sum: int, fn: str) -> None:
+    """|sum| <= max_abs_sum for every input, so acc = sum + bias fits int32 iff |bias| <= INT32_MAX - max_abs_sum."""
+    limit = INT32_MAX - max_abs_sum
+    _require_range(bias, -limit, limit, fn, f"bias (so that |acc| <= {max_abs_sum} + |bias| fits int32)")
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers (pure reshapes)
+# ---------------------------------------------------------------------------------------------
+
+def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
+    """(B, C, 1, N) -> (B, Hh, D, N) with channel c = h*D + d (timm's qkv head order)."""
+    fn = "split_heads"
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[2] != 1:
+        raise ValueError(f"{fn}: x must be a (B, C, 1, N) array, got {getattr(x, 'shape', type(x).__name__)}")
+    b, c, _, n = x.shape
+    num_heads = _scalar_int(num_heads, fn, "num_heads")
+    if num_heads <= 0 or c % num_heads:
+        raise ValueError(f"{fn}: num_heads {num_heads} must be positive and divide C = {c}")
+    return x.reshape(b, num_heads, c // num_heads, n)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(B, Hh, D, N) -> (B, Hh*D, 1, N), the inverse of split_heads."""
+    if not isinstance(x, np.ndarray) or x.ndim != 4:
+        raise ValueError(f"merge_heads: x must be a (B, Hh, D, N) array, got {getattr(x, 'shape', type(x).__name__)}")
+    b, h, d, n = x.shape
+    return x.reshape(b, h * d, 1, n)
+
+
+def concat_tokens(prefix: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """[prefix | patches] along tokens: prefix int8 (1, C, 1, P) broadcast over B, patches int8 (B, C, 1, Np)."""
+    fn = "concat_tokens"
+    _require_array(prefix, fn, "prefix", np.int8, 4, "(1, C, 1, P)")
+    _require_array(patches, fn, "patches", np.int8, 4, "(B, C, 1, Np)")
+    if prefix.shape[0] != 1 or prefix.shape[2] != 1:
+        raise ValueError(f"{fn}: prefix must have shape (1, C, 1, P), got {prefix.shape}")
+    b, c, h, _ = patches.shape
+    if h != 1 or c != prefix.shape[1]:
+        raise ValueError(f"{fn}: patches must have shape (B, {prefix.shape[1]}, 1, Np), got {patches.shape}")
+    prefix_b = np.broadcast_to(prefix, (b,) + prefix.shape[1:])   # (B, C, 1, P)
+    return np.concatenate([prefix_b, patches], axis=3)            # (B, C, 1, P + Np)
+
+
+# ---------------------------------------------------------------------------------------------
+# boundary: the only float ops of the integer model
+# ---------------------------------------------------------------------------------------------
+
+def _require_scale(scale, fn: str) -> np.ndarray:
+    s = np.asarray(scale, dtype=np.float64)
+    if s.size == 0 or not np.all(np.isfinite(s)) or not np.all(s > 0):
+        raise ValueError(f"{fn}: scale must be finite and > 0, got {scale!r}")
+    return s
+
+
+def quantize_input(x, scale) -> np.ndarray:
+    """Model boundary (like TFLite QUANTIZE): saturate(round_half_away(x / scale), int8), x / scale in float64.
+
+    scale is a positive float (or an array broadcasting against x, e.g. per channel (1, C, 1, 1)).
+    """
+    fn = "quantize_input"
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise ValueError(f"{fn}: x must be a float array, got dtype {x.dtype}")
+    ratio = x.astype(np.float64) / _require_scale(scale, fn)   # one IEEE-754 division: correctly rounded
+    if np.isnan(ratio).any():
+        raise ValueError(f"{fn}: x must not contain NaN (+-inf saturate)")
+    ratio = np.clip(ratio, -2.0 ** 62, 2.0 ** 62)              # keeps +-inf / huge values in int64; saturate decides
+    return saturate(round_half_away_from_zero(ratio), np.int8)
+
+
+def dequantize(q, scale) -> np.ndarray:
+    """The real value q * scale as float64 (reporting only; scale scalar or broadcasting against q)."""
+    q = np.asarray(q)
+    if q.dtype.kind not in "iu":
+        raise ValueError(f"dequantize: q must be an integer array, got dtype {q.dtype}")
+    return q.astype(np.float64) * _require_scale(scale, "dequantize")
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution (every Linear as a 1x1 conv, and the patch embedding)
+# ---------------------------------------------------------------------------------------------
+
+def conv2d_accumulate(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """acc[b, o, i, j] = bias[o] + sum_{c, u, v} x[b, c, i*k + u, j*k + v] * weight[o, c, u, v] -> int32.
+
+    stride == kernel size k, no padding; H and W must be multiples of k.
+    """
+    fn = "conv2d"
+    _require_array(x, fn, "x", np.int8, 4, "(B, Cin, H, W)")
+    _require_array(weight, fn, "weight", np.int8, 4, "(Cout, Cin, k, k)")
+    _require_array(bias, fn, "bias", np.int32, 1, "(Cout,)")
+    b, cin, h, w = x.shape
+    cout, wcin, k, k2 = weight.shape
+    if k != k2 or k == 0:
+        raise ValueError(f"{fn}: weight must be square (Cout, Cin, k, k) with k >= 1, got {weight.shape}")
+    if wcin != cin:
+        raise ValueError(f"{fn}: weight has Cin = {wcin} but x has {cin} channels")
+    if h % k or w % k:
+        raise ValueError(f"{fn}: x spatial size {h}x{w} is not a multiple of the kernel/stride {k}")
+    if bias.shape != (cout,):
+        raise ValueError(f"{fn}: bias must have shape ({cout},), got {bias.shape}")
+    _require_range(weight, -127, 127, fn, "weight (symmetric int8)")
+    terms = cin * k * k
+    if terms > MAX_CONV_TERMS:
+        raise ValueError(f"{fn}: Cin*k*k = {terms} exceeds {MAX_CONV_TERMS} (accumulator bound)")
+    _require_bias_headroom(bias, terms * SYM_PRODUCT_MAX, fn)
+    ho, wo = h // k, w // k
+    # One GEMM over all images and positions (batched small GEMMs are ~5x slower in numpy).
+    cols = (x.reshape(b, cin, ho, k, wo, k)
+             .transpose(1, 3, 5, 0, 2, 4)
+             .reshape(terms, b * ho * wo))                        # (Cin*k*k, B*Ho*Wo), (c, u, v) order
+    acc = int_matmul(weight.reshape(cout, terms), cols)           # (Cout, B*Ho*Wo), |.| <= terms*128*127
+    acc += bias.astype(np.int64)[:, None]                         # fits int32 by the bias headroom check
+    return acc.astype(np.int32).reshape(cout, b, ho, wo).transpose(1, 0, 2, 3)  # (B, Cout, Ho, Wo)
+
+
+def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8) -> np.ndarray:
+    """requantize(conv2d_accumulate(x, weight, bias)) per output channel -> out_dtype (B, Cout, H/k, W/k)."""
+    acc = conv2d_accumulate(x, weight, bias)                      # (B, Cout, Ho, Wo) int32
+    cout = acc.shape[1]
+    m, s = _per_channel(multiplier, "conv2d", "multiplier", cout), _per_channel(shift, "conv2d", "shift", cout)
+    return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def _check_heads(q: np.ndarray, k: np.ndarray, fn: str, qname: str, kname: str) -> None:
+    _require_array(q, fn, qname, np.int8, 4, "(B, Hh, D, N)")
+    _require_array(k, fn, kname, np.int8, 4, "(B, Hh, D, N)")
+    if q.shape != k.shape:
+        raise ValueError(f"{fn}: {qname} {q.shape} and {kname} {k.shape} must have the same shape (B, Hh, D, N)")
+
+
+def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """s[b, h, i, j] = sum_d q[b, h, d, i] * k[b, h, d, j] -> int32 (B, Hh, N, N); |s| <= D * 2^14."""
+    fn = "attention_scores"
+    _check_heads(q, k, fn, "q", "k")
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"{fn}: head dim D = {q.shape[2]} exceeds {MAX_HEAD_DIM} (accumulator bound)")
+    return int_matmul(np.swapaxes(q, 2, 3), k).astype(np.int32)  # (B, Hh, N, D) @ (B, Hh, D, N)
+
+
+def make_exp_table() -> np.ndarray:
+    """Offline: exp_table[i] = round_half_away(2^15 * exp(-i/16)), i = 0..255, uint16 (exp_table[0] = 2^15)."""
+    vals = np.array([EXP_ONE * math.exp(-i / (1 << EXP_INDEX_BITS)) for i in range(EXP_TABLE_SIZE)])
+    return saturate(round_half_away_from_zero(vals), np.uint16)
+
+
+def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """Integer softmax over the last axis: int32 scores (..., N) -> int8 probabilities in [0, 127] (scale 1/127).
+
+    (multiplier, shift) maps a score difference to units of 1/16 (scale_scores * 16 = multiplier * 2^-shift).
+    """
+    fn = "softmax"
+    _require_array(scores, fn, "scores", np.int32)
+    if scores.ndim < 1 or scores.shape[-1] == 0:
+        raise ValueError(f"{fn}: scores must have a non-empty last axis (keys), got shape {scores.shape}")
+    n = scores.shape[-1]
+    if n > MAX_TOKENS:
+        raise ValueError(f"{fn}: N = {n} keys exceeds {MAX_TOKENS} (sum bound)")
+    if not isinstance(exp_table, np.ndarray) or exp_table.dtype not in (np.dtype(np.uint16), np.dtype(np.int32)):
+        got = getattr(exp_table, "dtype", type(exp_table).__name__)
+        raise ValueError(f"{fn}: exp_table must be a uint16 or int32 array, got {got}")
+    if exp_table.shape != (EXP_TABLE_SIZE,):
+        raise ValueError(f"{fn}: exp_table must have shape ({EXP_TABLE_SIZE},), got {exp_table.shape}")
+    _require_range(exp_table, 0, EXP_ONE, fn, "exp_table (Q0.15)")
+    if int(exp_table[0]) != EXP_ONE:
+        raise ValueError(f"{fn}: exp_table[0] must be 2^15 = {EXP_ONE} (exp(0) in Q0.15), got {int(exp_table[0])}")
+    multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
+
+    s = scores.astype(np.int64)
+    d = s.max(axis=-1, keepdims=True) - s                        # (..., N), >= 0
+    if d.size and int(d.max()) > INT32_MAX:
+        raise OverflowError(f"{fn}: score difference max - s = {int(d.max())} does not fit int32")
+    idx = saturate(apply_scale(d, multiplier, shift, rounding), np.uint8)   # min(., 255), d >= 0 so >= 0
+    e = exp_table.astype(np.int64)[idx]                           # (..., N) Q0.15, the max key has e = 2^15
+    sigma = e.sum(axis=-1, keepdims=True)                         # (..., 1) in [2^15, N * 2^15]
+    recip = (1 << SOFTMAX_RECIP_BITS) // sigma                    # Q0.25 of 1/sigma_real, in [2^25/N, 2^25]
+    p = rounding_shift_right(e * PROB_ONE * recip, SOFTMAX_RECIP_BITS)  # e*recip <= 2^40: p <= 127
+    return saturate(p, np.int8)
+
+
+def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """acc[b, h, d, i] = sum_j p[b, h, i, j] * v[b, h, d, j]; requantize (scalar constants) -> int8 (B, Hh, D, N)."""
+    fn = "attention_context"
+    _require_array(p, fn, "p", np.int8, 4, "(B, Hh, N, N)")
+    _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
+    b, h, d, n = v.shape
+    if p.shape != (b, h, n, n):
+        raise ValueError(f"{fn}: p must have shape (B, Hh, N, N) = {(b, h, n, n)} to match v {v.shape}, got {p.shape}")
+    if n > MAX_TOKENS:
+        raise ValueError(f"{fn}: N = {n} exceeds {MAX_TOKENS} (accumulator bound)")
+    _require_range(p, 0, PROB_ONE, fn, "p (probabilities at scale 1/127)")
+    multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
+    acc = int_matmul(v, np.swapaxes(p, 2, 3))                     # (B, Hh, D, N) @ (B, Hh, N, N), |.| <= N*127*128
+    return requantize(acc, multiplier, shift, out_dtype=np.int8, rounding=rounding)
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise
+# ---------------------------------------------------------------------------------------------
+
+def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.ndarray:
+    """saturate(rounding_shift_right(a*multiplier_a + b*multiplier_b, shift)); b broadcasts to a's shape."""
+    fn = "add"
+    _require_array(a, fn, "a", np.int8)
+    _require_array(b, fn, "b", np.int8)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        shape = None
+    if shape != a.shape:
+        raise ValueError(f"{fn}: b {b.shape} must broadcast to the shape of a {a.shape}")
+    ma, mb = _scalar_int(multiplier_a, fn, "multiplier_a"), _scalar_int(multiplier_b, fn, "multiplier_b")
+    shift = _scalar_int(shift, fn, "shift")
+    for name, m in (("multiplier_a", ma), ("multiplier_b", mb)):
+        if not 0 <= m <= INT32_MAX:
+            raise ValueError(f"{fn}: {name} must be in [0, 2^31 - 1], got {m}")
+    if not 0 <= shift <= 62:
+        raise ValueError(f"{fn}: shift must be in [0, 62], got {shift}")
+    acc = a.astype(np.int64) * ma + b.astype(np.int64) * mb        # |.| <= 2 * 128 * (2^31 - 1) < 2^39
+    return saturate(rounding_shift_right(acc, shift), out_dtype)
+
+
+def make_gelu_table(scale_in: float, scale_out: float) -> np.ndarray:
+    """Offline: table[i] = saturate(round_half_away(gelu((i - 128) * scale_in) / scale_out)), int8 (256,).
+
+    gelu is the exact-erf GELU 0.5 * x * (1 + erf(x / sqrt(2))) in float64 (math.erf).
+    """
+    for name, s in (("scale_in", scale_in), ("scale_out", scale_out)):
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"make_gelu_table: {name} must be finite and > 0, got {s!r}")
+    xs = [(i - 128) * float(scale_in) for i in range(GELU_TABLE_SIZE)]
+    g = np.array([0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))) for x in xs])
+    return saturate(round_half_away_from_zero(g / float(scale_out)), np.int8)
+
+
+def gelu(x, table) -> np.ndarray:
+    """out = table[x + 128]: a 256-entry lookup, x int8 (any shape), table int8 (256,)."""
+    fn = "gelu"
+    _require_array(x, fn, "x", np.int8)
+    _require_array(table, fn, "table", np.int8, 1, "(256,)")
+    if table.shape != (GELU_TABLE_SIZE,):
+        raise ValueError(f"{fn}: table must have shape ({GELU_TABLE_SIZE},), got {table.shape}")
+    return table[x.astype(np.int64) + 128]
+
+
+# ---------------------------------------------------------------------------------------------
+# layer norm over channels
+# ---------------------------------------------------------------------------------------------
+
+def layernorm_eps_int(eps: float, channels: int, scale_x: float) -> int:
+    """Offline: the integer image of eps in units of sum_c d^2, max(1, round_half_away(eps * C^3 / scale_x^2)).
+
+    var + eps = scale_x^2 / C^3 * (sum_c d^2 + eps * C^3 / scale_x^2), with d = C*x - sum_c x.
+    """
+    fn = "layernorm_eps_int"
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps!r}")
+    if not (math.isfinite(scale_x) and scale_x > 0):
+        raise ValueError(f"{fn}: scale_x must be finite and > 0, got {scale_x!r}")
+    if not (isinstance(channels, (int, np.integer)) and 1 <= channels <= MAX_LN_CHANNELS):
+        raise ValueError(f"{fn}: channels must be an integer in [1, {MAX_LN_CHANNELS}], got {channels!r}")
+    image = eps * float(channels) ** 3 / (float(scale_x) * float(scale_x))
+    if not image <= MAX_LN_EPS_INT:
+        raise ValueError(f"{fn}: eps * C^3 / scale_x^2 = {image!r} exceeds {MAX_LN_EPS_INT}")
+    return max(1, int(round_half_away_from_zero(np.float64(image))))
+
+
+def layernorm_normalize(x, eps_int) -> np.ndarray:
+    """t = round(2^16 * d / isqrt(sum_c d^2 + eps_int)), d = C*x - sum_c x, over channels of int8 (B, C, H, W) -> int32.
+
+    The normalized value is z = (x - mean) / sqrt(var + eps) = sqrt(C) * t * 2^-16; |t| <= 2^16.
+    """
+    fn = "layernorm"
+    _require_array(x, fn, "x", np.int8, 4, "(B, C, H, W)")
+    c = x.shape[1]
+    if not 1 <= c <= MAX_LN_CHANNELS:
+        raise ValueError(f"{fn}: C = {c} channels must be in [1, {MAX_LN_CHANNELS}] (accumulator bound)")
+    eps_int = _scalar_int(eps_int, fn, "eps_int")
+    if not 1 <= eps_int <= MAX_LN_EPS_INT:
+        raise ValueError(f"{fn}: eps_int must be in [1, 2^61], got {eps_int}")
+    xi = x.astype(np.int64)
+    total = xi.sum(axis=1, keepdims=True)                         # (B, 1, H, W), |.| <= 128*C
+    d = c * xi - total                                            # (B, C, H, W) = C*(x - mean), |.| <= 255*(C-1)
+    q = (d * d).sum(axis=1, keepdims=True) + eps_int              # (B, 1, H, W), <= C^3*255^2/4 + 2^61 < 2^62
+    r = isqrt(q)                                                  # >= 1; |d| <= r since d^2 <= q < (r+1)^2
+    inv = (1 << LN_RECIP_BITS) // r                               # (B, 1, H, W) in [2^9, 2^40]
+    t = rounding_shift_right(d * inv, LN_T_SHIFT)                 # |d*inv| <= 2^40, so |t| <= 2^16
+    return t.astype(np.int32)
+
+
+def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """Integer LayerNorm over channels (axis 1) of int8 (B, C, H, W), then gamma/beta as a depthwise 1x1 conv.
+
+    t = layernorm_normalize(x, eps_int); acc = t * gamma[c] + bias[c]; out = requantize per channel -> int8.
+    """
+    fn = "layernorm"
+    t = layernorm_normalize(x, eps_int)                           # (B, C, H, W), |t| <= 2^16
+    c = x.shape[1]
+    _require_array(gamma, fn, "gamma", np.int8, 1, f"({c},)")
+    _require_array(bias, fn, "bias", np.int32, 1, f"({c},)")
+    if gamma.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"{fn}: gamma {gamma.shape} and bias {bias.shape} must have shape ({c},)")
+    _require_range(gamma, -127, 127, fn, "gamma (symmetric int8)")
+    _require_bias_headroom(bias, (1 << LN_T_BITS) * 127, fn)
+    m, s = _per_channel(multiplier, fn, "multiplier", c), _per_channel(shift, fn, "shift", c)
+    acc = t * gamma.astype(np.int64).reshape(1, c, 1, 1) + bias.astype(np.int64).reshape(1, c, 1, 1)
+    return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)  # acc fits int32 by the bias check
