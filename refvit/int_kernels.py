@@ -8,7 +8,7 @@ through intmath (apply_scale / requantize / rounding_shift_right) and every GEMM
 intmath.int_matmul. The only float operations are the boundary `quantize_input` / `dequantize` and
 the offline table / constant builders (`make_exp_table`, `make_gelu_table`, `layernorm_eps_int`).
 
-Spec: docs/spec-part2-kernels.md (one section per kernel, same names as here).
+Spec: docs/spec.md, Part 2 (one section per kernel, same names as here).
 """
 from __future__ import annotations
 

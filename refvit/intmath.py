@@ -6,7 +6,7 @@ and each message names the function and the violated bound. Saturation happens o
 `saturate`. The offline helpers (`quantize_multiplier`, `quantize_add_multipliers`,
 `round_half_away_from_zero`) take floats but round exactly (rational arithmetic).
 
-Spec: docs/spec-part1-arith.md (one section per function, same names as here).
+Spec: docs/spec.md, Part 1 (one section per function, same names as here).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """refvit.int_kernels against independent references written here (Python ints / int64 einsum).
 
-The references follow docs/spec-part2-kernels.md and do not call intmath's scaling code: rescaling
+The references follow docs/spec.md (Part 2) and do not call intmath's scaling code: rescaling
 is re-derived here from its definition (TOSA apply_scale_32 for SINGLE_ROUND, TFLite
 MultiplyByQuantizedMultiplier for DOUBLE_ROUND) in exact Python integers.
 """
@@ -462,7 +462,7 @@ def test_layernorm_eps_int():
 
 
 def test_spec_worked_examples():
-    """The worked examples of docs/spec-part2-kernels.md, checked against the independent references."""
+    """The worked examples of docs/spec.md (Part 2), checked against the independent references."""
     table = K.make_exp_table()
     scores = np.array([[10, 8, 0, -20]], np.int32)
     mult, shift = quantize_multiplier(16 / 8)
