@@ -1,0 +1,492 @@
+"""Deterministic conformance cases: one family per integer op of the spec, plus a block and a whole model.
+
+Every case is named by its parameters (`conv1x1_cin192_cout576_n197_single`); its random data comes from
+numpy's PCG64 seeded with crc32(case name without _single/_double), so a case is the same on every machine,
+independent of which other cases are built, and a rounding pair shares its inputs. Expected outputs are computed by refvit: the kernels for per-op cases and
+refvit.int_model.forward_int (not the DUT composition) for block and model cases.
+
+Boundary cases per family: rounding ties (value*multiplier exactly on a half), saturation beyond the
+output dtype, all -128 / all 127 inputs, the largest accumulators, shifts 2 and 62, both rounding modes.
+Sets: `quick` (seconds) is a subset of `full`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from refvit import int_kernels as K
+from refvit import int_model
+from refvit.config import DeiTConfig
+from refvit.intmath import DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, quantize_multiplier
+
+from .dut import REFERENCE_KERNELS, block_constants
+
+SETS = ("quick", "full")
+_MODES = {"single": SINGLE_ROUND, "double": DOUBLE_ROUND}
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    name: str
+    op: str                 # the DUT method
+    inputs: dict            # positional arguments in signature order: ndarray, or {name: ndarray} (constants)
+    params: dict            # keyword arguments, JSON values (rounding, out_dtype, num_heads, config)
+    expected: np.ndarray
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    name: str
+    op: str
+    quick: bool
+    build: Callable = field(repr=False, compare=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _rng(name: str, stream: str = "") -> np.random.Generator:
+    """Seeded by the name without its rounding suffix: a _single/_double pair shares its data."""
+    base = name.removesuffix("_single").removesuffix("_double")
+    return np.random.default_rng(zlib.crc32(f"{base}{stream}".encode()))
+
+
+def _i8(rng, shape, lo=-128, hi=127) -> np.ndarray:
+    return rng.integers(lo, hi + 1, size=shape, dtype=np.int8)
+
+
+def _scalar(v, dtype) -> np.ndarray:
+    return np.array(v, dtype)
+
+
+def _rescale(real_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(multiplier int32, shift int8) arrays encoding real scale(s), as the quantizer makes them."""
+    pairs = [quantize_multiplier(float(s)) for s in np.atleast_1d(real_scale)]
+    m, s = np.array([p[0] for p in pairs], np.int32), np.array([p[1] for p in pairs], np.int8)
+    return (m, s) if np.ndim(real_scale) else (m.reshape(()), s.reshape(()))
+
+
+def _kernel_case(name: str, op: str, inputs: dict, params: dict, note: str = "") -> Case:
+    expected = REFERENCE_KERNELS[op](*inputs.values(), **params)
+    return Case(name, op, inputs, params, np.asarray(expected), note)
+
+
+def _fit_scale(acc: np.ndarray, axis=None, headroom: float = 3.0) -> np.ndarray:
+    """Real rescale putting `headroom` standard deviations of acc at 127 (per channel when axis given)."""
+    std = np.std(acc.astype(np.float64), axis=axis)
+    return 127.0 / (headroom * np.maximum(std, 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# apply_scale / requantize
+# ---------------------------------------------------------------------------------------------
+
+def _tie_triples(rng, shifts, per_shift: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, multiplier, shift) with value*multiplier = odd * 2^(shift-1): exactly half-way, both signs.
+
+    value = +-odd_a * 2^t, multiplier = odd_b * 2^(shift-1-t) with t chosen so both fit their ranges;
+    at shift 62 the only tie inside the preconditions is -2^31 * 2^30."""
+    vals, mults, shs = [], [], []
+    for s in shifts:
+        if s == 62:
+            vals.append(INT32_MIN), mults.append(1 << 30), shs.append(62)
+        t_lo, t_hi = max(0, s - 31), min(30, s - 2)
+        for _ in range(per_shift if t_lo <= t_hi else 0):
+            t = int(rng.integers(t_lo, t_hi + 1))
+            e = s - 1 - t                                                   # multiplier exponent, <= 30
+            odd_b = 2 * int(rng.integers(0, 1 << (30 - e))) + 1 if e < 30 else 1
+            a_bits = min(s - 1, 31) - t                                     # |value| < 2^(t + a_bits)
+            odd_a = 2 * int(rng.integers(0, 1 << (a_bits - 1))) + 1 if a_bits > 1 else 1
+            vals.append(odd_a << t if rng.integers(2) else -(odd_a << t)), mults.append(odd_b << e), shs.append(s)
+    return np.array(vals, np.int32), np.array(mults, np.int32), np.array(shs, np.int8)
+
+
+def _random_triples(rng, n: int, shifts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random in-domain (value, multiplier, shift): |value| < 2^(shift-1), multiplier in [0, 2^31)."""
+    shift = rng.integers(2, 63, n) if shifts is None else np.resize(np.asarray(shifts), n)
+    bound = np.minimum(2.0 ** (shift - 1), 2.0 ** 31)
+    value = np.floor(rng.uniform(-1, 1, n) * bound).astype(np.int64)
+    mult = rng.integers(0, 1 << 31, n)
+    mult[:4] = [0, 1, 1 << 30, INT32_MAX]
+    return np.clip(value, -bound, bound - 1).astype(np.int32), mult.astype(np.int32), shift.astype(np.int8)
+
+
+def _scale_case(name, op, value, mult, shift, mode, out_dtype="int8", note=""):
+    params = {"rounding": _MODES[mode]} | ({"out_dtype": out_dtype} if op == "requantize" else {})
+    return _kernel_case(name, op, {"value": value, "multiplier": mult, "shift": shift}, params, note)
+
+
+def _scale_specs():
+    for mode in _MODES:
+        yield f"apply_scale_ties_shift2to62_{mode}", "apply_scale", True, lambda n, m=mode: _scale_case(
+            n, "apply_scale", *_tie_triples(_rng(n), range(2, 63)), m, note="every value*multiplier is a tie")
+        yield f"apply_scale_random_{mode}", "apply_scale", True, lambda n, m=mode: _scale_case(
+            n, "apply_scale", *_random_triples(_rng(n), 4096), m)
+        yield f"requantize_ties_int8_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+            n, "requantize", *_tie_triples(_rng(n), range(2, 63), 8), m, note="ties, saturated to int8")
+        for s in (2, 62):
+            yield f"requantize_shift{s}_{mode}", "requantize", True, lambda n, m=mode, s=s: _scale_case(
+                n, "requantize", *_random_triples(_rng(n), 1024, [s]), m)
+        yield f"requantize_saturate_int8_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+            n, "requantize", *_saturating_triples(_rng(n)), m, note="outputs far beyond int8")
+        yield f"requantize_saturate_int16_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+            n, "requantize", *_saturating_triples(_rng(n)), m, "int16")
+        yield f"requantize_maxacc_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+            n, "requantize", *_maxacc_triples(), m, note="int32 extremes at shifts 32..62")
+
+
+def _saturating_triples(rng):
+    value, mult, shift = _random_triples(rng, 1024, range(8, 20))
+    return value, np.maximum(mult, 1 << 30).astype(np.int32), shift
+
+
+def _maxacc_triples():
+    shifts = np.arange(32, 63, dtype=np.int8)
+    value = np.array([INT32_MAX, INT32_MIN, INT32_MIN + 1, -1] * len(shifts), np.int32)
+    mult = np.array([INT32_MAX, 1 << 30, INT32_MAX, 1 << 30] * len(shifts), np.int32)
+    return value, mult, np.repeat(shifts, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# conv2d (every Linear as a 1x1 conv, and the patch embedding)
+# ---------------------------------------------------------------------------------------------
+
+def _conv_case(name, x, w, bias=None, mode="single", out_dtype="int8", mult=None, shift=None, note=""):
+    """Random bias and data-fitted per-channel rescale unless given."""
+    rng = _rng(name, "/constants")
+    cout = w.shape[0]
+    if bias is None:
+        bias = rng.integers(-(1 << 16), 1 << 16, cout).astype(np.int32)
+    if mult is None:
+        acc = K.conv2d_accumulate(x, w, bias)
+        mult, shift = _rescale(_fit_scale(acc, axis=(0, 2, 3)) * (256 if out_dtype == "int16" else 1))
+    inputs = {"x": x, "weight": w, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "conv2d", inputs, {"rounding": _MODES[mode], "out_dtype": out_dtype}, note)
+
+
+def _conv1x1(name, cin, cout, n, mode, fill=None, batch=1, out_dtype="int8"):
+    rng = _rng(name)
+    x = np.full((batch, cin, 1, n), fill, np.int8) if fill is not None else _i8(rng, (batch, cin, 1, n))
+    return _conv_case(name, x, _i8(rng, (cout, cin, 1, 1), -127), mode=mode, out_dtype=out_dtype)
+
+
+def _patch_conv(name, k, img, cout, mode):
+    rng = _rng(name)
+    return _conv_case(name, _i8(rng, (1, 3, img, img)), _i8(rng, (cout, 3, k, k), -127), mode=mode)
+
+
+def _conv_maxacc(name, cin, cout, mode):
+    """x = -128 everywhere; weights -127 / +127 and bias +-(INT32_MAX - Cin*128*127): acc = +-INT32_MAX."""
+    x = np.full((1, cin, 1, 4), -128, np.int8)
+    sign = np.where(np.arange(cout) % 2 == 0, -1, 1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * (INT32_MAX - cin * K.SYM_PRODUCT_MAX)).astype(np.int32)
+    shift = np.resize(np.array([32, 33, 40, 62], np.int8), cout)
+    mult = np.resize(np.array([INT32_MAX, 1 << 30, 1 << 30, INT32_MAX], np.int32), cout)
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="acc = +-(2^31 - 1)")
+
+
+def _conv_ties(name, mode):
+    """Cin = 1, weight +-1, bias 4, x in 8Z: acc = 4 (mod 8); multiplier 2^30, shift 33: acc/8 is a tie."""
+    rng = _rng(name)
+    x = (rng.integers(-16, 16, (1, 1, 1, 64)) * 8).astype(np.int8)
+    w = np.array([1, -1, 1, -1], np.int8).reshape(4, 1, 1, 1)
+    bias, mult, shift = np.full(4, 4, np.int32), np.full(4, 1 << 30, np.int32), np.full(4, 33, np.int8)
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="every output is a rounding tie")
+
+
+def _conv_saturate(name, mode):
+    rng = _rng(name)
+    x, w = _i8(rng, (1, 64, 1, 16)), _i8(rng, (32, 64, 1, 1), -127)
+    acc = K.conv2d_accumulate(x, w, np.zeros(32, np.int32))
+    mult, shift = _rescale(_fit_scale(acc, axis=(0, 2, 3), headroom=0.25))     # ~90 % of outputs saturate
+    return _conv_case(name, x, w, np.zeros(32, np.int32), mode, mult=mult, shift=shift)
+
+
+def _conv_specs():
+    for mode in _MODES:
+        yield f"conv1x1_cin192_cout576_n197_{mode}", "conv2d", True, lambda n, m=mode: _conv1x1(n, 192, 576, 197, m)
+        yield f"patchconv_k16_cin3_cout192_img224_{mode}", "conv2d", True, lambda n, m=mode: _patch_conv(
+            n, 16, 224, 192, m)
+        yield f"conv1x1_maxacc_cin3072_cout8_n4_{mode}", "conv2d", True, lambda n, m=mode: _conv_maxacc(
+            n, 3072, 8, m)
+        yield f"conv1x1_ties_cin1_cout4_n64_shift33_{mode}", "conv2d", True, lambda n, m=mode: _conv_ties(n, m)
+        yield f"conv1x1_saturate_cin64_cout32_n16_{mode}", "conv2d", True, lambda n, m=mode: _conv_saturate(n, m)
+        yield f"conv1x1_cin768_cout3072_n197_{mode}", "conv2d", False, lambda n, m=mode: _conv1x1(n, 768, 3072, 197, m)
+        yield f"conv1x1_cin3072_cout768_n197_{mode}", "conv2d", False, lambda n, m=mode: _conv1x1(n, 3072, 768, 197, m)
+    yield "patchconv_k4_cin3_cout192_img32_single", "conv2d", True, lambda n: _patch_conv(n, 4, 32, 192, "single")
+    yield "patchconv_k16_cin3_cout768_img384_single", "conv2d", False, lambda n: _patch_conv(n, 16, 384, 768, "single")
+    for fill, tag in ((-128, "allneg128"), (127, "all127")):
+        yield f"conv1x1_{tag}_cin192_cout64_n16_single", "conv2d", True, lambda n, f=fill: _conv1x1(
+            n, 192, 64, 16, "single", fill=f)
+    yield "conv1x1_head_int16_cin384_cout1000_n1_b4_single", "conv2d", True, lambda n: _conv1x1(
+        n, 384, 1000, 1, "single", batch=4, out_dtype="int16")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: scores, softmax, context
+# ---------------------------------------------------------------------------------------------
+
+def _heads(rng, heads, d, n, lo=-128, hi=127):
+    return _i8(rng, (1, heads, d, n), lo, hi), _i8(rng, (1, heads, d, n), lo, hi)
+
+
+def _scores_case(name, heads, d, n, extremes=False):
+    if extremes:   # head 0: q = k = -128 (max +D*2^14); head 1: q = -128, k = 127 (min)
+        q = np.full((1, 2, d, n), -128, np.int8)
+        k = np.stack([np.full((d, n), -128), np.full((d, n), 127)])[None].astype(np.int8)
+    else:
+        q, k = _heads(_rng(name), heads, d, n)
+    return _kernel_case(name, "attention_scores", {"q": q, "k": k}, {})
+
+
+def _softmax_rescale(d: int, s_qk: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """The model's softmax constants for q, k at scale s_qk: score difference -> units of 1/16."""
+    return _rescale(s_qk * s_qk / math.sqrt(d) * 2 ** K.EXP_INDEX_BITS)
+
+
+def _softmax_case(name, scores, mode, mult=None, shift=None, note=""):
+    if mult is None:
+        mult, shift = _softmax_rescale(64)
+    inputs = {"scores": scores.astype(np.int32), "multiplier": mult, "shift": shift, "exp_table": K.make_exp_table()}
+    return _kernel_case(name, "softmax", inputs, {"rounding": _MODES[mode]}, note)
+
+
+def _random_scores(rng, heads, n, d=64):
+    q, k = _heads(rng, heads, d, n)
+    return K.attention_scores(q, k)
+
+
+def _softmax_kind(name, kind, n, mode):
+    rng = _rng(name)
+    if kind == "random":
+        return _softmax_case(name, _random_scores(rng, 3, n), mode)
+    if kind == "equal":
+        return _softmax_case(name, np.full((1, 2, n, n), 12345, np.int32), mode, note="sigma = N * 2^15")
+    if kind == "ties":  # multiplier 2^30, shift 31: index = round(d / 2); odd differences are ties
+        scores = rng.integers(-200, 200, (1, 2, n, n)).astype(np.int32)
+        return _softmax_case(name, scores, mode, _scalar(1 << 30, np.int32), _scalar(31, np.int8),
+                             note="index = round(d/2), ties on odd differences")
+    if kind == "saturated_index":  # huge spread: most indices clamp at 255
+        return _softmax_case(name, rng.integers(-(1 << 30), 1 << 30, (1, 1, n, n)).astype(np.int32), mode)
+    if kind == "extreme_scores":   # differences up to 2^31 - 1, shift 40
+        s = rng.choice(np.array([-(1 << 30) + 1, 0, 1 << 30]), (1, 1, n, n)).astype(np.int32)
+        return _softmax_case(name, s, mode, _scalar(1 << 30, np.int32), _scalar(40, np.int8))
+    raise ValueError(kind)
+
+
+def _context_case(name, heads, d, n, mode, kind="random"):
+    rng = _rng(name)
+    if kind == "maxacc":   # p = 127, v = -128 everywhere: acc = -N * 127 * 128
+        p, v = np.full((1, heads, n, n), 127, np.int8), np.full((1, heads, d, n), -128, np.int8)
+        mult, shift = _rescale(127.0 / (n * 127 * 128))
+    else:
+        p = K.softmax(_random_scores(rng, heads, n, d), *_softmax_rescale(d), K.make_exp_table())
+        v = _i8(rng, (1, heads, d, n))
+        acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+        mult, shift = _rescale(float(_fit_scale(acc, headroom=0.5 if kind == "saturate" else 3.0)))
+    return _kernel_case(name, "attention_context", {"p": p, "v": v, "multiplier": mult, "shift": shift},
+                        {"rounding": _MODES[mode]})
+
+
+def _attention_specs():
+    yield "attention_scores_h3_d64_n197", "attention_scores", True, lambda n: _scores_case(n, 3, 64, 197)
+    yield "attention_scores_extremes_h2_d64_n8", "attention_scores", True, lambda n: _scores_case(
+        n, 2, 64, 8, extremes=True)
+    yield "attention_scores_h12_d64_n577", "attention_scores", False, lambda n: _scores_case(n, 12, 64, 577)
+    for mode in _MODES:
+        for kind in ("random", "ties", "equal", "saturated_index", "extreme_scores"):
+            yield f"softmax_n197_{kind}_{mode}", "softmax", True, lambda n, k=kind, m=mode: _softmax_kind(n, k, 197, m)
+        yield f"attention_context_h3_d64_n197_{mode}", "attention_context", True, lambda n, m=mode: _context_case(
+            n, 3, 64, 197, m)
+    yield "softmax_n1_random_single", "softmax", True, lambda n: _softmax_kind(n, "random", 1, "single")
+    yield "softmax_n577_equal_single", "softmax", False, lambda n: _softmax_kind(n, "equal", 577, "single")
+    yield "softmax_n577_random_double", "softmax", False, lambda n: _softmax_kind(n, "random", 577, "double")
+    yield "attention_context_maxacc_h1_d64_n197_single", "attention_context", True, lambda n: _context_case(
+        n, 1, 64, 197, "single", "maxacc")
+    yield "attention_context_saturate_h3_d64_n197_single", "attention_context", True, lambda n: _context_case(
+        n, 3, 64, 197, "single", "saturate")
+    yield "attention_context_h12_d64_n577_single", "attention_context", False, lambda n: _context_case(
+        n, 12, 64, 577, "single")
+
+
+# ---------------------------------------------------------------------------------------------
+# add, gelu, layernorm, concat_tokens
+# ---------------------------------------------------------------------------------------------
+
+def _add_case(name, a, b, ma, mb, shift, note=""):
+    inputs = {"a": a, "b": b, "multiplier_a": _scalar(ma, np.int32), "multiplier_b": _scalar(mb, np.int32),
+              "shift": _scalar(shift, np.int8)}
+    return _kernel_case(name, "add", inputs, {"out_dtype": "int8"}, note)
+
+
+def _add_kind(name, kind):
+    rng = _rng(name)
+    shape = (1, 192, 1, 197)
+    if kind == "random":         # typical residual: ratios 0.8 and 0.6 at shift 31
+        return _add_case(name, _i8(rng, shape), _i8(rng, shape), 1717986918, 1288490189, 31)
+    if kind == "pos_broadcast":  # the position embedding (1, C, 1, N) broadcast over the batch
+        return _add_case(name, _i8(rng, (2,) + shape[1:]), _i8(rng, shape), 1073741824, 858993459, 31)
+    if kind == "ties_shift8":    # a*128 + b*256 = 128 (mod 256) for odd a: exactly half-way
+        return _add_case(name, _i8(rng, shape), _i8(rng, shape), 128, 256, 8, "ties for every odd a")
+    if kind == "shift2":
+        return _add_case(name, _i8(rng, shape), _i8(rng, shape), 1, 3, 2)
+    if kind == "shift62":        # the largest shift: |a*ma + b*mb| < 2^39 so every output rounds to 0
+        return _add_case(name, _i8(rng, shape), _i8(rng, shape), INT32_MAX, 1 << 30, 62)
+    if kind == "saturate":       # ratios ~2: sums far beyond int8
+        return _add_case(name, _i8(rng, shape), _i8(rng, shape), 2147483000, 2147483000, 30)
+    if kind == "extremes":       # every pair of {-128, -1, 0, 127}
+        vals = np.array([-128, -1, 0, 127], np.int8)
+        a, b = np.meshgrid(vals, vals)
+        return _add_case(name, a.reshape(1, 1, 1, 16), b.reshape(1, 1, 1, 16), 1 << 30, 1 << 30, 30)
+    raise ValueError(kind)
+
+
+def _gelu_case(name, sweep):
+    rng = _rng(name)
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 256, 1, 1) if sweep else _i8(rng, (1, 768, 1, 197))
+    return _kernel_case(name, "gelu", {"x": x, "table": K.make_gelu_table(0.05, 0.02)}, {})
+
+
+def _layernorm_case(name, c, n, mode, kind="random"):
+    rng = _rng(name)
+    shape = (1, c, 1, n)
+    if kind == "random":
+        x = _i8(rng, shape)
+    elif kind == "constant_rows":   # every token constant over channels: d = 0, only eps_int counts
+        x = np.broadcast_to(_i8(rng, (1, 1, 1, n)), shape).copy()
+    elif kind in ("allneg128", "all127"):
+        x = np.full(shape, -128 if kind == "allneg128" else 127, np.int8)
+    elif kind == "alternating":     # -128 / 127 alternating over channels: the largest variance
+        x = np.where(np.arange(c)[None, :, None, None] % 2 == 0, -128, 127) * np.ones(shape, np.int64)
+        x = x.astype(np.int8)
+    else:
+        raise ValueError(kind)
+    s_t = math.sqrt(c) * 2.0 ** -K.LN_T_BITS
+    gamma = _i8(rng, (c,), -127)
+    bias = rng.integers(-(1 << 20), 1 << 20, c).astype(np.int32)
+    mult, shift = _rescale(s_t * rng.uniform(0.005, 0.02, c) / 0.05)          # s_g ~ 1/127, s_out 0.05
+    inputs = {"x": x, "eps_int": _scalar(K.layernorm_eps_int(1e-6, c, 0.05), np.int64), "gamma": gamma,
+              "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]})
+
+
+def _concat_case(name, p, c, n, b):
+    rng = _rng(name)
+    return _kernel_case(name, "concat_tokens", {"prefix": _i8(rng, (1, c, 1, p)), "patches": _i8(rng, (b, c, 1, n))},
+                        {})
+
+
+def _elementwise_specs():
+    for kind in ("random", "pos_broadcast", "ties_shift8", "shift2", "shift62", "saturate", "extremes"):
+        yield f"add_{kind}_c192_n197", "add", True, lambda n, k=kind: _add_kind(n, k)
+    yield "gelu_sweep_all256", "gelu", True, lambda n: _gelu_case(n, True)
+    yield "gelu_c768_n197", "gelu", True, lambda n: _gelu_case(n, False)
+    for mode in _MODES:
+        yield f"layernorm_c192_n197_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_case(n, 192, 197, m)
+        yield f"layernorm_alternating_c768_n8_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_case(
+            n, 768, 8, m, "alternating")
+    for kind in ("constant_rows", "allneg128", "all127"):
+        yield f"layernorm_{kind}_c192_n16_single", "layernorm", True, lambda n, k=kind: _layernorm_case(
+            n, 192, 16, "single", k)
+    yield "layernorm_c768_n577_single", "layernorm", False, lambda n: _layernorm_case(n, 768, 577, "single")
+    yield "layernorm_alternating_c4096_n2_double", "layernorm", False, lambda n: _layernorm_case(
+        n, 4096, 2, "double", "alternating")
+    yield "concat_tokens_p1_c192_n196_b1", "concat_tokens", True, lambda n: _concat_case(n, 1, 192, 196, 1)
+    yield "concat_tokens_p2_c48_n16_b3", "concat_tokens", True, lambda n: _concat_case(n, 2, 48, 16, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# block and model: a small random float DeiT, quantized by refvit
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=8)
+def random_quantized_model(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int,
+                           distilled: bool, rounding: str):
+    """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic."""
+    from refvit.quantize import quantize
+    from weights_tools.convert import token_to_conv
+    from weights_tools.load import expected_shapes
+    cfg = DeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                     num_heads=num_heads, num_classes=10, distilled=distilled)
+    head_mode = "mean" if distilled else "cls"
+    rng = _rng(f"model_{embed_dim}_{depth}_{num_heads}_{img_size}_{patch_size}_{distilled}")
+    params = {}
+    for name, shape in expected_shapes(cfg, head_mode).items():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
+            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".weight"):
+            params[name] = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
+        else:   # biases small, tokens and position embedding O(1)
+            params[name] = (0.1 if name.endswith("bias") else 0.5) * rng.standard_normal(shape)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    calib = rng.standard_normal((4, 3, img_size, img_size)).astype(np.float32)
+    return quantize(token_to_conv(params), cfg, [calib], head_mode=head_mode, method="max", rounding=rounding), calib
+
+
+def _int_constants(qm) -> dict:
+    return {k: v for k, v in qm.tensors.items() if np.asarray(v).dtype.kind in "iu"}
+
+
+def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only):
+    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, True, _MODES[mode])
+    xq = int_model.quantize_input(qm, calib[:batch])
+    trace = int_model.Trace()
+    logits = int_model.forward_int(qm, xq, trace)
+    if block_only:
+        return Case(name, "block", {"x": trace.tensors["embed"], "constants": block_constants(_int_constants(qm), 0)},
+                    {"num_heads": num_heads, "rounding": _MODES[mode]}, trace.tensors["blocks.0.residual2"],
+                    "block 0 of a random quantized DeiT; expected from refvit.int_model")
+    return Case(name, "model", {"x": xq, "constants": _int_constants(qm)},
+                {"config": qm.config.to_dict(), "rounding": _MODES[mode]}, logits,
+                "random quantized DeiT; expected from refvit.int_model.forward_int")
+
+
+def _composite_specs():
+    for mode in _MODES:
+        yield f"block_c48_h3_n18_b2_{mode}", "block", True, lambda n, m=mode: _model_case(
+            n, 48, 1, 3, 32, 8, 2, m, True)
+        yield f"model_c48_d2_h3_img32_p8_b2_{mode}", "model", True, lambda n, m=mode: _model_case(
+            n, 48, 2, 3, 32, 8, 2, m, False)
+    yield "block_c192_h3_n198_b1_single", "block", False, lambda n: _model_case(n, 192, 1, 3, 224, 16, 1,
+                                                                                 "single", True)
+    yield "model_c192_d2_h3_img224_p16_b1_double", "model", False, lambda n: _model_case(n, 192, 2, 3, 224, 16, 1,
+                                                                                          "double", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def all_specs() -> tuple:
+    specs = []
+    for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs):
+        for name, op, quick, builder in family():
+            specs.append(CaseSpec(name, op, quick, functools.partial(builder, name)))
+    names = [s.name for s in specs]
+    assert len(set(names)) == len(names), "duplicate case names"
+    return tuple(specs)
+
+
+def select(set_name: str = "quick", filter: str | None = None) -> list:
+    """The CaseSpecs of a set ('quick' or 'full'), optionally only names containing `filter`."""
+    if set_name not in SETS:
+        raise ValueError(f"unknown case set {set_name!r}; choose from {SETS}")
+    return [s for s in all_specs() if (s.quick or set_name == "full") and (not filter or filter in s.name)]
+
+
+@functools.lru_cache(maxsize=None)
+def get_case(name: str) -> Case:
+    """Build (once) the case with this name."""
+    for spec in all_specs():
+        if spec.name == name:
+            return spec.build()
+    raise KeyError(f"no conformance case named {name!r}; see `python -m conformance list --set full`")

@@ -1,0 +1,151 @@
+"""Command line: `python -m refvit <command>`. One function pair per subcommand (add its arguments, run it)
+and one registration list, COMMANDS; a new subcommand is a new pair and a new row."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from weights_tools import CheckpointError
+
+from .config import ConfigError
+from .functional import softmax
+from .labels import DATA, default_model_info
+from .models import FORMS, Model, load_model
+from .preprocess import ImageError, open_image
+
+EXAMPLES = DATA / "examples"
+BATCH = 16  # images per forward pass: bounds memory for long image lists
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, OSError)  # reported in one line, exit code 2
+
+
+class UsageError(ValueError):
+    """A command line that asks for something impossible (e.g. --top 0)."""
+
+
+def default_model_note() -> str:
+    card, c = default_model_info(), default_model_info()["config"]
+    return (f"using the embedded default: DeiT (d{c['embed_dim']}, {c['depth']} layers) trained with timm on "
+            f"{card['trained_on']}, test top-1 {100 * card['test_accuracy_float_timm']:.1f}%")
+
+
+def describe(model: Model) -> dict:
+    return {"path": str(model.path), "naming": model.source, "head_mode": model.head_mode, "form": model.form,
+            "embedded_default": model.is_default, "config": model.config.to_dict()}
+
+
+# ---------------------------------------------------------------- classify
+
+def add_classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", metavar="IMG",
+                   help="image files; with neither IMG nor --weights, the bundled Fashion-MNIST examples")
+    p.add_argument("--weights", metavar="FILE_OR_DIR",
+                   help="DeiT .safetensors (timm or Hugging Face names), or a directory with model.safetensors "
+                        "[+ config.json]; default: the embedded Fashion-MNIST model")
+    p.add_argument("--form", choices=sorted(FORMS), default="token",
+                   help="token form (B, N, C) or NCHW-conv form (B, C, 1, N); same numbers (default: token)")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default: 5)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+def top_k(probs: np.ndarray, k: int, names: list) -> list:
+    order = np.argsort(-probs, kind="stable")[:k]  # stable: ties keep the lower index first, as argmax
+    return [{"index": int(i), "name": names[i], "probability": float(probs[i])} for i in order]
+
+
+def classify_images(model: Model, images: list, k: int) -> list:
+    """[{'image': path, 'top': [{'index', 'name', 'probability'}...]}...], batch by batch."""
+    results = []
+    for start in range(0, len(images), BATCH):
+        paths = images[start:start + BATCH]
+        x = np.stack([model.preprocess(open_image(p)) for p in paths])
+        probs = softmax(model.logits(x).astype(np.float64), axis=-1)
+        results += [{"image": str(p), "top": top_k(pr, k, model.class_names)} for p, pr in zip(paths, probs)]
+    return results
+
+
+def print_classification(results: list) -> None:
+    for r in results:
+        print(r["image"])
+        for rank, t in enumerate(r["top"], 1):
+            print(f"  {rank}. {100 * t['probability']:6.2f}%  {t['index']:4d}  {t['name']}")
+
+
+def run_classify(args) -> int:
+    """classify images: top-K classes with their probabilities (softmax of the logits)"""
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    images = args.images
+    if not images:
+        if args.weights is not None:
+            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
+        images = sorted(EXAMPLES.glob("*.png"))
+    model = load_model(args.weights, form=args.form)
+    if model.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
+        print(default_model_note(), file=sys.stderr if args.json else sys.stdout)
+    results = classify_images(model, images, min(args.top, len(model.class_names)))
+    if args.json:
+        print(json.dumps({"model": describe(model), "results": results}, indent=1))
+    else:
+        print_classification(results)
+    return 0
+
+
+# ---------------------------------------------------------------- info
+
+def add_info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("weights", nargs="?", metavar="FILE_OR_DIR",
+                   help="DeiT .safetensors or a directory with model.safetensors [+ config.json]; "
+                        "default: the embedded model")
+
+
+def run_info(args) -> int:
+    """describe a checkpoint: inferred config, head mode, naming, parameter count"""
+    model = load_model(args.weights)
+    c = model.config
+    print(f"file:        {model.path}" + ("  (embedded default)" if model.is_default else ""))
+    print(f"naming:      {model.source} ({'timm' if model.source == 'timm' else 'Hugging Face'} parameter names)")
+    print(f"head mode:   {model.head_mode} "
+          f"({'mean of head(cls) and head_dist(dist)' if model.head_mode == 'mean' else 'head(cls)'})")
+    print(f"parameters:  {sum(a.size for a in model.params.values()):,} in {len(model.params)} tensors")
+    print("config:")
+    for name, value in c.to_dict().items():
+        print(f"  {name:12} {value}")
+    print(f"  {'tokens':12} {c.num_tokens} ({c.num_patches} patches of {c.patch_size}x{c.patch_size} "
+          f"+ {c.num_prefix_tokens} prefix), head_dim {c.head_dim}, mlp hidden {c.hidden_dim}")
+    return 0
+
+
+# ---------------------------------------------------------------- registration and entry point
+
+COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
+    ("classify", add_classify_args, run_classify),
+    ("info", add_info_args, run_info),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refvit", description="Golden NumPy reference of DeiT (float and INT8).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add_args, run in COMMANDS:
+        help_line = run.__doc__.strip()
+        p = sub.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its message; --help exits 0
+        return e.code
+    try:
+        return args.run(args)
+    except (UsageError, *USER_ERRORS) as e:
+        print(f"refvit: error: {e}", file=sys.stderr)
+        return 2

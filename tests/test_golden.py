@@ -1,0 +1,314 @@
+"""refvit golden / refvit check: dumps of a tiny random model decode back exactly; check finds what differs."""
+import argparse
+import hashlib
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import refvit
+from refvit import check, golden
+from refvit import int_model as im
+from refvit.config import DeiTConfig
+from refvit.quantize import quantize
+from weights_tools import write_safetensors
+from weights_tools.convert import token_to_conv
+from weights_tools.export import save_quantized
+from weights_tools.load import expected_shapes
+
+CFG = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
+ALL = ("npy", "hex", "bin", "h")
+
+
+# ---------------------------------------------------------------- independent decoders (test-only)
+
+def my_hex(path, dtype):
+    bits = np.dtype(dtype).itemsize * 8
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and all(len(v) == bits // 4 for v in lines[:-1])   # fixed width, newline-terminated
+    vals = [int(v, 16) for v in lines[:-1]]
+    if np.dtype(dtype).kind == "i":
+        vals = [v - (1 << bits) if v >= 1 << (bits - 1) else v for v in vals]
+    return vals
+
+
+def my_bin(path, dtype):
+    size, signed = np.dtype(dtype).itemsize, np.dtype(dtype).kind == "i"
+    data = path.read_bytes()
+    return [int.from_bytes(data[i:i + size], "little", signed=signed) for i in range(0, len(data), size)]
+
+
+def my_header_text(text):
+    m = re.search(r"static const (\w+) (\w+)\[(\d+)\] = \{(.*?)\};", text, re.S)
+    ctype, ident, n, body = m.groups()
+    vals = [int(v) for v in body.split(",")]
+    assert len(vals) == int(n)
+    return ctype, ident, vals
+
+
+def my_header(path):
+    return my_header_text(path.read_text())
+
+
+# ---------------------------------------------------------------- fixtures
+
+def tiny_float_params(seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in expected_shapes(CFG, "mean").items()}
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    qm = quantize(token_to_conv(tiny_float_params()), CFG, [x], head_mode="mean")
+    return qm, im.quantize_input(qm, x)
+
+
+@pytest.fixture(scope="module")
+def dump(model, tmp_path_factory):
+    qm, xq = model
+    out = tmp_path_factory.mktemp("golden")
+    manifest = golden.write_golden(qm, xq, out, ALL, {"kind": "array", "note": "test"})
+    trace = im.Trace()
+    logits = im.forward_int(qm, xq, trace)
+    return out, manifest, trace, logits
+
+
+def run_check(gold, actual, capsys):
+    p = argparse.ArgumentParser()
+    check.register(p.add_subparsers())
+    code = check.run(p.parse_args(["check", str(gold), str(actual)]))
+    return code, capsys.readouterr().out
+
+
+def golden_cli(args, capsys):
+    p = argparse.ArgumentParser()
+    golden.register(p.add_subparsers())
+    code = golden.run(p.parse_args(["golden"] + args))
+    return code, capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- encodings
+
+def test_worked_example_bytes():
+    """The example of docs/golden-format.md, byte by byte."""
+    a = np.array([-128, 5, 127, 0, -1, -10], np.int8).reshape(1, 2, 1, 3)
+    assert golden.hex_bytes(a) == b"80\n05\n7f\n00\nff\nf6\n"
+    assert golden.bin_bytes(a) == bytes([0x80, 0x05, 0x7F, 0x00, 0xFF, 0xF6])
+    ctype, ident, vals = my_header_text(golden.c_header_text(a, "blocks.0.x"))
+    assert (ctype, ident, vals) == ("int8_t", "blocks_0_x", [-128, 5, 127, 0, -1, -10])
+    assert golden.hex_bytes(np.array([-2, 40000], np.int32)) == b"fffffffe\n00009c40\n"
+    assert golden.hex_bytes(np.array([65535], np.uint16)) == b"ffff\n"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint16"])
+def test_formats_round_trip_extremes(dtype, tmp_path):
+    info = np.iinfo(dtype)
+    a = np.array([info.min, info.max, 0, 1, info.max // 3, info.min // 7], dtype)
+    files = golden.write_array(a, tmp_path, "v", ALL)
+    assert my_hex(tmp_path / files["hex"], dtype) == a.tolist()
+    assert my_bin(tmp_path / files["bin"], dtype) == a.tolist()
+    assert my_header(tmp_path / files["h"])[2] == a.tolist()
+    for fmt in ("npy", "hex", "bin"):
+        back = golden.read_array(tmp_path / files[fmt], dtype, a.shape)
+        assert back.dtype == a.dtype and back.tolist() == a.tolist()
+
+
+def test_hex_reader_accepts_readmemh_variants_and_rejects_bad_files(tmp_path):
+    assert golden.parse_hex(b"80 // min\n 5\r\n7F\nFFFF\n", "int16", 4).tolist() == [128, 5, 127, -1]
+    with pytest.raises(golden.DumpFormatError, match="3 hex elements, expected 4") as e:
+        golden.parse_hex(b"1\n2\n3\n", "int8", 4)
+    assert e.value.kind == "shape"
+    with pytest.raises(golden.DumpFormatError, match="more than 2 digits") as e:
+        golden.parse_hex(b"0001\n", "int8", 1)
+    assert e.value.kind == "dtype"
+    with pytest.raises(golden.DumpFormatError, match="not hex"):
+        golden.parse_hex(b"zz\n", "int8", 1)
+    with pytest.raises(golden.DumpFormatError, match="6 bytes, expected 2 int32") as e:
+        golden.parse_bin(b"\0" * 6, "int32", 2)
+    assert e.value.kind == "shape"
+    with pytest.raises(golden.DumpFormatError, match="16 bytes, expected 2 int32") as e:
+        golden.parse_bin(b"\0" * 16, "int32", 2)                       # 2 elements of 8 bytes: wrong width
+    assert e.value.kind == "dtype"
+    with pytest.raises(ValueError, match="unknown dump format"):
+        golden.write_array(np.zeros(2, np.int8), tmp_path, "x", ("csv",))
+
+
+# ---------------------------------------------------------------- the golden dump
+
+def test_manifest_matches_trace(dump, model):
+    out, manifest, trace, logits = dump
+    qm, xq = model
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    assert on_disk["schema"] == "refvit-golden" and on_disk["schema_version"] == golden.SCHEMA_VERSION
+    assert on_disk["refvit_version"] == refvit.__version__
+    assert on_disk["model"]["config"] == CFG.to_dict() and on_disk["model"]["head_mode"] == "mean"
+    assert on_disk["quantization"]["rounding"] == qm.rounding
+    assert on_disk["quantization"]["calibration"]["method"] == "percentile"
+    assert on_disk["input"]["sha256_int8"] == hashlib.sha256(xq.tobytes()).hexdigest()
+    assert on_disk["input"]["source"] == {"kind": "array", "note": "test"}
+    assert on_disk["output"]["logits"] == logits.tolist()
+    assert [op["name"] for op in on_disk["ops"]] == [r.name for r in trace.ops]
+    for op, rec in zip(on_disk["ops"], trace.ops):
+        assert op["op"] == rec.op
+        assert [t["name"] for t in op["inputs"]] == rec.inputs
+        assert [c["name"] for c in op["constants"]] == rec.constants
+        for t in op["outputs"]:
+            arr = trace.tensors[t["name"]]
+            assert (t["dtype"], t["shape"], t["layout"]) == (arr.dtype.name, list(arr.shape), trace.layouts[t["name"]])
+            assert set(t["files"]) == set(ALL)
+        for c in op["constants"]:
+            if c["name"].endswith((".multiplier", ".shift")):
+                assert c["value"] == np.asarray(qm.tensors[c["name"]]).tolist()
+        if "rounding" in rec.attrs:
+            assert op["attrs"]["rounding"] == qm.rounding
+        assert op["attrs"]["out_dtype"] == trace.tensors[rec.outputs[0]].dtype.name
+    ops = {op["name"]: op for op in on_disk["ops"]}
+    assert ops["head"]["outputs"][0]["scale"] == float(qm.tensors["logits.scale"])
+    assert ops["blocks.0.attn.scores"]["outputs"][0]["scale"] == pytest.approx(
+        float(qm.tensors["blocks.0.attn.q.scale"]) * float(qm.tensors["blocks.0.attn.k.scale"]))
+    assert ops["blocks.1.attn.softmax"]["outputs"][0]["scale"] == 1 / 127
+    assert ops["blocks.0.attn.qkv"]["weight_scale"]["value"] == qm.tensors["blocks.0.attn.qkv.weight_scale"].tolist()
+    assert set(on_disk["constants"]) == set(qm.tensors)
+
+
+def test_every_file_decodes_to_the_same_integers(dump, model):
+    out, manifest, trace, _ = dump
+    qm, _ = model
+    entries = [(e, trace.tensors[n]) for n, e in manifest["tensors"].items()]
+    entries += [(e, np.asarray(qm.tensors[n])) for n, e in manifest["constants"].items()]
+    assert len(entries) == len(trace.tensors) + len(qm.tensors)
+    for entry, arr in entries:
+        files = entry["files"]
+        npy = np.load(out / files["npy"])
+        assert npy.dtype == arr.dtype and npy.shape == arr.shape and np.array_equal(npy, arr)
+        if arr.dtype.kind == "f":
+            assert set(files) == {"npy"}   # float scales: npy + manifest only
+            continue
+        flat = arr.reshape(-1).tolist()
+        assert my_hex(out / files["hex"], arr.dtype) == flat, entry["name"]
+        assert my_bin(out / files["bin"], arr.dtype) == flat, entry["name"]
+        ctype, ident, vals = my_header(out / files["h"])
+        assert vals == flat and ctype == golden.C_TYPES[arr.dtype.name]
+        assert re.fullmatch(r"[A-Za-z_]\w*", ident)
+
+
+# ---------------------------------------------------------------- refvit check
+
+def test_check_identical_copy_passes(dump, tmp_path, capsys):
+    out = dump[0]
+    shutil.copytree(out, tmp_path / "copy")
+    code, text = run_check(out, tmp_path / "copy", capsys)
+    assert code == 0 and "all" in text and "MISMATCH" not in text
+
+
+def test_check_finds_the_one_changed_element_in_a_flat_hex_dump(dump, tmp_path, capsys):
+    out, manifest, trace, _ = dump
+    actual = tmp_path / "device"
+    actual.mkdir()
+    for name, arr in trace.tensors.items():   # the device writes only hex, flat
+        (actual / f"{name}.hex").write_bytes(golden.hex_bytes(arr))
+    bad = trace.tensors["blocks.1.attn.softmax"].copy()
+    index = (1, 2, 5, 7)
+    bad[index] = 100 if bad[index] != 100 else 99
+    (actual / "blocks.1.attn.softmax.hex").write_bytes(golden.hex_bytes(bad))
+    code, text = run_check(out, actual, capsys)
+    assert code == 1
+    first = text.split("first divergent op:")[1]
+    assert "blocks.1.attn.softmax (softmax)" in first.splitlines()[0]
+    assert f"index {index}: expected {trace.tensors['blocks.1.attn.softmax'][index]}, actual {bad[index]}" in first
+    assert "MISMATCH (1 of" in text
+    report = check.compare_dumps(out, actual)
+    assert [r.op_name for r in report.results if not r.ok] == ["blocks.1.attn.softmax"]
+
+
+def test_check_reports_missing_bad_dtype_and_bad_shape_before_values(dump, tmp_path, capsys):
+    out, manifest, trace, _ = dump
+    actual = tmp_path / "device" / "tensors"
+    actual.mkdir(parents=True)
+    for name, arr in trace.tensors.items():
+        np.save(actual / f"{name}.npy", arr)
+    (actual / "blocks.0.mlp.gelu.npy").unlink()
+    qkv = trace.tensors["blocks.0.attn.qkv"]
+    np.save(actual / "blocks.0.attn.qkv.npy", (qkv.astype(np.int16) + 1))            # wrong dtype AND values
+    np.save(actual / "blocks.0.attn.proj.npy", trace.tensors["blocks.0.attn.proj"].reshape(-1) + 1)  # shape
+    (actual / "blocks.1.norm1.npy").unlink()
+    (actual / "blocks.1.norm1.bin").write_bytes(golden.bin_bytes(trace.tensors["blocks.1.norm1"])[:-1])
+    code, text = run_check(out, tmp_path / "device", capsys)
+    assert code == 1
+    lines = {line.split("]", 1)[1].split(" (")[0].strip(): line for line in text.splitlines() if line.startswith("[")}
+    assert "BAD DTYPE (dtype int16, expected int8)" in lines["blocks.0.attn.qkv"]
+    assert "BAD SHAPE" in lines["blocks.0.attn.proj"] and "expected (2, 48, 1, 18)" in lines["blocks.0.attn.proj"]
+    assert "MISSING" in lines["blocks.0.mlp.gelu"]
+    assert "BAD SHAPE" in lines["blocks.1.norm1"] and "bytes" in lines["blocks.1.norm1"]
+    assert "first divergent op: [4] blocks.0.attn.qkv (conv2d)" in text
+    assert "BAD DTYPE: dtype int16, expected int8" in text
+
+
+def test_check_usage_errors_exit_2(dump, tmp_path, capsys):
+    assert run_check(tmp_path / "nope", dump[0], capsys)[0] == 2
+    assert run_check(dump[0], tmp_path / "nope", capsys)[0] == 2
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "manifest.json").write_text("{not json")
+    code, text = run_check(tmp_path / "g", dump[0], capsys)
+    assert code == 2 and "cannot read golden manifest" in text
+
+
+# ---------------------------------------------------------------- the CLI: inputs are reproducible
+
+def test_seed_input_reproducible_with_quantized_model(model, tmp_path, capsys):
+    qm, _ = model
+    save_quantized(qm, tmp_path / "q.safetensors")
+    shas = []
+    for run in ("a", "b", "c"):
+        seed = "7" if run != "c" else "8"
+        code, text = golden_cli(["--model", str(tmp_path / "q.safetensors"), "--seed", seed, "--batch", "2",
+                                 "--out", str(tmp_path / run), "--formats", "hex"], capsys)
+        assert code == 0, text
+        m = json.loads((tmp_path / run / "manifest.json").read_text())
+        shas.append(m["input"]["sha256_int8"])
+    assert shas[0] == shas[1] != shas[2]
+    expect = np.random.default_rng(7).integers(-128, 128, (2, 3, 32, 32), dtype=np.int8)
+    assert shas[0] == hashlib.sha256(expect.tobytes()).hexdigest()
+    assert m["input"]["source"]["kind"] == "seed" and m["input"]["source"]["seed"] == 8
+    assert m["model"]["source"]["kind"] == "quantized" and m["formats"] == ["npy", "hex"]
+
+
+def test_image_input_reproducible_with_float_weights(tmp_path, capsys):
+    write_safetensors(tmp_path / "w.safetensors", tiny_float_params(3))
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    manifests = []
+    for run in ("a", "b"):
+        code, text = golden_cli(["--weights", str(tmp_path / "w.safetensors"), "--image", str(tmp_path / "img.png"),
+                                 "--out", str(tmp_path / run), "--rounding", "DOUBLE_ROUND"], capsys)
+        assert code == 0, text
+        manifests.append(json.loads((tmp_path / run / "manifest.json").read_text()))
+    a, b = manifests
+    assert a["input"]["sha256_int8"] == b["input"]["sha256_int8"]
+    assert a["input"]["source"]["sha256"] == hashlib.sha256((tmp_path / "img.png").read_bytes()).hexdigest()
+    assert a["input"]["source"]["kind"] == "image" and a["input"]["source"]["preprocess"] == "timm"
+    assert a["quantization"]["rounding"] == "DOUBLE_ROUND"
+    assert "input image itself" in a["quantization"]["calibration"]["source"]
+    assert a["output"]["logits"] == b["output"]["logits"]
+
+
+def test_default_model_with_an_image(tmp_path, capsys):
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "g.png")
+    code, text = golden_cli(["--image", str(tmp_path / "g.png"), "--out", str(tmp_path / "d")], capsys)
+    assert code == 0, text
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["model"]["source"]["kind"] == "default" and m["input"]["source"]["preprocess"] == "fmnist"
+    assert m["input"]["shape"] == [1, 3, 32, 32] and "top-5 classes" in text
+
+
+def test_golden_cli_errors_are_clear(tmp_path, capsys):
+    code, text = golden_cli(["--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "model file not found" in text
+    code, text = golden_cli(["--model", str(tmp_path / "x"), "--out", str(tmp_path / "o"), "--formats", "csv"], capsys)
+    assert code == 2 and "unknown dump format" in text
