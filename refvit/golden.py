@@ -408,13 +408,10 @@ def _resolve_model(args):
         if is_quantized_file(path):
             raise GoldenError(f"{path} is a quantized model: pass it with --model")
         return None, load_checkpoint(path), source, "timm"
-    try:
-        from .models import default_model_path, load_model
-    except ImportError:
-        raise GoldenError("no --weights or --model given and the embedded default model (refvit.models) is not "
-                          "available in this install; pass --weights W or --model Q") from None
-    source = {"kind": "default", "note": "embedded Fashion-MNIST DeiT", **_file_source(default_model_path())}
-    return None, load_model(None), source, "fmnist"     # load_model knows the default's heads and eps
+    from .models import default_int8_path
+    source = {"kind": "default", "note": "embedded Fashion-MNIST DeiT, quantized (refvit/data)",
+              **_file_source(default_int8_path())}
+    return load_quantized(default_int8_path()), None, source, "fmnist"
 
 
 def _quantize(ckpt, calib_x: np.ndarray, calib_note: str, rounding: str) -> QuantizedModel:

@@ -66,3 +66,52 @@ def load_model(path=None, form: str = "token", dtype=np.float32) -> Model:
     return Model(config=ckpt.config, params=token_to_conv(params) if form == "conv" else params, form=form,
                  head_mode=ckpt.head_mode, source=ckpt.source, path=ckpt.path, is_default=is_default,
                  preprocess=preprocess, class_names=class_names(ckpt.config.num_classes, is_default))
+
+
+# ---------------------------------------------------------------- INT8
+
+def default_int8_path() -> Path:
+    """The embedded default model, quantized by `python -m refvit quantize` (see its card's 'int8' entry)."""
+    return DATA / "fmnist_deit_int8.safetensors"
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def expand_images(paths) -> list:
+    """Files and folders -> image files (a folder gives its images, sorted by name)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def calibration_batches(model: Model, paths, limit: int | None = None, batch: int = 32):
+    """Float batches (B, 3, H, W) for calibration from image files, folders, or .npz files holding
+    'images' uint8 (N, 28, 28) (Fashion-MNIST, for the embedded default model)."""
+    from .preprocess import ImageError, open_image
+    npz = [Path(p) for p in paths if str(p).endswith(".npz")]
+    files = expand_images([p for p in paths if not str(p).endswith(".npz")])
+    if npz and not model.is_default:
+        raise ImageError(".npz calibration sets hold Fashion-MNIST images: they fit the embedded default model only")
+    arrays = []
+    for f in npz:
+        try:
+            arrays.append(np.load(f)["images"])
+        except (OSError, KeyError, ValueError) as e:
+            raise ImageError(f"cannot read calibration set {f}: {e}") from None
+    images = np.concatenate(arrays) if arrays else np.zeros((0, 28, 28), np.uint8)
+    total = len(images) + len(files)
+    if limit is not None:
+        total = min(total, limit)
+        images = images[:limit]
+        files = files[:max(0, limit - len(images))]
+    if total == 0:
+        raise ImageError("no calibration images found in " + ", ".join(map(str, paths)))
+    for i in range(0, len(images), batch):
+        yield fmnist_transform(images[i:i + batch])
+    for i in range(0, len(files), batch):
+        yield np.stack([model.preprocess(open_image(f)) for f in files[i:i + batch]])
