@@ -16,7 +16,7 @@ from .config import ConfigError
 from .functional import softmax
 from .intmath import ROUNDING_MODES, SINGLE_ROUND
 from .labels import DATA, default_model_info
-from .models import FORMS, Model, calibration_batches, default_int8_path, load_model
+from .models import FORMS, Model, calibration_batches, default_int8_path, load_model, model_for_quantized
 from .preprocess import ImageError, open_image
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError, QuantizedModel, quantize
 
@@ -100,8 +100,13 @@ def run_classify(args) -> int:
         images = sorted(EXAMPLES.glob("*.png"))
     if args.model and args.weights:
         raise UsageError("give --weights (float, quantized on the fly) or --model (quantized), not both")
-    model = load_model(args.weights, form="conv" if args.int8 or args.model else args.form)
-    qm = int8_model(model, args, images) if args.int8 or args.model else None
+    if args.model:  # a quantized file alone: config, pipeline and rounding are in it
+        from weights_tools.export import load_quantized
+        qm = load_quantized(args.model)
+        model = model_for_quantized(qm, args.model)
+    else:
+        model = load_model(args.weights, form="conv" if args.int8 else args.form)
+        qm = int8_model(model, args, images) if args.int8 else None
     if model.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
         print(default_model_note() + (" (INT8)" if qm else ""), file=sys.stderr if args.json else sys.stdout)
     results = classify_images(model, images, min(args.top, len(model.class_names)), qm)
@@ -116,14 +121,8 @@ def run_classify(args) -> int:
 
 
 def int8_model(model: Model, args, images: list) -> QuantizedModel:
-    """The quantized model classify runs: --model Q, the embedded default's file, or --weights quantized now."""
+    """The quantized model `classify --int8` runs: the embedded default's file, or --weights quantized now."""
     from weights_tools.export import load_quantized
-    if args.model:
-        qm = load_quantized(args.model)
-        if qm.config != model.config:
-            raise UsageError(f"{args.model} is a quantized {qm.config} but the float model is {model.config}; "
-                             f"pass the matching --weights (or none for the embedded default)")
-        return qm
     if model.is_default:
         return load_quantized(default_int8_path())
     calib = args.calib or images
@@ -162,7 +161,9 @@ def run_quantize(args) -> int:
     seen = []
 
     def progress(n):
-        print(f"\rcalibrating: batch {n}", end="", file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()  # overwrite one line on a terminal, one line per batch in a log
+        print(f"{chr(13) if tty else ''}calibrating: batch {n} ({sum(seen)} images)", end="" if tty else "\n",
+              file=sys.stderr, flush=True)
 
     def counted(batches):
         for x in batches:
@@ -173,7 +174,8 @@ def run_quantize(args) -> int:
     qm = quantize(model.params, model.config, counted(calibration_batches(model, args.calib, args.max_images)),
                   head_mode=model.head_mode, method=args.method, percentile=args.percentile,
                   rounding=args.rounding, progress=progress, source=source)
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     qm.calibration["images"] = sum(seen)
     qm.calibration["preprocess"] = "fmnist" if model.is_default else "timm"
     save_quantized(qm, args.out)

@@ -115,3 +115,13 @@ def calibration_batches(model: Model, paths, limit: int | None = None, batch: in
         yield fmnist_transform(images[i:i + batch])
     for i in range(0, len(files), batch):
         yield np.stack([model.preprocess(open_image(f)) for f in files[i:i + batch]])
+
+
+def model_for_quantized(qm, path) -> Model:
+    """Preprocessing and class names for a quantized model file used alone (its float weights are not needed:
+    `params` is empty, only the integer model runs). The pipeline is the one recorded at quantization."""
+    fmnist = qm.calibration.get("preprocess") == "fmnist"
+    preprocess = _fmnist_preprocess if fmnist else partial(timm_eval_transform, size=qm.config.img_size)
+    return Model(config=qm.config, params={}, form="conv", head_mode=qm.head_mode, source="refvit-int8",
+                 path=Path(path), is_default=False, preprocess=preprocess,
+                 class_names=class_names(qm.config.num_classes, fmnist))
