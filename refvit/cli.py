@@ -173,11 +173,11 @@ def run_quantize(args) -> int:
     source = f"{', '.join(map(str, args.calib))} (at most {args.max_images} images)"
     qm = quantize(model.params, model.config, counted(calibration_batches(model, args.calib, args.max_images)),
                   head_mode=model.head_mode, method=args.method, percentile=args.percentile,
-                  rounding=args.rounding, progress=progress, source=source)
+                  rounding=args.rounding, progress=progress, source=source,
+                  preprocess="fmnist" if model.is_default else "timm")
     if sys.stderr.isatty():
         print(file=sys.stderr)
     qm.calibration["images"] = sum(seen)
-    qm.calibration["preprocess"] = "fmnist" if model.is_default else "timm"
     save_quantized(qm, args.out)
     print(f"wrote {args.out}: {sum(np.asarray(v).size for v in qm.tensors.values()):,} constants in "
           f"{len(qm.tensors)} tensors; {args.method} calibration on {sum(seen)} images; rounding {args.rounding}")

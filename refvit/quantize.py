@@ -12,7 +12,6 @@ All rounding of reals to integers is round-half-away-from-zero (never numpy's ha
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -226,14 +225,13 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
 
 def quantize(params_conv: dict, cfg: DeiTConfig, calib_batches, *, head_mode: str, method: str = "percentile",
              percentile: float = DEFAULT_PERCENTILE, rounding: str = SINGLE_ROUND, progress=None,
-             source: str = "") -> QuantizedModel:
+             source: str = "", preprocess: str | None = None) -> QuantizedModel:
     """Calibrate on float image batches, then quantize. The one entry point most callers need."""
     ranges = activation_ranges(params_conv, cfg, calib_batches, method, percentile, progress)
     calibration = {"method": method, "source": source}
+    if preprocess:  # the input pipeline the scales were calibrated for ('timm' | 'fmnist')
+        calibration["preprocess"] = preprocess
     if method == "percentile":
         calibration["percentile"] = percentile
     return quantize_model(params_conv, cfg, ranges, head_mode=head_mode, rounding=rounding, calibration=calibration)
 
-
-def metadata_json(qm: QuantizedModel) -> str:
-    return json.dumps(qm.metadata(), sort_keys=True)
