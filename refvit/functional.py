@@ -92,7 +92,8 @@ def erf_float32(x: np.ndarray) -> np.ndarray:
     """Error function for float32 inference, |error| <= 4e-7: A&S 7.1.26 in float32, and below
     |x| = 0.5, where 1 - poly*exp cancels, the Maclaurin series to x^13 (truncation < 2e-9).
     Evaluated in cache-sized chunks: on whole MLP activations the ~30 passes are memory bound."""
-    return _chunked(x, _erf_float32_chunk)
+    with np.errstate(invalid="ignore", over="ignore"):  # the series overflows at |x| = inf, then is not used
+        return _chunked(x, _erf_float32_chunk)
 
 
 def _gelu_float32_chunk(x, out, z, t, s):
@@ -107,7 +108,8 @@ def gelu(x: np.ndarray) -> np.ndarray:
     """Exact (erf) GELU, x * Phi(x), as torch.nn.GELU() / timm; float64 or float32 by x's dtype."""
     x = np.asarray(x)
     if x.dtype == np.float32:
-        return _chunked(x, _gelu_float32_chunk)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return _chunked(x, _gelu_float32_chunk)
     x64 = x.astype(np.float64, copy=False)
     return 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
 
