@@ -50,7 +50,7 @@ _CHUNK = 1 << 14  # elements per pass: the scratch arrays stay in L1/L2 cache (t
 _SERIES = [np.float32((-1) ** n / (math.factorial(n) * (2 * n + 1))) for n in range(6, -1, -1)]
 
 
-def _erf_float32_chunk(x, out, z, t, s):
+def _erf_float32_chunk(x, out, z, t, s, _unused=None):
     """erf of the 1-D float32 chunk x into out; z, t, s are scratch arrays of the same length."""
     np.abs(x, out=z)
     np.multiply(z, np.float32(_AS_P), out=t)
@@ -78,10 +78,10 @@ def _erf_float32_chunk(x, out, z, t, s):
 
 
 def _chunked(x: np.ndarray, chunk_fn) -> np.ndarray:
-    """Apply chunk_fn(x_chunk, out_chunk, *3 scratch) over cache-sized pieces of float32 x."""
+    """Apply chunk_fn(x_chunk, out_chunk, *4 scratch) over cache-sized pieces of float32 x."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     out = np.empty_like(flat)
-    scratch = [np.empty(min(_CHUNK, flat.size), np.float32) for _ in range(3)]
+    scratch = [np.empty(min(_CHUNK, flat.size), np.float32) for _ in range(4)]
     for i in range(0, flat.size, _CHUNK):
         n = min(_CHUNK, flat.size - i)
         chunk_fn(flat[i:i + n], out[i:i + n], *(a[:n] for a in scratch))
@@ -96,9 +96,9 @@ def erf_float32(x: np.ndarray) -> np.ndarray:
         return _chunked(x, _erf_float32_chunk)
 
 
-def _gelu_float32_chunk(x, out, z, t, s):
-    u = np.multiply(x, np.float32(1.0 / math.sqrt(2.0)), out=out)
-    _erf_float32_chunk(u.copy(), out, z, t, s)       # out = erf(x / sqrt 2)
+def _gelu_float32_chunk(x, out, z, t, s, u):
+    np.multiply(x, np.float32(1.0 / math.sqrt(2.0)), out=u)
+    _erf_float32_chunk(u, out, z, t, s)               # out = erf(x / sqrt 2)
     out += np.float32(1.0)
     out *= x
     out *= np.float32(0.5)

@@ -74,20 +74,28 @@ class _Run:
         return self(name, "add", K.add, {a_name: a, b_name: b}, consts)
 
 
+def split_qkv(qkv: np.ndarray, part: int, num_heads: int) -> np.ndarray:
+    """(B, 3C, 1, N) -> q (part 0), k (1) or v (2) as (B, Hh, D, N): a channel slice, then split_heads."""
+    C = qkv.shape[1] // 3
+    return K.split_heads(qkv[:, part * C:(part + 1) * C], num_heads)
+
+
+def attention_context_merged(p, v, multiplier, shift, *, rounding):  # -> (B, C, 1, N)
+    return K.merge_heads(K.attention_context(p, v, multiplier, shift, rounding=rounding))
+
+
 def block(run: _Run, i: int, x_name: str, x: np.ndarray, num_heads: int):  # x int8 (B, C, 1, N)
     b = f"blocks.{i}."
-    B, C, _, N = x.shape
     h = run.layernorm(b + "norm1", x_name, x)                                       # (B, C, 1, N)
     qkv = run.conv(b + "attn.qkv", b + "norm1", h)                                  # (B, 3C, 1, N)
-    q, k, v = (run(b + f"attn.{t}", "split_heads", lambda a, j=j: K.split_heads(a[:, j * C:(j + 1) * C], num_heads),
-                   {b + "attn.qkv": qkv}, (), HEADS, ) for j, t in enumerate("qkv"))  # 3 x (B, Hh, D, N)
+    q, k, v = (run(b + f"attn.{t}", "split_heads", split_qkv, {b + "attn.qkv": qkv}, (), HEADS,
+                   part=j, num_heads=num_heads) for j, t in enumerate("qkv"))         # 3 x (B, Hh, D, N)
     s = run(b + "attn.scores", "attention_scores", K.attention_scores,
             {b + "attn.q": q, b + "attn.k": k}, (), SCORES)                         # int32 (B, Hh, N, N)
     a = run(b + "attn.softmax", "softmax", K.softmax, {b + "attn.scores": s},
             (b + "attn.softmax.multiplier", b + "attn.softmax.shift", "exp_table"), SCORES,
             rounding=run.rounding)                                                  # int8 (B, Hh, N, N)
-    o = run(b + "attn.context", "attention_context", lambda p_, v_, m, sh, rounding: K.merge_heads(
-            K.attention_context(p_, v_, m, sh, rounding=rounding)),
+    o = run(b + "attn.context", "attention_context", attention_context_merged,
             {b + "attn.softmax": a, b + "attn.v": v},
             (b + "attn.context.multiplier", b + "attn.context.shift"), rounding=run.rounding)  # (B, C, 1, N)
     o = run.conv(b + "attn.proj", b + "attn.context", o)                            # (B, C, 1, N)
