@@ -19,8 +19,8 @@ from refvit import int_model, model_conv, model_token  # noqa: E402
 from refvit.config import preset  # noqa: E402
 from refvit.intmath import int_matmul  # noqa: E402
 from refvit.quantize import quantize  # noqa: E402
-from weights_tools.convert import token_to_conv  # noqa: E402
-from weights_tools.load import expected_shapes  # noqa: E402
+from refvit.checkpoints.convert import token_to_conv  # noqa: E402
+from refvit.checkpoints.load import expected_shapes  # noqa: E402
 
 
 def random_params(cfg, seed=0):

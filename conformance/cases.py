@@ -412,8 +412,8 @@ def random_quantized_model(embed_dim: int, depth: int, num_heads: int, img_size:
                            distilled: bool, rounding: str):
     """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic."""
     from refvit.quantize import quantize
-    from weights_tools.convert import token_to_conv
-    from weights_tools.load import expected_shapes
+    from refvit.checkpoints.convert import token_to_conv
+    from refvit.checkpoints.load import expected_shapes
     cfg = DeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, num_classes=10, distilled=distilled)
     head_mode = "mean" if distilled else "cls"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from weights_tools import CheckpointError
+from refvit.checkpoints import CheckpointError
 
 from . import check, golden, int_model
 from .config import ConfigError
@@ -101,7 +101,7 @@ def run_classify(args) -> int:
     if args.model and args.weights:
         raise UsageError("give --weights (float, quantized on the fly) or --model (quantized), not both")
     if args.model:  # a quantized file alone: config, pipeline and rounding are in it
-        from weights_tools.export import load_quantized
+        from refvit.qfile import load_quantized
         qm = load_quantized(args.model)
         model = model_for_quantized(qm, args.model)
     else:
@@ -122,7 +122,7 @@ def run_classify(args) -> int:
 
 def int8_model(model: Model, args, images: list) -> QuantizedModel:
     """The quantized model `classify --int8` runs: the embedded default's file, or --weights quantized now."""
-    from weights_tools.export import load_quantized
+    from refvit.qfile import load_quantized
     if model.is_default:
         return load_quantized(default_int8_path())
     calib = args.calib or images
@@ -152,7 +152,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 
 def run_quantize(args) -> int:
     """quantize a float checkpoint to an INT8 model file, calibrating activations on real images"""
-    from weights_tools.export import save_quantized
+    from refvit.qfile import save_quantized
     if args.max_images < 1:
         raise UsageError(f"--max-images must be at least 1, got {args.max_images}")
     if not 0 < args.percentile <= 100:

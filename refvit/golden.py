@@ -396,8 +396,8 @@ def _preprocess(paths, pipeline: str, img_size: int) -> np.ndarray:
 
 def _resolve_model(args):
     """-> (QuantizedModel or None, float model (config, params, head_mode) or None, model source, pipeline)."""
-    from weights_tools import load_checkpoint
-    from weights_tools.export import is_quantized_file, load_quantized
+    from refvit.checkpoints import load_checkpoint
+    from refvit.qfile import is_quantized_file, load_quantized
     if args.model or args.weights:
         path = Path(args.model or args.weights)
         if not path.exists():
@@ -415,7 +415,7 @@ def _resolve_model(args):
 
 
 def _quantize(ckpt, calib_x: np.ndarray, calib_note: str, rounding: str) -> QuantizedModel:
-    from weights_tools.convert import token_to_conv
+    from refvit.checkpoints.convert import token_to_conv
     from .quantize import quantize
     return quantize(token_to_conv(ckpt.params), ckpt.config, [calib_x], head_mode=ckpt.head_mode,
                     method="max", rounding=rounding, source=calib_note)
@@ -453,7 +453,7 @@ def build_golden_inputs(args):
 
 
 def run(args) -> int:
-    from weights_tools import CheckpointError
+    from refvit.checkpoints import CheckpointError
     from .preprocess import ImageError
     t0 = time.perf_counter()
     try:

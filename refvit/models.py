@@ -8,8 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from weights_tools import load_checkpoint
-from weights_tools.convert import token_to_conv
+from refvit.checkpoints import load_checkpoint
+from refvit.checkpoints.convert import token_to_conv
 
 from . import model_conv, model_token
 from .config import ConfigError, DeiTConfig

@@ -75,7 +75,7 @@ class Peer:
 
     @cached_property
     def checkpoint(self):
-        from weights_tools import load_checkpoint
+        from refvit.checkpoints import load_checkpoint
         return load_checkpoint(self.weights)
 
 

@@ -14,10 +14,10 @@ from refvit import check, golden
 from refvit import int_model as im
 from refvit.config import DeiTConfig
 from refvit.quantize import quantize
-from weights_tools import write_safetensors
-from weights_tools.convert import token_to_conv
-from weights_tools.export import save_quantized
-from weights_tools.load import expected_shapes
+from refvit.checkpoints import write_safetensors
+from refvit.checkpoints.convert import token_to_conv
+from refvit.qfile import save_quantized
+from refvit.checkpoints.load import expected_shapes
 
 CFG = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
 ALL = ("npy", "hex", "bin", "h")

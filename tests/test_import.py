@@ -1,4 +1,4 @@
-"""weights_tools: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
+"""refvit.checkpoints: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
 import json
 import math
 import struct
@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file  # the reference reader our own parser is checked against
 
 from refvit.config import DeiTConfig, preset
-from weights_tools import (
+from refvit.checkpoints import (
     CheckpointError, expected_shapes, hf_to_timm, load_checkpoint, read_safetensors, to_hf_names,
     write_safetensors,
 )

@@ -9,7 +9,7 @@ from refvit import int_model
 from refvit.cli import EXAMPLES, main
 from refvit.models import default_int8_path, load_model
 from refvit.preprocess import fmnist_transform
-from weights_tools.export import load_quantized
+from refvit.qfile import load_quantized
 
 from test_cli import run  # noqa: E402  (tests/ is on sys.path under pytest's rootdir-relative imports)
 

@@ -11,8 +11,8 @@ from refvit.config import ConfigError, DeiTConfig
 from refvit.intmath import ROUNDING_MODES
 from refvit.quantize import QuantizedModel
 
-from . import CheckpointError
-from .safetensors_io import read_safetensors, write_safetensors
+from refvit.checkpoints import CheckpointError
+from refvit.checkpoints.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "refvit-int8"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""weights_tools: read DeiT checkpoints (.safetensors, timm or Hugging Face names) into timm-named float32 arrays."""
+"""refvit.checkpoints: read DeiT checkpoints (.safetensors, timm or Hugging Face names) into timm-named float32 arrays."""
 
 
 class CheckpointError(ValueError):
