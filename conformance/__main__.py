@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from refvit.golden import check_formats
+from refvit.dumpfmt import check_formats
 
 from .cases import SETS, get_case, select
 from .casefiles import write_case
@@ -25,12 +25,23 @@ def _load_dut(spec: str) -> DUT:
     module_name, _, cls_name = spec.partition(":")
     if not module_name or not cls_name:
         raise UsageError(f"--dut must be module:Class, got {spec!r}")
-    sys.path.insert(0, str(Path.cwd()))
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"cannot load DUT {spec!r}: {e}") from None
-    return cls()
+        module = importlib.import_module(module_name)
+    except Exception as e:   # not found, or the module's own error while importing
+        raise UsageError(f"cannot load DUT {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") \
+            from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise UsageError(f"cannot load DUT {spec!r}: module {module_name!r} has no attribute {cls_name!r}")
+    try:
+        dut = cls()
+    except Exception as e:   # the DUT's constructor failed (no device, bad configuration, ...)
+        raise UsageError(f"cannot create DUT {spec!r}: {cls_name}() raised {type(e).__name__}: {e}") from None
+    if not callable(getattr(dut, "run_case", None)):
+        raise UsageError(f"{spec!r} is not a conformance DUT (no run_case method; subclass conformance.DUT)")
+    return dut
 
 
 def _specs(args):

@@ -2,7 +2,7 @@
 
 The same layout serves the external-command DUT (the program reads the inputs and writes `out.npy` or
 `out.hex`) and `python -m conformance write` (golden files with `expected.*`, for teams without Python).
-File encodings are refvit's golden formats (refvit/golden.py, docs/golden-format.md).
+File encodings are refvit's golden formats (refvit/dumpfmt.py, docs/golden-format.md).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import refvit
-from refvit.golden import DumpFormatError, read_array, write_array
+from refvit.dumpfmt import DumpFormatError, read_array, write_array
 
 CASE_SCHEMA = "refvit-conformance-case"
 CASE_SCHEMA_VERSION = 1

@@ -7,10 +7,21 @@ refvit.int_model.forward_int (not the DUT composition) for block and model cases
 
 Boundary cases per family: rounding ties (value*multiplier exactly on a half), saturation beyond the
 output dtype, all -128 / all 127 inputs, the largest accumulators, shifts 2 and 62, both rounding modes.
+Inside the kernels too: every internal rounding, reciprocal and square root meets a tie and the values next
+to it in some case (softmax: the table index at shift 31 and 33, floor(2^40 / sigma) at exact divisors and
+just off them, p exactly on a half; layernorm: isqrt at perfect squares and squares minus one below and
+above 2^53, floor(2^40 / r) exact and with fraction >= 1/2, t exactly on a half, the largest C and eps_int,
+sum d^2 above 2^32), exp and GELU tables other than the shipped ones, and an accumulator no single float32
+pass holds. Designed layernorm cases use an output stage that shows every t (gamma +-8, bias 4, shift 33).
+tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
+
+Case arrays are read-only (get_case): a DUT that writes into its inputs gets an ERROR, not later cases
+with changed inputs or expectations.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import zlib
@@ -24,7 +35,12 @@ from refvit import int_model
 from refvit.config import DeiTConfig
 from refvit.intmath import DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, quantize_multiplier
 
-from .dut import REFERENCE_KERNELS, block_constants
+from refvit.checkpoints.convert import token_to_conv
+from refvit.graph import BOUNDARY_CONSTANTS, block_graph, required_constants
+from refvit.models import random_params
+from refvit.quantize import quantize
+
+from .dut import REFERENCE_KERNELS
 
 SETS = ("quick", "full")
 _MODES = {"single": SINGLE_ROUND, "double": DOUBLE_ROUND}
@@ -210,6 +226,19 @@ def _conv_saturate(name, mode):
     return _conv_case(name, x, w, np.zeros(32, np.int32), mode, mult=mult, shift=shift)
 
 
+def _conv_allmax(name, cin, cout, n, mode):
+    """x = 127, weight +-127 everywhere: sum = +-Cin*127^2, odd and above 2^25 for Cin = 3071, so no single
+    float32 pass can hold it (docs/spec.md, int_matmul). bias cancels it to a small acc shown at scale 1."""
+    rng = _rng(name)
+    x = np.full((1, cin, 1, n), 127, np.int8)
+    sign = np.where(np.arange(cout) % 2 == 0, 1, -1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * cin * 127 * 127 + rng.integers(-100, 101, cout)).astype(np.int32)
+    mult, shift = np.full(cout, 1 << 30, np.int32), np.full(cout, 30, np.int8)
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift,
+                      note="exact accumulator: out = acc = bias +- Cin*127^2 (scale 1)")
+
+
 def _conv_specs():
     for mode in _MODES:
         yield f"conv1x1_cin192_cout576_n197_{mode}", "conv2d", True, lambda n, m=mode: _conv1x1(n, 192, 576, 197, m)
@@ -228,6 +257,7 @@ def _conv_specs():
             n, 192, 64, 16, "single", fill=f)
     yield "conv1x1_head_int16_cin384_cout1000_n1_b4_single", "conv2d", True, lambda n: _conv1x1(
         n, 384, 1000, 1, "single", batch=4, out_dtype="int16")
+    yield "conv1x1_allmax_cin3071_cout4_n4_single", "conv2d", True, lambda n: _conv_allmax(n, 3071, 4, 4, "single")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,11 +282,98 @@ def _softmax_rescale(d: int, s_qk: float = 0.05) -> tuple[np.ndarray, np.ndarray
     return _rescale(s_qk * s_qk / math.sqrt(d) * 2 ** K.EXP_INDEX_BITS)
 
 
-def _softmax_case(name, scores, mode, mult=None, shift=None, note=""):
+def _softmax_case(name, scores, mode, mult=None, shift=None, note="", table=None):
     if mult is None:
         mult, shift = _softmax_rescale(64)
-    inputs = {"scores": scores.astype(np.int32), "multiplier": mult, "shift": shift, "exp_table": K.make_exp_table()}
+    table = K.make_exp_table() if table is None else table
+    inputs = {"scores": scores.astype(np.int32), "multiplier": mult, "shift": shift, "exp_table": table}
     return _kernel_case(name, "softmax", inputs, {"rounding": _MODES[mode]}, note)
+
+
+def _random_exp_table(rng, dtype=np.uint16) -> np.ndarray:
+    """A valid exp table that is not the shipped one: entries uniform in [0, 2^15] (not monotonic), table[0] =
+    2^15 as required, one more 2^15 and one 0 inside, table[254] != table[255] (the index clamp shows)."""
+    t = rng.integers(0, K.EXP_ONE + 1, K.EXP_TABLE_SIZE)
+    t[0] = K.EXP_ONE
+    i, j = rng.choice(np.arange(1, K.EXP_TABLE_SIZE - 2), 2, replace=False)
+    t[i], t[j] = K.EXP_ONE, 0
+    if t[254] == t[255]:
+        t[254] = t[255] ^ 1
+    return t.astype(dtype)
+
+
+def _softmax_random_table(name, n, mode, dtype=np.uint16):
+    """Random scores (indices over the whole table and clamped at 255) against a random valid table."""
+    return _softmax_case(name, _random_scores(_rng(name), 3, n), mode, table=_random_exp_table(
+        _rng(name, "/table"), dtype), note="random valid exp table")
+
+
+def _softmax_shift33(name, n, mode):
+    """Index = d * multiplier / 2^33: DOUBLE_ROUND rounds twice, so the two modes pick different table
+    entries for some d; a random table makes every index change visible."""
+    rng = _rng(name)
+    scores = rng.integers(-1500, 1, (1, 2, n, n)).astype(np.int32)
+    mult = _scalar(int(rng.integers(1 << 30, 1 << 31)), np.int32)
+    return _softmax_case(name, scores, mode, mult, _scalar(33, np.int8), "index rounding at shift 33",
+                         _random_exp_table(_rng(name, "/table")))
+
+
+def _split(rng, total: int, parts: int, cap: int) -> list:
+    """total as `parts` non-negative integers <= cap (requires total <= parts * cap), randomly uneven."""
+    pieces = [total // parts + (k < total % parts) for k in range(parts)]
+    for _ in range(4 * parts if parts > 1 else 0):
+        a, b = rng.choice(parts, 2, replace=False)
+        move = int(rng.integers(0, min(pieces[a], cap - pieces[b]) + 1))
+        pieces[a], pieces[b] = pieces[a] - move, pieces[b] + move
+    assert sum(pieces) == total and 0 <= min(pieces) and max(pieces) <= cap
+    return pieces
+
+
+def _softmax_recip_ties(name, n):
+    """The reciprocal and the final rounding of softmax at their boundaries, through a designed exp table.
+
+    multiplier 2^30, shift 30: idx = d exactly, so scores = -idx choose each key's table entry e. Rows:
+    - sigma = 2^16, an exact divisor of 2^40, two keys of e = 2^15: p = 63.5 exactly, a tie (-> 64);
+    - sigma = 254 k and a key e = o k (o odd): 127 e / sigma = o / 2 exactly but sigma does not divide 2^40,
+      so floor(2^40 / sigma) lands just below the tie (-> (o - 1) / 2); half of these rows have
+      frac(2^40 / sigma) >= 1/2, where a rounded reciprocal would land above it;
+    - all keys equal (sigma = N 2^15) and a single non-zero key (p = 127).
+    The remaining keys are fillers summing sigma up, and zeros (table[1] = 0)."""
+    rng = _rng(name)
+    table = [K.EXP_ONE, 0, K.EXP_ONE]                      # index 2: a second 2^15 entry
+
+    def index(e):
+        if e not in table[3:]:
+            table.append(e)
+        return table.index(e, 3)
+
+    rows = [[0, 0] + [1] * (n - 2), [0, 2] + [1] * (n - 2), [0] * n, [0] + [1] * (n - 1)]
+    want_up = 0
+    while len(rows) < 16:
+        o = int(rng.choice([1, 3, 5, 7, 9, 11, 13, 15]))
+        k = int(rng.integers(-(-K.EXP_ONE // (254 - o)), min(K.EXP_ONE // o, 1800) + 1))
+        sigma, e = 254 * k, o * k
+        fill = sigma - K.EXP_ONE - e
+        parts = -(-fill // K.EXP_ONE) + int(rng.integers(0, 3))
+        up = (1 << 40) % sigma * 2 >= sigma               # frac(2^40 / sigma) >= 1/2
+        if fill < 0 or parts > n - 2 or up != (want_up % 2 == 0):
+            continue
+        want_up += 1
+        idx = [0, index(e)] + [index(f) for f in _split(rng, fill, parts, K.EXP_ONE)]
+        rows.append(idx + [1] * (n - len(idx)))
+    assert len(table) <= K.EXP_TABLE_SIZE
+    table += rng.integers(0, K.EXP_ONE + 1, K.EXP_TABLE_SIZE - len(table)).tolist()
+    idx = np.array([rng.permutation(r) for r in rows])
+    return _softmax_case(name, -idx.reshape(1, 1, len(rows), n), "single", _scalar(1 << 30, np.int32),
+                         _scalar(30, np.int8), "reciprocal at exact divisors and half-integer p",
+                         np.array(table, np.uint16))
+
+
+def _softmax_longest(name, n):
+    """N = the largest key count: an all-equal row (sigma = N 2^15, the largest sum) and a random row."""
+    rng = _rng(name)
+    scores = np.stack([np.full(n, 777), rng.integers(-(1 << 20), 1 << 20, n)]).reshape(1, 1, 2, n)
+    return _softmax_case(name, scores, "single", note="sigma up to N * 2^15 < 2^31")
 
 
 def _random_scores(rng, heads, n, d=64):
@@ -296,6 +413,21 @@ def _context_case(name, heads, d, n, mode, kind="random"):
                         {"rounding": _MODES[mode]})
 
 
+def _context_ties(name, heads, d, n, mode):
+    """v = 4 (mod 8), each query row of p holds 1 or 3 entries = 1 (mod 8), the rest 0: acc = 4 (mod 8) and
+    multiplier 2^30, shift 33 make every acc/8 a rounding tie (SINGLE and DOUBLE differ on negative ones)."""
+    rng = _rng(name)
+    v = (rng.integers(-16, 16, (1, heads, d, n)) * 8 + 4).astype(np.int8)
+    p = np.zeros((1, heads, n, n), np.int8)
+    for h in range(heads):
+        for i in range(n):
+            keys = rng.choice(n, 1 + 2 * int(rng.integers(2)), replace=False)
+            p[0, h, i, keys] = rng.integers(0, 16, keys.size) * 8 + 1
+    return _kernel_case(name, "attention_context", {"p": p, "v": v, "multiplier": _scalar(1 << 30, np.int32),
+                                                    "shift": _scalar(33, np.int8)}, {"rounding": _MODES[mode]},
+                        "every output is a rounding tie")
+
+
 def _attention_specs():
     yield "attention_scores_h3_d64_n197", "attention_scores", True, lambda n: _scores_case(n, 3, 64, 197)
     yield "attention_scores_extremes_h2_d64_n8", "attention_scores", True, lambda n: _scores_case(
@@ -307,6 +439,13 @@ def _attention_specs():
         yield f"attention_context_h3_d64_n197_{mode}", "attention_context", True, lambda n, m=mode: _context_case(
             n, 3, 64, 197, m)
     yield "softmax_n1_random_single", "softmax", True, lambda n: _softmax_kind(n, "random", 1, "single")
+    for mode in _MODES:
+        yield f"softmax_n197_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_random_table(n, 197, m)
+        yield f"softmax_n64_shift33_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift33(n, 64, m)
+    yield "softmax_n197_randomtable_int32_single", "softmax", True, lambda n: _softmax_random_table(
+        n, 197, "single", np.int32)
+    yield "softmax_n16_recip_ties_designedtable_single", "softmax", True, lambda n: _softmax_recip_ties(n, 16)
+    yield "softmax_n65535_equal_random_single", "softmax", True, lambda n: _softmax_longest(n, K.MAX_TOKENS)
     yield "softmax_n577_equal_single", "softmax", False, lambda n: _softmax_kind(n, "equal", 577, "single")
     yield "softmax_n577_random_double", "softmax", False, lambda n: _softmax_kind(n, "random", 577, "double")
     yield "attention_context_maxacc_h1_d64_n197_single", "attention_context", True, lambda n: _context_case(
@@ -315,6 +454,9 @@ def _attention_specs():
         n, 3, 64, 197, "single", "saturate")
     yield "attention_context_h12_d64_n577_single", "attention_context", False, lambda n: _context_case(
         n, 12, 64, 577, "single")
+    for mode in _MODES:
+        yield f"attention_context_ties_h2_d8_n16_shift33_{mode}", "attention_context", True, \
+            lambda n, m=mode: _context_ties(n, 2, 8, 16, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,21 +491,27 @@ def _add_kind(name, kind):
     raise ValueError(kind)
 
 
-def _gelu_case(name, sweep):
+def _gelu_case(name, sweep, random_table=False):
     rng = _rng(name)
     x = np.arange(-128, 128, dtype=np.int8).reshape(1, 256, 1, 1) if sweep else _i8(rng, (1, 768, 1, 197))
-    return _kernel_case(name, "gelu", {"x": x, "table": K.make_gelu_table(0.05, 0.02)}, {})
+    table = _i8(_rng(name, "/table"), (K.GELU_TABLE_SIZE,)) if random_table else K.make_gelu_table(0.05, 0.02)
+    return _kernel_case(name, "gelu", {"x": x, "table": table}, {}, "random table" if random_table else "")
 
 
-def _layernorm_case(name, c, n, mode, kind="random"):
+def _layernorm_case(name, c, n, mode, kind="random", x=None):
     rng = _rng(name)
     shape = (1, c, 1, n)
-    if kind == "random":
+    if x is not None:
+        pass
+    elif kind == "random":
         x = _i8(rng, shape)
     elif kind == "constant_rows":   # every token constant over channels: d = 0, only eps_int counts
         x = np.broadcast_to(_i8(rng, (1, 1, 1, n)), shape).copy()
     elif kind in ("allneg128", "all127"):
         x = np.full(shape, -128 if kind == "allneg128" else 127, np.int8)
+    elif kind == "onemax":          # one 127 among -128s: |t| at its bound 2^16 sqrt((C-1)/C)
+        x = np.full(shape, -128, np.int8)
+        x[0, np.arange(n) % c, 0, np.arange(n)] = 127
     elif kind == "alternating":     # -128 / 127 alternating over channels: the largest variance
         x = np.where(np.arange(c)[None, :, None, None] % 2 == 0, -128, 127) * np.ones(shape, np.int64)
         x = x.astype(np.int8)
@@ -376,6 +524,50 @@ def _layernorm_case(name, c, n, mode, kind="random"):
     inputs = {"x": x, "eps_int": _scalar(K.layernorm_eps_int(1e-6, c, 0.05), np.int64), "gamma": gamma,
               "bias": bias, "multiplier": mult, "shift": shift}
     return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]})
+
+
+# Designed layernorms: an output stage that shows every t, so each internal rounding of layernorm_normalize
+# is visible: gamma = +-8, bias = 4, multiplier 2^30, shift 33 give out = round(+-t + 1/2), itself a rounding
+# tie in every element (SINGLE_ROUND: +-t + 1; DOUBLE_ROUND: away from zero). Needs |t| <= 126.
+
+def _layernorm_exposed(name, x, eps_int, mode, note):
+    c = x.shape[1]
+    t = K.layernorm_normalize(x, eps_int)
+    assert int(np.abs(t).max()) <= 126, f"{name}: |t| = {int(np.abs(t).max())} would saturate"
+    gamma = np.where(_rng(name, "/constants").integers(0, 2, c) == 0, -8, 8).astype(np.int8)
+    inputs = {"x": x, "eps_int": _scalar(eps_int, np.int64), "gamma": gamma, "bias": np.full(c, 4, np.int32),
+              "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, 33, np.int8)}
+    return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]}, note)
+
+
+def _two_level(rng, c, n, ones, step=1) -> np.ndarray:
+    """Each position: a random offset o plus `step` on `ones` random channels, so d is -ones*step or
+    (c - ones)*step everywhere and sum_c d^2 = ones (c - ones) c step^2 at every position."""
+    x = np.zeros((1, c, 1, n), np.int64)
+    for j in range(n):
+        x[0, rng.permutation(c)[:ones], 0, j] = step
+        x[0, :, 0, j] += rng.integers(-128, 128 - step)
+    return x.astype(np.int8)
+
+
+def _layernorm_two_level(name, c, n, ones, q_of_r, r, mode, note, step=1):
+    """Two-level rows (sum_c d^2 = S everywhere); eps_int = q_of_r(r) - S sets q, hence r = isqrt(q), exactly."""
+    return _layernorm_exposed(name, _two_level(_rng(name), c, n, ones, step),
+                              q_of_r(r) - ones * (c - ones) * c * step * step, mode, note)
+
+
+def _layernorm_domain_edge(name, c, n, eps_int, mode):
+    """The largest C and eps_int: q up to 2^61 + C^3 255^2 / 4, the top of the isqrt domain. Positions:
+    -128/127 alternating (largest sum d^2), one 127 among -128 (largest |d| / r), random rows."""
+    x = _i8(_rng(name), (1, c, 1, n))
+    x[0, :, 0, 0] = np.where(np.arange(c) % 2 == 0, -128, 127)
+    x[0, :, 0, 1] = -128
+    x[0, 0, 0, 1] = 127
+    return _layernorm_exposed(name, x, eps_int, mode, "largest C and eps_int")
+
+
+def _layernorm_big_eps(name, c, n, eps_int, mode):
+    return _layernorm_exposed(name, _i8(_rng(name), (1, c, 1, n)), eps_int, mode, "eps_int keeps |t| small")
 
 
 def _concat_case(name, p, c, n, b):
@@ -399,6 +591,34 @@ def _elementwise_specs():
     yield "layernorm_c768_n577_single", "layernorm", False, lambda n: _layernorm_case(n, 768, 577, "single")
     yield "layernorm_alternating_c4096_n2_double", "layernorm", False, lambda n: _layernorm_case(
         n, 4096, 2, "double", "alternating")
+    yield "gelu_randomtable_sweep_all256", "gelu", True, lambda n: _gelu_case(n, True, True)
+    yield "gelu_randomtable_c768_n197", "gelu", True, lambda n: _gelu_case(n, False, True)
+    for mode in _MODES:
+        # q = 2^34 exactly: a perfect square, r = 2^17, inv = 2^23 exact; d odd: every t = d / 2 is a tie
+        yield f"layernorm_ties_r131072_c192_n16_{mode}", "layernorm", True, lambda n, m=mode: \
+            _layernorm_two_level(n, 192, 16, 97, lambda r: r * r, 1 << 17, m, "q = r^2, every t a tie")
+        yield f"layernorm_epsmax_c4096_n8_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_domain_edge(
+            n, K.MAX_LN_CHANNELS, 8, K.MAX_LN_EPS_INT, m)
+        yield f"layernorm_eps2p50_c192_n197_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_big_eps(
+            n, 192, 197, 1 << 50, m)
+    # q = r^2 - 1, isqrt = r - 1. r = 2^17: inv = 2^23 + 64, just below the ties for d < 0, above for d > 0;
+    # r = 67109 (not a power of two): t(r - 1) != t(r) for d = -64
+    yield "layernorm_squareminus1_r131072_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+        n, 192, 16, 97, lambda r: r * r - 1, 1 << 17, "single", "q = r^2 - 1, t next to ties")
+    yield "layernorm_squareminus1_r67109_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+        n, 192, 16, 64, lambda r: r * r - 1, 67109, "single", "q = r^2 - 1, t(r - 1) != t(r)")
+    # r = 1023 * 2^20 (q > 2^53): float64 sqrt(r^2 - 1) rounds to r, isqrt is r - 1; inv 1025 vs 1024 moves t
+    yield "layernorm_squareminus1_r1072694272_c4096_n4_single", "layernorm", True, lambda n: _layernorm_two_level(
+        n, 4096, 4, 64, lambda r: r * r - 1, 1023 << 20, "single", "q = r^2 - 1 above 2^53", step=128)
+    # sum_c d^2 = 300 * 3796 * 4096, just above 2^32: needs a 33-bit accumulator
+    yield "layernorm_sumsq_above2p32_c4096_n4_single", "layernorm", True, lambda n: _layernorm_case(
+        n, 4096, 4, "single", x=_two_level(_rng(n, "/x"), 4096, 4, 300))
+    # r = 3 * 2^17: 2^40 / r = 2^23 / 3 has fraction 2/3; d = -3, 189: d * inv just inside a tie
+    yield "layernorm_recip_r393216_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+        n, 192, 16, 3, lambda r: r * r + r, 3 << 17, "single", "floor(2^40 / r) vs a rounded reciprocal")
+    yield "layernorm_onemax_c4096_n4_single", "layernorm", True, lambda n: _layernorm_case(
+        n, K.MAX_LN_CHANNELS, 4, "single", "onemax")
+    yield "layernorm_c1_n16_single", "layernorm", True, lambda n: _layernorm_case(n, 1, 16, "single")
     yield "concat_tokens_p1_c192_n196_b1", "concat_tokens", True, lambda n: _concat_case(n, 1, 192, 196, 1)
     yield "concat_tokens_p2_c48_n16_b3", "concat_tokens", True, lambda n: _concat_case(n, 2, 48, 16, 3)
 
@@ -411,41 +631,34 @@ def _elementwise_specs():
 def random_quantized_model(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int,
                            distilled: bool, rounding: str):
     """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic."""
-    from refvit.quantize import quantize
-    from refvit.checkpoints.convert import token_to_conv
-    from refvit.checkpoints.load import expected_shapes
     cfg = DeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, num_classes=10, distilled=distilled)
     head_mode = "mean" if distilled else "cls"
     rng = _rng(f"model_{embed_dim}_{depth}_{num_heads}_{img_size}_{patch_size}_{distilled}")
-    params = {}
-    for name, shape in expected_shapes(cfg, head_mode).items():
-        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight":
-            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith(".weight"):
-            params[name] = rng.standard_normal(shape) / math.sqrt(np.prod(shape[1:]))
-        else:   # biases small, tokens and position embedding O(1)
-            params[name] = (0.1 if name.endswith("bias") else 0.5) * rng.standard_normal(shape)
-    params = {k: v.astype(np.float32) for k, v in params.items()}
+    params = random_params(cfg, head_mode, rng)
     calib = rng.standard_normal((4, 3, img_size, img_size)).astype(np.float32)
     return quantize(token_to_conv(params), cfg, [calib], head_mode=head_mode, method="max", rounding=rounding), calib
 
 
-def _int_constants(qm) -> dict:
-    return {k: v for k, v in qm.tensors.items() if np.asarray(v).dtype.kind in "iu"}
+def _int_constants(qm, names=None) -> dict:
+    names = names if names is not None else qm.tensors
+    return {k: qm.tensors[k] for k in names if np.asarray(qm.tensors[k]).dtype.kind in "iu"}
 
 
-def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only):
-    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, True, _MODES[mode])
+def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only, distilled=True):
+    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode])
     xq = int_model.quantize_input(qm, calib[:batch])
     trace = int_model.Trace()
     logits = int_model.forward_int(qm, xq, trace)
-    if block_only:
-        return Case(name, "block", {"x": trace.tensors["embed"], "constants": block_constants(_int_constants(qm), 0)},
-                    {"num_heads": num_heads, "rounding": _MODES[mode]}, trace.tensors["blocks.0.residual2"],
-                    "block 0 of a random quantized DeiT; expected from refvit.int_model")
-    return Case(name, "model", {"x": xq, "constants": _int_constants(qm)},
-                {"config": qm.config.to_dict(), "rounding": _MODES[mode]}, logits,
+    if block_only:   # block 0 alone, in names relative to it (its graph, its constants)
+        graph = block_graph(qm.graph, 0)
+        consts = {c: qm.tensors[f"blocks.0.{c}" if f"blocks.0.{c}" in qm.tensors else c]
+                  for c in required_constants(graph) if c not in BOUNDARY_CONSTANTS}
+        return Case(name, "block", {"x": trace.tensors["embed"], "constants": consts},
+                    {"graph": [op.to_dict() for op in graph]}, trace.tensors["blocks.0.residual2"],
+                    "block 0 of a random quantized DeiT; expected from refvit's graph interpreter")
+    return Case(name, "model", {"x": xq, "constants": _int_constants(qm, required_constants(qm.graph))},
+                {"graph": [op.to_dict() for op in qm.graph]}, logits,
                 "random quantized DeiT; expected from refvit.int_model.forward_int")
 
 
@@ -459,6 +672,9 @@ def _composite_specs():
                                                                                  "single", True)
     yield "model_c192_d2_h3_img224_p16_b1_double", "model", False, lambda n: _model_case(n, 192, 2, 3, 224, 16, 1,
                                                                                           "double", False)
+    # a plain head (cls token only, not distilled) and depth above 2
+    yield "model_c48_d3_h3_img32_p8_b2_plainhead_single", "model", True, lambda n: _model_case(
+        n, 48, 3, 3, 32, 8, 2, "single", False, distilled=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,10 +699,24 @@ def select(set_name: str = "quick", filter: str | None = None) -> list:
     return [s for s in all_specs() if (s.quick or set_name == "full") and (not filter or filter in s.name)]
 
 
+def _readonly(value):
+    """Arrays -> read-only copies (owning their data, so no view of them can be made writeable); dicts are
+    rebuilt with read-only values; anything else is returned as is."""
+    if isinstance(value, dict):
+        return {k: _readonly(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        value = value.copy()
+        value.flags.writeable = False
+    return value
+
+
 @functools.lru_cache(maxsize=None)
 def get_case(name: str) -> Case:
-    """Build (once) the case with this name."""
+    """Build (once) the case with this name. Its arrays are read-only copies: the case is cached, and a DUT
+    that writes into its inputs must not change what later runs of it (or of other DUTs) see or expect."""
     for spec in all_specs():
         if spec.name == name:
-            return spec.build()
+            case = spec.build()
+            return dataclasses.replace(case, inputs=_readonly(case.inputs),
+                                       expected=_readonly(np.asarray(case.expected)))
     raise KeyError(f"no conformance case named {name!r}; see `python -m conformance list --set full`")

@@ -1,10 +1,10 @@
 """The device-under-test interface of the conformance suite.
 
 A DUT has one method per integer op of the spec, with the same signature and semantics as refvit's
-function of that name (refvit.intmath / refvit.int_kernels, docs/spec-part1-arith.md and
-docs/spec-part2-kernels.md). `block` and `model` are composed from the DUT's own per-op methods, so a
-team that implements only the kernels gets whole blocks and models tested too; override them to test a
-fused implementation. `run_case` is the single entry point of the runner; ExternalCommandDUT overrides
+function of that name (refvit.intmath / refvit.int_kernels, docs/spec.md Parts 1 and 2). `block` and
+`model` run the case's integer graph (refvit.graph: the op records of refvit's own model) with the DUT's
+per-op methods, so a team that implements only the kernels gets whole blocks and models tested too;
+override them to test a fused implementation. `run_case` is the single entry point of the runner; ExternalCommandDUT overrides
 it to hand each case to an external program (an RTL simulator wrapper, a C model).
 """
 from __future__ import annotations
@@ -19,8 +19,7 @@ import numpy as np
 
 from refvit import int_kernels as K
 from refvit import intmath
-from refvit.config import DeiTConfig
-from refvit.int_model import gather_prefix
+from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
 
 
@@ -31,7 +30,7 @@ class DUTError(RuntimeError):
 class DUT:
     """Base class: implement the ops your device supports; unimplemented ones make their cases ERROR."""
 
-    # -- arithmetic primitives (docs/spec-part1-arith.md) ------------------------------------
+    # -- arithmetic primitives (docs/spec.md, Part 1) ------------------------------------
     def apply_scale(self, value, multiplier, shift, rounding=SINGLE_ROUND):
         """round(value * multiplier * 2^-shift) -> int64, not saturated."""
         raise NotImplementedError("apply_scale")
@@ -40,7 +39,7 @@ class DUT:
         """saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)."""
         raise NotImplementedError("requantize")
 
-    # -- kernels (docs/spec-part2-kernels.md) ------------------------------------------------
+    # -- kernels (docs/spec.md, Part 2) ------------------------------------------------
     def conv2d(self, x, weight, bias, multiplier, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
         """int8 (B, Cin, H, W), stride = kernel k -> out_dtype (B, Cout, H/k, W/k); per-channel requantize."""
         raise NotImplementedError("conv2d")
@@ -73,65 +72,35 @@ class DUT:
         """int8 prefix (1, C, 1, P) broadcast over B, patches (B, C, 1, Np) -> (B, C, 1, P + Np)."""
         raise NotImplementedError("concat_tokens")
 
-    # -- composites --------------------------------------------------------------------------
-    def block(self, x, constants, *, num_heads, rounding=SINGLE_ROUND):
+    # -- composites: the case's graph, run with this DUT's per-op methods ------------------------
+    def kernel_for(self, op):
+        """The method that computes an op record: the DUT's method named after refvit's kernel; pure data
+        movement (split_heads, gather_prefix) falls back to refvit's own unless the DUT defines it."""
+        method = getattr(self, op.kernel, None)
+        if method is None and op.op in DATA_MOVEMENT:
+            return KERNELS[(op.op, op.variant)]
+        if method is None:
+            raise NotImplementedError(op.kernel)
+        return method
+
+    def block(self, x, constants, *, graph):
         """One transformer block on int8 tokens (B, C, 1, N) -> int8 (B, C, 1, N).
 
-        constants: the block's integer constants named relative to the block ('norm1.weight',
-        'attn.qkv.multiplier', 'attn.softmax.shift', 'mlp.gelu.table', 'residual2.multiplier_a', ...)
-        plus the shared 'exp_table' -- `block_constants(model_constants, i)` makes this dict."""
-        c, C = constants, x.shape[1]
-        h = _layernorm(self, c, "norm1", x, rounding)
-        qkv = _conv(self, c, "attn.qkv", h, rounding)                               # (B, 3C, 1, N): q | k | v
-        q, k, v = (K.split_heads(np.ascontiguousarray(qkv[:, j * C:(j + 1) * C]), num_heads) for j in range(3))
-        p = self.softmax(self.attention_scores(q, k), c["attn.softmax.multiplier"], c["attn.softmax.shift"],
-                         c["exp_table"], rounding=rounding)
-        o = K.merge_heads(self.attention_context(p, v, c["attn.context.multiplier"], c["attn.context.shift"],
-                                                 rounding=rounding))
-        x = _add(self, c, "residual1", x, _conv(self, c, "attn.proj", o, rounding))
-        h = _conv(self, c, "mlp.fc1", _layernorm(self, c, "norm2", x, rounding), rounding)
-        h = _conv(self, c, "mlp.fc2", self.gelu(h, c["mlp.gelu.table"]), rounding)
-        return _add(self, c, "residual2", x, h)
+        graph: the block's op records (refvit.graph.block_graph, as dicts), in names relative to the block;
+        constants: its integer constants by those names ('norm1.weight', 'attn.softmax.shift', 'exp_table')."""
+        return run_graph(graph_from_dicts(graph), constants, x, kernels=self.kernel_for)
 
-    def model(self, x, constants, *, config, rounding=SINGLE_ROUND):
+    def model(self, x, constants, *, graph):
         """The whole integer DeiT: int8 image (B, 3, H, W) -> int16 logits (B, K).
 
-        constants: the integer constants of a QuantizedModel, by their full names (qm.tensors without
-        the float scales); config: DeiTConfig.to_dict()."""
-        cfg, c = DeiTConfig.from_dict(config), constants
-        t = _conv(self, c, "patch_embed", x, rounding)                               # (B, C, g, g)
-        t = self.concat_tokens(c["prefix_tokens"], t.reshape(t.shape[0], cfg.embed_dim, 1, cfg.num_patches))
-        t = _add(self, c, "embed", t, c["pos_embed"])
-        for i in range(cfg.depth):
-            t = self.block(t, block_constants(c, i), num_heads=cfg.num_heads, rounding=rounding)
-        t = _layernorm(self, c, "norm", t, rounding)
-        return _conv(self, c, "head", gather_prefix(t, cfg.num_prefix_tokens), rounding, np.int16)[:, :, 0, 0]
+        graph: the model's op records (QuantizedModel.graph, as dicts); constants: its integer constants."""
+        logits = run_graph(graph_from_dicts(graph), constants, x, kernels=self.kernel_for)   # (B, K, 1, 1)
+        return logits.reshape(logits.shape[0], -1)
 
     # -- the runner's entry point -------------------------------------------------------------
     def run_case(self, case):
         """The DUT's output for one conformance case (an ndarray)."""
         return getattr(self, case.op)(*case.inputs.values(), **case.params)
-
-
-def block_constants(model_constants: dict, index: int) -> dict:
-    """The constants of block `index`, named relative to it, plus the shared softmax exp_table."""
-    prefix = f"blocks.{index}."
-    out = {k[len(prefix):]: v for k, v in model_constants.items() if k.startswith(prefix)}
-    return out | {"exp_table": model_constants["exp_table"]}
-
-
-def _conv(dut, c, name, x, rounding, out_dtype=np.int8):
-    return dut.conv2d(x, c[f"{name}.weight"], c[f"{name}.bias"], c[f"{name}.multiplier"], c[f"{name}.shift"],
-                      rounding=rounding, out_dtype=out_dtype)
-
-
-def _layernorm(dut, c, name, x, rounding):
-    return dut.layernorm(x, c[f"{name}.eps_int"], c[f"{name}.weight"], c[f"{name}.bias"], c[f"{name}.multiplier"],
-                         c[f"{name}.shift"], rounding=rounding)
-
-
-def _add(dut, c, name, a, b):
-    return dut.add(a, b, c[f"{name}.multiplier_a"], c[f"{name}.multiplier_b"], c[f"{name}.shift"])
 
 
 # The reference implementation of every per-op method: cases take their expected outputs from it.
@@ -160,6 +129,8 @@ class ExternalCommandDUT(DUT):
                  formats=("npy", "hex")):
         if not cmd or not cmd.strip():
             raise ValueError("ExternalCommandDUT: empty command")
+        if not timeout > 0:
+            raise ValueError(f"ExternalCommandDUT: timeout must be > 0 seconds, got {timeout!r}")
         self.cmd, self.timeout, self.keep, self.formats = cmd, timeout, keep, tuple(formats)
         self.workdir = Path(workdir) if workdir else None
 
@@ -169,6 +140,35 @@ class ExternalCommandDUT(DUT):
             return [a.replace("{dir}", str(folder)) for a in argv]
         return argv + [str(folder)]
 
+    def _run(self, argv: list) -> tuple:
+        """(returncode, stdout, stderr). The command runs in a session (process group) of its own; on timeout
+        the whole group is killed (a simulator wrapper's children too), then DUTError."""
+        import os
+        import signal
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, errors="replace", start_new_session=True)
+        except OSError as e:
+            raise DUTError(f"command {self.cmd!r} failed to run: {e}") from None
+        try:
+            out, err = proc.communicate(timeout=self.timeout)
+        except BaseException as e:        # the timeout, or an interrupt of the runner: leave nothing running
+            try:
+                if hasattr(os, "killpg"):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                pipe.close()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise DUTError(f"command {self.cmd!r} timed out after {self.timeout:g} s; killed it and its "
+                               f"process group") from None
+            raise
+        return proc.returncode, out, err
+
     def run_case(self, case):
         from .casefiles import read_output, write_case
         if self.workdir:
@@ -176,13 +176,10 @@ class ExternalCommandDUT(DUT):
         folder = Path(tempfile.mkdtemp(prefix=f"{case.name}_", dir=self.workdir))
         try:
             meta = write_case(case, folder, self.formats, with_expected=False)
-            try:
-                proc = subprocess.run(self._argv(folder), capture_output=True, text=True, timeout=self.timeout)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise DUTError(f"command {self.cmd!r} failed to run: {e}") from None
-            if proc.returncode != 0:
-                tail = (proc.stderr or proc.stdout).strip()[-500:]
-                raise DUTError(f"command exited with status {proc.returncode}: {tail}")
+            returncode, out, err = self._run(self._argv(folder))
+            if returncode != 0:
+                tail = (err or out).strip()[-500:]
+                raise DUTError(f"command exited with status {returncode}: {tail}")
             return read_output(folder, meta["output"])
         finally:
             if not self.keep:

@@ -15,8 +15,11 @@ From pytest in another project (the 5-line recipe):
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from refvit.check import OK, compare_arrays
 
@@ -38,12 +41,33 @@ class Result:
             (f"\n      {self.message}" if self.message else "")
 
 
+def _readonly_view(value):
+    """A read-only view of an array (a DUT cannot write through it, nor make it writeable when the case's own
+    array is read-only, as get_case makes it); dicts and lists are rebuilt, so a DUT that edits its constants
+    dict or its params changes only its own copy."""
+    if isinstance(value, np.ndarray):
+        view = value.view()
+        view.flags.writeable = False
+        return view
+    if isinstance(value, dict):
+        return {k: _readonly_view(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_readonly_view(v) for v in value]
+    return value
+
+
+def handout(case: Case) -> Case:
+    """What a DUT is given: the same case with read-only views of its arrays in fresh containers."""
+    return dataclasses.replace(case, inputs=_readonly_view(case.inputs), params=_readonly_view(case.params),
+                               expected=_readonly_view(case.expected))
+
+
 def run_case(dut, case: Case) -> Result:
-    """One case against one DUT."""
+    """One case against one DUT. The DUT gets read-only arrays (see `handout`): writing into them is its ERROR."""
     t0 = time.perf_counter()
     where = f"{case.op} [{case.name}]"
     try:
-        actual = dut.run_case(case)
+        actual = dut.run_case(handout(case))
     except Exception as e:   # the DUT's own failure, whatever it is, is this case's ERROR
         return Result(case.name, case.op, ERROR, f"ERROR {where}: DUT raised {type(e).__name__}: {e}",
                       time.perf_counter() - t0)

@@ -7,14 +7,14 @@ Exit status: 0 all match, 1 any difference or missing file, 2 usage error (bad f
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .golden import SCHEMA, DumpFormatError, read_array
+from .dumpfmt import DumpFormatError, read_array
+from .golden import SCHEMA
 
 OK, MISMATCH, MISSING, BAD_SHAPE, BAD_DTYPE, UNREADABLE = "OK", "MISMATCH", "MISSING", "BAD SHAPE", "BAD DTYPE", \
     "UNREADABLE"
@@ -182,32 +182,9 @@ def compare_dumps(golden_dir, actual_dir) -> Report:
     results = []
     try:
         for op in manifest["ops"]:
-            for entry in op["outputs"]:
-                diff, shown = _check_tensor(golden_dir, actual_dir, entry)
-                results.append(TensorResult(op["index"], op["name"], op["op"], entry["name"], diff, shown))
+            entry = manifest["tensors"][op["name"]]
+            diff, shown = _check_tensor(golden_dir, actual_dir, entry)
+            results.append(TensorResult(op["index"], op["name"], op["op"], entry["name"], diff, shown))
     except (KeyError, TypeError) as e:
         raise CheckUsageError(f"{golden_dir / 'manifest.json'}: malformed op entry ({e!r})") from None
     return Report(golden_dir, actual_dir, results)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python -m refvit check
-# ---------------------------------------------------------------------------------------------
-
-def register(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="compare a device's tensor dumps against a golden dump",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("golden_dir", metavar="GOLDEN_DIR", help="folder written by `refvit golden`")
-    p.add_argument("actual_dir", metavar="ACTUAL_DIR", help="the device's dumps (npy/hex/bin, flat or in tensors/)")
-    p.set_defaults(func=run, run=run)   # refvit.cli dispatches on args.run
-    return p
-
-
-def run(args) -> int:
-    try:
-        report = compare_dumps(args.golden_dir, args.actual_dir)
-    except CheckUsageError as e:
-        print(f"refvit check: error: {e}")
-        return 2
-    print(report.format())
-    return 0 if report.ok else 1

@@ -1,32 +1,40 @@
 """Command line: `python -m refvit <command>`. One function pair per subcommand (add its arguments, run it)
-and one registration list, COMMANDS; a new subcommand is a new pair and a new row."""
+and one registration list, COMMANDS; a new subcommand is a new pair and a new row. Every model comes from
+refvit.resolve.resolve_model; every user error ends in one line `refvit: error: ...` and exit code 2."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from refvit.checkpoints import CheckpointError
-
 from . import check, golden, int_model
+from .checkpoints import CheckpointError
 from .config import ConfigError
+from .dumpfmt import FORMATS, DumpFormatError, check_formats
 from .functional import softmax
-from .intmath import ROUNDING_MODES, SINGLE_ROUND
+from .graph import GraphError
+from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
-from .models import FORMS, Model, calibration_batches, default_int8_path, load_model, model_for_quantized
-from .preprocess import ImageError, open_image
-from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError, QuantizedModel, quantize
+from .preprocess import PRESETS, ImageError, PreprocessError, open_image
+from .qfile import save_quantized
+from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
+from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, resolve_model
 
 EXAMPLES = DATA / "examples"
 BATCH = 16  # images per forward pass: bounds memory for long image lists
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, QuantizationError, OSError)  # reported in one line, exit code 2
 
 
 class UsageError(ValueError):
     """A command line that asks for something impossible (e.g. --top 0)."""
+
+
+USER_ERRORS = (UsageError, CheckpointError, ConfigError, ImageError, PreprocessError, QuantizationError, ResolveError,
+               GraphError, DumpFormatError, check.CheckUsageError, OSError)  # one line, exit code 2
 
 
 def default_model_note() -> str:
@@ -35,9 +43,72 @@ def default_model_note() -> str:
             f"{card['trained_on']}, test top-1 {100 * card['test_accuracy_float_timm']:.1f}%")
 
 
-def describe(model: Model) -> dict:
-    return {"path": str(model.path), "naming": model.source, "head_mode": model.head_mode, "form": model.form,
-            "embedded_default": model.is_default, "config": model.config.to_dict()}
+def progress_printer(what: str, quiet: bool = False):
+    """A progress callback for long work: one overwritten line on a terminal, a line per step in a log."""
+    if quiet:
+        return None
+    tty = sys.stderr.isatty()
+
+    def show(n, total=None, unit="batch"):
+        of = f"/{total}" if total else ""
+        print(f"{chr(13) if tty else ''}{what}: {unit} {n}{of}", end="" if tty else "\n", file=sys.stderr, flush=True)
+    return show
+
+
+# ---------------------------------------------------------------- shared options
+
+def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib: bool = True) -> None:
+    """--weights [--num-heads --arch] [--model] --preprocess [--calib --method --percentile --rounding]."""
+    p.add_argument("--weights", metavar="FILE_OR_DIR",
+                   help="float DeiT checkpoint: .safetensors / .pth / .bin (timm or Hugging Face names) or a "
+                        "directory with model.safetensors [+ config.json]; default: the embedded Fashion-MNIST model")
+    p.add_argument("--num-heads", type=int, metavar="N", help="attention heads of --weights (when no config says)")
+    p.add_argument("--arch", metavar="NAME", help="timm DeiT name of --weights, e.g. deit_small_patch16_224")
+    if quantized:
+        p.add_argument("--model", metavar="Q", help="a quantized model file from `refvit quantize`")
+    p.add_argument("--preprocess", metavar="NAME_OR_JSON",
+                   help=f"input pipeline: {' | '.join(PRESETS)} | FILE.json (docs/preprocessing.md); default: "
+                        "recorded in --model, the checkpoint's pretrained_cfg, else imagenet (fmnist for the "
+                        "embedded model)")
+    if calib:
+        p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
+                       help="calibration images (files, folders, or a Fashion-MNIST .npz) for quantizing --weights")
+        p.add_argument("--method", choices=CALIBRATION_METHODS, default=DEFAULT_METHOD,
+                       help=f"activation range calibration (default: {DEFAULT_METHOD})")
+        p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
+                       help=f"the percentile for --method percentile (default {DEFAULT_PERCENTILE})")
+        p.add_argument("--rounding", choices=ROUNDING_MODES,
+                       help="requantization rounding: TOSA SINGLE_ROUND (default) or gemmlowp DOUBLE_ROUND")
+
+
+def _check_model_args(args) -> None:
+    if getattr(args, "num_heads", None) is not None and args.num_heads < 1:
+        raise UsageError(f"--num-heads must be at least 1, got {args.num_heads}")
+    if hasattr(args, "percentile") and not 0 < args.percentile <= 100:
+        raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if getattr(args, "model", None) and (args.num_heads is not None or args.arch):
+        raise UsageError("--num-heads and --arch describe --weights; a quantized --model carries its config")
+
+
+def resolve_from_args(args, *, int8: bool, form: str = "conv", calib_fallback=None, progress=None,
+                      max_images: int = 512) -> Resolved:
+    _check_model_args(args)
+    return resolve_model(weights=args.weights, model=getattr(args, "model", None), int8=int8, form=form,
+                         preprocess=args.preprocess, num_heads=args.num_heads, arch=args.arch,
+                         calib=getattr(args, "calib", None), calib_fallback=calib_fallback,
+                         method=getattr(args, "method", DEFAULT_METHOD),
+                         percentile=getattr(args, "percentile", DEFAULT_PERCENTILE),
+                         rounding=getattr(args, "rounding", None), max_images=max_images, progress=progress)
+
+
+def describe(r: Resolved) -> dict:
+    out = {"source": r.source, "head_mode": r.head_mode, "config": r.config.to_dict(),
+           "preprocess": r.preprocess.to_dict(), "notes": r.notes}
+    if r.float_model is not None:
+        out |= {"naming": r.float_model.source, "form": r.float_model.form, "heads": r.float_model.heads_note}
+    if r.qm is not None:
+        out["int8"] = r.qm.metadata()
+    return out
 
 
 # ---------------------------------------------------------------- classify
@@ -45,19 +116,14 @@ def describe(model: Model) -> dict:
 def add_classify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", metavar="IMG",
                    help="image files; with neither IMG nor --weights, the bundled Fashion-MNIST examples")
-    p.add_argument("--weights", metavar="FILE_OR_DIR",
-                   help="DeiT .safetensors (timm or Hugging Face names), or a directory with model.safetensors "
-                        "[+ config.json]; default: the embedded Fashion-MNIST model")
-    p.add_argument("--form", choices=sorted(FORMS), default="token",
-                   help="token form (B, N, C) or NCHW-conv form (B, C, 1, N); same numbers (default: token)")
+    add_model_args(p)
+    p.add_argument("--form", choices=("token", "conv"), default="token",
+                   help="float model: token form (B, N, C) or NCHW-conv form (B, C, 1, N); same numbers")
+    p.add_argument("--int8", action="store_true",
+                   help="run the integer model: the embedded default's quantized file, or --weights quantized "
+                        "on the fly (calibrated on --calib, else on the images themselves); implied by --model")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default: 5)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
-    p.add_argument("--int8", action="store_true",
-                   help="run the integer (INT8) model: the embedded default's quantized file, --model Q, or "
-                        "--weights quantized on the fly (calibrated on --calib, else on the images themselves)")
-    p.add_argument("--model", metavar="Q", help="a quantized model file from `refvit quantize` (implies --int8)")
-    p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
-                   help="calibration images for --int8 --weights (default: the images being classified)")
 
 
 def top_k(probs: np.ndarray, k: int, names: list) -> list:
@@ -65,142 +131,127 @@ def top_k(probs: np.ndarray, k: int, names: list) -> list:
     return [{"index": int(i), "name": names[i], "probability": float(probs[i])} for i in order]
 
 
-def classify_images(model: Model, images: list, k: int, qm: QuantizedModel | None = None) -> list:
-    """[{'image': path, 'top': [{'index', 'name', 'probability'}...]}...], batch by batch; with `qm`, the
-    logits are the integer model's (int16 times their scale)."""
+def classify_images(r: Resolved, images: list, k: int, int8: bool) -> list:
+    """[{'image': path, 'top': [{'index', 'name', 'probability'}...]}...], batch by batch; int8: the logits
+    are the integer model's (int16 times their scale)."""
     results = []
     for start in range(0, len(images), BATCH):
         paths = images[start:start + BATCH]
-        x = np.stack([model.preprocess(open_image(p)) for p in paths])
-        if qm is None:
-            logits = model.logits(x).astype(np.float64)
-        else:
-            li, scale = int_model.logits_int8_model(qm, x)
+        x = r.images(paths)                                                         # (B, 3, H, W)
+        if int8:
+            li, scale = int_model.logits_int8_model(r.qm, x)
             logits = li * scale
+        else:
+            logits = r.float_model.logits(x).astype(np.float64)
         probs = softmax(logits, axis=-1)
-        results += [{"image": str(p), "top": top_k(pr, k, model.class_names)} for p, pr in zip(paths, probs)]
+        results += [{"image": str(p), "top": top_k(pr, k, r.class_names)} for p, pr in zip(paths, probs)]
     return results
-
-
-def print_classification(results: list) -> None:
-    for r in results:
-        print(r["image"])
-        for rank, t in enumerate(r["top"], 1):
-            print(f"  {rank}. {100 * t['probability']:6.2f}%  {t['index']:4d}  {t['name']}")
 
 
 def run_classify(args) -> int:
     """classify images: top-K classes with their probabilities (softmax of the logits)"""
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    images = args.images
+    images = expand_images(args.images)
     if not images:
-        if args.weights is not None:
+        if args.weights is not None or args.model is not None:
             raise UsageError("no images given (the bundled examples go with the embedded default model only)")
         images = sorted(EXAMPLES.glob("*.png"))
-    if args.model and args.weights:
-        raise UsageError("give --weights (float, quantized on the fly) or --model (quantized), not both")
-    if args.model:  # a quantized file alone: config, pipeline and rounding are in it
-        from refvit.qfile import load_quantized
-        qm = load_quantized(args.model)
-        model = model_for_quantized(qm, args.model)
-    else:
-        model = load_model(args.weights, form="conv" if args.int8 else args.form)
-        qm = int8_model(model, args, images) if args.int8 else None
-    if model.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
-        print(default_model_note() + (" (INT8)" if qm else ""), file=sys.stderr if args.json else sys.stdout)
-    results = classify_images(model, images, min(args.top, len(model.class_names)), qm)
+    int8 = args.int8 or args.model is not None
+    if args.calib and not int8:
+        raise UsageError("--calib calibrates the integer model: add --int8")
+    r = resolve_from_args(args, int8=int8, form=args.form, calib_fallback=lambda cfg: images)
+    if r.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
+        print(default_model_note() + (" (INT8)" if int8 else ""), file=sys.stderr if args.json else sys.stdout)
+    if not args.json:  # what was assumed or done: the header (with --json: in the JSON)
+        for note in r.notes:
+            print(f"note: {note}")
+    results = classify_images(r, images, min(args.top, len(r.class_names)), int8)
     if args.json:
-        about = describe(model)
-        if qm is not None:
-            about["int8"] = qm.metadata()
-        print(json.dumps({"model": about, "results": results}, indent=1))
+        print(json.dumps({"model": describe(r), "results": results}, indent=1))
     else:
-        print_classification(results)
+        for res in results:
+            print(res["image"])
+            for rank, t in enumerate(res["top"], 1):
+                print(f"  {rank}. {100 * t['probability']:6.2f}%  {t['index']:4d}  {t['name']}")
     return 0
-
-
-def int8_model(model: Model, args, images: list) -> QuantizedModel:
-    """The quantized model `classify --int8` runs: the embedded default's file, or --weights quantized now."""
-    from refvit.qfile import load_quantized
-    if model.is_default:
-        return load_quantized(default_int8_path())
-    calib = args.calib or images
-    print(f"quantizing {model.path.name} on the fly, calibrated on {len(calib)} "
-          f"{'--calib path(s)' if args.calib else 'of the images to classify'}", file=sys.stderr)
-    return quantize(model.params, model.config, calibration_batches(model, calib), head_mode=model.head_mode,
-                    method="percentile", source="on the fly: " + ", ".join(map(str, calib[:4])))
 
 
 # ---------------------------------------------------------------- quantize
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", metavar="FILE_OR_DIR", help="float DeiT checkpoint; default: the embedded model")
-    p.add_argument("--calib", nargs="+", required=True, metavar="DIR_OR_FILES",
-                   help="calibration images: files, folders of images, or (embedded model) a .npz with 'images' "
-                        "uint8 (N, 28, 28) such as ../shared/data/fmnist_test.npz")
+    add_model_args(p, quantized=False)
+    p.set_defaults(calib=None)
     p.add_argument("--out", required=True, metavar="Q.safetensors", help="the quantized model file to write")
-    p.add_argument("--method", choices=CALIBRATION_METHODS, default="percentile",
-                   help="activation range: 'max' |x| or the mean per-batch 'percentile' of |x| (default)")
-    p.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE,
-                   help=f"the percentile for --method percentile (default {DEFAULT_PERCENTILE})")
-    p.add_argument("--rounding", choices=ROUNDING_MODES, default=SINGLE_ROUND,
-                   help="requantization rounding: TOSA SINGLE_ROUND (default) or gemmlowp DOUBLE_ROUND")
     p.add_argument("--max-images", type=int, default=512, metavar="N",
                    help="use at most N calibration images (default 512)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
 def run_quantize(args) -> int:
-    """quantize a float checkpoint to an INT8 model file, calibrating activations on real images"""
-    from refvit.qfile import save_quantized
+    """quantize a float checkpoint to an integer model file, calibrating activations on real images"""
     if args.max_images < 1:
         raise UsageError(f"--max-images must be at least 1, got {args.max_images}")
-    if not 0 < args.percentile <= 100:
-        raise UsageError(f"--percentile must be in (0, 100], got {args.percentile}")
-    model = load_model(args.weights, form="conv")
-    seen = []
-
-    def progress(n):
-        tty = sys.stderr.isatty()  # overwrite one line on a terminal, one line per batch in a log
-        print(f"{chr(13) if tty else ''}calibrating: batch {n} ({sum(seen)} images)", end="" if tty else "\n",
-              file=sys.stderr, flush=True)
-
-    def counted(batches):
-        for x in batches:
-            seen.append(len(x))
-            yield x
-
-    source = f"{', '.join(map(str, args.calib))} (at most {args.max_images} images)"
-    qm = quantize(model.params, model.config, counted(calibration_batches(model, args.calib, args.max_images)),
-                  head_mode=model.head_mode, method=args.method, percentile=args.percentile,
-                  rounding=args.rounding, progress=progress, source=source,
-                  preprocess="fmnist" if model.is_default else "timm")
-    if sys.stderr.isatty():
+    if not args.calib:
+        raise UsageError("--calib is required: calibration images, folders, or a Fashion-MNIST .npz")
+    show = progress_printer("calibrating", args.quiet)
+    r = resolve_from_args(args, int8=True, progress=show, max_images=args.max_images)
+    if show and sys.stderr.isatty():
         print(file=sys.stderr)
-    qm.calibration["images"] = sum(seen)
-    save_quantized(qm, args.out)
-    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in qm.tensors.values()):,} constants in "
-          f"{len(qm.tensors)} tensors; {args.method} calibration on {sum(seen)} images; rounding {args.rounding}")
+    write_atomically(args.out, lambda tmp: save_quantized(r.qm, tmp))
+    cal = r.qm.calibration
+    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in r.qm.tensors.values()):,} constants in "
+          f"{len(r.qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
+          f"rounding {r.qm.rounding}; preprocessing {r.preprocess.name}")
     return 0
+
+
+def write_atomically(target, write) -> None:
+    """write(tmp_path) beside the target, then rename over it; only a regular file (or nothing) is replaced."""
+    target = Path(target)
+    if target.exists() and not target.is_file():
+        raise UsageError(f"--out {target} exists and is not a regular file; refusing to replace it")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 # ---------------------------------------------------------------- info
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("weights", nargs="?", metavar="FILE_OR_DIR",
-                   help="DeiT .safetensors or a directory with model.safetensors [+ config.json]; "
-                        "default: the embedded model")
+    p.add_argument("checkpoint", nargs="?", metavar="FILE_OR_DIR",
+                   help="DeiT checkpoint (float, or a quantized file); default: the embedded model")
+    p.add_argument("--num-heads", type=int, metavar="N", help="attention heads (when no config says)")
+    p.add_argument("--arch", metavar="NAME", help="timm DeiT name, e.g. deit_small_patch16_224")
+    p.add_argument("--preprocess", metavar="NAME_OR_JSON", help="input pipeline to report (see classify)")
 
 
 def run_info(args) -> int:
-    """describe a checkpoint: inferred config, head mode, naming, parameter count"""
-    model = load_model(args.weights)
-    c = model.config
-    print(f"file:        {model.path}" + ("  (embedded default)" if model.is_default else ""))
-    print(f"naming:      {model.source} ({'timm' if model.source == 'timm' else 'Hugging Face'} parameter names)")
-    print(f"head mode:   {model.head_mode} "
-          f"({'mean of head(cls) and head_dist(dist)' if model.head_mode == 'mean' else 'head(cls)'})")
-    print(f"parameters:  {sum(a.size for a in model.params.values()):,} in {len(model.params)} tensors")
+    """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count"""
+    from .qfile import is_quantized_file
+    quantized = args.checkpoint is not None and is_quantized_file(args.checkpoint)
+    args.weights, args.model = (None, args.checkpoint) if quantized else (args.checkpoint, None)
+    r = resolve_from_args(args, int8=False, form="token")
+    c = r.config
+    print(f"file:        {r.source['path']}" + ("  (embedded default)" if r.is_default else ""))
+    if r.float_model is not None:
+        fm = r.float_model
+        print(f"naming:      {fm.source} ({'timm' if fm.source == 'timm' else 'Hugging Face'} parameter names)")
+        print(f"parameters:  {sum(a.size for a in fm.params.values()):,} in {len(fm.params)} tensors")
+        if fm.heads_note:
+            print(f"heads:       {fm.heads_note}")
+    else:
+        q = r.qm
+        print(f"quantized:   {q.scheme.name}, rounding {q.rounding}, {len(q.graph)} ops, "
+              f"{sum(np.asarray(v).size for v in q.tensors.values()):,} constants; calibration {q.calibration.get('method')}")
+    print(f"head mode:   {r.head_mode} "
+          f"({'mean of head(cls) and head_dist(dist)' if r.head_mode == 'mean' else 'head(cls)'})")
+    pp = r.preprocess
+    print(f"preprocess:  {pp.name}: " + ", ".join(f"{k} {v}" for k, v in pp.to_dict().items() if k != "name"))
     print("config:")
     for name, value in c.to_dict().items():
         print(f"  {name:12} {value}")
@@ -209,26 +260,93 @@ def run_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- golden
+
+def add_golden_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    inp = p.add_mutually_exclusive_group()
+    inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s), one batch, preprocessed as the model "
+                     "expects")
+    inp.add_argument("--seed", type=int, metavar="S", help=f"synthetic int8 input: {golden.SEED_GENERATOR}")
+    p.add_argument("--batch", type=int, metavar="B", help="batch size of a --seed input (default 1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--formats", default="npy", help=f"comma-separated subset of {','.join(FORMATS)} (npy always)")
+
+
+def run_golden(args) -> int:
+    """dump every intermediate integer tensor and constant of one forward pass (golden vectors)"""
+    t0 = time.perf_counter()
+    formats = check_formats(f for f in args.formats.split(",") if f)
+    if args.batch is not None and args.image:
+        raise UsageError("--batch sizes a --seed input; with --image the batch is the number of images")
+    batch = 1 if args.batch is None else args.batch
+    if batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {batch}")
+    seed = 0 if args.seed is None else args.seed
+
+    def seed_calibration(cfg):  # a seed has no float image: read its int8 values as the float range of images
+        x = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32) / 64
+        return x, "the seed input itself read as float int8/64 (no --calib given)"
+    r = resolve_from_args(args, int8=True, calib_fallback=(lambda cfg: args.image) if args.image else seed_calibration)
+    cfg = r.config
+    if args.image:
+        xq = int_model.quantize_input(r.qm, r.images(args.image))
+        input_source = {"kind": "image", "files": [golden_file(p) for p in args.image]}
+    else:
+        xq = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))
+        input_source = {"kind": "seed", "seed": seed, "generator": golden.SEED_GENERATOR, "shape": list(xq.shape)}
+    manifest = golden.write_golden(r.qm, xq, args.out, formats, input_source, r.source,
+                                   r.preprocess.to_dict() if args.image else None)
+    print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops) and {len(manifest['constants'])} "
+          f"constants as {','.join(formats)} to {args.out} in {time.perf_counter() - t0:.1f} s")
+    print(f"input sha256 (int8 bytes): {manifest['input']['sha256_int8']}; rounding {r.qm.rounding}")
+    logits = np.asarray(manifest["output"]["logits"] or [])
+    for b, row in enumerate(logits[:4]):
+        top = np.argsort(-row, kind="stable")[:5]
+        print(f"image {b}: top-5 classes {top.tolist()} (int16 logits {row[top].tolist()}, "
+              f"scale {manifest['output']['scale']:.6g})")
+    return 0
+
+
+def golden_file(path) -> dict:
+    from .resolve import file_source
+    src = file_source("image", path)
+    return {"path": src["path"], "sha256": src["sha256"]}
+
+
+# ---------------------------------------------------------------- check
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("golden_dir", metavar="GOLDEN_DIR", help="folder written by `refvit golden`")
+    p.add_argument("actual_dir", metavar="ACTUAL_DIR", help="the device's dumps (npy/hex/bin, flat or in tensors/)")
+
+
+def run_check(args) -> int:
+    """compare a device's tensor dumps with a golden dump: first divergent op and element (exit 1 if any differ)"""
+    report = check.compare_dumps(args.golden_dir, args.actual_dir)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------- registration and entry point
 
 COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
     ("classify", add_classify_args, run_classify),
     ("info", add_info_args, run_info),
     ("quantize", add_quantize_args, run_quantize),
+    ("golden", add_golden_args, run_golden),
+    ("check", add_check_args, run_check),
 ]
-REGISTERED = [golden.register, check.register]  # subcommands that build their own parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refvit", description="Golden NumPy reference of DeiT (float and INT8).")
+    parser = argparse.ArgumentParser(prog="refvit", description="Golden NumPy reference of DeiT (float and integer).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, add_args, run in COMMANDS:
         help_line = run.__doc__.strip()
         p = sub.add_parser(name, help=help_line, description=help_line[0].upper() + help_line[1:] + ".")
         add_args(p)
         p.set_defaults(run=run)
-    for register in REGISTERED:
-        register(sub)
     return parser
 
 
@@ -240,6 +358,12 @@ def main(argv=None) -> int:
         return e.code
     try:
         return args.run(args)
-    except (UsageError, *USER_ERRORS) as e:
+    except BrokenPipeError:  # `refvit classify | head`: the reader left; end quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
+    except USER_ERRORS as e:
         print(f"refvit: error: {e}", file=sys.stderr)
         return 2

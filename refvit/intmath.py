@@ -1,10 +1,15 @@
 """Integer arithmetic primitives of the INT8 DeiT: rounding, scaling, saturation, isqrt, exact matmul.
 
-Every runtime function computes in int64 and never wraps around silently: inputs outside a
+Every runtime function computes in int64 at most and never wraps around silently: inputs outside a
 function's domain raise ValueError, intermediates that would leave int64 raise OverflowError,
 and each message names the function and the violated bound. Saturation happens only in
-`saturate`. The offline helpers (`quantize_multiplier`, `quantize_add_multipliers`,
-`round_half_away_from_zero`) take floats but round exactly (rational arithmetic).
+`saturate` (and the saturating stores of `requantize`, which are the same clamp). The offline helpers
+(`quantize_multiplier`, `quantize_add_multipliers`, `round_half_away_from_zero`) take floats but round
+exactly (rational arithmetic).
+
+Speed without changing a bit: elementwise work runs over cache-sized blocks (`_blocks`) with in-place
+int64 scratch, in the narrowest dtype a written bound allows; floats are used only where every value
+is an integer the float type represents exactly (the proofs are in the spec, next to each function).
 
 Spec: docs/spec.md, Part 1 (one section per function, same names as here).
 """
@@ -54,6 +59,31 @@ def _check_rounding(rounding: str, fn: str) -> None:
         raise ValueError(f"{fn}: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
 
 
+# dtypes whose every value fits int32 (no range check needed for an int32 precondition)
+_NARROW = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.uint16))
+
+BLOCK = 1 << 16   # elements per block of the fused elementwise loops: 512 KiB of int64 scratch (L2-sized)
+
+
+def _blocks(shape: tuple, target: int = BLOCK):
+    """Index tuples tiling an array of `shape` in C order, each block at most max(target, last dim) elements.
+
+    Whole trailing axes are kept; one axis is cut into pieces. Pure slicing: the tiles cover every
+    element exactly once, so an elementwise computation done tile by tile is the same computation.
+    """
+    inner, ax = 1, len(shape)
+    while ax > 0 and inner * shape[ax - 1] <= target:
+        ax -= 1
+        inner *= shape[ax]
+    if ax == 0:
+        yield ()
+        return
+    split, step = ax - 1, max(1, target // inner)
+    for lead in np.ndindex(*shape[:split]):
+        for i in range(0, shape[split], step):
+            yield lead + (slice(i, i + step),)
+
+
 # ---------------------------------------------------------------------------------------------
 # ranges and saturation
 # ---------------------------------------------------------------------------------------------
@@ -68,9 +98,20 @@ def int_range(dtype) -> tuple[int, int]:
 
 
 def saturate(x, dtype) -> np.ndarray:
-    """Clip x to dtype's range, then cast: the only place where saturation happens."""
+    """Clip x to dtype's range, then cast: the only place where saturation happens.
+
+    Arrays of a narrow integer dtype are clipped in their own dtype (to the intersection of the two
+    ranges, the same clamp) instead of through an int64 copy; a dtype inside the target range needs
+    no clip at all.
+    """
     lo, hi = int_range(dtype)
-    x = _int64(x, "saturate", "x")
+    arr = np.asarray(x)
+    if arr.ndim and arr.dtype in _NARROW:
+        info = np.iinfo(arr.dtype)
+        if info.min >= lo and info.max <= hi:
+            return arr.astype(dtype)
+        return np.clip(arr, max(lo, int(info.min)), min(hi, int(info.max))).astype(dtype)
+    x = _int64(arr, "saturate", "x")
     return np.clip(x, lo, hi).astype(dtype)
 
 
@@ -87,8 +128,9 @@ def rounding_shift_right(x, shift) -> np.ndarray:
     x, shift = _int64(x, fn, "x"), _int64(shift, fn, "shift")
     _require_in(shift, 0, 63, fn, "shift")
     half = np.where(shift > 0, np.left_shift(np.int64(1), np.maximum(shift - 1, 0)), 0)  # 2^(shift-1) or 0
-    if x.size and np.any(x > INT64_MAX - half):
-        raise OverflowError(f"{fn}: x + 2^(shift-1) exceeds int64 max {INT64_MAX}")
+    if x.size and half.size and int(x.max()) > INT64_MAX - int(half.max()):   # cheap test; exact one if it fails
+        if np.any(x > INT64_MAX - half):
+            raise OverflowError(f"{fn}: x + 2^(shift-1) exceeds int64 max {INT64_MAX}")
     return np.asarray(np.right_shift(x + half, shift), dtype=np.int64)
 
 
@@ -131,21 +173,87 @@ def rounding_divide_by_pot(x, exponent) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def _check_scale_args(value, multiplier, shift, rounding, fn):
-    """Validate the TOSA apply_scale_32 preconditions; return broadcast-ready int64 arrays."""
+    """Validate the TOSA apply_scale_32 preconditions; return (value, int64 multiplier, int64 shift).
+
+    value keeps a narrow integer dtype (int8/16/32, uint8/16: inside int32 by type, no copy); any other
+    integer dtype becomes int64 and is range-checked. The per-element test -2^(shift-1) <= value <
+    2^(shift-1) is needed only where shift <= 31: for shift >= 32 every int32 value satisfies it.
+    """
     _check_rounding(rounding, fn)
-    value, multiplier = _int64(value, fn, "value"), _int64(multiplier, fn, "multiplier")
-    shift = _int64(shift, fn, "shift")
+    value = np.asarray(value)
+    if value.dtype not in _NARROW:
+        value = _int64(value, fn, "value")
+    multiplier, shift = _int64(multiplier, fn, "multiplier"), _int64(shift, fn, "shift")
     _require_in(multiplier, 0, INT32_MAX, fn, "multiplier")
     _require_in(shift, 2, 62, fn, "shift")
-    _require_in(value, INT32_MIN, INT32_MAX, fn, "value (int32)")
+    if value.dtype not in _NARROW:
+        _require_in(value, INT32_MIN, INT32_MAX, fn, "value (int32)")
     if value.size and shift.size:
         smin = int(shift.min())
-        vmin, vmax = int(value.min()), int(value.max())
-        if vmin < -(1 << (smin - 1)) or vmax >= 1 << (smin - 1):  # cheap global test failed: check per element
-            half = np.left_shift(np.int64(1), shift - 1)
-            if np.any((value < -half) | (value >= half)):
-                raise ValueError(f"{fn}: value must satisfy -2^(shift-1) <= value < 2^(shift-1)")
+        if smin <= 31:
+            vmin, vmax = int(value.min()), int(value.max())
+            if vmin < -(1 << (smin - 1)) or vmax >= 1 << (smin - 1):  # cheap global test failed: check per element
+                half = np.left_shift(np.int64(1), shift - 1)
+                if np.any((value < -half) | (value >= half)):
+                    raise ValueError(f"{fn}: value must satisfy -2^(shift-1) <= value < 2^(shift-1)")
     return value, multiplier, shift
+
+
+def _rounding_terms(shift: np.ndarray, rounding: str):
+    """(rnd, corr) with apply_scale(v, m, shift) == (v*m + rnd - corr*[v*m < 0]) >> shift; corr is None if unused.
+
+    SINGLE_ROUND: rnd = 2^(shift-1). DOUBLE_ROUND: the same where shift <= 31; where shift > 31,
+    rnd = 2^(shift-1) + 2^30 and corr = 2^31 (TOSA's double_round term, proved equal to TFLite's
+    two roundings in the spec, apply_scale). Both are int64 arrays of shift's shape.
+    """
+    rnd = np.left_shift(np.int64(1), shift - 1)
+    if rounding == DOUBLE_ROUND and shift.size and int(shift.max()) > 31:
+        big = shift > 31
+        return rnd + np.where(big, np.int64(1 << 30), np.int64(0)), np.where(big, np.int64(1 << 31), np.int64(0))
+    return rnd, None
+
+
+def _round_shift(t: np.ndarray, rnd, corr, shift, out=None, lo=None, hi=None) -> None:
+    """In place on the int64 block t = v*m: t = (t + rnd - corr*[t < 0]) >> shift; then, if `out` is given,
+    out = clip(t, lo, hi) (the saturation, stored in out's dtype: exact after the clamp).
+
+    int64 is enough: |v*m| < 2^31 * 2^31 = 2^62 and 0 <= rnd <= 2^61 + 2^30, corr <= 2^31.
+    """
+    if corr is not None:
+        neg = t < 0
+        np.add(t, rnd, out=t)
+        np.subtract(t, corr, out=t, where=neg)
+    else:
+        np.add(t, rnd, out=t)
+    np.right_shift(t, shift, out=t)
+    if out is not None:
+        np.clip(t, lo, hi, out=out, casting="unsafe")
+
+
+def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> None:
+    """out = [clip](apply_scale(value, multiplier, shift, rounding)) block by block, arguments already checked.
+
+    value may also be a float array holding integers (an exact GEMM result): it is converted exactly.
+    out is an int64 array (no clip; computed in place) or a narrower one (clip to [lo, hi]).
+    """
+    shape = out.shape
+    if out.size == 0:
+        return
+    rnd, corr = _rounding_terms(shift, rounding)
+    vb, mb, sb, rb = (np.broadcast_to(a, shape) for a in (value, multiplier, shift, rnd))
+    cb = None if corr is None else np.broadcast_to(corr, shape)
+    direct = out.dtype == np.int64 and lo is None
+    scratch = None if direct else np.empty(min(BLOCK, out.size) if len(shape) else 1, np.int64)
+    for idx in _blocks(shape):
+        o = out[idx] if out.ndim else out                      # (a 0-d array indexed by () is a scalar)
+        t = o if direct else scratch[:o.size].reshape(o.shape)
+        if vb.dtype.kind == "f":
+            np.copyto(t, vb[idx], casting="unsafe")            # exact: an integer-valued float, |.| < 2^53
+            np.multiply(t, mb[idx], out=t)
+        else:
+            np.multiply(vb[idx], mb[idx], out=t)               # int64 product, |.| < 2^62
+        _round_shift(t, rb[idx], None if cb is None else cb[idx], sb[idx],
+                     None if direct else o, lo, hi)
 
 
 def apply_scale(value, multiplier, shift, rounding: str = SINGLE_ROUND) -> np.ndarray:
@@ -154,25 +262,25 @@ def apply_scale(value, multiplier, shift, rounding: str = SINGLE_ROUND) -> np.nd
     SINGLE_ROUND: (value*multiplier + 2^(shift-1)) >> shift  (TOSA apply_scale_32, double_round=false).
     DOUBLE_ROUND: TFLite MultiplyByQuantizedMultiplier(value, multiplier, 31 - shift), i.e.
       rounding_divide_by_pot(saturating_rounding_doubling_high_mul(value << max(31-shift, 0), multiplier),
-                             max(shift-31, 0)).
+                             max(shift-31, 0)),
+      computed as TOSA apply_scale_32 with double_round=true, which the spec proves equal for every input.
     Preconditions: 0 <= multiplier < 2^31, 2 <= shift <= 62, value int32 with
     -2^(shift-1) <= value < 2^(shift-1). The latter makes TFLite's left shift safe:
     |value << (31-shift)| <= 2^30 for shift < 31.
     """
     value, multiplier, shift = _check_scale_args(value, multiplier, shift, rounding, "apply_scale")
-    if rounding == SINGLE_ROUND:
-        # |value*multiplier| < 2^31 * 2^31 = 2^62 and 2^(shift-1) <= 2^61: the sum fits int64
-        half = np.left_shift(np.int64(1), shift - 1)
-        return np.asarray((value * multiplier + half) >> shift, dtype=np.int64)
-    left = np.maximum(31 - shift, 0)   # TFLite left_shift  (shift < 31)
-    right = np.maximum(shift - 31, 0)  # TFLite right_shift (shift > 31), <= 31
-    high = saturating_rounding_doubling_high_mul(np.left_shift(value, left), multiplier)
-    return rounding_divide_by_pot(high, right)
+    out = np.empty(np.broadcast_shapes(value.shape, multiplier.shape, shift.shape), np.int64)
+    _scale_into(value, multiplier, shift, rounding, out)
+    return out
 
 
 def requantize(value, multiplier, shift, out_dtype=np.int8, rounding: str = SINGLE_ROUND) -> np.ndarray:
-    """saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)."""
-    return saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)
+    """saturate(apply_scale(value, multiplier, shift, rounding), out_dtype), fused block by block."""
+    value, multiplier, shift = _check_scale_args(value, multiplier, shift, rounding, "apply_scale")
+    lo, hi = int_range(out_dtype)
+    out = np.empty(np.broadcast_shapes(value.shape, multiplier.shape, shift.shape), out_dtype)
+    _scale_into(value, multiplier, shift, rounding, out, lo, hi)
+    return out if out.ndim else out[()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,28 +367,22 @@ def round_half_away_from_zero(x) -> np.ndarray:
 # integer square root
 # ---------------------------------------------------------------------------------------------
 
-ISQRT_BITS = 31  # floor(sqrt(x)) < 2^31 for x < 2^62
-
-
 def isqrt(x) -> np.ndarray:
-    """Exact floor(sqrt(x)) for 0 <= x < 2^62, vectorized bit-by-bit method (31 fixed steps, add/sub/shift only).
+    """Exact floor(sqrt(x)) for 0 <= x < 2^62.
 
-    Invariant after each step: the remaining x equals x0 - res'^2 where res' is the root found so far;
-    `bit` walks the powers of four 4^30 ... 4^0.
+    The spec's method is the bit-by-bit one (31 steps of add/sub/shift, what hardware builds); the
+    reference computes the same function as r = floor(sqrt(float64(x))), then one exact integer correction
+    each way. |sqrt computed in float64 - sqrt(x)| < 2^31 * 2^-52 = 2^-21 (two correctly rounded
+    operations, each relative 2^-53), so r is within 1 of floor(sqrt(x)); the corrections compare r^2 and
+    (r+1)^2 with x in int64 (r <= 2^31: no overflow) and make it exact.
     """
     fn = "isqrt"
     x = _int64(x, fn, "x")
     _require_in(x, 0, (1 << 62) - 1, fn, "x")
-    rem = x.copy()
-    res = np.zeros_like(x)
-    bit = np.int64(1) << np.int64(2 * (ISQRT_BITS - 1))    # 4^30 = 2^60
-    for _ in range(ISQRT_BITS):
-        trial = res + bit                                   # < 2^62
-        take = rem >= trial
-        rem = np.where(take, rem - trial, rem)
-        res = np.where(take, (res >> 1) + bit, res >> 1)
-        bit >>= np.int64(2)
-    return np.asarray(res, dtype=np.int64)
+    r = np.floor(np.sqrt(x.astype(np.float64))).astype(np.int64)   # 0 <= r <= 2^31, within 1 of the root
+    r -= r * r > x                                                   # now r^2 <= x
+    r += (r + 1) * (r + 1) <= x                                      # now r^2 <= x < (r+1)^2
+    return np.asarray(r, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,22 +412,8 @@ def _matmul_plan(amax: int, bmax: int, k: int):
     return None, max(k, 1)
 
 
-def int_matmul(a, b) -> np.ndarray:
-    """Exact integer matmul a (..., M, K) @ b (..., K, N) -> int64 (..., M, N), numpy batch broadcasting.
-
-    Equal to np.matmul(a.astype(int64), b.astype(int64)), computed through float32 BLAS:
-    K is split into chunks of k_chunk = 2^24 // (max|a| * max|b|) terms. Proof of exactness: every
-    term a_ik*b_kj is an integer with |a_ik*b_kj| <= max|a|*max|b|, so any partial sum of any subset
-    of the terms of one chunk is an integer of magnitude <= k_chunk*max|a|*max|b| <= 2^24. Integers of
-    magnitude <= 2^24 are exactly representable in float32 (24-bit significand), and IEEE-754 add,
-    multiply and fused multiply-add return the exact result whenever it is representable. Hence every
-    operation BLAS performs (whatever its order, blocking, vectorization or FMA use) is exact, and
-    each chunk result is exactly the integer dot product; the chunks are summed in int64.
-    If max|a|*max|b| > 2^24 (or float32 chunks would be tiny) the same argument is used with float64
-    and 2^53; if even one product exceeds 2^53 the product is done in int64 (after checking
-    K*max|a|*max|b| <= 2^63 - 1).
-    """
-    fn = "int_matmul"
+def _matmul_args(a, b, fn: str = "int_matmul"):
+    """Check int_matmul's operands; return (a, b, max|a|, max|b|, K) with a, b in their own dtypes."""
     a, b = np.asarray(a), np.asarray(b)   # keep the narrow dtype: no int64 copy on the fast path
     for name, arr in (("a", a), ("b", b)):
         if arr.dtype.kind not in "iu":
@@ -338,15 +426,49 @@ def int_matmul(a, b) -> np.ndarray:
     amax, bmax = _max_abs(a), _max_abs(b)
     if max(amax, bmax) > INT64_MAX or k * amax * bmax > INT64_MAX:
         raise OverflowError(f"{fn}: K*max|a|*max|b| = {k * amax * bmax} exceeds int64 max {INT64_MAX}")
+    return a, b, amax, bmax, k
+
+
+def _matmul_exact(a: np.ndarray, b: np.ndarray, amax: int, bmax: int, k: int) -> np.ndarray:
+    """The exact product a @ b of checked integer operands with |a| <= amax, |b| <= bmax, as an array whose
+    values ARE the integers: float32 (every |value| <= 2^24), float64 (every |value| <= 2^53) or int64.
+
+    One float pass when K fits one chunk (the result is the float GEMM output itself, no copy). Otherwise
+    the exact chunk results are summed in float64 while K*max|a|*max|b| <= 2^53 (every partial sum of
+    chunk results is then an integer below 2^53: exact), else in int64.
+    """
     ftype, k_chunk = _matmul_plan(amax, bmax, k)
     if ftype is None:
         return np.matmul(a.astype(np.int64), b.astype(np.int64))
     af, bf = a.astype(ftype), b.astype(ftype)   # exact: |values| <= 2^24 (float32) or 2^53 (float64)
+    if k_chunk >= k:
+        return np.matmul(af, bf)                # one pass, every partial sum an integer <= K*amax*bmax
+    acc_type = np.float64 if k * amax * bmax <= F64_EXACT else np.int64
     out = None
-    for k0 in range(0, max(k, 1), k_chunk):  # loop over K-chunks only; M, N, batch stay inside BLAS
-        part = np.matmul(af[..., k0:k0 + k_chunk], bf[..., k0:k0 + k_chunk, :]).astype(np.int64)  # (..., M, N)
+    for k0 in range(0, k, k_chunk):  # loop over K-chunks only; M, N, batch stay inside BLAS
+        part = np.matmul(af[..., k0:k0 + k_chunk], bf[..., k0:k0 + k_chunk, :])   # (..., M, N), exact
         if out is None:
-            out = part
+            out = part.astype(acc_type)
         else:
-            out += part
+            out += part if acc_type is np.float64 else part.astype(np.int64)
     return out
+
+
+def int_matmul(a, b) -> np.ndarray:
+    """Exact integer matmul a (..., M, K) @ b (..., K, N) -> int64 (..., M, N), numpy batch broadcasting.
+
+    Equal to np.matmul(a.astype(int64), b.astype(int64)), computed through float32 BLAS:
+    K is split into chunks of k_chunk = 2^24 // (max|a| * max|b|) terms. Proof of exactness: every
+    term a_ik*b_kj is an integer with |a_ik*b_kj| <= max|a|*max|b|, so any partial sum of any subset
+    of the terms of one chunk is an integer of magnitude <= k_chunk*max|a|*max|b| <= 2^24. Integers of
+    magnitude <= 2^24 are exactly representable in float32 (24-bit significand), and IEEE-754 add,
+    multiply and fused multiply-add return the exact result whenever it is representable. Hence every
+    operation BLAS performs (whatever its order, blocking, vectorization or FMA use) is exact, and
+    each chunk result is exactly the integer dot product; the chunks are summed in float64 (exact while
+    K*max|a|*max|b| <= 2^53) or int64.
+    If max|a|*max|b| > 2^24 (or float32 chunks would be tiny) the same argument is used with float64
+    and 2^53; if even one product exceeds 2^53 the product is done in int64 (after checking
+    K*max|a|*max|b| <= 2^63 - 1).
+    """
+    a, b, amax, bmax, k = _matmul_args(a, b)
+    return _matmul_exact(a, b, amax, bmax, k).astype(np.int64, copy=False)

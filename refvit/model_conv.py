@@ -102,5 +102,5 @@ def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3
 
 def forward(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, K)
     """Logits of the conv-form DeiT; `p` from `token_to_conv`, in x's float dtype. `trace`, if a dict,
-    receives every intermediate under the integer model's tensor names (block output: residual2)."""
-    return _record(trace, "logits", head(p, forward_features(p, x, cfg, trace)))
+    receives every intermediate under the integer graph's op names (block output: residual2; logits: head)."""
+    return _record(trace, "head", head(p, forward_features(p, x, cfg, trace)))

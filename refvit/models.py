@@ -1,20 +1,18 @@
-"""load_model: a checkpoint (or the embedded default) ready to classify images, in either form."""
+"""load_model: a float DeiT checkpoint (or the embedded default) ready to run, in either form, with its
+preprocessing and class names. refvit.resolve builds on it to give every command one model resolution."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from refvit.checkpoints import load_checkpoint
-from refvit.checkpoints.convert import token_to_conv
-
 from . import model_conv, model_token
+from .checkpoints import load_checkpoint
+from .checkpoints.convert import token_to_conv
 from .config import ConfigError, DeiTConfig
 from .labels import DATA, class_names, default_model_info
-from .preprocess import fmnist_transform, grayscale_28, timm_eval_transform
+from .preprocess import PRESETS, Preprocess, from_pretrained_cfg
 
 FORMS = {"token": model_token.forward, "conv": model_conv.forward}
 
@@ -23,8 +21,9 @@ def default_model_path() -> Path:
     return DATA / "fmnist_deit.safetensors"
 
 
-def _fmnist_preprocess(img) -> np.ndarray:  # PIL image -> float32 (3, 32, 32)
-    return fmnist_transform(grayscale_28(img)[None])[0]
+def default_int8_path() -> Path:
+    """The embedded default model, quantized by `python -m refvit quantize` (see its card's 'int8' entry)."""
+    return DATA / "fmnist_deit_int8.safetensors"
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,10 +33,11 @@ class Model:
     form: str                    # 'token' | 'conv'
     head_mode: str               # 'cls' | 'mean'
     source: str                  # checkpoint naming: 'timm' | 'hf'
-    path: Path                   # the .safetensors file read
+    path: Path                   # the checkpoint file read
     is_default: bool             # the embedded Fashion-MNIST model
-    preprocess: Callable         # PIL image -> float32 (3, img_size, img_size)
+    preprocess: Preprocess       # PIL image -> float32 (3, img_size, img_size)
     class_names: list
+    heads_note: str = ""         # how the number of heads was decided
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) images (already preprocessed) -> (B, num_classes) logits in the params' dtype."""
@@ -48,80 +48,53 @@ class Model:
         dtype = next(iter(self.params.values())).dtype
         return FORMS[self.form](self.params, np.asarray(x, dtype=dtype), c)
 
+    def in_form(self, form: str) -> "Model":
+        """The same weights in the other form (token <-> conv)."""
+        if form == self.form:
+            return self
+        if self.form != "token":
+            raise ConfigError("only token-form parameters convert to the conv form")
+        return Model(**{**self.__dict__, "params": token_to_conv(self.params), "form": form})
 
-def load_model(path=None, form: str = "token", dtype=np.float32) -> Model:
-    """Load a DeiT checkpoint (a .safetensors file or a directory with model.safetensors [+ config.json]);
-    path None is the embedded Fashion-MNIST model. `form` picks the token or the NCHW-conv computation."""
+
+def load_model(path=None, form: str = "token", dtype=np.float32, *, preprocess: Preprocess | None = None,
+               num_heads: int | None = None, arch: str | None = None) -> Model:
+    """Load a DeiT checkpoint (a file or a directory, see refvit.checkpoints.load_checkpoint); path None is
+    the embedded Fashion-MNIST model. `form` picks the token or the NCHW-conv computation. Preprocessing:
+    `preprocess`, else the checkpoint's timm pretrained_cfg, else the ImageNet eval transform (the embedded
+    model: the Fashion-MNIST pipeline)."""
     if form not in FORMS:
         raise ConfigError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     is_default = path is None
     if is_default:
         card = default_model_info()["config"]
         ckpt = load_checkpoint(default_model_path(), num_heads=card["num_heads"], ln_eps=card["ln_eps"])
-        preprocess = _fmnist_preprocess
+        default_pp = PRESETS["fmnist"]
     else:
-        ckpt = load_checkpoint(path)
-        preprocess = partial(timm_eval_transform, size=ckpt.config.img_size)
+        ckpt = load_checkpoint(path, num_heads=num_heads, **({"arch": arch} if arch else {}))
+        pcfg = getattr(ckpt, "pretrained_cfg", None)
+        default_pp = from_pretrained_cfg(pcfg) if pcfg else PRESETS["imagenet"]
     params = model_token.cast_params(ckpt.params, dtype)
     return Model(config=ckpt.config, params=token_to_conv(params) if form == "conv" else params, form=form,
                  head_mode=ckpt.head_mode, source=ckpt.source, path=ckpt.path, is_default=is_default,
-                 preprocess=preprocess, class_names=class_names(ckpt.config.num_classes, is_default))
+                 preprocess=(preprocess or default_pp).for_model(ckpt.config.img_size),
+                 class_names=class_names(ckpt.config.num_classes, is_default),
+                 heads_note=getattr(ckpt, "heads_note", ""))
 
 
-# ---------------------------------------------------------------- INT8
-
-def default_int8_path() -> Path:
-    """The embedded default model, quantized by `python -m refvit quantize` (see its card's 'int8' entry)."""
-    return DATA / "fmnist_deit_int8.safetensors"
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def expand_images(paths) -> list:
-    """Files and folders -> image files (a folder gives its images, sorted by name)."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
-    return out
-
-
-def calibration_batches(model: Model, paths, limit: int | None = None, batch: int = 32):
-    """Float batches (B, 3, H, W) for calibration from image files, folders, or .npz files holding
-    'images' uint8 (N, 28, 28) (Fashion-MNIST, for the embedded default model)."""
-    from .preprocess import ImageError, open_image
-    npz = [Path(p) for p in paths if str(p).endswith(".npz")]
-    files = expand_images([p for p in paths if not str(p).endswith(".npz")])
-    if npz and not model.is_default:
-        raise ImageError(".npz calibration sets hold Fashion-MNIST images: they fit the embedded default model only")
-    arrays = []
-    for f in npz:
-        try:
-            arrays.append(np.load(f)["images"])
-        except (OSError, KeyError, ValueError) as e:
-            raise ImageError(f"cannot read calibration set {f}: {e}") from None
-    images = np.concatenate(arrays) if arrays else np.zeros((0, 28, 28), np.uint8)
-    total = len(images) + len(files)
-    if limit is not None:
-        total = min(total, limit)
-        images = images[:limit]
-        files = files[:max(0, limit - len(images))]
-    if total == 0:
-        raise ImageError("no calibration images found in " + ", ".join(map(str, paths)))
-    for i in range(0, len(images), batch):
-        yield fmnist_transform(images[i:i + batch])
-    for i in range(0, len(files), batch):
-        yield np.stack([model.preprocess(open_image(f)) for f in files[i:i + batch]])
-
-
-def model_for_quantized(qm, path) -> Model:
-    """Preprocessing and class names for a quantized model file used alone (its float weights are not needed:
-    `params` is empty, only the integer model runs). The pipeline is the one recorded at quantization."""
-    fmnist = qm.calibration.get("preprocess") == "fmnist"
-    preprocess = _fmnist_preprocess if fmnist else partial(timm_eval_transform, size=qm.config.img_size)
-    return Model(config=qm.config, params={}, form="conv", head_mode=qm.head_mode, source="refvit-int8",
-                 path=Path(path), is_default=False, preprocess=preprocess,
-                 class_names=class_names(qm.config.num_classes, fmnist))
+def random_params(cfg: DeiTConfig, head_mode: str = "cls", rng=0, weight_gain: float = 1.0) -> dict:
+    """Plausible random float32 DeiT weights in timm names and token-form shapes, deterministic in `rng`
+    (a seed or a numpy Generator): LayerNorm gains 1 + 0.1 N(0,1), weights N(0,1) * gain / sqrt(fan_in),
+    biases 0.1 N(0,1), tokens and position embedding 0.5 N(0,1), drawn in `expected_shapes` order.
+    The one random-weights builder of the tests, the conformance suite and the benchmarks."""
+    from .checkpoints.load import expected_shapes
+    rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+    params = {}
+    for name, shape in expected_shapes(cfg, head_mode).items():
+        if name.endswith(("norm1.weight", "norm2.weight")) or name == "norm.weight":
+            params[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith(".weight"):
+            params[name] = weight_gain * rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+        else:   # biases small, tokens and position embedding O(1)
+            params[name] = (0.1 if name.endswith("bias") else 0.5) * rng.standard_normal(shape)
+    return {k: v.astype(np.float32) for k, v in params.items()}

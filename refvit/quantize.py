@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import int_kernels as K
+from . import graph as G
 from . import model_conv
 from .config import DeiTConfig
 from .intmath import (ROUNDING_MODES, SINGLE_ROUND, int_range, quantize_add_multipliers, quantize_multiplier,
@@ -45,14 +46,26 @@ class QuantizedModel:
     rounding: str
     calibration: dict
     tensors: dict = field(repr=False)
+    graph: tuple = field(repr=False, default=())        # the op records (refvit.graph); () = built from config
+    scheme: G.Scheme = G.DEFAULT_SCHEME
+
+    def __post_init__(self):
+        if not self.graph:
+            object.__setattr__(self, "graph", G.build_graph(self.config, self.rounding, self.scheme))
+
+    def with_rounding(self, rounding: str) -> "QuantizedModel":
+        """The same constants under another rounding mode (they do not depend on it); the graph follows."""
+        return QuantizedModel(self.config, self.head_mode, rounding, self.calibration, self.tensors,
+                              G.build_graph(self.config, rounding, self.scheme), self.scheme)
 
     def metadata(self) -> dict:
         return {"format": "refvit-int8", "config": self.config.to_dict(), "head_mode": self.head_mode,
-                "rounding": self.rounding, "scheme": SCHEME, "calibration": self.calibration}
+                "rounding": self.rounding, "scheme": SCHEME, "scheme_choices": self.scheme.to_dict(),
+                "calibration": self.calibration}
 
 
 # ---------------------------------------------------------------------------------------------
-# calibration
+# calibration: the float conv form, observed under the graph's op names
 # ---------------------------------------------------------------------------------------------
 
 def _amax(x: np.ndarray, method: str, percentile: float) -> float:
@@ -60,35 +73,46 @@ def _amax(x: np.ndarray, method: str, percentile: float) -> float:
     return float(a.max()) if method == "max" else float(np.percentile(a, percentile))
 
 
+def observe(graph, float_trace: dict) -> dict:
+    """The float tensor of every op of `graph`: the float conv form's tensor of the same name, or, for a
+    data-movement op (q, k, v, head_input), the same data movement applied to the float tensors."""
+    seen = {"input": float_trace["input"]}
+    for op in graph:
+        if op.name in float_trace:
+            seen[op.name] = float_trace[op.name]
+        elif op.op in G.DATA_MOVEMENT:
+            seen[op.name] = G.KERNELS[(op.op, op.variant)](**{a: seen[t] for a, t in op.inputs.items()}, **op.attrs)
+    return seen
+
+
 def activation_ranges(params_conv: dict, cfg: DeiTConfig, batches, method: str = "percentile",
-                      percentile: float = DEFAULT_PERCENTILE, progress=None) -> dict:
-    """amax of every activation tensor over calibration batches of float images (B, 3, H, W).
+                      percentile: float = DEFAULT_PERCENTILE, progress=None, graph=None) -> dict:
+    """amax of the input and of every op with `calibrate` over calibration batches of float images (B, 3, H, W).
 
     `max`: the largest |x| over all batches; `percentile`: the mean over batches of each batch's p-th
-    percentile of |x| (the input and the logits always use max: they are not clipped).
+    percentile of |x| (the model's input and output always use max: they are not clipped).
     """
     if method not in CALIBRATION_METHODS:
         raise QuantizationError(f"unknown calibration method {method!r}; choose from {CALIBRATION_METHODS}")
-    C = cfg.embed_dim
+    graph = graph or G.build_graph(cfg)
+    names = ["input"] + [op.name for op in graph if op.calibrate]
+    unclipped = ("input", graph[-1].name)
     stats: dict = {}
     n = 0
     for x in batches:
         trace: dict = {}
         model_conv.forward(params_conv, np.asarray(x, np.float32), cfg, trace)
-        for i in range(cfg.depth):  # q, k, v are separate tensors with separate scales
-            qkv = trace.pop(f"blocks.{i}.attn.qkv")
-            for j, part in enumerate("qkv"):
-                trace[f"blocks.{i}.attn.{part}"] = qkv[:, j * C:(j + 1) * C]
-        for name, t in trace.items():
-            m = "max" if name in ("input", "logits") else method
-            a = _amax(t, m, percentile)
+        seen = observe(graph, trace)
+        for name in names:
+            m = "max" if name in unclipped else method
+            a = _amax(seen[name], m, percentile)
             stats[name] = max(stats.get(name, 0.0), a) if m == "max" else stats.get(name, 0.0) + a
         n += 1
         if progress:
             progress(n)
     if n == 0:
         raise QuantizationError("no calibration data: give at least one image")
-    return {k: (v if k in ("input", "logits") or method == "max" else v / n) for k, v in stats.items()}
+    return {k: (v if k in unclipped or method == "max" else v / n) for k, v in stats.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,65 +197,122 @@ def head_weights(params_conv: dict, cfg: DeiTConfig) -> tuple[np.ndarray, np.nda
     return np.concatenate([w, pad], axis=1), b
 
 
+def _float_conv(op: G.Op, p: dict, cfg: DeiTConfig) -> tuple:
+    """The float (weight, bias) a conv record quantizes: its checkpoint parameters by the record's name."""
+    if op.name == "head":
+        return head_weights(p, cfg)
+    key = "patch_embed.proj" if op.name == "patch_embed" else op.name
+    return p[f"{key}.weight"], p.get(f"{key}.bias")
+
+
+def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
+    """The real scale of every tensor of the graph (None for the fused qkv output, which has three).
+
+    Calibrated ops: amax / 127 (int16: / 32767). The patch embedding shares its scale with the cls/dist
+    tokens it is concatenated with; data movement keeps its input's scale; scores are at s_q * s_k,
+    probabilities at 1/127."""
+    prefix = np.concatenate([p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else []), axis=3)
+    s = {"input": _scale(ranges["input"])}
+    for op in graph:
+        if op.calibrate:
+            amax = ranges[op.name]
+            if any(o.op == "concat_tokens" and o.inputs.get("patches") == op.name for o in graph):
+                amax = max(amax, float(np.abs(prefix).max()))                       # tokens share one scale
+            s[op.name] = _scale(amax, np.dtype(op.dtype))
+        elif op.op in ("concat_tokens", "gather_prefix"):
+            s[op.name] = s[next(iter(op.inputs.values()))]
+        elif op.op == "attention_scores":
+            s[op.name] = s[op.inputs["q"]] * s[op.inputs["k"]]
+        elif op.op == "softmax":
+            s[op.name] = 1.0 / K.PROB_ONE
+        else:
+            s[op.name] = None
+    return s
+
+
+def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig) -> dict:
+    """The integer constants (and their reporting scales) of one op record."""
+    if op.op == "conv2d":
+        w, b = _float_conv(op, p, cfg)
+        s_out = s[op.name]
+        if s_out is None:   # the fused qkv conv: its output channels carry the scales of the three splits
+            parts = sorted((o for o in by_name.values() if o.inputs.get("qkv") == op.name),
+                           key=lambda o: o.attrs["part"])
+            s_out = np.repeat([s[o.name] for o in parts], w.shape[0] // len(parts))
+        return _conv_constants(op.name, w, b, s[op.inputs["x"]], s_out, np.dtype(op.dtype))
+    if op.op == "layernorm":
+        return _layernorm_constants(op.name, p[f"{op.name}.weight"], p[f"{op.name}.bias"], cfg.ln_eps,
+                                    cfg.embed_dim, s[op.inputs["x"]], s[op.name])
+    if op.op == "add":
+        T, scales = {}, []
+        for arg in ("a", "b"):
+            if arg in op.inputs:
+                scales.append(s[op.inputs[arg]])
+            else:   # a constant operand (the position embedding), per tensor at its own max
+                c = op.constants[arg]
+                scales.append(_scale(np.abs(p[c]).max()))
+                T |= {c: _quantize_tensor(p[c], scales[-1], np.int8), f"{c}.scale": scales[-1]}
+        return T | _add_constants(op.name, *scales, s[op.name])
+    if op.op == "concat_tokens":
+        prefix = np.concatenate([p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else []), axis=3)
+        return {op.constants["prefix"]: _quantize_tensor(prefix, s[op.name], np.int8)}
+    if op.op == "softmax":
+        scores = by_name[op.inputs["scores"]]
+        T = _rescale_constants(op.name, s[scores.name] * cfg.head_dim ** -0.5 * 2 ** K.EXP_INDEX_BITS)
+        return T | {op.constants["exp_table"]: K.make_exp_table(), f"{scores.name}.scale": s[scores.name]}
+    if op.op == "attention_context":
+        return _rescale_constants(op.name, s[op.inputs["v"]] / K.PROB_ONE / s[op.name])
+    if op.op == "gelu":
+        return {op.constants["table"]: K.make_gelu_table(s[op.inputs["x"]], s[op.name])}
+    if op.op in ("attention_scores", "split_heads", "gather_prefix"):
+        return {}
+    raise QuantizationError(f"the quantizer has no constants for op {op.op!r} ({op.name})")
+
+
 def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mode: str,
-                   rounding: str = SINGLE_ROUND, calibration: dict | None = None) -> QuantizedModel:
-    """Turn conv-form float parameters and calibrated activation ranges into a QuantizedModel."""
+                   rounding: str = SINGLE_ROUND, calibration: dict | None = None,
+                   scheme: G.Scheme = G.DEFAULT_SCHEME) -> QuantizedModel:
+    """Turn conv-form float parameters and calibrated activation ranges into a QuantizedModel: one walk over
+    the graph, each op's constants from the scales of its inputs and output."""
     if rounding not in ROUNDING_MODES:
         raise QuantizationError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
+    graph = G.build_graph(cfg, rounding, scheme)
     p = {k: np.asarray(v, np.float64) for k, v in params_conv.items()}
-    C, P = cfg.embed_dim, cfg.num_prefix_tokens
-    s = {k: _scale(v) for k, v in ranges.items()}                                  # activation scales
-    prefix = np.concatenate([p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else []), axis=3)
-    s["patch_embed"] = _scale(max(ranges["patch_embed"], np.abs(prefix).max()))   # tokens share one scale
-    s["logits"] = _scale(ranges["logits"], LOGIT_DTYPE)
-    s_pos = _scale(np.abs(p["pos_embed"]).max())
-    T = {"input.scale": s["input"], "exp_table": K.make_exp_table(),
-         "prefix_tokens": _quantize_tensor(prefix, s["patch_embed"], np.int8),
-         "pos_embed": _quantize_tensor(p["pos_embed"], s_pos, np.int8), "pos_embed.scale": s_pos}
-    T |= _conv_constants("patch_embed", p["patch_embed.proj.weight"], p["patch_embed.proj.bias"],
-                         s["input"], s["patch_embed"])
-    T |= _add_constants("embed", s["patch_embed"], s_pos, s["embed"])
-    x_scale = s["embed"]
-    for i in range(cfg.depth):
-        b = f"blocks.{i}."
-        sq, sk, sv = (s[b + f"attn.{t}"] for t in "qkv")
-        T |= _layernorm_constants(b + "norm1", p[b + "norm1.weight"], p[b + "norm1.bias"], cfg.ln_eps, C,
-                                  x_scale, s[b + "norm1"])
-        T |= _conv_constants(b + "attn.qkv", p[b + "attn.qkv.weight"], p.get(b + "attn.qkv.bias"),
-                             s[b + "norm1"], np.repeat([sq, sk, sv], C))
-        T |= _rescale_constants(b + "attn.softmax", sq * sk * cfg.head_dim ** -0.5 * 2 ** K.EXP_INDEX_BITS)
-        T |= _rescale_constants(b + "attn.context", sv / K.PROB_ONE / s[b + "attn.context"])
-        T |= _conv_constants(b + "attn.proj", p[b + "attn.proj.weight"], p[b + "attn.proj.bias"],
-                             s[b + "attn.context"], s[b + "attn.proj"])
-        T |= _add_constants(b + "residual1", x_scale, s[b + "attn.proj"], s[b + "residual1"])
-        T |= _layernorm_constants(b + "norm2", p[b + "norm2.weight"], p[b + "norm2.bias"], cfg.ln_eps, C,
-                                  s[b + "residual1"], s[b + "norm2"])
-        T |= _conv_constants(b + "mlp.fc1", p[b + "mlp.fc1.weight"], p[b + "mlp.fc1.bias"],
-                             s[b + "norm2"], s[b + "mlp.fc1"])
-        T[b + "mlp.gelu.table"] = K.make_gelu_table(s[b + "mlp.fc1"], s[b + "mlp.gelu"])
-        T |= _conv_constants(b + "mlp.fc2", p[b + "mlp.fc2.weight"], p[b + "mlp.fc2.bias"],
-                             s[b + "mlp.gelu"], s[b + "mlp.fc2"])
-        T |= _add_constants(b + "residual2", s[b + "residual1"], s[b + "mlp.fc2"], s[b + "residual2"])
-        x_scale = s[b + "residual2"]
-    T |= _layernorm_constants("norm", p["norm.weight"], p["norm.bias"], cfg.ln_eps, C, x_scale, s["norm"])
-    hw, hb = head_weights(p, cfg)
-    T |= _conv_constants("head", hw, hb, s["norm"], s["logits"], LOGIT_DTYPE)
-    for name, v in s.items():
-        T[f"{name}.scale"] = v
+    s = tensor_scales(graph, cfg, ranges, p)
+    by_name = {op.name: op for op in graph}
+    T = {"input.scale": s["input"]}
+    for op in graph:
+        T |= _op_constants(op, by_name, s, p, cfg)
+    for op in graph:
+        if op.calibrate:
+            T[op.scale] = s[op.name]
     T["attn.softmax.scale"] = 1.0 / K.PROB_ONE
     T = {k: (np.asarray(v, np.float64) if isinstance(v, float) else v) for k, v in T.items()}
-    return QuantizedModel(cfg, head_mode, rounding, dict(calibration or {}), T)
+    return QuantizedModel(cfg, head_mode, rounding, dict(calibration or {}), T, graph, scheme)
 
 
 def quantize(params_conv: dict, cfg: DeiTConfig, calib_batches, *, head_mode: str, method: str = "percentile",
              percentile: float = DEFAULT_PERCENTILE, rounding: str = SINGLE_ROUND, progress=None,
-             source: str = "", preprocess: str | None = None) -> QuantizedModel:
-    """Calibrate on float image batches, then quantize. The one entry point most callers need."""
-    ranges = activation_ranges(params_conv, cfg, calib_batches, method, percentile, progress)
-    calibration = {"method": method, "source": source}
-    if preprocess:  # the input pipeline the scales were calibrated for ('timm' | 'fmnist')
+             source: str = "", preprocess: dict | None = None, scheme: G.Scheme | None = None) -> QuantizedModel:
+    """Calibrate on float image batches, then quantize. The one entry point most callers need.
+    `preprocess` (a Preprocess.to_dict()) is the input pipeline the scales are calibrated for: recorded."""
+    scheme = scheme or G.DEFAULT_SCHEME
+    if rounding not in ROUNDING_MODES:
+        raise QuantizationError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
+    seen = []
+
+    def counted(batches):
+        for x in batches:
+            seen.append(len(x))
+            yield x
+
+    ranges = activation_ranges(params_conv, cfg, counted(calib_batches), method, percentile, progress,
+                               G.build_graph(cfg, rounding, scheme))
+    calibration = {"method": method, "source": source, "images": sum(seen)}
+    if preprocess:
         calibration["preprocess"] = preprocess
     if method == "percentile":
         calibration["percentile"] = percentile
-    return quantize_model(params_conv, cfg, ranges, head_mode=head_mode, rounding=rounding, calibration=calibration)
+    return quantize_model(params_conv, cfg, ranges, head_mode=head_mode, rounding=rounding, calibration=calibration,
+                          scheme=scheme)
 

@@ -41,6 +41,8 @@ def have_shared() -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared: needs the ../shared data folder; skipped when it is absent")
+    config.addinivalue_line("markers", "slow: real-data evaluations and fresh quantizations (minutes); "
+                                       "deselect with -m 'not slow' for a quick local run")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -111,6 +111,103 @@ def test_tie_cases_really_are_ties():
     assert np.all(single[neg] == double[neg] + 1) and np.all(single[~neg] == double[~neg])  # +inf vs away
 
 
+def _rsr(v: int, s: int) -> int:                       # round(v / 2^s), ties toward +inf (Python ints)
+    return (v + (1 << (s - 1))) >> s
+
+
+def _ln_internals(case):
+    """Per position (d list, q) of a layernorm case, in Python ints straight from the spec (no refvit)."""
+    x = case.inputs["x"].astype(np.int64)
+    c, eps = x.shape[1], int(case.inputs["eps_int"])
+    out = []
+    for b, h, w in np.ndindex(x.shape[0], x.shape[2], x.shape[3]):
+        xs = [int(v) for v in x[b, :, h, w]]
+        d = [c * v - sum(xs) for v in xs]
+        out.append((d, sum(v * v for v in d) + eps))
+    return out
+
+
+def _t(d: int, r: int) -> int:
+    return _rsr(d * ((1 << 40) // r), 24)
+
+
+def test_layernorm_internal_boundaries_really_are_there():
+    """The designed layernorm cases put isqrt, the reciprocal and the t rounding exactly at their boundaries."""
+    import math
+    for mode in ("single", "double"):                   # q = 2^34 = (2^17)^2, inv = 2^23 exact, every t a tie
+        case = get_case(f"layernorm_ties_r131072_c192_n16_{mode}")
+        for d, q in _ln_internals(case):
+            assert q == 1 << 34 and (1 << 40) % math.isqrt(q) == 0
+            assert all(v * ((1 << 40) // math.isqrt(q)) % (1 << 24) == 1 << 23 for v in d)
+        assert set(np.unique(case.inputs["gamma"])) == {-8, 8} and set(case.inputs["bias"]) == {4}
+        assert set(case.inputs["multiplier"]) == {1 << 30} and set(case.inputs["shift"]) == {33}
+    for name, r in (("layernorm_squareminus1_r131072_c192_n16_single", 1 << 17),
+                    ("layernorm_squareminus1_r67109_c192_n16_single", 67109),
+                    ("layernorm_squareminus1_r1072694272_c4096_n4_single", 1023 << 20)):
+        for d, q in _ln_internals(get_case(name)):       # q = r^2 - 1: isqrt is r - 1, and r would change t
+            assert q == r * r - 1 and math.isqrt(q) == r - 1
+            assert any(_t(v, r - 1) != _t(v, r) for v in d)
+    assert int(np.sqrt(np.float64((1023 << 20) ** 2 - 1))) == 1023 << 20     # a float64 sqrt alone is 1 too big
+    for d, q in _ln_internals(get_case("layernorm_recip_r393216_c192_n16_single")):
+        r = math.isqrt(q)                                # frac(2^40 / r) >= 1/2: floor and rounded recip differ in t
+        assert r == 3 << 17 and 2 * ((1 << 40) % r) >= r
+        assert any(_rsr(v * ((1 << 40) // r), 24) != _rsr(v * ((1 << 40) // r + 1), 24) for v in d)
+    for mode in ("single", "double"):                   # the top of the domain: C = 4096, eps_int = 2^61
+        case = get_case(f"layernorm_epsmax_c4096_n8_{mode}")
+        qs = [q for _, q in _ln_internals(case)]
+        assert case.inputs["x"].shape[1] == 4096 and int(case.inputs["eps_int"]) == 1 << 61
+        assert max(qs) == (1 << 61) + 4096 ** 3 * 255 ** 2 // 4 < 1 << 62
+    for d, q in _ln_internals(get_case("layernorm_sumsq_above2p32_c4096_n4_single")):
+        assert 1 << 32 < sum(v * v for v in d) < 3 << 31
+
+
+def _softmax_rows(case):
+    """Per row (idx, e, sigma) of a softmax case whose multiplier/shift make idx = d exactly."""
+    assert int(case.inputs["multiplier"]) == 1 << 30 and int(case.inputs["shift"]) == 30
+    table = [int(v) for v in case.inputs["exp_table"]]
+    for row in case.inputs["scores"].reshape(-1, case.inputs["scores"].shape[-1]).tolist():
+        idx = [min(max(row) - s, 255) for s in row]
+        e = [table[i] for i in idx]
+        yield idx, e, sum(e)
+
+
+def test_softmax_internal_boundaries_really_are_there():
+    case = get_case("softmax_n16_recip_ties_designedtable_single")
+    exact_ties = below_ties = rounded_up = 0
+    for _, e, sigma in _softmax_rows(case):
+        recip = (1 << 40) // sigma
+        for v in e:
+            if (v * 127 * recip) % (1 << 40) == 1 << 39:                      # an exact tie of p
+                exact_ties += 1
+                assert (1 << 40) % sigma == 0
+            elif (2 * 127 * v) % sigma == 0 and (2 * 127 * v // sigma) % 2 == 1:  # 127 e / sigma = k + 1/2
+                below_ties += 1                                               # floor(2^40/sigma) lands below
+                assert _rsr(v * 127 * recip, 40) == 127 * v // sigma
+                rounded_up += 2 * ((1 << 40) % sigma) >= sigma
+    assert exact_ties >= 4 and below_ties >= 12 and rounded_up >= 6
+    shipped = K.make_exp_table()
+    for name in ("softmax_n197_randomtable_single", "softmax_n197_randomtable_int32_single",
+                 "softmax_n64_shift33_randomtable_double"):
+        t = get_case(name).inputs["exp_table"]
+        assert t[0] == 1 << 15 and 0 <= t.min() and t.max() <= 1 << 15 and not np.array_equal(t, shipped)
+        assert t[254] != t[255]
+    c = get_case("softmax_n197_randomtable_single")                          # indices reach the clamp at 255
+    d_max = int(c.inputs["scores"].astype(np.int64).max(axis=-1).max() - c.inputs["scores"].min())
+    assert (d_max * int(c.inputs["multiplier"])) >> int(c.inputs["shift"]) > 255
+
+
+def test_other_internal_boundaries_really_are_there():
+    for mode in ("single", "double"):                   # attention_context: every acc / 8 is a tie
+        c = get_case(f"attention_context_ties_h2_d8_n16_shift33_{mode}")
+        acc = np.einsum("bhij,bhdj->bhdi", c.inputs["p"].astype(np.int64), c.inputs["v"].astype(np.int64))
+        assert np.all(acc % 8 == 4) and (acc < 0).any() and int(c.inputs["shift"]) == 33
+    c = get_case("conv1x1_allmax_cin3071_cout4_n4_single")                 # no float32 holds Cin * 127^2
+    total = 3071 * 127 * 127
+    assert total % 2 == 1 and total > 1 << 25 and np.all(c.inputs["x"] == 127)
+    assert np.all(np.abs(c.inputs["weight"]) == 127)
+    assert not np.array_equal(get_case("gelu_randomtable_sweep_all256").inputs["table"], K.make_gelu_table(0.05, 0.02))
+
+
 # ---------------------------------------------------------------- broken DUTs fail, precisely
 
 @pytest.mark.parametrize("adapter, op, must_fail", BROKEN, ids=[b[0].__name__ for b in BROKEN])
@@ -162,6 +259,40 @@ def test_errors_are_reported_not_raised():
         conformance.check(DUT(), "gelu_sweep_all256")
 
 
+def test_a_dut_cannot_change_the_cases():
+    """Case arrays are read-only and containers are the DUT's own copies: a DUT that writes into its inputs
+    gets an ERROR, and neither it nor one that edits its dicts changes later runs' inputs or expectations."""
+    name = "gelu_sweep_all256"
+    fresh = next(s for s in select("quick") if s.name == name).build()
+
+    class Scribbler(RefvitDUT):
+        def gelu(self, x, table):
+            table[:] = 0
+            return K.gelu(x, table)
+
+    class Unlocker(RefvitDUT):
+        def gelu(self, x, table):
+            x.flags.writeable = True
+            x += 1
+            return K.gelu(x, table)
+
+    class DictEditor(RefvitDUT):
+        def run_case(self, case):
+            case.inputs.clear()
+            case.params["extra"] = 1
+            raise RuntimeError("edited its dicts")
+
+    for bad in (Scribbler(), Unlocker()):
+        r = conformance.run_case(bad, get_case(name))
+        assert r.status == "ERROR" and "ValueError" in r.message, r.message
+    assert conformance.run_case(DictEditor(), get_case("block_c48_h3_n18_b2_single")).status == "ERROR"
+    for case_name in (name, "block_c48_h3_n18_b2_single"):
+        assert conformance.run_case(RefvitDUT(), get_case(case_name)).status == PASS
+    case = get_case(name)
+    assert np.array_equal(case.inputs["table"], fresh.inputs["table"]) and np.array_equal(case.expected, fresh.expected)
+    assert not case.inputs["x"].flags.writeable and not case.expected.flags.writeable
+
+
 # ---------------------------------------------------------------- external command DUT
 
 SIMULATOR = f"""
@@ -170,7 +301,7 @@ sys.path.insert(0, {str(REPO)!r})
 import numpy as np
 from conformance.casefiles import read_case_inputs
 from conformance.dut import RefvitDUT
-from refvit.golden import hex_bytes
+from refvit.dumpfmt import hex_bytes
 folder = sys.argv[1]
 meta, inputs = read_case_inputs(folder)
 out = np.asarray(getattr(RefvitDUT(), meta["op"])(*inputs.values(), **meta["params"]))
@@ -201,6 +332,40 @@ def test_external_command_failures_are_errors(tmp_path):
     silent = ExternalCommandDUT(f"{sys.executable} -c pass {{dir}}")
     r = conformance.run_case(silent, get_case("gelu_sweep_all256"))
     assert r.status == "ERROR" and "produced no output" in r.message
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's zombie may linger where nothing reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform == "win32", reason="needs POSIX and /proc")
+def test_external_command_timeout_kills_the_process_group(tmp_path):
+    """A simulator wrapper that hangs is killed with its children, and the runner does not wait for them."""
+    import os
+    import signal
+    import time
+    pidfile = tmp_path / "child.pid"
+    script = tmp_path / "hang.sh"
+    script.write_text(f"sleep 30 &\necho $! > {pidfile}\nwait\n")
+    t0 = time.monotonic()
+    r = conformance.run_case(ExternalCommandDUT(f"sh {script}", timeout=1), get_case("gelu_sweep_all256"))
+    elapsed = time.monotonic() - t0
+    pid = int(pidfile.read_text())
+    try:
+        assert r.status == "ERROR" and "timed out after 1 s" in r.message and "process group" in r.message, r
+        assert elapsed < 15
+        deadline = time.monotonic() + 5
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(pid), "the command's child survived the timeout"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- the command line
@@ -249,3 +414,27 @@ def test_cli_run_list_and_exit_codes(tmp_path, capsys):
     capsys.readouterr()
     assert conformance_main(["list", "--set", "full", "--filter", "conv1x1_cin3072"]) == 0
     assert "conv1x1_cin3072_cout768_n197_single  (conv2d)" in capsys.readouterr().out
+
+
+def test_cli_dut_that_cannot_be_created_is_a_clean_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "conf_ctor_dut.py").write_text(
+        "from conformance import RefvitDUT\n"
+        "class NoDevice(RefvitDUT):\n"
+        "    def __init__(self):\n"
+        "        raise RuntimeError('no device on /dev/fpga0')\n"
+        "class NotADut:\n"
+        "    pass\n")
+    (tmp_path / "conf_import_dut.py").write_text("raise SystemError('vendor library missing')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for spec, says in (("conf_ctor_dut:NoDevice", "NoDevice() raised RuntimeError: no device on /dev/fpga0"),
+                       ("conf_ctor_dut:NotADut", "is not a conformance DUT"),
+                       ("conf_ctor_dut:Missing", "has no attribute 'Missing'"),
+                       ("conf_import_dut:X", "raised SystemError: vendor library missing")):
+        capsys.readouterr()
+        assert conformance_main(["run", "--dut", spec, "--filter", "gelu_sweep"]) == 2, spec
+        err = capsys.readouterr().err
+        assert err.startswith("conformance: error: ") and says in err and err.count("\n") == 1, err
+    for m in ("conf_ctor_dut", "conf_import_dut"):
+        sys.modules.pop(m, None)
+    assert conformance_main(["run", "--cmd", "true", "--timeout", "0"]) == 2

@@ -104,6 +104,7 @@ def test_fmnist_ref_logits(fmnist, fmnist_logits):
     assert err <= LOGITS_TOL
 
 
+@pytest.mark.slow
 def test_fmnist_top1_equals_timm(fmnist, fmnist_logits):
     card, _, labels = fmnist
     correct = int((fmnist_logits.argmax(axis=1) == labels).sum())

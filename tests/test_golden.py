@@ -1,5 +1,4 @@
 """refvit golden / refvit check: dumps of a tiny random model decode back exactly; check finds what differs."""
-import argparse
 import hashlib
 import json
 import re
@@ -10,14 +9,15 @@ import pytest
 from PIL import Image
 
 import refvit
-from refvit import check, golden
+from refvit import check, dumpfmt, golden
 from refvit import int_model as im
-from refvit.config import DeiTConfig
-from refvit.quantize import quantize
 from refvit.checkpoints import write_safetensors
 from refvit.checkpoints.convert import token_to_conv
+from refvit.cli import main
+from refvit.config import DeiTConfig
+from refvit.models import random_params
 from refvit.qfile import save_quantized
-from refvit.checkpoints.load import expected_shapes
+from refvit.quantize import quantize
 
 CFG = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
 ALL = ("npy", "hex", "bin", "h")
@@ -56,8 +56,7 @@ def my_header(path):
 # ---------------------------------------------------------------- fixtures
 
 def tiny_float_params(seed=0):
-    rng = np.random.default_rng(seed)
-    return {k: (rng.standard_normal(s) * 0.2).astype(np.float32) for k, s in expected_shapes(CFG, "mean").items()}
+    return random_params(CFG, "mean", seed)
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +78,15 @@ def dump(model, tmp_path_factory):
 
 
 def run_check(gold, actual, capsys):
-    p = argparse.ArgumentParser()
-    check.register(p.add_subparsers())
-    code = check.run(p.parse_args(["check", str(gold), str(actual)]))
-    return code, capsys.readouterr().out
+    code = main(["check", str(gold), str(actual)])
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
 
 
 def golden_cli(args, capsys):
-    p = argparse.ArgumentParser()
-    golden.register(p.add_subparsers())
-    code = golden.run(p.parse_args(["golden"] + args))
-    return code, capsys.readouterr().out
+    code = main(["golden"] + args)
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
 
 
 # ---------------------------------------------------------------- encodings
@@ -97,45 +94,45 @@ def golden_cli(args, capsys):
 def test_worked_example_bytes():
     """The example of docs/golden-format.md, byte by byte."""
     a = np.array([-128, 5, 127, 0, -1, -10], np.int8).reshape(1, 2, 1, 3)
-    assert golden.hex_bytes(a) == b"80\n05\n7f\n00\nff\nf6\n"
-    assert golden.bin_bytes(a) == bytes([0x80, 0x05, 0x7F, 0x00, 0xFF, 0xF6])
-    ctype, ident, vals = my_header_text(golden.c_header_text(a, "blocks.0.x"))
+    assert dumpfmt.hex_bytes(a) == b"80\n05\n7f\n00\nff\nf6\n"
+    assert dumpfmt.bin_bytes(a) == bytes([0x80, 0x05, 0x7F, 0x00, 0xFF, 0xF6])
+    ctype, ident, vals = my_header_text(dumpfmt.c_header_text(a, "blocks.0.x"))
     assert (ctype, ident, vals) == ("int8_t", "blocks_0_x", [-128, 5, 127, 0, -1, -10])
-    assert golden.hex_bytes(np.array([-2, 40000], np.int32)) == b"fffffffe\n00009c40\n"
-    assert golden.hex_bytes(np.array([65535], np.uint16)) == b"ffff\n"
+    assert dumpfmt.hex_bytes(np.array([-2, 40000], np.int32)) == b"fffffffe\n00009c40\n"
+    assert dumpfmt.hex_bytes(np.array([65535], np.uint16)) == b"ffff\n"
 
 
 @pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "int64", "uint16"])
 def test_formats_round_trip_extremes(dtype, tmp_path):
     info = np.iinfo(dtype)
     a = np.array([info.min, info.max, 0, 1, info.max // 3, info.min // 7], dtype)
-    files = golden.write_array(a, tmp_path, "v", ALL)
+    files = dumpfmt.write_array(a, tmp_path, "v", ALL)
     assert my_hex(tmp_path / files["hex"], dtype) == a.tolist()
     assert my_bin(tmp_path / files["bin"], dtype) == a.tolist()
     assert my_header(tmp_path / files["h"])[2] == a.tolist()
     for fmt in ("npy", "hex", "bin"):
-        back = golden.read_array(tmp_path / files[fmt], dtype, a.shape)
+        back = dumpfmt.read_array(tmp_path / files[fmt], dtype, a.shape)
         assert back.dtype == a.dtype and back.tolist() == a.tolist()
 
 
 def test_hex_reader_accepts_readmemh_variants_and_rejects_bad_files(tmp_path):
-    assert golden.parse_hex(b"80 // min\n 5\r\n7F\nFFFF\n", "int16", 4).tolist() == [128, 5, 127, -1]
-    with pytest.raises(golden.DumpFormatError, match="3 hex elements, expected 4") as e:
-        golden.parse_hex(b"1\n2\n3\n", "int8", 4)
+    assert dumpfmt.parse_hex(b"80 // min\n 5\r\n7F\nFFFF\n", "int16", 4).tolist() == [128, 5, 127, -1]
+    with pytest.raises(dumpfmt.DumpFormatError, match="3 hex elements, expected 4") as e:
+        dumpfmt.parse_hex(b"1\n2\n3\n", "int8", 4)
     assert e.value.kind == "shape"
-    with pytest.raises(golden.DumpFormatError, match="more than 2 digits") as e:
-        golden.parse_hex(b"0001\n", "int8", 1)
+    with pytest.raises(dumpfmt.DumpFormatError, match="more than 2 digits") as e:
+        dumpfmt.parse_hex(b"0001\n", "int8", 1)
     assert e.value.kind == "dtype"
-    with pytest.raises(golden.DumpFormatError, match="not hex"):
-        golden.parse_hex(b"zz\n", "int8", 1)
-    with pytest.raises(golden.DumpFormatError, match="6 bytes, expected 2 int32") as e:
-        golden.parse_bin(b"\0" * 6, "int32", 2)
+    with pytest.raises(dumpfmt.DumpFormatError, match="not hex"):
+        dumpfmt.parse_hex(b"zz\n", "int8", 1)
+    with pytest.raises(dumpfmt.DumpFormatError, match="6 bytes, expected 2 int32") as e:
+        dumpfmt.parse_bin(b"\0" * 6, "int32", 2)
     assert e.value.kind == "shape"
-    with pytest.raises(golden.DumpFormatError, match="16 bytes, expected 2 int32") as e:
-        golden.parse_bin(b"\0" * 16, "int32", 2)                       # 2 elements of 8 bytes: wrong width
+    with pytest.raises(dumpfmt.DumpFormatError, match="16 bytes, expected 2 int32") as e:
+        dumpfmt.parse_bin(b"\0" * 16, "int32", 2)                       # 2 elements of 8 bytes: wrong width
     assert e.value.kind == "dtype"
     with pytest.raises(ValueError, match="unknown dump format"):
-        golden.write_array(np.zeros(2, np.int8), tmp_path, "x", ("csv",))
+        dumpfmt.write_array(np.zeros(2, np.int8), tmp_path, "x", ("csv",))
 
 
 # ---------------------------------------------------------------- the golden dump
@@ -153,27 +150,30 @@ def test_manifest_matches_trace(dump, model):
     assert on_disk["input"]["sha256_int8"] == hashlib.sha256(xq.tobytes()).hexdigest()
     assert on_disk["input"]["source"] == {"kind": "array", "note": "test"}
     assert on_disk["output"]["logits"] == logits.tolist()
-    assert [op["name"] for op in on_disk["ops"]] == [r.name for r in trace.ops]
+    assert [op["name"] for op in on_disk["ops"]] == [r.name for r in trace.ops] == [r.name for r in qm.graph]
     for op, rec in zip(on_disk["ops"], trace.ops):
-        assert op["op"] == rec.op
-        assert [t["name"] for t in op["inputs"]] == rec.inputs
-        assert [c["name"] for c in op["constants"]] == rec.constants
-        for t in op["outputs"]:
-            arr = trace.tensors[t["name"]]
-            assert (t["dtype"], t["shape"], t["layout"]) == (arr.dtype.name, list(arr.shape), trace.layouts[t["name"]])
-            assert set(t["files"]) == set(ALL)
-        for c in op["constants"]:
-            if c["name"].endswith((".multiplier", ".shift")):
-                assert c["value"] == np.asarray(qm.tensors[c["name"]]).tolist()
+        assert {k: v for k, v in op.items() if k != "index"} == json.loads(json.dumps(rec.to_dict()))  # as it is
+        assert all(t in on_disk["tensors"] for t in op["inputs"].values())
+        assert all(c in on_disk["constants"] for c in op["constants"].values())
+        t, arr = on_disk["tensors"][op["name"]], trace.tensors[op["name"]]
+        assert (t["dtype"], t["shape"], t["layout"]) == (arr.dtype.name, list(arr.shape), trace.layouts[op["name"]])
+        assert t["producer"] == op["name"] and set(t["files"]) == set(ALL)
+        assert op["shape"] == ["B"] + list(arr.shape[1:]) and op["dtype"] == arr.dtype.name
+        for c in op["constants"].values():
+            if c.endswith((".multiplier", ".shift")):
+                assert on_disk["constants"][c]["value"] == np.asarray(qm.tensors[c]).tolist()
         if "rounding" in rec.attrs:
             assert op["attrs"]["rounding"] == qm.rounding
-        assert op["attrs"]["out_dtype"] == trace.tensors[rec.outputs[0]].dtype.name
     ops = {op["name"]: op for op in on_disk["ops"]}
-    assert ops["head"]["outputs"][0]["scale"] == float(qm.tensors["logits.scale"])
-    assert ops["blocks.0.attn.scores"]["outputs"][0]["scale"] == pytest.approx(
+    assert ops["blocks.0.residual2"]["inputs"] == {"a": "blocks.0.residual1", "b": "blocks.0.mlp.fc2"}
+    assert ops["embed"]["inputs"] == {"a": "tokens"} and ops["embed"]["constants"]["b"] == "pos_embed"
+    tensors = on_disk["tensors"]
+    assert tensors["head"]["scale"] == float(qm.tensors["logits.scale"])
+    assert tensors["blocks.0.attn.scores"]["scale"] == pytest.approx(
         float(qm.tensors["blocks.0.attn.q.scale"]) * float(qm.tensors["blocks.0.attn.k.scale"]))
-    assert ops["blocks.1.attn.softmax"]["outputs"][0]["scale"] == 1 / 127
-    assert ops["blocks.0.attn.qkv"]["weight_scale"]["value"] == qm.tensors["blocks.0.attn.qkv.weight_scale"].tolist()
+    assert tensors["blocks.1.attn.softmax"]["scale"] == 1 / 127 and tensors["input"]["producer"] is None
+    ws = ops["blocks.0.attn.qkv"]["weight_scale"]
+    assert on_disk["constants"][ws]["value"] == qm.tensors["blocks.0.attn.qkv.weight_scale"].tolist()
     assert set(on_disk["constants"]) == set(qm.tensors)
 
 
@@ -194,7 +194,7 @@ def test_every_file_decodes_to_the_same_integers(dump, model):
         assert my_hex(out / files["hex"], arr.dtype) == flat, entry["name"]
         assert my_bin(out / files["bin"], arr.dtype) == flat, entry["name"]
         ctype, ident, vals = my_header(out / files["h"])
-        assert vals == flat and ctype == golden.C_TYPES[arr.dtype.name]
+        assert vals == flat and ctype == dumpfmt.C_TYPES[arr.dtype.name]
         assert re.fullmatch(r"[A-Za-z_]\w*", ident)
 
 
@@ -212,11 +212,11 @@ def test_check_finds_the_one_changed_element_in_a_flat_hex_dump(dump, tmp_path, 
     actual = tmp_path / "device"
     actual.mkdir()
     for name, arr in trace.tensors.items():   # the device writes only hex, flat
-        (actual / f"{name}.hex").write_bytes(golden.hex_bytes(arr))
+        (actual / f"{name}.hex").write_bytes(dumpfmt.hex_bytes(arr))
     bad = trace.tensors["blocks.1.attn.softmax"].copy()
     index = (1, 2, 5, 7)
     bad[index] = 100 if bad[index] != 100 else 99
-    (actual / "blocks.1.attn.softmax.hex").write_bytes(golden.hex_bytes(bad))
+    (actual / "blocks.1.attn.softmax.hex").write_bytes(dumpfmt.hex_bytes(bad))
     code, text = run_check(out, actual, capsys)
     assert code == 1
     first = text.split("first divergent op:")[1]
@@ -238,7 +238,7 @@ def test_check_reports_missing_bad_dtype_and_bad_shape_before_values(dump, tmp_p
     np.save(actual / "blocks.0.attn.qkv.npy", (qkv.astype(np.int16) + 1))            # wrong dtype AND values
     np.save(actual / "blocks.0.attn.proj.npy", trace.tensors["blocks.0.attn.proj"].reshape(-1) + 1)  # shape
     (actual / "blocks.1.norm1.npy").unlink()
-    (actual / "blocks.1.norm1.bin").write_bytes(golden.bin_bytes(trace.tensors["blocks.1.norm1"])[:-1])
+    (actual / "blocks.1.norm1.bin").write_bytes(dumpfmt.bin_bytes(trace.tensors["blocks.1.norm1"])[:-1])
     code, text = run_check(out, tmp_path / "device", capsys)
     assert code == 1
     lines = {line.split("]", 1)[1].split(" (")[0].strip(): line for line in text.splitlines() if line.startswith("[")}
@@ -285,16 +285,18 @@ def test_image_input_reproducible_with_float_weights(tmp_path, capsys):
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "img.png")
     manifests = []
     for run in ("a", "b"):
-        code, text = golden_cli(["--weights", str(tmp_path / "w.safetensors"), "--image", str(tmp_path / "img.png"),
-                                 "--out", str(tmp_path / run), "--rounding", "DOUBLE_ROUND"], capsys)
+        code, text = golden_cli(["--weights", str(tmp_path / "w.safetensors"), "--num-heads", "3", "--image",
+                                 str(tmp_path / "img.png"), "--out", str(tmp_path / run), "--rounding", "DOUBLE_ROUND"],
+                                capsys)
         assert code == 0, text
         manifests.append(json.loads((tmp_path / run / "manifest.json").read_text()))
     a, b = manifests
     assert a["input"]["sha256_int8"] == b["input"]["sha256_int8"]
-    assert a["input"]["source"]["sha256"] == hashlib.sha256((tmp_path / "img.png").read_bytes()).hexdigest()
-    assert a["input"]["source"]["kind"] == "image" and a["input"]["source"]["preprocess"] == "timm"
+    assert a["input"]["source"]["files"][0]["sha256"] == hashlib.sha256((tmp_path / "img.png").read_bytes()).hexdigest()
+    assert a["input"]["source"]["kind"] == "image" and a["input"]["preprocess"]["name"] == "imagenet"
     assert a["quantization"]["rounding"] == "DOUBLE_ROUND"
-    assert "input image itself" in a["quantization"]["calibration"]["source"]
+    assert a["quantization"]["calibration"]["method"] == "percentile"      # the one default of every command
+    assert "img.png" in a["quantization"]["calibration"]["source"]
     assert a["output"]["logits"] == b["output"]["logits"]
 
 
@@ -303,7 +305,7 @@ def test_default_model_with_an_image(tmp_path, capsys):
     code, text = golden_cli(["--image", str(tmp_path / "g.png"), "--out", str(tmp_path / "d")], capsys)
     assert code == 0, text
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert m["model"]["source"]["kind"] == "default" and m["input"]["source"]["preprocess"] == "fmnist"
+    assert m["model"]["source"]["kind"] == "default" and m["input"]["preprocess"]["name"] == "fmnist"
     assert m["input"]["shape"] == [1, 3, 32, 32] and "top-5 classes" in text
 
 

@@ -213,9 +213,16 @@ def test_synthetic_timm_and_hf_load_with_their_config(tmp_path, qkv_bias):
 
 
 def test_timm_defaults_without_overrides(tmp_path):
-    config = SMALL.replace(embed_dim=128, num_heads=2, ln_eps=1e-6)  # timm eps, head_dim 64
+    """timm eps; the heads of the DeiT preset of the width, said so; another width with nothing stating the
+    heads is an error saying how to give them (tests/test_checkpoint_heads.py has the rest)."""
+    config = SMALL.replace(embed_dim=384, num_heads=6, ln_eps=1e-6)
     write_safetensors(tmp_path / "m.safetensors", small_params(config))
-    assert load_checkpoint(tmp_path / "m.safetensors").config == config
+    ckpt = load_checkpoint(tmp_path / "m.safetensors")
+    assert ckpt.config == config
+    assert ckpt.heads_note.startswith("assumed preset deit_small (width 384 -> 6 heads)")
+    write_safetensors(tmp_path / "m.safetensors", small_params(config.replace(embed_dim=128, num_heads=2)))
+    with pytest.raises(CheckpointError, match="width 128 is not a DeiT preset width .*--num-heads N .*--arch NAME"):
+        load_checkpoint(tmp_path / "m.safetensors")
 
 
 def test_float64_checkpoint_becomes_float32(tmp_path):

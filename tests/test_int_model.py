@@ -15,27 +15,14 @@ from refvit.quantize import QuantizationError, activation_ranges, quantize
 from refvit.checkpoints import CheckpointError
 from refvit.checkpoints.convert import token_to_conv
 from refvit.qfile import load_quantized, save_quantized
-from refvit.checkpoints.load import expected_shapes
+from refvit.models import random_params
 
 TINY = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
 
 
 def random_model(cfg: DeiTConfig, seed=0, head_mode="mean"):
-    """Random DeiT weights at a trained network's scales: fan-in scaled weights, unit-ish tokens,
-    LayerNorm gamma near 1 (all-N(0, 0.2) weights make cls-token rows 50x smaller than patch rows,
-    which no per-tensor int8 scheme, and no trained DeiT, has to handle)."""
-    rng = np.random.default_rng(seed)
-    p = {}
-    for k, shape in expected_shapes(cfg, head_mode).items():
-        if k.endswith("weight") and len(shape) >= 2:
-            std = np.prod(shape[1:]) ** -0.5
-        elif k.endswith(("norm1.weight", "norm2.weight")) or k == "norm.weight":
-            p[k] = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-            continue
-        else:
-            std = 0.5 if k in ("cls_token", "dist_token", "pos_embed") else 0.1
-        p[k] = (rng.standard_normal(shape) * std).astype(np.float32)
-    return token_to_conv(p)
+    """Random DeiT weights at a trained network's scales (refvit.models.random_params), in the conv form."""
+    return token_to_conv(random_params(cfg, head_mode, seed))
 
 
 def images(cfg: DeiTConfig, n, seed=1):
@@ -56,13 +43,13 @@ def test_trace_is_integer_only_and_in_execution_order(tiny):
     assert logits.dtype == np.int16 and logits.shape == (6, TINY.num_classes) and scale > 0
     seen = {"input"}
     for op in tr.ops:
-        for name in op.inputs:
-            assert name in seen or name in qm.tensors, f"{op.name} reads {name} before it exists"
-        seen.update(op.outputs)
+        for name in op.inputs.values():
+            assert name in seen, f"{op.name} reads {name} before it exists"
+        seen.add(op.name)
     for name, t in tr.tensors.items():
         assert t.dtype.kind == "i", f"{name} is {t.dtype}: the integer model must stay integer"
     for op in tr.ops:
-        for c in op.constants:
+        for c in op.constants.values():
             assert np.asarray(qm.tensors[c]).dtype.kind in "iu", f"{op.name} uses float constant {c}"
     assert np.array_equal(tr.tensors["head"][:, :, 0, 0], logits)
     assert [op.name for op in tr.ops][-3:] == ["norm", "head_input", "head"]

@@ -1,7 +1,22 @@
-"""load_checkpoint: a .safetensors DeiT (timm or Hugging Face names) -> timm-named float32 params + config."""
+"""load_checkpoint: a DeiT checkpoint (.safetensors or torch.save file; timm or Hugging Face names; with or
+without a config.json) -> timm-named float32 params, a config, and how its number of heads was decided.
+
+Files are recognised by their content: torch's zip and legacy formats (refvit.checkpoints.pth), else
+safetensors. A directory holds model.safetensors or pytorch_model.bin, and maybe config.json in one of two
+layouts: Hugging Face transformers' (`model_type` "deit", `hidden_size`, `num_attention_heads`, ...) or
+timm's hub layout as `timm.models._hub.save_for_hf` writes it (`architecture`, `model_args`,
+`pretrained_cfg`), read as timm reads it: the architecture's defaults, then pretrained_cfg's input size and
+classes, the top-level num_classes, then model_args.
+
+The number of attention heads is not in the tensor shapes. In order: num_heads (`--num-heads`), arch
+(`--arch`, a DeiT preset or timm architecture name), config.json, and last the DeiT preset of the width
+(192, 384, 768 -> 3, 6, 12 heads), said so in `heads_note`; any other width with nothing stating the heads is
+a CheckpointError saying how to pass them.
+"""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from contextlib import contextmanager
@@ -10,10 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from refvit.config import ConfigError, DeiTConfig, infer_config
+from refvit.config import (
+    HEADS_BY_WIDTH, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS, PRESETS, ConfigError, DeiTConfig, check_field, infer_config, preset,
+    preset_for_width,
+)
 
 from . import CheckpointError
 from .names import HF_PREFIX, detect_naming, hf_names_for, hf_to_timm
+from .pth import read_torch, torch_format
 from .safetensors_io import read_safetensors
 
 # 'cls': logits = head(cls token). 'mean': (head(cls) + head_dist(dist)) / 2, as timm distilled models and
@@ -21,16 +40,23 @@ from .safetensors_io import read_safetensors
 HEAD_MODES = ("cls", "mean")
 TIMM_LN_EPS = 1e-6
 HF_LN_EPS = 1e-12
-_BLOCK_INDEX = re.compile(r"blocks\.(\d+)\.")
+MAX_CONFIG_JSON_BYTES = 16 * 2**20   # config.json (Hugging Face's with 1000 labels is 46 kB)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for in a directory, in this order
+_BLOCK_INDEX = re.compile(r"blocks\.(\d{1,9})\.")
+_LISTED = 12  # names shown per kind of mismatch
 
 
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
     config: DeiTConfig  # config.distilled: the token sequence carries a dist token
     params: dict        # timm names -> float32 arrays
-    source: str         # 'timm' | 'hf'
+    source: str         # naming: 'timm' | 'hf'
     head_mode: str      # 'cls' | 'mean'
-    path: Path          # the .safetensors file read
+    path: Path          # the weights file read
+    heads_note: str = ""                # how the number of heads was decided, for people
+    pretrained_cfg: dict | None = None  # timm's pretrained_cfg from config.json (checked, otherwise raw)
+    arch: str | None = None             # --arch, else config.json's timm architecture
+    file_format: str = "safetensors"    # 'safetensors' | 'torch-zip' | 'torch-legacy'
 
 
 def _linear(name: str, n_out: int, n_in: int, bias: bool = True) -> dict:
@@ -74,87 +100,230 @@ def _about(path):
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def _short(text, n: int = 120) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _brief(value) -> str:
+    return _short(repr(value))
+
+
+# ---------------------------------------------------------------- files
+
 def _locate(path: Path) -> tuple:
-    """-> (the .safetensors file, the config.json beside it or None)."""
+    """-> (the weights file, the config.json beside it or None)."""
     if path.is_dir():
-        path = path / "model.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"{path.parent}: directory holds no model.safetensors")
+        found = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: directory holds no {' or '.join(WEIGHT_FILES)}")
+        path = found[0]
     config_json = path.parent / "config.json"
     return path, (config_json if config_json.is_file() else None)
 
 
+def read_tensors(path) -> tuple[dict, str]:
+    """Any supported weights file -> ({name: array}, format), by its content: 'torch-zip', 'torch-legacy' or
+    'safetensors'. A file named .pth/.pt/.bin/.ckpt that is neither torch format says so."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    kind = torch_format(path)
+    if kind is not None or path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt"):
+        return read_torch(path)
+    return read_safetensors(path)[0], "safetensors"
+
+
 def _read_json(path: Path) -> dict:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes is above the {MAX_CONFIG_JSON_BYTES}-byte limit for a "
+                              "config.json")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read as JSON ({e})") from None
+        raise CheckpointError(f"{path}: cannot read as JSON ({_short(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read as JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got a {type(d).__name__}")
     if d.get("model_type", "deit") != "deit":
-        raise CheckpointError(f"{path}: model_type is {d['model_type']!r}, not 'deit'")
+        raise CheckpointError(f"{path}: model_type is {_brief(d['model_type'])}, not 'deit'")
     return d
 
 
-def _json_int(path, d: dict, key: str) -> int:
-    v = d[key]
-    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:  # HF allows (h, w) sizes; we need square
+@dataclass
+class _Stated:
+    """What a config.json says."""
+    fields: dict                    # DeiTConfig fields (no num_heads)
+    heads: int | None = None
+    heads_note: str = ""
+    arch: str | None = None
+    pretrained_cfg: dict | None = None
+
+
+def _square(path, key: str, v):
+    """An int, or a [n, n] pair (both layouts allow (h, w) sizes; refvit needs square ones)."""
+    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
         v = v[0]
     if not isinstance(v, int) or isinstance(v, bool):
-        raise CheckpointError(f"{path}: {key} must be an integer, got {v!r}")
+        raise CheckpointError(f"{path}: {key} must be an integer, got {_brief(v)}")
     return v
 
+
+def _field(path, key: str, name: str, v):
+    """A DeiTConfig field's value from config.json key `key`, checked against its bound."""
+    try:
+        return check_field(name, v)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {key}: {e}") from None
+
+
+# ---------------------------------------------------------------- Hugging Face config.json
 
 # HF config.json key -> DeiTConfig field, for the integer fields
 _HF_INT_KEYS = (("image_size", "img_size"), ("patch_size", "patch_size"), ("num_channels", "in_chans"),
                 ("hidden_size", "embed_dim"), ("num_hidden_layers", "depth"), ("num_attention_heads", "num_heads"))
 
 
-def _hf_json_fields(path: Path, d: dict, has_head: bool) -> dict:
-    """The DeiTConfig fields an HF config.json states (plus its raw intermediate_size)."""
-    fields = {f: _json_int(path, d, k) for k, f in _HF_INT_KEYS if k in d}
+def _hf_json(path: Path, d: dict, has_head: bool) -> _Stated:
+    """The DeiTConfig fields an HF config.json states."""
+    fields = {f: _field(path, k, f, _square(path, k, d[k])) for k, f in _HF_INT_KEYS if k in d}
     if "intermediate_size" in d:
-        fields["intermediate_size"] = _json_int(path, d, "intermediate_size")
+        hidden = _square(path, "intermediate_size", d["intermediate_size"])
+        if not 1 <= hidden <= MAX_HIDDEN_DIM:
+            raise CheckpointError(f"{path}: intermediate_size must be in [1, {MAX_HIDDEN_DIM}] (MAX_HIDDEN_DIM in "
+                                  f"refvit.config), got {_brief(hidden)}")
+        if "embed_dim" in fields:
+            fields["mlp_ratio"] = _field(path, "intermediate_size", "mlp_ratio", hidden / fields["embed_dim"])
+        else:
+            fields["intermediate_size"] = hidden  # the ratio is set once the width is known
     if "qkv_bias" in d:
-        if not isinstance(d["qkv_bias"], bool):
-            raise CheckpointError(f"{path}: qkv_bias must be true or false, got {d['qkv_bias']!r}")
-        fields["qkv_bias"] = d["qkv_bias"]
+        fields["qkv_bias"] = _field(path, "qkv_bias", "qkv_bias", d["qkv_bias"])
     if "layer_norm_eps" in d:
         eps = d["layer_norm_eps"]
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-            raise CheckpointError(f"{path}: layer_norm_eps must be a number, got {eps!r}")
-        fields["ln_eps"] = float(eps)
+        if isinstance(eps, int) and not isinstance(eps, bool) and abs(eps) > 1e300:
+            eps = math.inf
+        fields["ln_eps"] = float(_field(path, "layer_norm_eps", "ln_eps", eps))
     if has_head and isinstance(d.get("id2label"), dict):
-        fields["num_classes"] = len(d["id2label"])
+        fields["num_classes"] = _field(path, "id2label", "num_classes", len(d["id2label"]))
     elif has_head and "num_labels" in d:
-        fields["num_classes"] = _json_int(path, d, "num_labels")
-    return fields
+        fields["num_classes"] = _field(path, "num_labels", "num_classes", _square(path, "num_labels", d["num_labels"]))
+    heads = fields.pop("num_heads", None)
+    return _Stated(fields, heads, "from config.json (num_attention_heads)" if heads is not None else "")
 
 
-_SHAPE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "qkv_bias", "num_classes")
+# ---------------------------------------------------------------- timm's config.json (save_for_hf)
+
+_TIMM_INT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")
+# model_args that do not change the eval-mode network (dropout rates, init, dynamic sizes at the native size)
+_TIMM_IGNORED_ARGS = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                      "drop_path_rate", "weight_init", "fix_init", "dynamic_img_size", "dynamic_img_pad"}
+# model_args that would change the network: accepted only with their DeiT values
+_TIMM_DEIT_ARGS = {"class_token": (True,), "global_pool": ("token",), "no_embed_class": (False,), "reg_tokens": (0,),
+                   "pre_norm": (False,), "fc_norm": (None, False), "init_values": (None,), "qk_norm": (False,),
+                   "final_norm": (True,), "proj_bias": (True,)}
 
 
-def _hf_config(config_json, shapes: dict, num_heads, ln_eps) -> DeiTConfig:
-    """config.json states the config; what it leaves out comes from the tensor shapes, so a config.json
-    that disagrees with the tensors shows up as misshapen parameters. Every HF DeiT has a distillation
-    token (even DeiTForImageClassification, which reads logits from the cls token only): distilled=True."""
-    has_head = any(n.split(".")[0] in ("head", "head_dist") for n in shapes)
-    stated = _hf_json_fields(config_json, _read_json(config_json), has_head) if config_json else {}
-    intermediate = stated.pop("intermediate_size", None)
-    if intermediate is not None:
-        stated["mlp_ratio"] = None  # set once embed_dim is known
-    if not has_head:
-        stated["num_classes"] = 0
-    if not set(_SHAPE_FIELDS) <= stated.keys():
-        inferred = _infer(shapes, ln_eps=HF_LN_EPS, num_heads=num_heads).to_dict()
-        stated = {k: inferred[k] for k in _SHAPE_FIELDS} | stated
-    if intermediate is not None:
-        stated["mlp_ratio"] = intermediate / stated["embed_dim"]
-    if num_heads is not None or "num_heads" not in stated:
-        stated["num_heads"] = num_heads if num_heads is not None else max(1, stated["embed_dim"] // 64)
-    if ln_eps is not None or "ln_eps" not in stated:
-        stated["ln_eps"] = ln_eps if ln_eps is not None else HF_LN_EPS
-    return DeiTConfig(**stated, distilled=True)
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_pretrained_cfg(path, cfg) -> dict:
+    """timm's pretrained_cfg: the entries that drive preprocessing, checked against bounds; returned raw."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: pretrained_cfg must be an object, got {type(cfg).__name__}")
+    for key in ("input_size", "test_input_size"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(a, int) and not isinstance(a, bool)
+                                                             for a in v)):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} must be [channels, height, width], got {_brief(v)}")
+        if not (1 <= v[0] <= MAX_IN_CHANS and 1 <= v[1] <= MAX_IMG_SIZE and 1 <= v[2] <= MAX_IMG_SIZE):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} {v} is out of bounds (channels 1 to {MAX_IN_CHANS}, "
+                                  f"sides 1 to {MAX_IMG_SIZE})")
+    for key in ("crop_pct", "test_crop_pct"):
+        v = cfg.get(key)
+        if v is not None and not (_number(v) and 0 < v <= 1):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} must be a number in (0, 1], got {_brief(v)}")
+    for key in ("interpolation", "crop_mode"):
+        v = cfg.get(key)
+        if v is not None and not (isinstance(v, str) and len(v) <= 32):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} must be a short string, got {_brief(v)}")
+    channels = (cfg.get("input_size") or [None])[0]
+    for key in ("mean", "std"):
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, list) and 1 <= len(v) <= MAX_IN_CHANS and all(_number(a) for a in v)):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} must be a list of finite numbers, got {_brief(v)}")
+        if channels is not None and len(v) not in (1, channels):
+            raise CheckpointError(f"{path}: pretrained_cfg.{key} has {len(v)} values for {channels} channels")
+        if key == "std" and min(v) <= 0:
+            raise CheckpointError(f"{path}: pretrained_cfg.std must be positive, got {_brief(v)}")
+    return dict(cfg)
+
+
+def _timm_json(path: Path, d: dict) -> _Stated:
+    """timm's hub config.json, read as timm builds the model from it: the architecture's defaults, then
+    pretrained_cfg's input size (when fixed_input_size) and channels and num_classes, the top-level
+    num_classes, then model_args."""
+    arch = d["architecture"]
+    if not (isinstance(arch, str) and arch):
+        raise CheckpointError(f"{path}: architecture must be a timm model name, got {_brief(arch)}")
+    if "pretrained_cfg" in d:
+        pcfg = d["pretrained_cfg"]
+    else:  # timm's older layout: the pretrained_cfg entries at the top level
+        pcfg = {k: v for k, v in d.items() if k not in ("architecture", "num_features", "model_args")}
+    pcfg = _check_pretrained_cfg(path, pcfg)
+    model_args = d.get("model_args", {})
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{path}: model_args must be an object, got {type(model_args).__name__}")
+
+    fields, heads, note = {}, None, ""
+    name = arch.split(".", 1)[0]
+    if name in PRESETS or name.startswith("deit3_"):
+        try:
+            arch_cfg = preset(name)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: architecture: {e}") from None
+        fields = {k: v for k, v in arch_cfg.to_dict().items() if k not in ("num_heads", "ln_eps")}
+        heads, note = arch_cfg.num_heads, f"from config.json (architecture {_short(arch, 60)})"
+    if pcfg.get("input_size") is not None:
+        fields["in_chans"] = pcfg["input_size"][0]
+        if pcfg.get("fixed_input_size") is True:
+            fields["img_size"] = _field(path, "pretrained_cfg.input_size", "img_size",
+                                        _square(path, "pretrained_cfg.input_size", pcfg["input_size"][1:]))
+    for key, where in ((pcfg.get("num_classes"), "pretrained_cfg.num_classes"), (d.get("num_classes"), "num_classes")):
+        if key is not None and not (isinstance(key, int) and not isinstance(key, bool) and key < 0):
+            fields["num_classes"] = _field(path, where, "num_classes", key)  # timm ignores a negative default
+    for key, v in model_args.items():
+        where = f"model_args.{_short(key, 40)}"
+        if key in _TIMM_INT_ARGS:
+            v = _field(path, where, key, _square(path, where, v))
+            if key == "num_heads":
+                heads, note = v, "from config.json (model_args.num_heads)"
+            else:
+                fields[key] = v
+        elif key in ("mlp_ratio", "qkv_bias"):
+            fields[key] = _field(path, where, key, v)
+        elif key in _TIMM_DEIT_ARGS:
+            if not any(v is a or (type(v) is type(a) and v == a) for a in _TIMM_DEIT_ARGS[key]):
+                raise CheckpointError(f"{path}: {where} = {_brief(v)} is not supported: refvit implements DeiT "
+                                      f"({key} {' or '.join(map(json.dumps, _TIMM_DEIT_ARGS[key]))})")
+        elif key not in _TIMM_IGNORED_ARGS:
+            raise CheckpointError(f"{path}: {where} is not understood by refvit (it may change the network; refvit "
+                                  "implements DeiT)")
+    return _Stated(fields, heads, note, arch, pcfg)
+
+
+# ---------------------------------------------------------------- config and heads
+
+_SHAPE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "qkv_bias", "num_classes",
+                 "distilled")
 
 
 def _infer(shapes: dict, *, ln_eps: float, num_heads) -> DeiTConfig:
@@ -169,6 +338,62 @@ def _infer(shapes: dict, *, ln_eps: float, num_heads) -> DeiTConfig:
     fullest = max(per_block.values(), default=0)
     depth = 1 + max((i for i, n in per_block.items() if 2 * n > fullest), default=-1)
     return config.replace(depth=max(config.depth, depth))
+
+
+def _resolve_heads(width: int, num_heads, arch, stated: _Stated) -> tuple:
+    """-> (heads, note), or (None, the error message) when nothing says and the width is no preset's."""
+    said = f" (config.json says {stated.heads})" if stated.heads is not None else ""
+    arch_cfg = None
+    if arch is not None:
+        arch_cfg = preset(arch)
+        if arch_cfg.embed_dim != width:
+            raise ConfigError(f"--arch {_short(arch, 60)} is a width-{arch_cfg.embed_dim} model, the checkpoint's "
+                              f"width is {width}")
+        if num_heads is not None and num_heads != arch_cfg.num_heads:
+            raise ConfigError(f"--num-heads {_brief(num_heads)} and --arch {_short(arch, 60)} "
+                              f"({arch_cfg.num_heads} heads) disagree")
+    if num_heads is not None:
+        return check_field("num_heads", num_heads), "from --num-heads" + said
+    if arch_cfg is not None:
+        return arch_cfg.num_heads, f"from --arch {_short(arch, 60)}" + said
+    if stated.heads is not None:
+        return stated.heads, stated.heads_note
+    guess = preset_for_width(width)
+    if guess is not None:
+        heads = HEADS_BY_WIDTH[width]
+        return heads, f"assumed preset {guess} (width {width} -> {heads} heads); pass --num-heads or --arch if wrong"
+    return None, (f"the number of attention heads is unknown: the tensors do not tell it, nothing states it, and "
+                  f"width {width} is not a DeiT preset width ({', '.join(map(str, HEADS_BY_WIDTH))}); pass "
+                  f"--num-heads N (N divides {width}) or --arch NAME (a timm DeiT architecture), or put config.json "
+                  "beside the weights")
+
+
+def _config(stated: _Stated, shapes: dict, source: str, has_head: bool, ln_eps) -> dict:
+    """DeiTConfig fields but num_heads: what config.json states, the rest from the tensor shapes, so a
+    config.json that disagrees with the tensors shows up as misshapen parameters. Every HF DeiT has a
+    distillation token (even DeiTForImageClassification, which reads logits from the cls token only)."""
+    fields = dict(stated.fields)
+    hidden = fields.pop("intermediate_size", None)
+    if source == "hf":
+        fields["distilled"] = True
+        if not has_head:
+            fields["num_classes"] = 0
+    if not set(_SHAPE_FIELDS) <= fields.keys() or hidden is not None:
+        inferred = _infer(shapes, ln_eps=1.0, num_heads=1).to_dict()
+        fields = {k: inferred[k] for k in _SHAPE_FIELDS} | fields
+    if hidden is not None:
+        fields["mlp_ratio"] = check_field("mlp_ratio", hidden / fields["embed_dim"])
+    if ln_eps is not None or "ln_eps" not in fields:
+        fields["ln_eps"] = ln_eps if ln_eps is not None else (HF_LN_EPS if source == "hf" else TIMM_LN_EPS)
+    return fields
+
+
+# ---------------------------------------------------------------- validation
+
+def _listed(names: list) -> str:
+    shown = [_short(n, 200) for n in names[:_LISTED]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def _fmt(shape) -> str:
@@ -192,7 +417,23 @@ def _mismatches(params: dict, expected: dict, hf_prefix) -> list:
         "not floating point": [f"{n} ({params[n].dtype})" for n in params
                                if not np.issubdtype(params[n].dtype, np.floating)],
     }
-    return [f"{kind}: {', '.join(names)}" for kind, names in found.items() if names]
+    return [f"{kind}: {_listed(names)}" for kind, names in found.items() if names]
+
+
+def _non_finite(params: dict) -> str:
+    """'' or a one-line account of the NaN and infinite weights, naming the first tensor that has any."""
+    bad = []
+    for name, a in params.items():
+        finite = np.isfinite(a)
+        if not finite.all():
+            n_nan = int(np.isnan(a).sum())
+            bad.append((name, n_nan, int(finite.size - finite.sum()) - n_nan))
+    if not bad:
+        return ""
+    name, n_nan, n_inf = bad[0]
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    return (f"tensor {name!r} holds {n_nan} NaN and {n_inf} infinite values{more}; refvit does not run on "
+            "non-finite weights (every output would be NaN)")
 
 
 def _describe(config: DeiTConfig, head_mode: str) -> str:
@@ -201,23 +442,34 @@ def _describe(config: DeiTConfig, head_mode: str) -> str:
             f"head_mode {head_mode!r}")
 
 
-def load_checkpoint(path, *, num_heads: int | None = None, ln_eps: float | None = None) -> Checkpoint:
-    """Load a DeiT from a .safetensors file, or a directory holding model.safetensors (+ config.json).
+def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = None,
+                    ln_eps: float | None = None) -> Checkpoint:
+    """Load a DeiT from a .safetensors, .pth, .pt or .bin file, or a directory holding model.safetensors or
+    pytorch_model.bin (+ config.json, Hugging Face's or timm's layout).
 
-    timm or HF names are detected and mapped to timm names; the config comes from an HF config.json when
-    there is one, else from the shapes (heads default to embed_dim // 64; eps 1e-6 timm, 1e-12 HF).
-    num_heads / ln_eps override both. Every missing, unexpected or misshapen parameter is reported by name
-    in one CheckpointError."""
+    timm or HF names are detected and mapped to timm names; the config comes from config.json when there is
+    one, what it leaves out from the shapes (eps 1e-6 timm, 1e-12 HF). Heads: num_heads, else the preset
+    `arch`, else config.json, else the DeiT preset of the width (said in heads_note), else CheckpointError.
+    ln_eps overrides. Every missing, unexpected or misshapen parameter is reported by name in one
+    CheckpointError; NaN or infinite weights are refused, naming the tensor."""
     file, config_json = _locate(Path(path))
-    tensors, _ = read_safetensors(file)
+    tensors, file_format = read_tensors(file)
     with _about(file):
         source = detect_naming(tensors)
         params = hf_to_timm(tensors) if source == "hf" else tensors
-        shapes = {n: a.shape for n, a in params.items()}
-        if source == "hf":
-            config = _hf_config(config_json, shapes, num_heads, ln_eps)
-        else:
-            config = _infer(shapes, ln_eps=TIMM_LN_EPS if ln_eps is None else ln_eps, num_heads=num_heads)
+    shapes = {n: a.shape for n, a in params.items()}
+    has_head = any(n.split(".")[0] in ("head", "head_dist") for n in params)
+    stated = _Stated({})
+    if config_json is not None:
+        d = _read_json(config_json)
+        stated = _timm_json(config_json, d) if "architecture" in d else _hf_json(config_json, d, has_head)
+    with _about(file):
+        fields = _config(stated, shapes, source, has_head, ln_eps)
+        heads, note = _resolve_heads(fields["embed_dim"], num_heads, arch, stated)
+        try:
+            config = DeiTConfig(**fields, num_heads=heads or 1)
+        except ConfigError as e:
+            raise ConfigError(f"{e} (heads {note})" if heads else str(e)) from None
         head_mode = "mean" if any(n.startswith("head_dist.") for n in params) else "cls"
         expected = expected_shapes(config, head_mode)
     hf_prefix = (HF_PREFIX if any(n.startswith(HF_PREFIX) for n in tensors) else "") if source == "hf" else None
@@ -225,5 +477,13 @@ def load_checkpoint(path, *, num_heads: int | None = None, ln_eps: float | None 
     if problems:
         raise CheckpointError(f"{file}: parameters do not match the DeiT config "
                               f"({_describe(config, head_mode)}): {'; '.join(problems)}")
-    params = {n: a.astype(np.float32, copy=False) for n, a in params.items()}
-    return Checkpoint(config=config, params=params, source=source, head_mode=head_mode, path=file)
+    if heads is None:
+        raise CheckpointError(f"{file}: {note}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
+        params = {n: a.astype(np.float32, copy=False) for n, a in params.items()}
+    bad = _non_finite(params)
+    if bad:
+        raise CheckpointError(f"{file}: {bad}")
+    return Checkpoint(config=config, params=params, source=source, head_mode=head_mode, path=file,
+                      heads_note=note, pretrained_cfg=stated.pretrained_cfg,
+                      arch=arch if arch is not None else stated.arch, file_format=file_format)

@@ -81,7 +81,7 @@ def detect_naming(names) -> str:
     if hf and timm:
         raise CheckpointError(f"mixes Hugging Face names (e.g. {hf[0]!r}) and timm names (e.g. {timm[0]!r})")
     if not (hf or timm):
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        shown = ", ".join(n if len(n) <= 100 else n[:100] + "..." for n in names[:5]) + (", ..." if len(names) > 5 else "")
         raise CheckpointError(f"no DeiT parameter names, neither timm nor Hugging Face (names: {shown or 'none'})")
     return "hf" if hf else "timm"
 

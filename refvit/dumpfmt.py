@@ -1,0 +1,253 @@
+"""Dump formats of golden vectors, conformance cases and device dumps: encoders and decoders, one module.
+
+    npy  NumPy .npy (always written)
+    hex  Verilog $readmemh: one element per line, two's complement, fixed width per dtype, row-major
+    bin  raw little-endian two's complement, row-major, no header
+    h    C header: `static const int8_t name[N] = {...};` with the shape in a comment.
+The readers of the same formats (`read_array`) are here too, so `refvit check` and the conformance suite
+decode exactly what `refvit golden` encodes. docs/golden-format.md describes the formats.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+import refvit
+
+FORMATS = ("npy", "hex", "bin", "h")
+
+# hex digits per element: two per byte of the two's complement (or unsigned) representation
+HEX_DIGITS = {"int8": 2, "uint8": 2, "int16": 4, "uint16": 4, "int32": 8, "int64": 16}
+C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t",
+           "int32": "int32_t", "int64": "int64_t"}
+
+
+class DumpFormatError(ValueError):
+    """A dump file that cannot be decoded as the dtype/shape the manifest states; the message names the file.
+
+    kind: 'shape' (wrong element count), 'dtype' (wrong element width) or 'format' (not decodable)."""
+
+    def __init__(self, message: str, kind: str = "format"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders (vectorized: DeiT-Base dumps hold ~10^8 elements)
+# ---------------------------------------------------------------------------------------------
+
+def _int_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.name not in HEX_DIGITS:
+        raise ValueError(f"integer dump formats need one of {sorted(HEX_DIGITS)}, got dtype {dt}")
+    return dt
+
+
+_HEX_PAIRS = np.array([list(f"{i:02x}".encode()) for i in range(256)], np.uint8)   # byte -> 2 ASCII digits
+
+
+def hex_bytes(arr: np.ndarray) -> bytes:
+    """$readmemh text: one element per line, 2*itemsize lowercase hex digits of its two's complement."""
+    dt = _int_dtype(arr.dtype)
+    n = dt.itemsize
+    be = np.ascontiguousarray(arr, dtype=dt.newbyteorder(">")).view(np.uint8).reshape(-1, n)  # MSB first
+    lines = np.empty((be.shape[0], 2 * n + 1), np.uint8)
+    lines[:, :-1] = _HEX_PAIRS[be].reshape(-1, 2 * n)
+    lines[:, -1] = ord("\n")
+    return lines.tobytes()
+
+
+def bin_bytes(arr: np.ndarray) -> bytes:
+    """Raw little-endian two's complement, row-major."""
+    dt = _int_dtype(arr.dtype)
+    return np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
+
+
+def c_identifier(name: str) -> str:
+    """A C identifier for a tensor name: 'blocks.0.attn.qkv' -> 'blocks_0_attn_qkv'."""
+    ident = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    return ident if ident and not ident[0].isdigit() else "t_" + ident
+
+
+def _decimal_columns(flat: np.ndarray) -> np.ndarray:
+    """Right-aligned decimal text of integers as a (N, width) uint8 array of ASCII (no per-element Python loop)."""
+    info = np.iinfo(flat.dtype)
+    width = max(len(str(int(info.min))), len(str(int(info.max))) + 1)
+    neg = flat < 0
+    rest = np.where(neg, -(flat.astype(np.int64) + 1), flat).astype(np.uint64) + neg   # |x|, no int64 overflow
+    out = np.full((flat.size, width), ord(" "), np.uint8)
+    ndigits = np.zeros(flat.size, np.int64)
+    for col in range(width - 1, 0, -1):                  # column 0 is left for the sign of the widest value
+        live = (rest > 0) | (col == width - 1)           # the units digit is always written
+        out[:, col] = np.where(live, (rest % np.uint64(10)).astype(np.uint8) + ord("0"), out[:, col])
+        ndigits += live
+        rest //= np.uint64(10)
+    rows = np.nonzero(neg)[0]
+    out[rows, width - 1 - ndigits[rows]] = ord("-")
+    return out
+
+
+def c_header_text(arr: np.ndarray, name: str, layout: str = "", per_line: int = 16) -> str:
+    """`static const <type> <ident>[N] = {...};` with name, dtype, shape and layout in a comment."""
+    dt = _int_dtype(arr.dtype)
+    ident = c_identifier(name)
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    n, rows = flat.size, -(-flat.size // per_line)
+    cols = _decimal_columns(flat)
+    items = np.full((rows * per_line, cols.shape[1] + 2), ord(" "), np.uint8)   # padded to whole lines
+    items[:n, :-2], items[:n, -2] = cols, ord(",")
+    lines = np.full((rows, 4 + per_line * items.shape[1] + 1), ord(" "), np.uint8)
+    lines[:, 4:-1] = items.reshape(rows, -1)
+    lines[:, -1] = ord("\n")
+    body = lines.tobytes().decode("ascii")
+    cut = body.rfind(",")
+    body = (body[:cut] + body[cut + 1:]).rstrip() + "\n"                         # no comma after the last element
+    guard = ident.upper() + "_H"
+    return (f"/* {name}: {dt.name}, shape {tuple(arr.shape)}, {n} elements, "
+            f"{layout or 'row-major'}; generated by refvit {refvit.__version__} */\n"
+            f"#ifndef {guard}\n#define {guard}\n#include <stdint.h>\n\n"
+            f"static const {C_TYPES[dt.name]} {ident}[{n}] = {{\n{body}}};\n\n#endif /* {guard} */\n")
+
+
+def write_array(arr: np.ndarray, folder: Path, name: str, formats=("npy",), layout: str = "") -> dict:
+    """Write arr as folder/name.<fmt> for each format (floats: npy only) -> {fmt: file name}."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"tensor name {name!r} cannot be a file name")
+    arr = np.asarray(arr)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for fmt in formats:
+        if fmt != "npy" and arr.dtype.kind == "f":
+            continue
+        path = folder / f"{name}.{fmt}"
+        if fmt == "npy":
+            np.save(path, arr, allow_pickle=False)
+        elif fmt == "hex":
+            path.write_bytes(hex_bytes(arr))
+        elif fmt == "bin":
+            path.write_bytes(bin_bytes(arr))
+        elif fmt == "h":
+            path.write_text(c_header_text(arr, name, layout))
+        else:
+            raise ValueError(f"unknown dump format {fmt!r}; choose from {FORMATS}")
+        files[fmt] = path.name
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# decoders
+# ---------------------------------------------------------------------------------------------
+
+_NIBBLE = np.full(256, 255, np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _NIBBLE[_c] = _NIBBLE[ord(chr(_c).upper())] = _i
+
+
+def _hex_tokens_slow(data: bytes, path) -> list:
+    """Whitespace-separated tokens, `//` comments removed ($readmemh syntax without @address lines)."""
+    tokens = []
+    for lineno, line in enumerate(data.decode("ascii", "replace").splitlines(), 1):
+        line = line.split("//", 1)[0].strip()
+        if line.startswith("@"):
+            raise DumpFormatError(f"{path}:{lineno}: @address lines are not supported; write elements in order")
+        tokens += line.split()
+    return tokens
+
+
+def parse_hex(data: bytes, dtype, count: int, path="<hex>") -> np.ndarray:
+    """Decode $readmemh text into `count` elements of `dtype` (two's complement; a token may have fewer digits)."""
+    dt = _int_dtype(dtype)
+    digits = HEX_DIGITS[dt.name]
+    unsigned = np.dtype(f"u{dt.itemsize}")
+    if len(data) == count * (digits + 1) and (count == 0 or data[digits::digits + 1] == b"\n" * count):
+        chars = np.frombuffer(data, np.uint8).reshape(count, digits + 1)[:, :digits]   # the canonical layout
+    else:
+        tokens = _hex_tokens_slow(data, path)
+        if len(tokens) != count:
+            raise DumpFormatError(f"{path}: {len(tokens)} hex elements, expected {count}", "shape")
+        long = [t for t in tokens if len(t) > digits]
+        if long:
+            raise DumpFormatError(f"{path}: hex element {long[0]!r} has more than {digits} digits ({dt.name})",
+                                  "dtype")
+        chars = np.frombuffer(b"".join(t.encode().rjust(digits, b"0") for t in tokens) or b"", np.uint8)
+        chars = chars.reshape(count, digits)
+    nibbles = _NIBBLE[chars]
+    if nibbles.size and nibbles.max() == 255:
+        row = int(np.nonzero((nibbles == 255).any(axis=1))[0][0])
+        raise DumpFormatError(f"{path}: element {row} ({bytes(chars[row]).decode('ascii', 'replace')!r}) is not hex")
+    value = np.zeros(count, np.uint64)
+    for j in range(digits):
+        value = (value << np.uint64(4)) | nibbles[:, j].astype(np.uint64)
+    return value.astype(unsigned).view(dt) if dt.kind == "i" else value.astype(dt)
+
+
+def parse_bin(data: bytes, dtype, count: int, path="<bin>") -> np.ndarray:
+    dt = _int_dtype(dtype)
+    if len(data) != count * dt.itemsize:
+        width = len(data) // count if count and len(data) % count == 0 else 0
+        kind = "dtype" if width in (1, 2, 4, 8) else "shape"     # right count of elements of another width
+        raise DumpFormatError(f"{path}: {len(data)} bytes, expected {count} {dt.name} elements = "
+                              f"{count * dt.itemsize} bytes", kind)
+    return np.frombuffer(data, dt.newbyteorder("<")).astype(dt)
+
+
+def read_array(path, dtype=None, shape=None) -> np.ndarray:
+    """Read a .npy (dtype/shape from the file) or a .hex/.bin (dtype and shape required) dump."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".")
+    try:
+        if fmt == "npy":
+            return np.load(path, allow_pickle=False)
+        if fmt not in ("hex", "bin"):
+            raise DumpFormatError(f"{path}: unknown dump format {fmt!r} (readable: npy, hex, bin)")
+        if dtype is None or shape is None:
+            raise ValueError(f"read_array: {path} is {fmt}: give its dtype and shape")
+        count = int(np.prod(shape, dtype=np.int64))
+        parse = parse_hex if fmt == "hex" else parse_bin
+        return parse(path.read_bytes(), dtype, count, path).reshape(shape)
+    except (OSError, ValueError, EOFError) as e:
+        if isinstance(e, DumpFormatError):
+            raise
+        raise DumpFormatError(f"{path}: cannot read: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON and hashes
+# ---------------------------------------------------------------------------------------------
+
+def jsonable(v):
+    """numpy scalars/arrays and dtypes -> JSON values."""
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.dtype):
+        return v.name
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_formats(formats) -> tuple:
+    formats = tuple(dict.fromkeys(("npy",) + tuple(formats)))        # npy always, order kept, no repeats
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise DumpFormatError(f"unknown dump format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    return formats
+
+
+def manifest_json(manifest: dict) -> str:
+    """Indented JSON with every list of scalars on one line (shapes, per-channel multipliers)."""
+    text = json.dumps(manifest, indent=1)
+    flat = re.sub(r"\[([^\[\]{}]*)\]", lambda m: "[" + re.sub(r"\n\s*", " ", m.group(1)).strip() + "]", text)
+    return flat + "\n"

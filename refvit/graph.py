@@ -1,0 +1,340 @@
+"""The integer DeiT as data: an ordered list of op records, one builder, one interpreter.
+
+`build_graph(config, rounding, scheme)` makes the list of `Op` records (docs/spec.md, Part 3, "Graph");
+`run_graph(graph, constants, x, trace)` executes it with the kernels of `refvit.int_kernels` (or a
+device's own per-op methods, for the conformance suite) and records every output when tracing. Everything
+else is derived from the records: the constants a model needs (`required_constants`), the golden
+manifest's op list (`Op.to_dict`), the conformance suite's block and model cases, and the quantizer's
+calibration walk (the float conv form records its tensors under the same names).
+
+Adding an op: a kernel in `int_kernels.py`, a section in docs/spec.md, a row in `KERNELS`, and a line in
+the builder (plus its constants in `quantize.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
+
+import numpy as np
+
+from . import int_kernels as K
+from .config import DeiTConfig
+from .intmath import ROUNDING_MODES, SINGLE_ROUND
+
+# Layouts (the letters of docs/spec.md): B images, C width, N tokens, Hh heads, D head width, K classes.
+IMAGE = "NCHW (B,C,H,W)"
+TOKENS = "NCHW (B,C,1,N)"
+HEADS = "(B,Hh,D,N)"
+SCORES = "(B,Hh,N,N) [query, key]"
+PREFIX = "NCHW (B,P*C,1,1)"
+LOGITS = "NCHW (B,K,1,1)"
+BATCH = "B"                     # the batch dimension in a record's shape
+
+
+class GraphError(ValueError):
+    """A graph record that cannot be built, read or executed (unknown op, missing tensor, bad shape)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the record
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Op:
+    """One integer op: its output tensor carries its name.
+
+    inputs / constants map the kernel's argument names to tensor / constant names, in the kernel's
+    argument order (so `add`'s operand `a` and `b` are named). attrs are the kernel's keyword arguments.
+    scale / weight_scale name the float64 constants that give the output's real scale and the per-channel
+    real weight scales (reporting only; never read by the integer path); `calibrate` says the quantizer
+    calibrates that scale on the float conv form's tensor of the same name."""
+    name: str
+    op: str                      # op type (the kernel family)
+    variant: str                 # which integerization of it (docs/spec.md); (op, variant) picks the kernel
+    inputs: dict
+    constants: dict
+    attrs: dict
+    dtype: str                   # output dtype
+    shape: tuple                 # output shape, BATCH for the batch dimension
+    layout: str
+    scale: str | None = None
+    weight_scale: str | None = None
+    calibrate: bool = False      # its scale comes from the float model's tensor of the same name
+
+    @property
+    def kernel(self) -> str:
+        """The name of the function that computes it (refvit's, and a DUT's method)."""
+        return kernel_name(self.op, self.variant)
+
+    def shape_for(self, batch: int) -> tuple:
+        return tuple(batch if d == BATCH else d for d in self.shape)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Op":
+        try:
+            return cls(**{**d, "shape": tuple(d["shape"]), "inputs": dict(d["inputs"]),
+                          "constants": dict(d["constants"]), "attrs": dict(d["attrs"])})
+        except (TypeError, KeyError, ValueError) as e:
+            raise GraphError(f"bad op record {str(d)[:120]}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# data movement (no arithmetic)
+# ---------------------------------------------------------------------------------------------
+
+def split_qkv(qkv: np.ndarray, *, part: int, num_heads: int) -> np.ndarray:
+    """(B, 3C, 1, N) -> q (part 0), k (1) or v (2) as (B, Hh, D, N): a channel slice, then split_heads."""
+    C = qkv.shape[1] // 3
+    return K.split_heads(qkv[:, part * C:(part + 1) * C], num_heads)          # (B, Hh, D, N)
+
+
+def gather_prefix(x: np.ndarray, *, num_prefix: int) -> np.ndarray:
+    """(B, C, 1, N) -> (B, P*C, 1, 1): the cls [and dist] token columns stacked along channels."""
+    B, C = x.shape[:2]
+    return np.ascontiguousarray(x[:, :, 0, :num_prefix].transpose(0, 2, 1)).reshape(B, num_prefix * C, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels an op record can name
+# ---------------------------------------------------------------------------------------------
+
+KERNELS = {  # (op, variant) -> reference function; its __name__ is the DUT method that computes it
+    ("conv2d", "w8"): K.conv2d,
+    ("layernorm", "int64"): K.layernorm,
+    ("split_heads", "channels"): split_qkv,
+    ("attention_scores", "int32"): K.attention_scores,
+    ("softmax", "table"): K.softmax,
+    ("attention_context", "int32"): K.attention_context,
+    ("add", "int8"): K.add,
+    ("gelu", "table"): K.gelu,
+    ("concat_tokens", "prefix"): K.concat_tokens,
+    ("gather_prefix", "channels"): gather_prefix,
+}
+DATA_MOVEMENT = ("split_heads", "gather_prefix")   # refvit's own function serves a DUT that lacks them
+
+
+def kernel_name(op: str, variant: str) -> str:
+    try:
+        return KERNELS[(op, variant)].__name__
+    except KeyError:
+        raise GraphError(f"unknown op {op!r} variant {variant!r}; known: "
+                         f"{', '.join(f'{o}/{v}' for o, v in KERNELS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the builder
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scheme:
+    """Which integerization each op family uses (docs/spec.md); today's INT8 scheme is the default."""
+    name: str = "refvit-int8"
+    conv: str = "w8"
+    layernorm: str = "int64"
+    softmax: str = "table"
+    gelu: str = "table"
+    residual: str = "int8"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT_SCHEME = Scheme()
+
+
+@dataclass
+class _Builder:
+    cfg: DeiTConfig
+    rounding: str
+    scheme: Scheme
+    ops: list = field(default_factory=list)
+
+    def add(self, name, op, variant, inputs, constants=(), attrs=None, *, shape, dtype="int8", layout=TOKENS,
+            scale="", weight_scale=None, calibrate=None):
+        """Append a record. constants: {argument: constant name}, or argument names that get the op's name
+        as prefix. scale "" is the op's own calibrated scale `<name>.scale`."""
+        consts = constants if isinstance(constants, dict) else {c: f"{name}.{c}" for c in constants}
+        own = scale == ""
+        self.ops.append(Op(name, op, variant, dict(inputs), consts, dict(attrs or {}), dtype, tuple(shape), layout,
+                           f"{name}.scale" if own else scale, weight_scale, own if calibrate is None else calibrate))
+        return name
+
+    def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None):
+        shape = (BATCH, cout, 1, spatial or self.cfg.num_tokens)
+        return self.add(name, "conv2d", self.scheme.conv, {"x": x}, ("weight", "bias", "multiplier", "shift"),
+                        {"rounding": self.rounding, "out_dtype": dtype}, shape=shape, dtype=dtype, layout=layout,
+                        scale=scale, weight_scale=f"{name}.weight_scale", calibrate=calibrate)
+
+    def layernorm(self, name, x):
+        return self.add(name, "layernorm", self.scheme.layernorm, {"x": x},
+                        {"eps_int": f"{name}.eps_int", "gamma": f"{name}.weight", "bias": f"{name}.bias",
+                         "multiplier": f"{name}.multiplier", "shift": f"{name}.shift"},
+                        {"rounding": self.rounding}, shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens),
+                        weight_scale=f"{name}.weight_scale")
+
+    def residual(self, name, a, b):
+        return self.add(name, "add", self.scheme.residual, {"a": a, "b": b},
+                        ("multiplier_a", "multiplier_b", "shift"),
+                        shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens))
+
+
+def _block(g: _Builder, i: int, x: str) -> str:
+    """One transformer block on tokens x (B, C, 1, N); returns the name of its output."""
+    cfg, b = g.cfg, f"blocks.{i}."
+    C, N, Hh, D = cfg.embed_dim, cfg.num_tokens, cfg.num_heads, cfg.head_dim
+    h = g.layernorm(b + "norm1", x)                                                 # (B, C, 1, N)
+    qkv = g.conv(b + "attn.qkv", h, 3 * C, scale=None)                              # (B, 3C, 1, N), 3 scales
+    q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv}, (),
+                     {"part": j, "num_heads": Hh}, shape=(BATCH, Hh, D, N), layout=HEADS)
+               for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
+    s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, (), shape=(BATCH, Hh, N, N),
+              dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
+    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s},
+              {"multiplier": b + "attn.softmax.multiplier", "shift": b + "attn.softmax.shift",
+               "exp_table": "exp_table"}, {"rounding": g.rounding}, shape=(BATCH, Hh, N, N), layout=SCORES,
+              scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
+    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, ("multiplier", "shift"),
+              {"rounding": g.rounding}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N) = merged heads
+    o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
+    x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
+    h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N)
+    h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N)
+    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h}, {"table": b + "mlp.gelu.table"},
+              shape=(BATCH, cfg.hidden_dim, 1, N))                                  # (B, 4C, 1, N)
+    h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N)
+    return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N)
+
+
+def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = DEFAULT_SCHEME) -> tuple:
+    """The integer DeiT of `cfg` as a tuple of Op records in execution order (input tensor: 'input')."""
+    if rounding not in ROUNDING_MODES:
+        raise GraphError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
+    g = _Builder(cfg, rounding, scheme)
+    C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
+    t = g.conv("patch_embed", "input", C, spatial=Np)                               # (B, C, 1, Np) = (B, C, g, g)
+    t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, {"prefix": "prefix_tokens"},
+              shape=(BATCH, C, 1, N), scale="patch_embed.scale")                    # (B, C, 1, N)
+    x = g.add("embed", "add", g.scheme.residual, {"a": t},
+              {"b": "pos_embed", "multiplier_a": "embed.multiplier_a", "multiplier_b": "embed.multiplier_b",
+               "shift": "embed.shift"}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N)
+    for i in range(cfg.depth):
+        x = _block(g, i, x)
+    x = g.layernorm("norm", x)                                                      # (B, C, 1, N)
+    h = g.add("head_input", "gather_prefix", "channels", {"x": x}, (), {"num_prefix": P},
+              shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
+    g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True)
+    return tuple(g.ops)
+
+
+def graph_from_dicts(records) -> tuple:
+    """Op records as stored in a quantized file or a golden manifest -> a graph (each record checked)."""
+    if not isinstance(records, list) or not records:
+        raise GraphError("a graph is a non-empty list of op records")
+    ops = tuple(Op.from_dict(r) if isinstance(r, dict) else _bad(r) for r in records)
+    seen = {"input"}
+    for op in ops:
+        kernel_name(op.op, op.variant)
+        missing = [t for t in op.inputs.values() if t not in seen]
+        if missing:
+            raise GraphError(f"op {op.name!r} reads {missing[0]!r} before any op writes it")
+        if op.name in seen:
+            raise GraphError(f"op name {op.name!r} is written twice")
+        seen.add(op.name)
+    return ops
+
+
+def _bad(r):
+    raise GraphError(f"an op record must be a JSON object, got {type(r).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# what is derived from a graph
+# ---------------------------------------------------------------------------------------------
+
+BOUNDARY_CONSTANTS = ("input.scale", "logits.scale")   # the float model boundary: quantize_input, dequantize
+
+
+def required_constants(graph) -> list:
+    """Every constant a model with this graph must carry: the ops' integer constants, then the boundary scales."""
+    names = dict.fromkeys(c for op in graph for c in op.constants.values())
+    return list(names) + [c for c in BOUNDARY_CONSTANTS if c not in names]
+
+
+def select_ops(graph, patterns) -> tuple:
+    """The ops whose names match any shell-style pattern ('blocks.0.*', 'head')."""
+    return tuple(op for op in graph if any(fnmatchcase(op.name, p) for p in patterns))
+
+
+def block_graph(graph, index: int) -> tuple:
+    """The records of block `index` alone, in names relative to it ('norm1', 'attn.qkv.weight', ...; shared
+    constants such as 'exp_table' keep theirs); the block's input tensor is 'input'."""
+    prefix = f"blocks.{index}."
+    ops = [op for op in graph if op.name.startswith(prefix)]
+    if not ops:
+        raise GraphError(f"the graph has no block {index}")
+    produced = {op.name for op in ops}
+    outside = {t for op in ops for t in op.inputs.values() if t not in produced}
+    if len(outside) != 1:
+        raise GraphError(f"block {index} reads {sorted(outside)}; expected one input tensor")
+
+    def rel(name):
+        return "input" if name in outside else (name[len(prefix):] if name and name.startswith(prefix) else name)
+    return tuple(replace(op, name=rel(op.name), inputs={a: rel(t) for a, t in op.inputs.items()},
+                         constants={a: rel(c) for a, c in op.constants.items()}, scale=rel(op.scale),
+                         weight_scale=rel(op.weight_scale)) for op in ops)
+
+
+# ---------------------------------------------------------------------------------------------
+# the interpreter
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Trace:
+    """Every tensor of one run, by name, in execution order ('input' first), and the records that made them."""
+    ops: list = field(default_factory=list)
+    tensors: dict = field(default_factory=dict)   # name -> ndarray
+    layouts: dict = field(default_factory=dict)   # name -> layout string
+
+
+def reference_kernels(op: Op):
+    return KERNELS[(op.op, op.variant)]
+
+
+def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None, kernels=reference_kernels,
+              input_layout: str = IMAGE) -> np.ndarray:
+    """Execute the records in order on input x; returns the last op's output.
+
+    Each op calls its kernel with its inputs and constants as keyword arguments and its attrs; the output
+    is reshaped (row-major, same bytes) to the record's shape and checked against its dtype. `kernels`
+    maps a record to the function that computes it (refvit's by default; a DUT's methods in conformance)."""
+    env = {"input": x}
+    last_use = {t: i for i, op in enumerate(graph) for t in op.inputs.values()}   # free tensors when done
+    if trace is not None:
+        trace.tensors["input"], trace.layouts["input"] = x, input_layout
+    batch = x.shape[0]
+    for i, op in enumerate(graph):
+        args = {a: env[t] for a, t in op.inputs.items()}
+        try:
+            args |= {a: constants[c] for a, c in op.constants.items()}
+        except KeyError as e:
+            raise GraphError(f"op {op.name!r} needs constant {e.args[0]!r}, which the model lacks") from None
+        attrs = {k: (np.dtype(v) if k == "out_dtype" else v) for k, v in op.attrs.items()}
+        out = np.asarray(kernels(op)(**args, **attrs))
+        want = op.shape_for(batch)
+        if out.dtype != np.dtype(op.dtype) or out.size != int(np.prod(want)):
+            raise GraphError(f"op {op.name!r} ({op.kernel}) gave {out.dtype} {out.shape}, "
+                             f"its record says {op.dtype} {want}")
+        out = out.reshape(want)                                                     # same bytes, the record's layout
+        env[op.name] = out
+        for t in set(op.inputs.values()):
+            if last_use[t] == i:
+                del env[t]
+        if trace is not None:
+            trace.ops.append(op)
+            trace.tensors[op.name], trace.layouts[op.name] = out, op.layout
+    return out
