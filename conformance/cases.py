@@ -318,6 +318,13 @@ def _softmax_shift33(name, n, mode):
                          _random_exp_table(_rng(name, "/table")))
 
 
+def _softmax_shift40(name, n, mode):
+    """Index = 1.5 d / 2^10 (multiplier 3 * 2^29, shift 40) on random scores: indices over the whole table, the
+    clamp at 255 reached only for d > 2^17 (beyond a 2^16-entry lookup of d), a random table."""
+    return _softmax_case(name, _random_scores(_rng(name), 3, n), mode, _scalar(3 << 29, np.int32),
+                         _scalar(40, np.int8), "index = 1.5 d / 1024", _random_exp_table(_rng(name, "/table")))
+
+
 def _split(rng, total: int, parts: int, cap: int) -> list:
     """total as `parts` non-negative integers <= cap (requires total <= parts * cap), randomly uneven."""
     pieces = [total // parts + (k < total % parts) for k in range(parts)]
@@ -399,7 +406,7 @@ def _softmax_kind(name, kind, n, mode):
     raise ValueError(kind)
 
 
-def _context_case(name, heads, d, n, mode, kind="random"):
+def _context_case(name, heads, d, n, mode, kind="random", shift=None):
     rng = _rng(name)
     if kind == "maxacc":   # p = 127, v = -128 everywhere: acc = -N * 127 * 128
         p, v = np.full((1, heads, n, n), 127, np.int8), np.full((1, heads, d, n), -128, np.int8)
@@ -408,23 +415,29 @@ def _context_case(name, heads, d, n, mode, kind="random"):
         p = K.softmax(_random_scores(rng, heads, n, d), *_softmax_rescale(d), K.make_exp_table())
         v = _i8(rng, (1, heads, d, n))
         acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
-        mult, shift = _rescale(float(_fit_scale(acc, headroom=0.5 if kind == "saturate" else 3.0)))
+        scale = float(_fit_scale(acc, headroom=0.5 if kind == "saturate" else 3.0))
+        if shift is None:
+            mult, shift = _rescale(scale)
+        else:                                   # a given shift (<= 31: the value range is a real precondition)
+            mult, shift = _scalar(round(scale * 2 ** shift), np.int32), _scalar(shift, np.int8)
     return _kernel_case(name, "attention_context", {"p": p, "v": v, "multiplier": mult, "shift": shift},
                         {"rounding": _MODES[mode]})
 
 
-def _context_ties(name, heads, d, n, mode):
+def _context_ties(name, heads, d, n, mode, shift=33):
     """v = 4 (mod 8), each query row of p holds 1 or 3 entries = 1 (mod 8), the rest 0: acc = 4 (mod 8) and
-    multiplier 2^30, shift 33 make every acc/8 a rounding tie (SINGLE and DOUBLE differ on negative ones)."""
+    multiplier 2^30, shift 33 make every acc/8 a rounding tie (SINGLE and DOUBLE differ on negative ones);
+    shift 31: v odd, acc/2 a tie."""
     rng = _rng(name)
-    v = (rng.integers(-16, 16, (1, heads, d, n)) * 8 + 4).astype(np.int8)
+    step, lo = (8, 4) if shift == 33 else (2, 1)
+    v = (rng.integers(-128 // step, 128 // step, (1, heads, d, n)) * step + lo).astype(np.int8)
     p = np.zeros((1, heads, n, n), np.int8)
     for h in range(heads):
         for i in range(n):
             keys = rng.choice(n, 1 + 2 * int(rng.integers(2)), replace=False)
             p[0, h, i, keys] = rng.integers(0, 16, keys.size) * 8 + 1
     return _kernel_case(name, "attention_context", {"p": p, "v": v, "multiplier": _scalar(1 << 30, np.int32),
-                                                    "shift": _scalar(33, np.int8)}, {"rounding": _MODES[mode]},
+                                                    "shift": _scalar(shift, np.int8)}, {"rounding": _MODES[mode]},
                         "every output is a rounding tie")
 
 
@@ -442,6 +455,8 @@ def _attention_specs():
     for mode in _MODES:
         yield f"softmax_n197_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_random_table(n, 197, m)
         yield f"softmax_n64_shift33_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift33(n, 64, m)
+        yield f"softmax_n32_shift40_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift40(
+            n, 32, m)
     yield "softmax_n197_randomtable_int32_single", "softmax", True, lambda n: _softmax_random_table(
         n, 197, "single", np.int32)
     yield "softmax_n16_recip_ties_designedtable_single", "softmax", True, lambda n: _softmax_recip_ties(n, 16)
@@ -457,6 +472,10 @@ def _attention_specs():
     for mode in _MODES:
         yield f"attention_context_ties_h2_d8_n16_shift33_{mode}", "attention_context", True, \
             lambda n, m=mode: _context_ties(n, 2, 8, 16, m)
+    yield "attention_context_h3_d64_n197_shift31_single", "attention_context", True, lambda n: _context_case(
+        n, 3, 64, 197, "single", shift=31)
+    yield "attention_context_ties_h2_d8_n16_shift31_single", "attention_context", True, lambda n: _context_ties(
+        n, 2, 8, 16, "single", 31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,13 +549,15 @@ def _layernorm_case(name, c, n, mode, kind="random", x=None):
 # is visible: gamma = +-8, bias = 4, multiplier 2^30, shift 33 give out = round(+-t + 1/2), itself a rounding
 # tie in every element (SINGLE_ROUND: +-t + 1; DOUBLE_ROUND: away from zero). Needs |t| <= 126.
 
-def _layernorm_exposed(name, x, eps_int, mode, note):
+def _layernorm_exposed(name, x, eps_int, mode, note, shift=33):
+    """shift 33: gamma +-8, bias 4 (acc/8 a tie); shift 31: gamma +-2, bias 1 (acc/2 a tie, both modes agree)."""
     c = x.shape[1]
     t = K.layernorm_normalize(x, eps_int)
     assert int(np.abs(t).max()) <= 126, f"{name}: |t| = {int(np.abs(t).max())} would saturate"
-    gamma = np.where(_rng(name, "/constants").integers(0, 2, c) == 0, -8, 8).astype(np.int8)
-    inputs = {"x": x, "eps_int": _scalar(eps_int, np.int64), "gamma": gamma, "bias": np.full(c, 4, np.int32),
-              "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, 33, np.int8)}
+    g = 1 << (shift - 30)
+    gamma = np.where(_rng(name, "/constants").integers(0, 2, c) == 0, -g, g).astype(np.int8)
+    inputs = {"x": x, "eps_int": _scalar(eps_int, np.int64), "gamma": gamma, "bias": np.full(c, g // 2, np.int32),
+              "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, shift, np.int8)}
     return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]}, note)
 
 
@@ -566,8 +587,8 @@ def _layernorm_domain_edge(name, c, n, eps_int, mode):
     return _layernorm_exposed(name, x, eps_int, mode, "largest C and eps_int")
 
 
-def _layernorm_big_eps(name, c, n, eps_int, mode):
-    return _layernorm_exposed(name, _i8(_rng(name), (1, c, 1, n)), eps_int, mode, "eps_int keeps |t| small")
+def _layernorm_big_eps(name, c, n, eps_int, mode, shift=33):
+    return _layernorm_exposed(name, _i8(_rng(name), (1, c, 1, n)), eps_int, mode, "eps_int keeps |t| small", shift)
 
 
 def _concat_case(name, p, c, n, b):
@@ -601,15 +622,18 @@ def _elementwise_specs():
             n, K.MAX_LN_CHANNELS, 8, K.MAX_LN_EPS_INT, m)
         yield f"layernorm_eps2p50_c192_n197_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_big_eps(
             n, 192, 197, 1 << 50, m)
+    yield "layernorm_eps2p50_c192_n197_shift31_single", "layernorm", True, lambda n: _layernorm_big_eps(
+        n, 192, 197, 1 << 50, "single", 31)
     # q = r^2 - 1, isqrt = r - 1. r = 2^17: inv = 2^23 + 64, just below the ties for d < 0, above for d > 0;
     # r = 67109 (not a power of two): t(r - 1) != t(r) for d = -64
     yield "layernorm_squareminus1_r131072_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
         n, 192, 16, 97, lambda r: r * r - 1, 1 << 17, "single", "q = r^2 - 1, t next to ties")
     yield "layernorm_squareminus1_r67109_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
         n, 192, 16, 64, lambda r: r * r - 1, 67109, "single", "q = r^2 - 1, t(r - 1) != t(r)")
-    # r = 1023 * 2^20 (q > 2^53): float64 sqrt(r^2 - 1) rounds to r, isqrt is r - 1; inv 1025 vs 1024 moves t
-    yield "layernorm_squareminus1_r1072694272_c4096_n4_single", "layernorm", True, lambda n: _layernorm_two_level(
-        n, 4096, 4, 64, lambda r: r * r - 1, 1023 << 20, "single", "q = r^2 - 1 above 2^53", step=128)
+    # r = ceil(2^40 / 1026) (q > 2^53): float64 sqrt(r^2 - 1) rounds to r (float32: r + 7) but isqrt is r - 1,
+    # and inv = 2^40 // (r - 1) = 1026 where r would give 1025: t moves
+    yield "layernorm_squareminus1_r1071648761_c4096_n4_single", "layernorm", True, lambda n: _layernorm_two_level(
+        n, 4096, 4, 68, lambda r: r * r - 1, 1071648761, "single", "q = r^2 - 1 above 2^53", step=128)
     # sum_c d^2 = 300 * 3796 * 4096, just above 2^32: needs a 33-bit accumulator
     yield "layernorm_sumsq_above2p32_c4096_n4_single", "layernorm", True, lambda n: _layernorm_case(
         n, 4096, 4, "single", x=_two_level(_rng(n, "/x"), 4096, 4, 300))

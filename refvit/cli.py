@@ -17,7 +17,7 @@ from .checkpoints import CheckpointError
 from .config import ConfigError
 from .dumpfmt import FORMATS, DumpFormatError, check_formats
 from .functional import softmax
-from .graph import GraphError
+from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
 from .preprocess import PRESETS, ImageError, PreprocessError, open_image
@@ -79,6 +79,9 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                        help=f"the percentile for --method percentile (default {DEFAULT_PERCENTILE})")
         p.add_argument("--rounding", choices=ROUNDING_MODES,
                        help="requantization rounding: TOSA SINGLE_ROUND (default) or gemmlowp DOUBLE_ROUND")
+        p.add_argument("--scheme", metavar="NAME_OR_JSON",
+                       help=f"integer scheme for quantizing: {' | '.join(SCHEMES)} | FILE.json (see `refvit schemes`; "
+                            "default refvit-int8)")
 
 
 def _check_model_args(args) -> None:
@@ -98,7 +101,8 @@ def resolve_from_args(args, *, int8: bool, form: str = "conv", calib_fallback=No
                          calib=getattr(args, "calib", None), calib_fallback=calib_fallback,
                          method=getattr(args, "method", DEFAULT_METHOD),
                          percentile=getattr(args, "percentile", DEFAULT_PERCENTILE),
-                         rounding=getattr(args, "rounding", None), max_images=max_images, progress=progress)
+                         rounding=getattr(args, "rounding", None), max_images=max_images, progress=progress,
+                         scheme=resolve_scheme(args.scheme) if getattr(args, "scheme", None) else None)
 
 
 def describe(r: Resolved) -> dict:
@@ -328,6 +332,77 @@ def run_check(args) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------- eval
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="an ImageFolder tree, a folder with labels.json/.txt/.csv, or a "
+                   "Fashion-MNIST .npz (images, labels)")
+    add_model_args(p)
+    p.add_argument("--int8", action="store_true", help="also run the integer model (implied by --model)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="local worker processes (default 1)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask distributed cluster (pip install "
+                   "'refvit[dask]'), e.g. tcp://10.0.0.1:8786")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run_eval(args) -> int:
+    """evaluate a data set: float and integer top-1 and their agreement, streamed, on local or Dask workers"""
+    from .evaluate import evaluate, open_dataset
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    if args.scheduler and args.workers != 1:
+        raise UsageError("--workers is for local processes; a --scheduler cluster has its own workers")
+    data = open_dataset(args.data, args.limit)
+    r = resolve_from_args(args, int8=args.int8 or args.model is not None, form="token")
+    if int(data.labels.max(initial=0)) >= r.config.num_classes or int(data.labels.min(initial=0)) < 0:
+        raise UsageError(f"{args.data}: labels run up to {int(data.labels.max())}, the model has "
+                         f"{r.config.num_classes} classes")
+    show = progress_printer(f"evaluating {len(data)} images", args.quiet)
+    res = evaluate(r, data, workers=args.workers, scheduler=args.scheduler, progress=show)
+    if show and sys.stderr.isatty():
+        print(file=sys.stderr)
+    res["model"] = {"source": r.source, "notes": r.notes,
+                    "int8": r.qm.metadata() if r.qm is not None else None}
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    pct = (lambda v: "-" if v is None else f"{100 * v:.2f}%")
+    print(f"{res['images']} images of {args.data} ({res['dataset']['kind']}) in {res['seconds']} s")
+    print(f"float top-1 {pct(res['float_top1'])}   integer top-1 {pct(res['int_top1'])}   "
+          f"agreement {pct(res['agreement'])}")
+    if res.get("int_predictions_sha256"):
+        print(f"integer predictions sha256 {res['int_predictions_sha256']}")
+    return 0
+
+
+# ---------------------------------------------------------------- schemes
+
+def add_schemes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="a JSON list of objects: name, choices, note")
+
+
+def run_schemes(args) -> int:
+    """list the named integer schemes and what each one chooses"""
+    rows = [{"name": name, **{k: v for k, v in sc.to_dict().items() if k != "name"}, "note": SCHEME_NOTES[name]}
+            for name, sc in SCHEMES.items()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    keys = ("conv", "layernorm", "softmax", "gelu", "residual")
+    print(f"{'name':16}" + "".join(f"{k:11}" for k in keys) + "note")
+    for r in rows:
+        extra = (f" (pot_fraction {r['pot_fraction']})" if r["conv"] == "mixed-pot" else "") + \
+                (f" (gelu_delta {r['gelu_delta']})" if r["gelu_delta"] != 1.0 else "")
+        print(f"{r['name']:16}" + "".join(f"{r[k]:11}" for k in keys) + r["note"] + extra)
+    print("\nA JSON file with these keys (any subset; the rest default to refvit-int8's) is a scheme too: "
+          "quantize --scheme my_scheme.json")
+    return 0
+
+
 # ---------------------------------------------------------------- registration and entry point
 
 COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
@@ -336,6 +411,8 @@ COMMANDS = [  # (name, add its arguments, run it); the run function's docstring 
     ("quantize", add_quantize_args, run_quantize),
     ("golden", add_golden_args, run_golden),
     ("check", add_check_args, run_check),
+    ("eval", add_eval_args, run_eval),
+    ("schemes", add_schemes_args, run_schemes),
 ]
 
 

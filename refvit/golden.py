@@ -16,7 +16,7 @@ import refvit
 
 from . import int_model
 from .dumpfmt import HEX_DIGITS, check_formats, jsonable, manifest_json, sha256_bytes, write_array
-from .quantize import SCHEME, QuantizedModel
+from .quantize import QuantizedModel
 
 SCHEMA = "refvit-golden"
 SCHEMA_VERSION = 2
@@ -70,7 +70,7 @@ def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), 
     manifest = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "refvit_version": refvit.__version__,
         "model": {"config": qm.config.to_dict(), "head_mode": qm.head_mode, "source": model_source or {}},
-        "quantization": {"scheme": SCHEME, "scheme_choices": qm.scheme.to_dict(), "rounding": qm.rounding,
+        "quantization": {"scheme": qm.scheme.name, "scheme_choices": qm.scheme.to_dict(), "rounding": qm.rounding,
                          "calibration": jsonable(qm.calibration)},
         "input": {"tensor": "input", "dtype": xq.dtype.name, "shape": list(xq.shape),
                   "scale": float(qm.tensors["input.scale"]), "sha256_int8": sha256_bytes(input_bytes),

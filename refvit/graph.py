@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from . import int_kernels as K
+from . import int_kernels_variants as KV
 from .config import DeiTConfig
 from .intmath import ROUNDING_MODES, SINGLE_ROUND
 
@@ -105,15 +106,31 @@ def gather_prefix(x: np.ndarray, *, num_prefix: int) -> np.ndarray:
 
 KERNELS = {  # (op, variant) -> reference function; its __name__ is the DUT method that computes it
     ("conv2d", "w8"): K.conv2d,
+    ("conv2d", "w4"): KV.conv2d_w4,
+    ("conv2d", "mixed-pot"): KV.conv2d_mixed_pot,
     ("layernorm", "int64"): K.layernorm,
+    ("layernorm", "int32"): KV.layernorm_int32,
+    ("layernorm", "wide"): KV.layernorm_wide,
     ("split_heads", "channels"): split_qkv,
     ("attention_scores", "int32"): K.attention_scores,
     ("softmax", "table"): K.softmax,
+    ("softmax", "poly"): KV.softmax_poly,
+    ("softmax", "shift"): KV.softmax_shift,
     ("attention_context", "int32"): K.attention_context,
     ("add", "int8"): K.add,
+    ("add", "int16"): KV.add_wide,
     ("gelu", "table"): K.gelu,
+    ("gelu", "poly"): KV.gelu_poly,
+    ("gelu", "shift"): KV.gelu_shift,
     ("concat_tokens", "prefix"): K.concat_tokens,
     ("gather_prefix", "channels"): gather_prefix,
+}
+# the constants each variant takes besides the op's own (argument names; the builder prefixes the op name)
+VARIANT_CONSTANTS = {
+    ("conv2d", "mixed-pot"): ("pot_rows",),
+    ("layernorm", "int32"): ("eps_shift",),
+    ("gelu", "poly"): ("c_b", "c_c", "c_1", "erf_shift", "multiplier", "shift"),
+    ("gelu", "shift"): ("multiplier_in", "shift_in", "multiplier", "shift"),
 }
 DATA_MOVEMENT = ("split_heads", "gather_prefix")   # refvit's own function serves a DUT that lacks them
 
@@ -132,19 +149,85 @@ def kernel_name(op: str, variant: str) -> str:
 
 @dataclass(frozen=True)
 class Scheme:
-    """Which integerization each op family uses (docs/spec.md); today's INT8 scheme is the default."""
+    """Which integerization each op family uses (docs/spec.md, Parts 2 and 4); today's INT8 scheme is the default.
+
+    conv: the weights of the block convs (qkv, proj, fc1, fc2; the patch embedding and the head stay w8):
+    w8 | w4 | mixed-pot (with `pot_fraction` of each layer's rows as powers of two). layernorm: int64 | int32
+    | wide (int64, int8 or int16 input). softmax and gelu: table | poly | shift (gelu poly with `gelu_delta`).
+    residual: the residual stream, int8 | int16 (the adds' outputs and the LayerNorms' inputs)."""
     name: str = "refvit-int8"
     conv: str = "w8"
     layernorm: str = "int64"
     softmax: str = "table"
     gelu: str = "table"
     residual: str = "int8"
+    pot_fraction: float = 0.0
+    gelu_delta: float = 1.0
+
+    def __post_init__(self):
+        for op, variant in (("conv2d", self.conv), ("layernorm", self.layernorm), ("softmax", self.softmax),
+                            ("gelu", self.gelu), ("add", self.residual)):
+            if (op, variant) not in KERNELS:
+                known = [v for o, v in KERNELS if o == op]
+                raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {known}")
+        if self.residual == "int16" and self.layernorm == "int64":
+            raise GraphError(f"scheme {self.name!r}: an int16 residual stream needs a LayerNorm that reads int16 "
+                             f"(layernorm 'wide' or 'int32')")
+        if not (isinstance(self.pot_fraction, (int, float)) and 0 <= self.pot_fraction <= 1):
+            raise GraphError(f"scheme {self.name!r}: pot_fraction must be in [0, 1], got {self.pot_fraction!r}")
+        if not (isinstance(self.gelu_delta, (int, float)) and 0 < self.gelu_delta <= 4):
+            raise GraphError(f"scheme {self.name!r}: gelu_delta must be in (0, 4], got {self.gelu_delta!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Scheme":
+        if not isinstance(d, dict):
+            raise GraphError(f"a scheme is a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise GraphError(f"unknown scheme keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
 
 DEFAULT_SCHEME = Scheme()
+SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`)
+    DEFAULT_SCHEME,
+    Scheme("ibert", layernorm="int32", softmax="poly", gelu="poly"),
+    Scheme("ivit", softmax="shift", gelu="shift"),
+    Scheme("int16-residual", layernorm="wide", residual="int16"),
+    Scheme("w4a8", conv="w4"),
+    Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
+)}
+SCHEME_NOTES = {
+    "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
+    "ibert": "I-BERT: i-GELU and i-exp (second-order polynomials), LayerNorm with 32-bit intermediates",
+    "ivit": "I-ViT: ShiftGELU and Shiftmax (exp through shifts)",
+    "int16-residual": "int16 residual stream (symmetric per tensor), as TFLite's 16x8 mode; int64 LayerNorm on int16",
+    "w4a8": "4-bit weights [-7, 7] per channel in the block convs (operand reordering: one requantization after)",
+    "mixed-pot": "Auto-ViT-Acc: half of each block conv's rows as signed powers of two, the rest int8",
+}
+
+
+def resolve_scheme(spec) -> Scheme:
+    """A named scheme, a JSON file describing one, a dict, or a Scheme."""
+    import json
+    from pathlib import Path
+    if isinstance(spec, Scheme):
+        return spec
+    if isinstance(spec, dict):
+        return Scheme.from_dict(spec)
+    if spec in SCHEMES:
+        return SCHEMES[spec]
+    path = Path(str(spec))
+    if path.suffix.lower() != ".json":
+        raise GraphError(f"unknown scheme {spec!r}: give one of {', '.join(SCHEMES)}, or a .json file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GraphError(f"cannot read scheme file {path}: {e}") from None
+    return Scheme.from_dict({"name": path.stem, **d} if isinstance(d, dict) else d)
 
 
 @dataclass
@@ -164,22 +247,30 @@ class _Builder:
                            f"{name}.scale" if own else scale, weight_scale, own if calibrate is None else calibrate))
         return name
 
-    def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None):
+    def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
+             variant=None):
         shape = (BATCH, cout, 1, spatial or self.cfg.num_tokens)
-        return self.add(name, "conv2d", self.scheme.conv, {"x": x}, ("weight", "bias", "multiplier", "shift"),
-                        {"rounding": self.rounding, "out_dtype": dtype}, shape=shape, dtype=dtype, layout=layout,
-                        scale=scale, weight_scale=f"{name}.weight_scale", calibrate=calibrate)
+        variant = variant or self.scheme.conv
+        consts = ("weight", "bias", "multiplier", "shift") + VARIANT_CONSTANTS.get(("conv2d", variant), ())
+        return self.add(name, "conv2d", variant, {"x": x}, consts, {"rounding": self.rounding, "out_dtype": dtype},
+                        shape=shape, dtype=dtype, layout=layout, scale=scale, weight_scale=f"{name}.weight_scale",
+                        calibrate=calibrate)
 
     def layernorm(self, name, x):
-        return self.add(name, "layernorm", self.scheme.layernorm, {"x": x},
-                        {"eps_int": f"{name}.eps_int", "gamma": f"{name}.weight", "bias": f"{name}.bias",
-                         "multiplier": f"{name}.multiplier", "shift": f"{name}.shift"},
-                        {"rounding": self.rounding}, shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens),
-                        weight_scale=f"{name}.weight_scale")
+        v = self.scheme.layernorm
+        consts = {"eps_int": f"{name}.eps_int", **{c: f"{name}.{c}" for c in VARIANT_CONSTANTS.get(("layernorm", v), ())},
+                  "gamma": f"{name}.weight", "bias": f"{name}.bias", "multiplier": f"{name}.multiplier",
+                  "shift": f"{name}.shift"}
+        return self.add(name, "layernorm", v, {"x": x}, consts, {"rounding": self.rounding},
+                        shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens), weight_scale=f"{name}.weight_scale")
 
-    def residual(self, name, a, b):
-        return self.add(name, "add", self.scheme.residual, {"a": a, "b": b},
-                        ("multiplier_a", "multiplier_b", "shift"),
+    def residual(self, name, a, b, b_constant=False):
+        """a + b at the residual stream's width; b a tensor, or (b_constant) a constant's name."""
+        v = self.scheme.residual
+        consts = {c: f"{name}.{c}" for c in ("multiplier_a", "multiplier_b", "shift")}
+        attrs = {"out_dtype": "int16"} if v == "int16" else {}
+        return self.add(name, "add", v, {"a": a} if b_constant else {"a": a, "b": b},
+                        ({"b": b} | consts) if b_constant else consts, attrs, dtype="int16" if v == "int16" else "int8",
                         shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens))
 
 
@@ -194,9 +285,10 @@ def _block(g: _Builder, i: int, x: str) -> str:
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
     s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, (), shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
+    table = {"exp_table": "exp_table"} if g.scheme.softmax == "table" else {}
     p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s},
-              {"multiplier": b + "attn.softmax.multiplier", "shift": b + "attn.softmax.shift",
-               "exp_table": "exp_table"}, {"rounding": g.rounding}, shape=(BATCH, Hh, N, N), layout=SCORES,
+              {"multiplier": b + "attn.softmax.multiplier", "shift": b + "attn.softmax.shift", **table},
+              {"rounding": g.rounding}, shape=(BATCH, Hh, N, N), layout=SCORES,
               scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
     o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, ("multiplier", "shift"),
               {"rounding": g.rounding}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N) = merged heads
@@ -204,8 +296,9 @@ def _block(g: _Builder, i: int, x: str) -> str:
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N)
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N)
-    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h}, {"table": b + "mlp.gelu.table"},
-              shape=(BATCH, cfg.hidden_dim, 1, N))                                  # (B, 4C, 1, N)
+    gv = g.scheme.gelu
+    h = g.add(b + "mlp.gelu", "gelu", gv, {"x": h}, VARIANT_CONSTANTS.get(("gelu", gv), ("table",)),
+              {} if gv == "table" else {"rounding": g.rounding}, shape=(BATCH, cfg.hidden_dim, 1, N))  # (B, 4C, 1, N)
     h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N)
     return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N)
 
@@ -216,18 +309,17 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
         raise GraphError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
     g = _Builder(cfg, rounding, scheme)
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
-    t = g.conv("patch_embed", "input", C, spatial=Np)                               # (B, C, 1, Np) = (B, C, g, g)
+    t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
     t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, {"prefix": "prefix_tokens"},
               shape=(BATCH, C, 1, N), scale="patch_embed.scale")                    # (B, C, 1, N)
-    x = g.add("embed", "add", g.scheme.residual, {"a": t},
-              {"b": "pos_embed", "multiplier_a": "embed.multiplier_a", "multiplier_b": "embed.multiplier_b",
-               "shift": "embed.shift"}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N)
+    x = g.residual("embed", t, "pos_embed", b_constant=True)                        # (B, C, 1, N)
     for i in range(cfg.depth):
         x = _block(g, i, x)
     x = g.layernorm("norm", x)                                                      # (B, C, 1, N)
     h = g.add("head_input", "gather_prefix", "channels", {"x": x}, (), {"num_prefix": P},
               shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
-    g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True)
+    g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True,
+           variant="w8")
     return tuple(g.ops)
 
 

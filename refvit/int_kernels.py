@@ -23,9 +23,9 @@ from functools import lru_cache
 import numpy as np
 
 from refvit.intmath import (
-    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _matmul_args, _matmul_exact, _round_shift, _rounding_terms,
-    _scale_into, apply_scale, int_matmul, int_range, isqrt, requantize, round_half_away_from_zero,
-    rounding_shift_right, saturate,
+    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _round_shift, _rounding_terms, _scale_into, apply_scale,
+    int_matmul, int_matmul_exact, int_range, isqrt, requantize, round_half_away_from_zero, rounding_shift_right,
+    saturate,
 )
 
 INT32_MAX = (1 << 31) - 1
@@ -199,9 +199,7 @@ def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
     cols = (x.reshape(b, cin, ho, k, wo, k)
              .transpose(1, 3, 5, 0, 2, 4)
              .reshape(terms, b * ho * wo))                        # (Cin*k*k, B*Ho*Wo), (c, u, v) order
-    wmat = weight.reshape(cout, terms)
-    a, c, amax, cmax, kk = _matmul_args(wmat, cols)
-    g = _matmul_exact(a, c, amax, cmax, kk)                       # (Cout, B*Ho*Wo), |.| <= terms*128*127 < 2^30
+    g = int_matmul_exact(weight.reshape(cout, terms), cols)       # (Cout, B*Ho*Wo), |.| <= terms*128*127 < 2^30
     return g, (b, cout, ho, wo)
 
 
@@ -282,8 +280,8 @@ def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     _check_heads(q, k, fn, "q", "k")
     if q.shape[2] > MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim D = {q.shape[2]} exceeds {MAX_HEAD_DIM} (accumulator bound)")
-    a, b, amax, bmax, kk = _matmul_args(np.swapaxes(q, 2, 3), k)    # (B, Hh, N, D) @ (B, Hh, D, N)
-    return _matmul_exact(a, b, amax, bmax, kk).astype(np.int32)     # exact integers, |s| <= 2^30
+    s = int_matmul_exact(np.swapaxes(q, 2, 3), k)                   # (B, Hh, N, D) @ (B, Hh, D, N)
+    return s.astype(np.int32)                                       # exact integers, |s| <= 2^30
 
 
 def make_exp_table() -> np.ndarray:
@@ -400,8 +398,7 @@ def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND) 
         raise ValueError(f"{fn}: N = {n} exceeds {MAX_TOKENS} (accumulator bound)")
     _require_range(p, 0, PROB_ONE, fn, "p (probabilities at scale 1/127)")
     multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
-    a, b, amax, bmax, kk = _matmul_args(v, np.swapaxes(p, 2, 3))    # (B, Hh, D, N) @ (B, Hh, N, N)
-    acc = _matmul_exact(a, b, amax, bmax, kk)                     # exact integers, |.| <= N*127*128 < 2^30
+    acc = int_matmul_exact(v, np.swapaxes(p, 2, 3))               # (B, Hh, D, N) @ (B, Hh, N, N), |.| <= N*127*128
     m, s = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
     _check_scale_args(np.zeros(1, np.int32), m, s, rounding, "apply_scale")
     if shift <= 31:  # value < 2^(shift-1) is a real precondition here: check it on the actual acc

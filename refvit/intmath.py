@@ -299,26 +299,36 @@ def _check_scale_float(scale, fn: str, name: str, allow_zero: bool = True) -> Fr
     return Fraction(s)  # exact value of the double
 
 
+def _round_half_up_scaled(num: int, den: int, k: int) -> int:
+    """floor(num/den * 2^k + 1/2) for integers num >= 0, den > 0, any k: exact (Python integers)."""
+    n, d = (num << k, den) if k >= 0 else (num, den << -k)
+    return (2 * n + d) // (2 * d)
+
+
 def quantize_multiplier(scale: float) -> tuple[int, int]:
     """scale ~= multiplier * 2^-shift with multiplier in [2^30, 2^31), 2 <= shift <= 62 (TOSA/TFLite encoding).
 
-    The mantissa is rounded half-up exactly (Fraction arithmetic); a mantissa that rounds up to 2^31
-    becomes 2^30 with the shift reduced by one; powers of two are exact. Scales below 2^-32 would need
-    shift > 62: they get shift = 62 and multiplier = round_half_up(scale * 2^62) (one rounding of the
-    exact scale, so multiplier < 2^30 and possibly 0). scale == 0 -> (0, 62), the limit of tiny scales.
-    scale >= 2^29 - 2^-3 (needs shift < 2), negative, NaN or inf -> ValueError.
+    The mantissa is rounded half-up exactly (integer arithmetic on the double's exact ratio
+    num / 2^j); a mantissa that rounds up to 2^31 becomes 2^30 with the shift reduced by one; powers of
+    two are exact. Scales below 2^-32 would need shift > 62: they get shift = 62 and multiplier =
+    round_half_up(scale * 2^62) (one rounding of the exact scale, so multiplier < 2^30 and possibly 0).
+    scale == 0 -> (0, 62), the limit of tiny scales. scale >= 2^29 - 2^-3 (needs shift < 2), negative,
+    NaN or inf -> ValueError.
     """
     fn = "quantize_multiplier"
-    exact = _check_scale_float(scale, fn, "scale")
-    if exact == 0:
+    s = float(scale)
+    if not (math.isfinite(s) and s >= 0):
+        _check_scale_float(scale, fn, "scale")                # raises, naming the problem
+    if s == 0:
         return 0, 62
-    _, e = math.frexp(float(scale))                       # scale = m * 2^e, m in [0.5, 1)
-    multiplier = _round_half_up(exact * Fraction(2) ** (31 - e))
+    num, den = s.as_integer_ratio()                       # scale == num / den exactly
+    _, e = math.frexp(s)                                  # scale = m * 2^e, m in [0.5, 1)
+    multiplier = _round_half_up_scaled(num, den, 31 - e)
     shift = 31 - e
     if multiplier == 1 << 31:                             # mantissa rounded up to 1.0
         multiplier, shift = 1 << 30, shift - 1
     if shift > 62:                                        # tiny scale: clamp the shift, round once
-        multiplier, shift = _round_half_up(exact * 2 ** 62), 62
+        multiplier, shift = _round_half_up_scaled(num, den, 62), 62
     if shift < 2:
         raise ValueError(f"{fn}: scale {scale!r} too large: needs shift {shift} < 2 (scale must be < 2^29 - 2^-3)")
     return multiplier, shift
@@ -346,6 +356,8 @@ def round_half_away_from_zero(x) -> np.ndarray:
     """Round floats to the nearest integer, ties away from zero, as int64 (np.round is half-to-even).
 
     Exact: floor(|x|) and |x| - floor(|x|) are exact in floating point, so no 0.49999... -> 1 error.
+    Computed in x's float dtype, block by block; the finiteness test (min and max are finite) and the
+    overflow test (|x| rounds to >= 2^63, decided on max|x| since the rounding is monotone) come first.
     """
     fn = "round_half_away_from_zero"
     x = np.asarray(x)
@@ -353,14 +365,29 @@ def round_half_away_from_zero(x) -> np.ndarray:
         return _int64(x, fn, "x")
     if x.dtype.kind != "f":
         raise TypeError(f"{fn}: x must be a float array, got dtype {x.dtype}")
-    if x.size and not np.all(np.isfinite(x)):
+    out = np.empty(x.shape, np.int64)
+    if x.size == 0:
+        return out
+    lo, hi = x.min(), x.max()
+    if not (np.isfinite(lo) and np.isfinite(hi)):             # NaN propagates through min/max
         raise ValueError(f"{fn}: x must be finite (no NaN/inf)")
-    mag = np.abs(x)
-    whole = np.floor(mag)
-    rounded = whole + (mag - whole >= 0.5)              # exact: integers, |value| checked below
-    if rounded.size and float(rounded.max()) >= 2.0 ** 63:
+    top = max(-lo, hi)                                        # max |x|, in x's dtype
+    if float(np.floor(top) + (top - np.floor(top) >= 0.5)) >= 2.0 ** 63:
         raise OverflowError(f"{fn}: |x| rounds to >= 2^63, does not fit int64")
-    return np.asarray(np.where(x < 0, -rounded.astype(np.int64), rounded.astype(np.int64)), dtype=np.int64)
+    shape = x.shape
+    if x.ndim == 0:
+        x, out = x.reshape(1), out.reshape(1)
+    mag, whole = (np.empty(min(BLOCK, x.size), x.dtype) for _ in range(2))
+    for idx in _blocks(x.shape):
+        xb, o = x[idx], out[idx]
+        m, w = mag[:o.size].reshape(o.shape), whole[:o.size].reshape(o.shape)
+        np.abs(xb, out=m)
+        np.floor(m, out=w)
+        np.subtract(m, w, out=m)                              # exact fractional part
+        np.add(w, m >= 0.5, out=w)                            # exact: integers below 2^63 (checked)
+        np.copysign(w, xb, out=w)
+        np.copyto(o, w, casting="unsafe")                     # integer-valued, |.| < 2^63: exact
+    return out.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,5 +497,14 @@ def int_matmul(a, b) -> np.ndarray:
     and 2^53; if even one product exceeds 2^53 the product is done in int64 (after checking
     K*max|a|*max|b| <= 2^63 - 1).
     """
+    return int_matmul_exact(a, b).astype(np.int64, copy=False)
+
+
+def int_matmul_exact(a, b) -> np.ndarray:
+    """int_matmul's exact product (same checks, same errors) without the final int64 conversion: an array
+    whose values ARE the integers a @ b, float32 (all |values| <= 2^24), float64 (<= 2^53) or int64.
+
+    The integer kernels use it to consume the GEMM output where BLAS wrote it (one conversion fewer).
+    """
     a, b, amax, bmax, k = _matmul_args(a, b)
-    return _matmul_exact(a, b, amax, bmax, k).astype(np.int64, copy=False)
+    return _matmul_exact(a, b, amax, bmax, k)

@@ -60,7 +60,7 @@ def load_quantized(path) -> QuantizedModel:
         cfg = DeiTConfig.from_dict(m["config"])
         for name in m.get("scalars", []):
             tensors[name] = tensors[name].reshape(())
-        scheme = Scheme(**m["scheme_choices"]) if "scheme_choices" in m else Scheme()
+        scheme = Scheme.from_dict(m["scheme_choices"]) if "scheme_choices" in m else Scheme()
         graph = graph_from_dicts(m["graph"]) if version >= 2 else ()
         qm = QuantizedModel(cfg, m["head_mode"], m["rounding"], m.get("calibration", {}), tensors, graph, scheme)
     except (ValueError, KeyError, TypeError, ConfigError, GraphError) as e:

@@ -19,12 +19,12 @@ import numpy as np
 
 from . import int_kernels as K
 from . import graph as G
+from . import int_kernels_variants as KV
 from . import model_conv
 from .config import DeiTConfig
 from .intmath import (ROUNDING_MODES, SINGLE_ROUND, int_range, quantize_add_multipliers, quantize_multiplier,
                       round_half_away_from_zero, saturate)
 
-SCHEME = "int8 symmetric: weights per output channel [-127,127], activations per tensor; int32 bias; int16 logits"
 CALIBRATION_METHODS = ("max", "percentile")
 DEFAULT_PERCENTILE = 99.99
 LOGIT_DTYPE = np.int16
@@ -60,7 +60,8 @@ class QuantizedModel:
 
     def metadata(self) -> dict:
         return {"format": "refvit-int8", "config": self.config.to_dict(), "head_mode": self.head_mode,
-                "rounding": self.rounding, "scheme": SCHEME, "scheme_choices": self.scheme.to_dict(),
+                "rounding": self.rounding, "scheme": self.scheme.name, "scheme_choices": self.scheme.to_dict(),
+                "scheme_note": G.SCHEME_NOTES.get(self.scheme.name, "a custom scheme"),
                 "calibration": self.calibration}
 
 
@@ -140,9 +141,22 @@ def _per_channel_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _quantize_tensor(w, s_w.reshape(-1, *[1] * (w.ndim - 1)), np.int8), s_w
 
 
-def _conv_constants(name, w, b, s_in: float, s_out, out_dtype=np.int8) -> dict:
-    """int8 weight, int32 bias at s_in*s_w, and the per-channel rescale s_in*s_w/s_out of one conv."""
-    wq, s_w = _per_channel_weight(w)
+def _weights_of(variant: str, scheme: G.Scheme):
+    """The offline weight quantizer of a conv variant: w -> (int8 codes, per-channel scales, extra constants)."""
+    if variant == "w8":
+        return lambda w: (*_per_channel_weight(w), {})
+    if variant == "w4":
+        return lambda w: (*KV.per_channel_weight_w4(w), {})
+
+    def mixed_pot(w):
+        codes, scales, pot_rows = KV.per_channel_weight_mixed_pot(w, scheme.pot_fraction)
+        return codes, scales, {"pot_rows": pot_rows}
+    return mixed_pot
+
+
+def _conv_constants(name, w, b, s_in: float, s_out, out_dtype=np.int8, weights=None) -> dict:
+    """int8 weight codes, int32 bias at s_in*s_w, and the per-channel rescale s_in*s_w/s_out of one conv."""
+    wq, s_w, extra = (weights or (lambda w: (*_per_channel_weight(w), {})))(w)
     s_acc = s_in * s_w                                                             # (Cout,)
     bias = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64)
     bq = round_half_away_from_zero(bias / s_acc)
@@ -152,7 +166,7 @@ def _conv_constants(name, w, b, s_in: float, s_out, out_dtype=np.int8) -> dict:
         raise QuantizationError(f"{name}: bias does not fit the int32 accumulator headroom at scale s_in*s_w")
     m, s = _multipliers(s_acc / np.broadcast_to(s_out, s_acc.shape))
     return {f"{name}.weight": wq, f"{name}.bias": bq.astype(np.int32), f"{name}.multiplier": m,
-            f"{name}.shift": s, f"{name}.weight_scale": s_w}
+            f"{name}.shift": s, f"{name}.weight_scale": s_w} | {f"{name}.{k}": v for k, v in extra.items()}
 
 
 def _layernorm_constants(name, gamma, beta, eps, C: int, s_in: float, s_out: float) -> dict:
@@ -230,7 +244,14 @@ def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
     return s
 
 
-def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig) -> dict:
+def _scalars(name: str, values: dict) -> dict:
+    """Scalar integer constants of a kernel variant: multipliers int32, shifts int8, the rest int64."""
+    def dtype(k):
+        return np.int32 if k.startswith("multiplier") else np.int8 if k.startswith("shift") else np.int64
+    return {f"{name}.{k}": np.array(v, dtype(k)) for k, v in values.items()}
+
+
+def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig, scheme: G.Scheme) -> dict:
     """The integer constants (and their reporting scales) of one op record."""
     if op.op == "conv2d":
         w, b = _float_conv(op, p, cfg)
@@ -239,10 +260,15 @@ def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig) ->
             parts = sorted((o for o in by_name.values() if o.inputs.get("qkv") == op.name),
                            key=lambda o: o.attrs["part"])
             s_out = np.repeat([s[o.name] for o in parts], w.shape[0] // len(parts))
-        return _conv_constants(op.name, w, b, s[op.inputs["x"]], s_out, np.dtype(op.dtype))
+        return _conv_constants(op.name, w, b, s[op.inputs["x"]], s_out, np.dtype(op.dtype),
+                               _weights_of(op.variant, scheme))
     if op.op == "layernorm":
-        return _layernorm_constants(op.name, p[f"{op.name}.weight"], p[f"{op.name}.bias"], cfg.ln_eps,
-                                    cfg.embed_dim, s[op.inputs["x"]], s[op.name])
+        T = _layernorm_constants(op.name, p[f"{op.name}.weight"], p[f"{op.name}.bias"], cfg.ln_eps,
+                                 cfg.embed_dim, s[op.inputs["x"]], s[op.name])
+        if op.variant == "int32":   # eps as a pair (eps_int, eps_shift) with 32-bit intermediates
+            eps_int, eps_shift = KV.layernorm_int32_eps(cfg.ln_eps, cfg.embed_dim, s[op.inputs["x"]])
+            T |= {f"{op.name}.eps_int": np.array(eps_int, np.int64), f"{op.name}.eps_shift": np.array(eps_shift, np.int64)}
+        return T
     if op.op == "add":
         T, scales = {}, []
         for arg in ("a", "b"):
@@ -258,12 +284,22 @@ def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig) ->
         return {op.constants["prefix"]: _quantize_tensor(prefix, s[op.name], np.int8)}
     if op.op == "softmax":
         scores = by_name[op.inputs["scores"]]
-        T = _rescale_constants(op.name, s[scores.name] * cfg.head_dim ** -0.5 * 2 ** K.EXP_INDEX_BITS)
-        return T | {op.constants["exp_table"]: K.make_exp_table(), f"{scores.name}.scale": s[scores.name]}
+        logit_scale = s[scores.name] * cfg.head_dim ** -0.5                   # the real logit of one score unit
+        if op.variant == "table":
+            T = _rescale_constants(op.name, logit_scale * 2 ** K.EXP_INDEX_BITS)
+            T[op.constants["exp_table"]] = K.make_exp_table()
+        else:                                                                  # poly, shift: differences in 2^-14
+            T = _scalars(op.name, dict(zip(("multiplier", "shift"), KV.softmax_exp_multiplier(logit_scale))))
+        return T | {f"{scores.name}.scale": s[scores.name]}
     if op.op == "attention_context":
         return _rescale_constants(op.name, s[op.inputs["v"]] / K.PROB_ONE / s[op.name])
     if op.op == "gelu":
-        return {op.constants["table"]: K.make_gelu_table(s[op.inputs["x"]], s[op.name])}
+        s_in = s[op.inputs["x"]]
+        if op.variant == "poly":
+            return _scalars(op.name, KV.gelu_poly_constants(s_in, s[op.name], scheme.gelu_delta))
+        if op.variant == "shift":
+            return _scalars(op.name, KV.gelu_shift_constants(s_in, s[op.name]))
+        return {op.constants["table"]: K.make_gelu_table(s_in, s[op.name])}
     if op.op in ("attention_scores", "split_heads", "gather_prefix"):
         return {}
     raise QuantizationError(f"the quantizer has no constants for op {op.op!r} ({op.name})")
@@ -282,7 +318,7 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
     by_name = {op.name: op for op in graph}
     T = {"input.scale": s["input"]}
     for op in graph:
-        T |= _op_constants(op, by_name, s, p, cfg)
+        T |= _op_constants(op, by_name, s, p, cfg, scheme)
     for op in graph:
         if op.calibrate:
             T[op.scale] = s[op.name]

@@ -327,14 +327,12 @@ def test_pillows_own_limit_does_not_apply(tmp_path, monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == 1000  # restored
 
 
-@pytest.mark.slow
 def test_cli_decompression_bomb(tmp_path):
     path = png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
     code, out, err = cli_limited("classify", path)
     assert_one_line_error(code, err, str(path), "too many to decode", MAX_IMAGE_PIXELS_ENV)
 
 
-@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.xfail(strict=True, reason="needs the preprocessing to pass resize_short to open_image (lead's "
                                        "Preprocess.__call__/images and calibration): remove this mark then")

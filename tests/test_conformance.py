@@ -78,7 +78,8 @@ def test_every_op_has_quick_cases_and_names_are_unique():
     full = [s.name for s in select("full")]
     assert len(set(full)) == len(full) and {s.name for s in quick} < set(full)
     for part in ("requantize_shift2_", "requantize_shift62_", "_ties_", "_saturate_", "allneg128", "all127",
-                 "maxacc", "_single", "_double"):
+                 "maxacc", "_single", "_double", "randomtable", "squareminus1", "epsmax_c4096", "_recip",
+                 "plainhead", "_shift31_", "_shift33_"):
         assert any(part in n for n in full), part
 
 
@@ -143,11 +144,12 @@ def test_layernorm_internal_boundaries_really_are_there():
         assert set(case.inputs["multiplier"]) == {1 << 30} and set(case.inputs["shift"]) == {33}
     for name, r in (("layernorm_squareminus1_r131072_c192_n16_single", 1 << 17),
                     ("layernorm_squareminus1_r67109_c192_n16_single", 67109),
-                    ("layernorm_squareminus1_r1072694272_c4096_n4_single", 1023 << 20)):
+                    ("layernorm_squareminus1_r1071648761_c4096_n4_single", 1071648761)):
         for d, q in _ln_internals(get_case(name)):       # q = r^2 - 1: isqrt is r - 1, and r would change t
             assert q == r * r - 1 and math.isqrt(q) == r - 1
             assert any(_t(v, r - 1) != _t(v, r) for v in d)
-    assert int(np.sqrt(np.float64((1023 << 20) ** 2 - 1))) == 1023 << 20     # a float64 sqrt alone is 1 too big
+    big = 1071648761 ** 2 - 1                            # a float sqrt alone is too big: float64 by 1, float32 by 8
+    assert int(np.sqrt(np.float64(big))) == 1071648761 and int(np.sqrt(np.float32(big))) == 1071648761 + 7
     for d, q in _ln_internals(get_case("layernorm_recip_r393216_c192_n16_single")):
         r = math.isqrt(q)                                # frac(2^40 / r) >= 1/2: floor and rounded recip differ in t
         assert r == 3 << 17 and 2 * ((1 << 40) % r) >= r

@@ -304,6 +304,16 @@ def test_write_read_round_trip_per_dtype(tmp_path, dtype):
     assert np.array_equal(tensors["a"], array)
 
 
+def test_metadata_alone_reads_the_header_only(tmp_path):
+    from refvit.checkpoints import read_safetensors_metadata
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, {"a": np.zeros((3, 4), np.float32)}, {"refvit": "{}"})
+    assert read_safetensors_metadata(path) == {"refvit": "{}"}
+    path.write_bytes(path.read_bytes() + b"\0")  # a damaged file is as damaged for the metadata reader
+    with pytest.raises(CheckpointError, match="1 trailing bytes"):
+        read_safetensors_metadata(path)
+
+
 def test_write_rejects_non_string_metadata_and_bool_tensors(tmp_path):
     with pytest.raises(CheckpointError, match="metadata must map strings to strings, got 'step': 3"):
         write_safetensors(tmp_path / "m.safetensors", {"a": np.zeros(2, np.float32)}, {"step": 3})

@@ -11,7 +11,13 @@ from refvit.models import default_int8_path, load_model
 from refvit.preprocess import fmnist_transform
 from refvit.qfile import load_quantized
 
-from test_cli import run  # noqa: E402  (tests/ is on sys.path under pytest's rootdir-relative imports)
+
+
+def run(capsys, *argv):
+    """`python -m refvit ARGV...` in-process -> (exit code, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="module")

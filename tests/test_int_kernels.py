@@ -632,3 +632,176 @@ def test_bad_input_raises_naming_the_problem(case):
     call, message = ERROR_CASES[case]
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths (issue 10): fused GEMM -> bias -> rescale -> saturate, softmax table, fused layernorm,
+# block-wise add; large shapes (several blocks) and boundary constants, against the references above
+# ---------------------------------------------------------------------------------------------
+
+from refvit import intmath as _im  # noqa: E402
+
+
+def _channel_scales(rng, n, shifts):
+    mult = rng.integers(0, 1 << 31, n)
+    mult[: min(n, 3)] = [0, INT32_MAX, 1 << 30][: min(n, 3)]
+    return mult.astype(np.int64), rng.choice(np.array(shifts), n).astype(np.int64)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, rounding=roundings, shifts=st.sampled_from([[32, 35, 40], [33, 62], [20, 31, 32, 40]]),
+       out_dtype=st.sampled_from([np.int8, np.int16, np.int32]), b=st.sampled_from([1, 3]))
+def test_conv2d_fused_path_large(seed, rounding, shifts, out_dtype, b):
+    """Cout x B*N spans several blocks; per-channel shifts below 32 take the checked path. Bias at the headroom."""
+    rng = np.random.default_rng(seed)
+    cin, cout, n = 40, 96, 700
+    x = int8_array(rng, (b, cin, 1, n), "random")
+    x[0, :, 0, :3] = np.array([[-128], [127], [-128]]).T            # extreme columns
+    w = int8_array(rng, (cout, cin, 1, 1), "random", lo=-127)
+    w[0] = -127
+    headroom = INT32_MAX - cin * 128 * 127
+    bias = rng.integers(-headroom, headroom + 1, cout).astype(np.int32)
+    bias[:2] = [headroom, -headroom]
+    mult, shift = _channel_scales(rng, cout, shifts)
+    if min(shifts) <= 31:                 # keep the apply_scale precondition |acc| < 2^(shift-1) satisfied
+        shift = np.maximum(shift, 32)
+        shift[5] = 31
+        bias[5] = 0
+        w[5] = 0
+    acc = ref_conv_acc(x, w, bias)
+    want = ref_requantize(acc, mult[None, :, None, None], shift[None, :, None, None], rounding,
+                          *_im.int_range(out_dtype))
+    got = K.conv2d(x, w, bias, mult, shift, rounding=rounding, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.flags.c_contiguous and np.array_equal(got, want)
+    assert np.array_equal(K.conv2d_accumulate(x, w, bias), acc)
+
+
+def test_conv2d_value_precondition_still_checked():
+    x = np.full((1, 4, 1, 3), 127, np.int8)
+    w = np.full((2, 4, 1, 1), 127, np.int8)
+    bias = np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match=r"apply_scale: value must satisfy"):   # acc = 64516 >= 2^(16-1)
+        K.conv2d(x, w, bias, np.full(2, 1 << 30), np.array([40, 16]))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, rounding=roundings, shift=st.sampled_from([20, 31, 32, 45]))
+def test_attention_context_multi_chunk_and_fused(seed, rounding, shift):
+    """N = 1100 > 1032 keys: float32 chunks summed in float64; several blocks; shift <= 31 takes the checked path."""
+    rng = np.random.default_rng(seed)
+    n, d = 1100, 3
+    p = int8_array(rng, (1, 2, n, n), "random", lo=0)
+    p[0, 0, 0] = 127
+    v = int8_array(rng, (1, 2, d, n), "random")
+    v[0, 0, 0] = -128
+    acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+    if shift <= 31:
+        acc_max = int(np.abs(acc).max())
+        shift = max(shift, acc_max.bit_length() + 1)
+    mult = (1 << 31) - 1
+    got = K.attention_context(p, v, mult, shift, rounding=rounding)
+    assert np.array_equal(got, ref_requantize(acc, mult, shift, rounding))
+
+
+def _softmax_case(rng, rows, n, span):
+    s = rng.integers(-span, span + 1, (rows, n)).astype(np.int32)
+    s[0] = s[0, 0]                               # a constant row
+    return s
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("mult, shift, span, note", [
+    (1518500250, 43, 3000, "table ends at the first index-255 d (typical)"),
+    (1 << 30, 31, 200, "exact ties at every other d"),
+    ((1 << 31) - 1, 33, 2000, "near ties, DOUBLE differs"),
+    (1 << 30, 52, 5000, "index 255 beyond the table: partial table, d inside it"),
+    (1 << 30, 52, 1 << 20, "index 255 beyond the table, d beyond it: plain path"),
+    (0, 40, 1000, "multiplier 0: every index 0"),
+    (3, 2, 50, "shift 2: d < 2 only"),
+])
+def test_softmax_table_path_equals_reference(rounding, mult, shift, span, note):
+    rng = np.random.default_rng(shift)
+    if shift == 2:
+        scores = rng.integers(0, 2, (6, 9)).astype(np.int32)          # d in {0, 1}: inside the domain
+    else:
+        scores = _softmax_case(rng, 6, 300, span)
+    table = K.make_exp_table()
+    got = K.softmax(scores, mult, shift, table, rounding=rounding)
+    assert got.dtype == np.int8 and np.array_equal(got, ref_softmax(scores, mult, shift, table, rounding)), note
+
+
+def test_softmax_table_boundary_and_custom_tables():
+    """d at c - 1, c, c + 1 for c the first d of index 255; tables that are not monotone; int32 tables."""
+    mult, shift = 1518500250, 43
+    c = next(d for d in range(1 << 20) if _apply_scale_one(d, mult, shift, SINGLE_ROUND) >= 255)
+    row = np.array([0, -(c - 1), -c, -(c + 1), -(c + 1000), -1, -2], np.int32)
+    rng = np.random.default_rng(3)
+    for table in (K.make_exp_table(), K.make_exp_table().astype(np.int32),
+                  np.concatenate([[K.EXP_ONE], rng.integers(0, K.EXP_ONE + 1, 255)]).astype(np.uint16)):
+        table[-1] = 7                                                     # a nonzero last entry: clamping shows
+        for rounding in ROUNDINGS:
+            got = K.softmax(row[None, :], mult, shift, table, rounding=rounding)
+            assert np.array_equal(got, ref_softmax(row[None, :], mult, shift, table, rounding))
+
+
+def test_softmax_many_rows_several_blocks():
+    rng = np.random.default_rng(9)
+    scores = rng.integers(-4000, 4000, (2, 3, 200, 197)).astype(np.int32)   # 1200 rows > one block
+    table = K.make_exp_table()
+    for rounding in ROUNDINGS:
+        got = K.softmax(scores, 1518500250, 43, table, rounding=rounding)
+        assert np.array_equal(got, ref_softmax(scores, 1518500250, 43, table, rounding))
+
+
+def test_softmax_error_precedence_unchanged():
+    scores = np.array([[INT32_MAX, -INT32_MAX]], np.int32)
+    with pytest.raises(OverflowError, match="score difference"):           # before the bad multiplier
+        K.softmax(scores, -5, 40, K.make_exp_table())
+    with pytest.raises(ValueError, match="apply_scale: multiplier"):
+        K.softmax(np.zeros((1, 3), np.int32), -5, 40, K.make_exp_table())
+    with pytest.raises(ValueError, match="apply_scale: value must satisfy"):  # d = 9 >= 2^(4-1)
+        K.softmax(np.array([[0, 9]], np.int32), 1 << 30, 4, K.make_exp_table())
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=seeds, rounding=roundings, fill=fills, shifts=st.sampled_from([[40, 47, 54], [33, 62], [31, 40]]))
+def test_layernorm_fused_path_large(seed, rounding, fill, shifts):
+    rng = np.random.default_rng(seed)
+    b, c, n = 2, 300, 120                                  # 72000 elements: two blocks
+    x = int8_array(rng, (b, c, 1, n), fill)
+    x[0, :, 0, 0] = 5                                      # constant position
+    x[0, ::2, 0, 1], x[0, 1::2, 0, 1] = -128, 127          # the largest sum of d^2
+    gamma, bias, mult, shift = _ln_constants(rng, c, headroom=INT32_MAX - (127 << 16))
+    mult, shift = mult.astype(np.int64), rng.choice(np.array(shifts), c)
+    if min(shifts) <= 31:   # the checked path: |acc| < 2^30 needs small biases
+        bias = (bias // (1 << 8)).astype(np.int32)
+    for eps_int in (1, 1 << 61):
+        t = K.layernorm_normalize(x, eps_int)
+        assert t.dtype == np.int32 and np.array_equal(t, ref_layernorm_t(x, eps_int))
+        got = K.layernorm(x, eps_int, gamma, bias, mult, shift, rounding=rounding)
+        assert np.array_equal(got, ref_layernorm(x, eps_int, gamma, bias, mult, shift, rounding))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds, shift=st.sampled_from([0, 1, 30, 31, 62]), out_dtype=st.sampled_from([np.int8, np.int16]),
+       broadcast=st.booleans())
+def test_add_block_path_large(seed, shift, out_dtype, broadcast):
+    rng = np.random.default_rng(seed)
+    a = int8_array(rng, (3, 200, 1, 197), "random")
+    a[0, 0, 0, :2] = [-128, 127]
+    b = int8_array(rng, (1, 200, 1, 197) if broadcast else a.shape, "extreme")
+    ma, mb = int(rng.integers(0, 1 << 31)), INT32_MAX
+    acc = a.astype(object) * ma + np.broadcast_to(b, a.shape).astype(object) * mb
+    half = (1 << (shift - 1)) if shift else 0
+    lo, hi = _im.int_range(out_dtype)
+    want = np.clip(((acc + half) >> shift).astype(np.int64), lo, hi)
+    got = K.add(a, b, ma, mb, shift, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and np.array_equal(got, want)
+
+
+def test_gelu_every_input_and_strided():
+    table = np.random.default_rng(2).integers(-128, 128, 256).astype(np.int8)
+    x = np.arange(-128, 128, dtype=np.int8)
+    assert K.gelu(x, table).tolist() == [int(table[v + 128]) for v in x.tolist()]
+    xs = np.tile(x, (3, 2))[:, ::3]                        # a non-contiguous view
+    assert np.array_equal(K.gelu(xs, table), table[xs.astype(np.int64) + 128])

@@ -507,3 +507,183 @@ def test_saturate_clips_then_casts(xs, name):
 def test_errors_name_the_violation(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# fast paths (issue 10): block-wise fused rescaling, narrow saturate, float isqrt, float-accumulated
+# matmul chunks, block-wise rounding -- each against int64 / Python-int references, boundaries forced
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, target", [((), 4), ((0, 3), 4), ((5,), 2), ((3, 4, 5), 7), ((2, 3, 1, 7), 21),
+                                           ((2, 3, 1, 7), 1), ((1, 100), 8), ((4, 1000), 64), ((2, 2), 1000)])
+def test_blocks_tile_every_element_once(shape, target):
+    count = np.zeros(shape, np.int64)
+    for idx in im._blocks(shape, target):
+        view = count[idx] if count.ndim else count
+        assert view.size <= max(target, shape[-1] if shape else 1)
+        view += 1
+    assert np.all(count == 1)
+
+
+def ref_apply_scale_array(value, multiplier, shift, rounding):
+    """Element by element with Python ints: TOSA single rounding or TFLite's two roundings."""
+    value, multiplier, shift = np.broadcast_arrays(np.asarray(value), np.asarray(multiplier), np.asarray(shift))
+    out = np.empty(value.shape, np.int64)
+    for idx in np.ndindex(value.shape):
+        v, m, s = int(value[idx]), int(multiplier[idx]), int(shift[idx])
+        out[idx] = ref_single_round(v, m, s) if rounding == SINGLE_ROUND else \
+            ref_multiply_by_quantized_multiplier(v, m, 31 - s)
+    return out
+
+
+def _scale_case(rng, shape, channels_axis, shifts, dtype=np.int32):
+    """Values across several blocks with per-channel (multiplier, shift); ties and extremes forced."""
+    c = shape[channels_axis]
+    cshape = [1] * len(shape)
+    cshape[channels_axis] = c
+    shift = rng.choice(np.array(shifts), c).reshape(cshape)
+    mult = rng.integers(0, 2 ** 31, c).reshape(cshape)
+    mult.flat[:3] = [0, I32_MAX, 2 ** 30][:c]
+    half = np.left_shift(1, np.minimum(shift, 32) - 1)
+    info = np.iinfo(dtype)
+    lo = np.maximum(-half, int(info.min))
+    hi = np.minimum(half - 1, int(info.max))
+    value = rng.integers(lo, hi, shape, endpoint=True)
+    flat = value.reshape(-1)
+    k = flat.size // 8
+    # the channel's value extremes, and small values (exact ties for the 2^30 multiplier at small shifts)
+    flat[:k] = np.broadcast_to(lo, shape).reshape(-1)[:k]
+    flat[k:2 * k] = np.broadcast_to(hi, shape).reshape(-1)[k:2 * k]
+    flat[2 * k:3 * k] = rng.integers(-3, 4, k)
+    return value.astype(dtype), mult, shift
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(im.ROUNDING_MODES), st.integers(0, 2 ** 32 - 1),
+       st.sampled_from([[2, 3, 9, 30, 31], [32, 33, 40, 62], [5, 31, 32, 47, 62]]),
+       st.sampled_from([np.int32, np.int16, np.int8, np.uint16, np.int64]))
+def test_apply_scale_and_requantize_block_path_equal_reference(rounding, seed, shifts, dtype):
+    rng = np.random.default_rng(seed)
+    shape = (2, 9, 1, im.BLOCK // 4 + 3)                     # several blocks, ragged last one
+    value, mult, shift = _scale_case(rng, shape, 1, shifts, dtype)
+    sub = (slice(None), slice(None), slice(None), slice(0, 40))   # the Python reference on a slice of it
+    got = im.apply_scale(value, mult, shift, rounding)
+    assert got.dtype == np.int64 and got.shape == shape
+    assert np.array_equal(got[sub], ref_apply_scale_array(value[sub], mult, shift, rounding))
+    # the whole array against the plain int64 formulas (TOSA: single / double_round, proved equal to TFLite)
+    v, m, s = value.astype(np.int64), mult, shift
+    ab = v * m
+    rnd = np.left_shift(np.int64(1), s - 1)
+    if rounding == DOUBLE_ROUND:
+        rnd = rnd + np.where(s > 31, np.where(v >= 0, 1 << 30, -(1 << 30)), 0)
+    assert np.array_equal(got, (ab + rnd) >> s)
+    for out_dtype in (np.int8, np.uint8, np.int16, np.int32):
+        lo, hi = im.int_range(out_dtype)
+        q = im.requantize(value, mult, shift, out_dtype, rounding)
+        assert q.dtype == out_dtype and np.array_equal(q, np.clip(got, lo, hi))
+
+
+def test_double_round_block_path_equals_tflite_composition():
+    """apply_scale(DOUBLE_ROUND) against the int64 primitives composed as TFLite does, ties forced at both stages."""
+    rng = np.random.default_rng(11)
+    n = im.BLOCK + 1000
+    shift = rng.integers(2, 63, n)
+    mult = rng.integers(0, 2 ** 31, n)
+    mult[: n // 3] = 2 ** 30                                # powers of two: exact ties at 2^31 and at 2^right
+    half = np.left_shift(1, np.minimum(shift, 32) - 1)
+    value = rng.integers(-half, half)
+    value[n // 3: n // 2] = -(2 ** (np.minimum(shift[n // 3: n // 2], 32) - 2))
+    left, right = np.maximum(31 - shift, 0), np.maximum(shift - 31, 0)
+    want = im.rounding_divide_by_pot(im.saturating_rounding_doubling_high_mul(np.left_shift(value, left), mult), right)
+    assert np.array_equal(im.apply_scale(value, mult, shift, DOUBLE_ROUND), want)
+
+
+def test_requantize_scalar_returns_numpy_scalar_like_saturate():
+    got = im.requantize(1000, 2 ** 30, 11)
+    assert isinstance(got, np.int8) and int(got) == 127
+    assert im.apply_scale(5, 2 ** 30, 31).shape == ()
+
+
+@pytest.mark.parametrize("src", ["int8", "int16", "int32", "uint8", "uint16", "int64"])
+@pytest.mark.parametrize("dst", ["int8", "int16", "int32", "uint8", "uint16"])
+def test_saturate_narrow_inputs_clip_in_their_own_dtype(src, dst):
+    info = np.iinfo(src)
+    x = np.array([info.min, info.min + 1, -129, -128, -1, 0, 1, 127, 128, 255, 256, 65535, 65536,
+                  info.max - 1, info.max], dtype=np.int64)
+    x = x[(x >= info.min) & (x <= info.max)].astype(src)
+    lo, hi = im.int_range(dst)
+    got = im.saturate(x, dst)
+    assert got.dtype == np.dtype(dst) and got.tolist() == [min(max(int(v), lo), hi) for v in x]
+    assert isinstance(im.saturate(x[0], dst), np.generic)          # 0-d in, numpy scalar out (unchanged)
+
+
+def test_isqrt_near_squares_up_to_2pow62():
+    rng = np.random.default_rng(5)
+    r = np.concatenate([rng.integers(0, 2 ** 31, 20000), np.arange(2 ** 31 - 2000, 2 ** 31),
+                        np.left_shift(1, np.arange(31)), np.left_shift(1, np.arange(31)) - 1])
+    x = np.concatenate([r * r, r * r - 1, r * r + 1, r * r + r, r * r + 2 * r])      # (r+1)^2 - 1 = r^2 + 2r
+    x = x[(x >= 0) & (x < 2 ** 62)]
+    got = im.isqrt(x)
+    assert got.tolist() == [math.isqrt(int(v)) for v in x]
+    assert int(im.isqrt(2 ** 62 - 1)) == 2 ** 31 - 1 and int(im.isqrt(0)) == 0
+
+
+@pytest.mark.parametrize("bound, k, want_dtype", [
+    (127, 768, np.float32),            # one float32 pass: the GEMM output itself
+    (127, 3071, np.float64),           # float32 chunks summed in float64 (K*A*B < 2^53)
+    (2 ** 20, 40, np.float64),         # float64 plan, one pass
+    (2 ** 26, 5, np.int64),            # float64 chunks of 2, K*A*B > 2^53: int64 sum
+    (2 ** 28, 6, np.int64),            # products > 2^53: int64 matmul
+])
+def test_int_matmul_exact_paths_and_dtypes(bound, k, want_dtype):
+    rng = np.random.default_rng(bound % 1000 + k)
+    a = rng.integers(-bound, bound, (2, 7, k), endpoint=True)
+    b = rng.integers(-bound, bound, (k, 5), endpoint=True)
+    a[0, 0, :] = bound                                     # the largest sums of the plan's bound
+    b[:, 0] = bound
+    if bound <= 127:
+        a, b = a.astype(np.int8), b.astype(np.int8)
+    got = im.int_matmul_exact(a, b)
+    assert got.dtype == want_dtype
+    want = ref_matmul(a, b)
+    assert np.array_equal(got.astype(np.int64), want) and np.array_equal(im.int_matmul(a, b), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_round_half_away_from_zero_block_path(dtype):
+    rng = np.random.default_rng(8)
+    x = (rng.integers(-2 ** 20, 2 ** 20, im.BLOCK * 2 + 17) / 4).astype(dtype)    # many exact .5 / .25 / .75
+    x[:6] = [0.5, -0.5, 2.5, -2.5, 0.0, -0.0]
+    x = x.reshape(2, -1) if x.size % 2 == 0 else x
+    got = im.round_half_away_from_zero(x)
+    assert got.shape == x.shape and got.dtype == np.int64
+    xf = x.astype(np.float64).ravel()
+    assert got.ravel().tolist() == [ref_half_away(float(v)) for v in xf]
+
+
+def test_round_half_away_from_zero_error_precedence():
+    x = np.zeros(im.BLOCK * 3)
+    x[0] = 2.0 ** 63                    # overflow early ...
+    x[-1] = np.nan                      # ... but a NaN anywhere is reported first, as before
+    with pytest.raises(ValueError, match="finite"):
+        im.round_half_away_from_zero(x)
+    x[-1] = -np.inf
+    with pytest.raises(ValueError, match="finite"):
+        im.round_half_away_from_zero(x)
+    x[-1] = 0.0
+    with pytest.raises(OverflowError):
+        im.round_half_away_from_zero(x)
+    assert int(im.round_half_away_from_zero(np.array([2.0 ** 63 - 1024]))[0]) == 2 ** 63 - 1024
+
+
+@FAST
+@given(st.integers(-1080, 40), st.integers(0, 2 ** 52 - 1))
+@example(-33, 2 ** 52 - 1)
+@example(-32, 0)
+@example(-95, 2 ** 51)
+def test_quantize_multiplier_integer_arithmetic_matches_fractions(exp, frac_bits):
+    """Every binade from subnormals to 2^29, mantissas with all low bits: against the Fraction reference."""
+    scale = math.ldexp(1.0 + frac_bits / 2 ** 52, exp)
+    if not (0 < scale < 2.0 ** 29 - 0.125):
+        return
+    assert im.quantize_multiplier(scale) == ref_quantize_multiplier(scale)

@@ -161,6 +161,14 @@ def test_strides_offsets_and_shared_storages(tmp_path, layout):
     assert all(a.flags.c_contiguous and a.flags.writeable for a in got.values())
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pickle_protocols(tmp_path, protocol):
+    """torch.save(..., pickle_protocol=N): protocol 4 and 5 frame the pickle and name globals differently."""
+    data, storages = tf.dumps({"model": tf.state_dict(PARAMS)}, protocol=protocol)
+    path = tf.save_zip(tmp_path / "m.pth", data_pkl=data, storages=storages)
+    assert_same(read_torch(path)[0], {k: np.asarray(v) for k, v in PARAMS.items()})
+
+
 def test_zip_without_byteorder_record_is_little_endian(tmp_path):
     path = tf.save_zip(tmp_path / "m.pth", tf.state_dict(PARAMS), byteorder=None)
     assert_same(read_torch(path)[0], {k: np.asarray(v) for k, v in PARAMS.items()})

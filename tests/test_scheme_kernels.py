@@ -165,7 +165,6 @@ def ref_tail(t, gamma, bias, mult, shift, rounding):
 # strategies
 # ---------------------------------------------------------------------------------------------
 
-scales = st.floats(min_value=2e-3, max_value=2.0, allow_nan=False, allow_infinity=False)
 roundings = st.sampled_from(ROUNDINGS)
 
 
@@ -623,6 +622,19 @@ def test_layernorm_wide_matches_reference(x, eps_int):
     assert V.layernorm_wide_normalize(x, eps_int).tolist() == per_position(x, ref_ln_wide_t, eps_int).tolist()
     if x.dtype == np.int8:
         assert V.layernorm_wide_normalize(x, eps_int).tolist() == K.layernorm_normalize(x, eps_int).tolist()
+
+
+@settings(max_examples=30, deadline=None)
+@given(x=ln_inputs(np.int16), rounding=roundings, data=st.data())
+def test_layernorm_wide_full_matches_reference(x, rounding, data):
+    c = x.shape[1]
+    gamma = data.draw(int_arrays(np.int8, (c,), -127, 127))
+    lim = INT32_MAX - 127 * (1 << 16)
+    bias = data.draw(int_arrays(np.int32, (c,), -lim, lim))
+    mult = data.draw(int_arrays(np.int32, (c,), 0, INT32_MAX))
+    shift = data.draw(int_arrays(np.int8, (c,), 32, 62))
+    want = ref_tail(per_position(x, ref_ln_wide_t, 3), gamma, bias, mult, shift, rounding)
+    assert V.layernorm_wide(x, 3, gamma, bias, mult, shift, rounding=rounding).tolist() == want.tolist()
 
 
 def test_layernorm_wide_int16_bounds():

@@ -91,8 +91,8 @@ def state_dict(params: dict, dtype: str | None = None) -> "OrderedDict":
 class _Pickler(pickle._Pickler):
     dispatch = pickle._Pickler.dispatch.copy()
 
-    def __init__(self, file, legacy: bool, storages: dict):
-        super().__init__(file, protocol=2)
+    def __init__(self, file, legacy: bool, storages: dict, protocol: int = 2):
+        super().__init__(file, protocol=protocol)
         self.legacy, self.storages = legacy, storages
 
     def save_stand_in(self, obj):
@@ -109,10 +109,11 @@ class _Pickler(pickle._Pickler):
         return pid + (None,) if self.legacy else pid
 
 
-def dumps(obj, legacy: bool = False) -> tuple[bytes, dict]:
-    """-> (the pickle torch would write for obj, {key: Storage} it refers to)."""
+def dumps(obj, legacy: bool = False, protocol: int = 2) -> tuple[bytes, dict]:
+    """-> (the pickle torch would write for obj, {key: Storage} it refers to). torch.save's default
+    pickle_protocol is 2."""
     buf, storages = io.BytesIO(), {}
-    _Pickler(buf, legacy, storages).dump(obj)
+    _Pickler(buf, legacy, storages, protocol).dump(obj)
     return buf.getvalue(), storages
 
 
