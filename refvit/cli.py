@@ -20,7 +20,7 @@ from .functional import softmax
 from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
-from .preprocess import PRESETS, ImageError, PreprocessError, open_image
+from .preprocess import PRESETS, ImageError, PreprocessError
 from .qfile import save_quantized
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
 from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, resolve_model
@@ -147,6 +147,9 @@ def classify_images(r: Resolved, images: list, k: int, int8: bool) -> list:
             logits = li * scale
         else:
             logits = r.float_model.logits(x).astype(np.float64)
+        if not np.all(np.isfinite(logits)):
+            raise UsageError(f"the model's logits are not finite for {paths[0]}...: its weights overflow float32 "
+                             f"in the forward pass")
         probs = softmax(logits, axis=-1)
         results += [{"image": str(p), "top": top_k(pr, k, r.class_names)} for p, pr in zip(paths, probs)]
     return results

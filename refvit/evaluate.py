@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import int_model
-from .preprocess import ImageError, open_image
+from .preprocess import ImageError
 from .resolve import IMAGE_SUFFIXES, Resolved
 
 CHUNK = 256          # images per task: the unit of work and of memory (one chunk of images at a time)
@@ -57,7 +57,7 @@ class Dataset:
         """Images start..stop-1 through the model's preprocessing -> float32 (B, 3, H, W)."""
         if self.arrays is not None:
             return r.preprocess.from_grayscale(self.arrays[start:stop])
-        return np.stack([r.preprocess(open_image(f)) for f in self.files[start:stop]])
+        return r.preprocess.images(self.files[start:stop])
 
 
 def _read_labels_file(path: Path) -> dict:
@@ -146,12 +146,12 @@ def _worker_chunk(bounds):
     return bounds[0], predict_chunk(_WORKER["r"], _WORKER["data"], *bounds)
 
 
-def _chunks(n: int) -> list:
-    return [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+def _chunks(n: int, chunk: int) -> list:
+    return [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
 
 
-def _run_local(r, data, workers: int, progress):
-    chunks = _chunks(len(data))
+def _run_local(r, data, workers: int, progress, chunk: int):
+    chunks = _chunks(len(data), chunk)
     if workers <= 1:
         for i, b in enumerate(chunks, 1):
             yield b[0], predict_chunk(r, data, *b)
@@ -167,12 +167,12 @@ def _run_local(r, data, workers: int, progress):
                 progress(i, len(chunks), "chunk")
 
 
-def _run_dask(r, data, scheduler: str, progress):
+def _run_dask(r, data, scheduler: str, progress, chunk: int):
     try:
         from dask.distributed import Client, as_completed
     except ImportError:
         raise DatasetError("--scheduler needs Dask: pip install 'refvit[dask]'") from None
-    chunks = _chunks(len(data))
+    chunks = _chunks(len(data), chunk)
     with Client(scheduler) as client:
         rf, df = client.scatter([r, data], broadcast=True)
         futures = [client.submit(predict_chunk, rf, df, *b, key=f"refvit-chunk-{b[0]}-{b[1]}", pure=False)
@@ -184,14 +184,15 @@ def _run_dask(r, data, scheduler: str, progress):
                 progress(i, len(chunks), "chunk")
 
 
-def evaluate(r: Resolved, data: Dataset, *, workers: int = 1, scheduler: str | None = None, progress=None) -> dict:
+def evaluate(r: Resolved, data: Dataset, *, workers: int = 1, scheduler: str | None = None, progress=None,
+             chunk: int = CHUNK) -> dict:
     """Top-1 of the float and the integer model on `data`, their agreement, and a hash of the integer
     predictions (equal for every split of the work)."""
     t0 = time.perf_counter()
     n = len(data)
     pf = np.full(n, -1, np.int64) if r.float_model is not None else None
     pi = np.full(n, -1, np.int64) if r.qm is not None else None
-    runs = _run_dask(r, data, scheduler, progress) if scheduler else _run_local(r, data, workers, progress)
+    runs = _run_dask(r, data, scheduler, progress, chunk) if scheduler else _run_local(r, data, workers, progress, chunk)
     for start, (f, i) in runs:
         if pf is not None:
             pf[start:start + len(f)] = f

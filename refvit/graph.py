@@ -18,9 +18,11 @@ from fnmatch import fnmatchcase
 import numpy as np
 
 from . import int_kernels as K
+from . import int_kernels_prune as KP
 from . import int_kernels_variants as KV
 from .config import DeiTConfig
 from .intmath import ROUNDING_MODES, SINGLE_ROUND
+from .prune import prune_plan
 
 # Layouts (the letters of docs/spec.md): B images, C width, N tokens, Hh heads, D head width, K classes.
 IMAGE = "NCHW (B,C,H,W)"
@@ -29,6 +31,7 @@ HEADS = "(B,Hh,D,N)"
 SCORES = "(B,Hh,N,N) [query, key]"
 PREFIX = "NCHW (B,P*C,1,1)"
 LOGITS = "NCHW (B,K,1,1)"
+KEPT = "(B,k) [kept token positions, ascending]"
 BATCH = "B"                     # the batch dimension in a record's shape
 
 
@@ -124,6 +127,8 @@ KERNELS = {  # (op, variant) -> reference function; its __name__ is the DUT meth
     ("gelu", "shift"): KV.gelu_shift,
     ("concat_tokens", "prefix"): K.concat_tokens,
     ("gather_prefix", "channels"): gather_prefix,
+    ("token_select", "cls_attention"): KP.select_tokens,
+    ("token_prune", "package"): KP.prune_tokens,
 }
 # the constants each variant takes besides the op's own (argument names; the builder prefixes the op name)
 VARIANT_CONSTANTS = {
@@ -236,6 +241,16 @@ class _Builder:
     rounding: str
     scheme: Scheme
     ops: list = field(default_factory=list)
+    stages: dict = field(default_factory=dict)   # block -> refvit.prune.Stage: the token selections
+    tokens: int = 0                              # N of the tokens built so far (0: the config's)
+
+    def __post_init__(self):
+        self.tokens = self.tokens or self.cfg.num_tokens
+
+    @property
+    def stream_dtype(self) -> str:
+        """The residual stream's dtype (the adds' outputs)."""
+        return "int16" if self.scheme.residual == "int16" else "int8"
 
     def add(self, name, op, variant, inputs, constants=(), attrs=None, *, shape, dtype="int8", layout=TOKENS,
             scale="", weight_scale=None, calibrate=None):
@@ -249,7 +264,7 @@ class _Builder:
 
     def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
              variant=None):
-        shape = (BATCH, cout, 1, spatial or self.cfg.num_tokens)
+        shape = (BATCH, cout, 1, spatial or self.tokens)
         variant = variant or self.scheme.conv
         consts = ("weight", "bias", "multiplier", "shift") + VARIANT_CONSTANTS.get(("conv2d", variant), ())
         return self.add(name, "conv2d", variant, {"x": x}, consts, {"rounding": self.rounding, "out_dtype": dtype},
@@ -262,7 +277,7 @@ class _Builder:
                   "gamma": f"{name}.weight", "bias": f"{name}.bias", "multiplier": f"{name}.multiplier",
                   "shift": f"{name}.shift"}
         return self.add(name, "layernorm", v, {"x": x}, consts, {"rounding": self.rounding},
-                        shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens), weight_scale=f"{name}.weight_scale")
+                        shape=(BATCH, self.cfg.embed_dim, 1, self.tokens), weight_scale=f"{name}.weight_scale")
 
     def residual(self, name, a, b, b_constant=False):
         """a + b at the residual stream's width; b a tensor, or (b_constant) a constant's name."""
@@ -270,14 +285,26 @@ class _Builder:
         consts = {c: f"{name}.{c}" for c in ("multiplier_a", "multiplier_b", "shift")}
         attrs = {"out_dtype": "int16"} if v == "int16" else {}
         return self.add(name, "add", v, {"a": a} if b_constant else {"a": a, "b": b},
-                        ({"b": b} | consts) if b_constant else consts, attrs, dtype="int16" if v == "int16" else "int8",
-                        shape=(BATCH, self.cfg.embed_dim, 1, self.cfg.num_tokens))
+                        ({"b": b} | consts) if b_constant else consts, attrs, dtype=self.stream_dtype,
+                        shape=(BATCH, self.cfg.embed_dim, 1, self.tokens))
+
+    def select(self, b, x, p, stage) -> str:
+        """Token pruning in block prefix b (docs/spec.md, "Token pruning"): `select`, the kept positions (B, k)
+        from the probabilities p, then `pruned`, the tokens x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])."""
+        P = self.cfg.num_prefix_tokens
+        index = self.add(b + "select", "token_select", "cls_attention", {"p": p}, (),
+                         {"keep": stage.keep, "num_prefix": P}, shape=(BATCH, stage.keep), dtype="int32",
+                         layout=KEPT, scale=None, calibrate=False)                   # (B, k) int32
+        self.tokens = P + stage.patches_out
+        return self.add(b + "pruned", "token_prune", "package", {"x": x, "p": p, "index": index}, (),
+                        {"num_prefix": P, "rounding": self.rounding}, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens),
+                        dtype=self.stream_dtype, scale=f"{x}.scale", calibrate=False)  # (B, C, 1, N'), x's scale
 
 
 def _block(g: _Builder, i: int, x: str) -> str:
     """One transformer block on tokens x (B, C, 1, N); returns the name of its output."""
     cfg, b = g.cfg, f"blocks.{i}."
-    C, N, Hh, D = cfg.embed_dim, cfg.num_tokens, cfg.num_heads, cfg.head_dim
+    C, N, Hh, D = cfg.embed_dim, g.tokens, cfg.num_heads, cfg.head_dim
     h = g.layernorm(b + "norm1", x)                                                 # (B, C, 1, N)
     qkv = g.conv(b + "attn.qkv", h, 3 * C, scale=None)                              # (B, 3C, 1, N), 3 scales
     q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv}, (),
@@ -294,6 +321,8 @@ def _block(g: _Builder, i: int, x: str) -> str:
               {"rounding": g.rounding}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
+    if i in g.stages:
+        x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N)
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N)
     gv = g.scheme.gelu

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from refvit.intmath import (
-    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _round_shift, _rounding_terms, _scale_into, apply_scale,
+    BLOCK, SINGLE_ROUND, _bcast, _blocks, _check_scale_args, _round_shift, _rounding_terms, _scale_into, apply_scale,
     int_matmul, int_matmul_exact, int_range, isqrt, requantize, round_half_away_from_zero, rounding_shift_right,
     saturate,
 )
@@ -63,9 +63,23 @@ def _require_array(x, fn: str, name: str, dtype, ndim: int | None = None, layout
     return x
 
 
+_DTYPE_RANGES: dict = {}
+
+
+def _dtype_range(dt: np.dtype) -> tuple:
+    """(min, max) of an integer dtype; +-infinity for any other (every bound is then scanned)."""
+    if dt not in _DTYPE_RANGES:
+        info = np.iinfo(dt) if dt.kind in "iu" else None
+        _DTYPE_RANGES[dt] = (int(info.min), int(info.max)) if info else (-math.inf, math.inf)
+    return _DTYPE_RANGES[dt]
+
+
 def _require_range(x: np.ndarray, lo: int, hi: int, fn: str, name: str) -> None:
-    """lo <= x <= hi everywhere (inclusive)."""
-    if x.size and (int(x.min()) < lo or int(x.max()) > hi):
+    """lo <= x <= hi everywhere (inclusive). A bound that x's integer dtype already implies is not scanned."""
+    if not x.size:
+        return
+    dlo, dhi = _dtype_range(x.dtype)
+    if (dlo < lo and int(x.min()) < lo) or (dhi > hi and int(x.max()) > hi):
         raise ValueError(f"{fn}: {name} must be in [{lo}, {hi}], got values in [{int(x.min())}, {int(x.max())}]")
 
 
@@ -127,7 +141,7 @@ def concat_tokens(prefix: np.ndarray, patches: np.ndarray) -> np.ndarray:
     b, c, h, _ = patches.shape
     if h != 1 or c != prefix.shape[1]:
         raise ValueError(f"{fn}: patches must have shape (B, {prefix.shape[1]}, 1, Np), got {patches.shape}")
-    prefix_b = np.broadcast_to(prefix, (b,) + prefix.shape[1:])   # (B, C, 1, P)
+    prefix_b = _bcast(prefix, (b,) + prefix.shape[1:])   # (B, C, 1, P)
     return np.concatenate([prefix_b, patches], axis=3)            # (B, C, 1, P + Np)
 
 
@@ -246,8 +260,8 @@ def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, 
     add1, add2 = (bias_m + rnd, None) if corr is None else (bias_m, rnd)
     out = np.empty(g.shape, out_dtype)
     if out.size:
-        mb, sb, a1 = (np.broadcast_to(v, g.shape) for v in (m, s, add1))
-        a2, cb = (None, None) if corr is None else (np.broadcast_to(add2, g.shape), np.broadcast_to(corr, g.shape))
+        mb, sb, a1 = (_bcast(v, g.shape) for v in (m, s, add1))
+        a2, cb = (None, None) if corr is None else (_bcast(add2, g.shape), _bcast(corr, g.shape))
         scratch = np.empty(min(BLOCK, g.size), np.int64)
         for idx in _blocks(g.shape):
             o = out[idx]
@@ -290,10 +304,10 @@ def make_exp_table() -> np.ndarray:
     return saturate(round_half_away_from_zero(vals), np.uint16)
 
 
-SOFTMAX_LUT_MAX = 1 << 16         # longest score-difference -> e table (int32 entries: 256 KiB)
+SOFTMAX_LUT_MAX = 1 << 19         # longest score-difference -> e table (int32 entries: 2 MiB)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _softmax_lut(multiplier: int, shift: int, rounding: str, table: bytes, table_dtype: str):
     """(T, exact): T[d] = exp_table[saturate(apply_scale(d, multiplier, shift, rounding), uint8)] for
     0 <= d < len(T), int32, read-only; `exact` says that T[min(d, len(T) - 1)] is that value for EVERY valid d.
@@ -365,23 +379,24 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     rows = max(1, BLOCK // n)
     dbuf = np.empty((rows, n), np.int64)
     ebuf = np.empty((rows, n), np.int32)
-    wbuf = np.empty((rows, n), np.int64)
+    wbuf = np.empty((rows, n), np.float64)
     for r0 in range(0, s.shape[0], rows):
         r1 = min(r0 + rows, s.shape[0])
         d, e, w = dbuf[:r1 - r0], ebuf[:r1 - r0], wbuf[:r1 - r0]
         np.subtract(top[r0:r1], s[r0:r1], out=d)                  # exact in int32: 0 <= d <= dmax <= 2^31 - 1
-        if lut is not None:                                       # e = exp_table[min(apply_scale(d), 255)]
-            np.minimum(d, len(lut) - 1, out=d)
-            np.take(lut, d, out=e, mode="clip")                   # (indices are in range: clip is a no-op)
+        if lut is not None:                                       # e = exp_table[min(apply_scale(d), 255)]:
+            np.take(lut, d, out=e, mode="clip")                   # T[min(d, len(T) - 1)] (d >= 0)
         else:
             idx = np.empty(d.shape, np.uint8)
             _scale_into(d, np.int64(multiplier), np.int64(shift), rounding, idx, 0, 255)
-            np.take(table32, idx, out=e, mode="clip")
+            np.take(table32, idx, out=e, mode="clip")             # (indices < 256: clip is a no-op)
         sigma = e.sum(axis=-1, keepdims=True, dtype=np.int64)     # in [2^15, N * 2^15]
         recip = (1 << SOFTMAX_RECIP_BITS) // sigma                # Q0.25 of 1/sigma_real, in [2^25/N, 2^25]
-        np.multiply(e, PROB_ONE * recip, out=w)                   # e*127*recip <= 127 * 2^40 (e <= sigma)
-        np.add(w, 1 << (SOFTMAX_RECIP_BITS - 1), out=w)           # rounding_shift_right(., 40): ties toward +inf
-        np.right_shift(w, SOFTMAX_RECIP_BITS, out=w)
+        # p = rounding_shift_right(e * 127 * recip, 40) = floor(e * (127 * recip * 2^-40) + 1/2), in float64:
+        # 127*recip < 2^32 and e*127*recip < 2^47 are exact products, the 2^-40 scaling is exact, and the sum
+        # (< 128, lowest bit >= 2^-40: 48 bits) is exact; the cast to int8 truncates = floors a positive value.
+        np.multiply(e, (PROB_ONE * recip).astype(np.float64) * 2.0 ** -SOFTMAX_RECIP_BITS, out=w)
+        np.add(w, 0.5, out=w)
         np.copyto(o2[r0:r1], w, casting="unsafe")                 # 0 <= p <= 127: the int8 saturate never clamps
     return out
 
@@ -434,7 +449,7 @@ def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.nda
     half = (1 << shift - 1) if shift else 0                       # rounding_shift_right(acc, shift)
     out = np.empty(a.shape, out_dtype)
     if out.size:
-        bb = np.broadcast_to(b, a.shape)
+        bb = _bcast(b, a.shape)
         ma64, mb64 = np.int64(ma), np.int64(mb)
         scratch = np.empty((2, min(BLOCK, a.size) if a.ndim else 1), np.int64)
         for idx in _blocks(a.shape):
@@ -538,7 +553,7 @@ def layernorm_normalize(x, eps_int) -> np.ndarray:
     a, b = _layernorm_rows(x, c, eps_int)
     out = np.empty(x.shape, np.int32)
     if out.size:
-        ab, bb = np.broadcast_to(a, x.shape), np.broadcast_to(b, x.shape)
+        ab, bb = _bcast(a, x.shape), _bcast(b, x.shape)
         scratch = np.empty(min(BLOCK, x.size), np.int64)
         for idx in _blocks(x.shape):
             o = out[idx]
@@ -576,8 +591,8 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
     out = np.empty(x.shape, np.int8)
     if out.size:
         shape = x.shape
-        ab, bb, gm, a1, sb = (np.broadcast_to(v, shape) for v in (a, b, g64 * m, add1, s))
-        a2, cb = (None, None) if corr is None else (np.broadcast_to(add2, shape), np.broadcast_to(corr, shape))
+        ab, bb, gm, a1, sb = (_bcast(v, shape) for v in (a, b, g64 * m, add1, s))
+        a2, cb = (None, None) if corr is None else (_bcast(add2, shape), _bcast(corr, shape))
         scratch = np.empty(min(BLOCK, x.size), np.int64)
         for idx in _blocks(shape):
             o = out[idx]

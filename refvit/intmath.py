@@ -65,6 +65,20 @@ _NARROW = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.
 BLOCK = 1 << 16   # elements per block of the fused elementwise loops: 512 KiB of int64 scratch (L2-sized)
 
 
+def _bcast(a, shape: tuple) -> np.ndarray:
+    """np.broadcast_to(a, shape) (a read-only view with zero strides) without its Python overhead."""
+    a = np.asarray(a)
+    if a.shape == shape:
+        return a
+    if a.ndim < len(shape):
+        a = a.reshape((1,) * (len(shape) - a.ndim) + a.shape)
+    if any(d != s and d != 1 for d, s in zip(a.shape, shape)):
+        return np.broadcast_to(a, shape)                      # raises numpy's broadcast error
+    strides = tuple(0 if d == 1 and s != 1 else st for d, s, st in zip(a.shape, shape, a.strides))
+    view = np.lib.stride_tricks.as_strided(a, shape, strides, writeable=False)
+    return view
+
+
 def _blocks(shape: tuple, target: int = BLOCK):
     """Index tuples tiling an array of `shape` in C order, each block at most max(target, last dim) elements.
 
@@ -88,13 +102,15 @@ def _blocks(shape: tuple, target: int = BLOCK):
 # ranges and saturation
 # ---------------------------------------------------------------------------------------------
 
+_RANGES = {dt: (int(np.iinfo(dt).min), int(np.iinfo(dt).max)) for dt in _INT_DTYPES}
+
+
 def int_range(dtype) -> tuple[int, int]:
     """(lo, hi) inclusive range of an integer dtype among int8/16/32/64, uint8/16."""
     dt = np.dtype(dtype)
     if dt not in _INT_DTYPES:
         raise ValueError(f"int_range: dtype must be one of {[str(d) for d in _INT_DTYPES]}, got {dt}")
-    info = np.iinfo(dt)
-    return int(info.min), int(info.max)
+    return _RANGES[dt]
 
 
 def saturate(x, dtype) -> np.ndarray:
@@ -107,10 +123,10 @@ def saturate(x, dtype) -> np.ndarray:
     lo, hi = int_range(dtype)
     arr = np.asarray(x)
     if arr.ndim and arr.dtype in _NARROW:
-        info = np.iinfo(arr.dtype)
-        if info.min >= lo and info.max <= hi:
+        xlo, xhi = _RANGES[arr.dtype]
+        if xlo >= lo and xhi <= hi:
             return arr.astype(dtype)
-        return np.clip(arr, max(lo, int(info.min)), min(hi, int(info.max))).astype(dtype)
+        return np.clip(arr, max(lo, xlo), min(hi, xhi)).astype(dtype)
     x = _int64(arr, "saturate", "x")
     return np.clip(x, lo, hi).astype(dtype)
 
@@ -240,8 +256,8 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
     if out.size == 0:
         return
     rnd, corr = _rounding_terms(shift, rounding)
-    vb, mb, sb, rb = (np.broadcast_to(a, shape) for a in (value, multiplier, shift, rnd))
-    cb = None if corr is None else np.broadcast_to(corr, shape)
+    vb, mb, sb, rb = (_bcast(a, shape) for a in (value, multiplier, shift, rnd))
+    cb = None if corr is None else _bcast(corr, shape)
     direct = out.dtype == np.int64 and lo is None
     scratch = None if direct else np.empty(min(BLOCK, out.size) if len(shape) else 1, np.int64)
     for idx in _blocks(shape):
@@ -456,17 +472,32 @@ def _matmul_args(a, b, fn: str = "int_matmul"):
     return a, b, amax, bmax, k
 
 
+def _l1_bound(a: np.ndarray, b: np.ndarray, amax: int, bmax: int) -> int:
+    """An upper bound of sum_k |a_ik| * |b_kj| over every output (i, j): max_i ||a_i||_1 * max|b| or
+    max|a| * max_j ||b_j||_1, whichever operand is smaller (one pass over it). Every partial sum, in
+    any order, of the terms of one output is bounded by it. Infinite (not computed) for operands wider
+    than 16 bits, whose |x| could overflow the abs."""
+    small, other_max, axis = (a, bmax, -1) if a.size <= b.size else (b, amax, -2)
+    if small.dtype.itemsize > 2:
+        return F64_EXACT
+    norms = np.abs(small, dtype=np.int32).sum(axis=axis, dtype=np.int64)   # |int8/16| fits int32
+    return int(norms.max()) * other_max if norms.size else 0
+
+
 def _matmul_exact(a: np.ndarray, b: np.ndarray, amax: int, bmax: int, k: int) -> np.ndarray:
     """The exact product a @ b of checked integer operands with |a| <= amax, |b| <= bmax, as an array whose
     values ARE the integers: float32 (every |value| <= 2^24), float64 (every |value| <= 2^53) or int64.
 
-    One float pass when K fits one chunk (the result is the float GEMM output itself, no copy). Otherwise
+    One float pass when K fits one chunk, or when the operands' L1 norms bound every partial sum by 2^24
+    (_l1_bound; the result is then the float GEMM output itself, no copy). Otherwise
     the exact chunk results are summed in float64 while K*max|a|*max|b| <= 2^53 (every partial sum of
     chunk results is then an integer below 2^53: exact), else in int64.
     """
     ftype, k_chunk = _matmul_plan(amax, bmax, k)
     if ftype is None:
         return np.matmul(a.astype(np.int64), b.astype(np.int64))
+    if ftype is np.float32 and k_chunk < k and _l1_bound(a, b, amax, bmax) <= F32_EXACT:
+        k_chunk = k                             # the operands' actual norms allow one pass (see _l1_bound)
     af, bf = a.astype(ftype), b.astype(ftype)   # exact: |values| <= 2^24 (float32) or 2^53 (float64)
     if k_chunk >= k:
         return np.matmul(af, bf)                # one pass, every partial sum an integer <= K*amax*bmax

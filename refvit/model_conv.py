@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import DeiTConfig
 from .functional import gelu, softmax
+from .prune import prune_plan, select_float
 
 
 def conv2d(x, w, b=None, stride: int = 1):
@@ -62,14 +63,14 @@ def split_heads(x, num_heads):  # (B, C, 1, N) -> (B, Hh, D, N)
     return x.reshape(B, num_heads, C // num_heads, N)
 
 
-def attention(p, pre, x, cfg: DeiTConfig, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
+def attention(p, pre, x, cfg: DeiTConfig, trace=None):  # x (B, C, 1, N) -> ((B, C, 1, N), probs (B, Hh, N, N))
     B, C, _, N = x.shape
     qkv = _record(trace, pre + "qkv", conv2d(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias")))  # (B, 3C, 1, N)
     q, k, v = (split_heads(t, cfg.num_heads) for t in np.split(qkv, 3, axis=1))  # 3 x (B, Hh, D, N)
     s = q.transpose(0, 1, 3, 2) @ k * np.asarray(cfg.head_dim ** -0.5, x.dtype)  # (B, Hh, N, N) [query, key]
     a = softmax(s, axis=-1)
     o = _record(trace, pre + "context", (v @ a.transpose(0, 1, 3, 2)).reshape(B, C, 1, N))  # (B, C, 1, N)
-    return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"]))
+    return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])), a
 
 
 def mlp(p, pre, x, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
@@ -78,11 +79,21 @@ def mlp(p, pre, x, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
     return _record(trace, pre + "fc2", conv2d(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"]))
 
 
-def block(p, i, x, cfg: DeiTConfig, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
+def select_conv(x, attn, keep_rate: float, num_prefix: int):  # x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])
+    """The token selection of refvit.prune on conv-form tokens (the same arithmetic on the (B, N, C) view)."""
+    kept = select_float(x[:, :, 0, :].transpose(0, 2, 1), attn, keep_rate, num_prefix)  # (B, N', C)
+    return kept.transpose(0, 2, 1)[:, :, None, :]                                  # (B, C, 1, N')
+
+
+def block(p, i, x, cfg: DeiTConfig, trace=None, keep_rate: float | None = None):  # (B, C, 1, N) -> (B, C, 1, N')
+    """One block; with a keep_rate, the token selection (refvit.prune) after the attention's residual add."""
     pre = f"blocks.{i}."
     ln = lambda y, name: _record(trace, pre + name, layer_norm_conv(
         y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps))
-    x = _record(trace, pre + "residual1", x + attention(p, pre + "attn.", ln(x, "norm1"), cfg, trace))
+    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg, trace)                # (B, C, 1, N), (B, Hh, N, N)
+    x = _record(trace, pre + "residual1", x + h)
+    if keep_rate is not None:
+        x = _record(trace, pre + "pruned", select_conv(x, a, keep_rate, cfg.num_prefix_tokens))  # (B, C, 1, N')
     return _record(trace, pre + "residual2", x + mlp(p, pre + "mlp.", ln(x, "norm2"), trace))
 
 
@@ -93,14 +104,16 @@ def head(p, x):  # x (B, C, 1, N) final-normed -> logits (B, K)
     return logits[:, :, 0, 0]
 
 
-def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, C, 1, N)
+def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, C, 1, N')
+    rates = {s.block: s.keep_rate for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
     x = embed(p, _record(trace, "input", x), cfg, trace)
     for i in range(cfg.depth):
-        x = block(p, i, x, cfg, trace)
+        x = block(p, i, x, cfg, trace, rates.get(i))
     return _record(trace, "norm", layer_norm_conv(x, p["norm.weight"], p["norm.bias"], cfg.ln_eps))
 
 
-def forward(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, K)
+def forward(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, K)
     """Logits of the conv-form DeiT; `p` from `token_to_conv`, in x's float dtype. `trace`, if a dict,
-    receives every intermediate under the integer graph's op names (block output: residual2; logits: head)."""
-    return _record(trace, "head", head(p, forward_features(p, x, cfg, trace)))
+    receives every intermediate under the integer graph's op names (block output: residual2; logits: head;
+    a selection's tokens: pruned). `prune`: token pruning stages as in model_token.forward."""
+    return _record(trace, "head", head(p, forward_features(p, x, cfg, trace, prune)))

@@ -11,6 +11,7 @@ import numpy as np
 
 from .config import DeiTConfig
 from .functional import gelu, layer_norm, softmax
+from .prune import prune_plan, select_float
 
 
 def linear(x, w, b):  # x (..., in), w (out, in), b (out,)
@@ -33,14 +34,14 @@ def embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, N, C)
     return np.concatenate([prefix, tokens], axis=1) + p["pos_embed"]               # (B, N, C)
 
 
-def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> (B, N, C)
+def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> ((B, N, C), probabilities (B, Hh, N, N))
     B, N, C = x.shape
     Hh, D = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias", 0))             # (B, N, 3C)
     q, k, v = qkv.reshape(B, N, 3, Hh, D).transpose(2, 0, 3, 1, 4)                 # 3 x (B, Hh, N, D)
     a = softmax(q @ k.transpose(0, 1, 3, 2) * np.asarray(D ** -0.5, x.dtype))     # (B, Hh, N, N)
     o = (a @ v).transpose(0, 2, 1, 3).reshape(B, N, C)                             # (B, N, C)
-    return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"])
+    return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"]), a
 
 
 def mlp(p, pre, x):  # x (B, N, C) -> (B, N, C)
@@ -48,10 +49,14 @@ def mlp(p, pre, x):  # x (B, N, C) -> (B, N, C)
     return linear(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"])
 
 
-def block(p, i, x, cfg: DeiTConfig):  # x (B, N, C) -> (B, N, C)
+def block(p, i, x, cfg: DeiTConfig, keep_rate: float | None = None):  # x (B, N, C) -> (B, N', C)
+    """One block; with a keep_rate, the token selection (refvit.prune) after the attention's residual add."""
     pre = f"blocks.{i}."
     ln = lambda y, name: layer_norm(y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps)
-    x = x + attention(p, pre + "attn.", ln(x, "norm1"), cfg)
+    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg)                        # (B, N, C), (B, Hh, N, N)
+    x = x + h
+    if keep_rate is not None:
+        x = select_float(x, a, keep_rate, cfg.num_prefix_tokens)                   # (B, P + k [+ 1], C)
     return x + mlp(p, pre + "mlp.", ln(x, "norm2"))
 
 
@@ -62,20 +67,22 @@ def head(p, x):  # x (B, N, C) final-normed -> logits (B, K)
     return logits
 
 
-def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, N, C)
+def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, N', C)
+    rates = {s.block: s.keep_rate for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
     x = embed(p, x, cfg)
     for i in range(cfg.depth):
-        x = block(p, i, x, cfg)
+        x = block(p, i, x, cfg, rates.get(i))
         if trace is not None:
             trace[f"blocks.{i}"] = x
     return layer_norm(x, p["norm.weight"], p["norm.bias"], cfg.ln_eps)
 
 
-def forward(p, x, cfg: DeiTConfig, trace: dict | None = None):  # (B, 3, H, W) -> (B, K)
-    """Logits of the token-form DeiT; `p` in x's float dtype (see `cast_params`)."""
+def forward(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, K)
+    """Logits of the token-form DeiT; `p` in x's float dtype (see `cast_params`). `prune`: token pruning
+    stages, ((block, keep_rate), ...) or 'BLOCK:KEEP,...' (refvit.prune); () runs every token."""
     if trace is not None:
         trace["patch_embed"] = patch_embed(p, x, cfg)
-    return head(p, forward_features(p, x, cfg, trace))
+    return head(p, forward_features(p, x, cfg, trace, prune))
 
 
 def cast_params(p: dict, dtype=np.float32) -> dict:

@@ -2,7 +2,7 @@
 preprocessing and class names. refvit.resolve builds on it to give every command one model resolution."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +69,10 @@ def load_model(path=None, form: str = "token", dtype=np.float32, *, preprocess: 
     if is_default:
         card = default_model_info()["config"]
         ckpt = load_checkpoint(default_model_path(), num_heads=card["num_heads"], ln_eps=card["ln_eps"])
+        ckpt = replace(ckpt, heads_note="from the model card")
         default_pp = PRESETS["fmnist"]
     else:
-        ckpt = load_checkpoint(path, num_heads=num_heads, **({"arch": arch} if arch else {}))
+        ckpt = load_checkpoint(path, num_heads=num_heads, arch=arch)
         pcfg = getattr(ckpt, "pretrained_cfg", None)
         default_pp = from_pretrained_cfg(pcfg) if pcfg else PRESETS["imagenet"]
     params = model_token.cast_params(ckpt.params, dtype)

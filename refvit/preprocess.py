@@ -240,9 +240,14 @@ class Preprocess:
             raise PreprocessError(f"preprocessing {self.name!r} takes images, not grayscale arrays")
         return fmnist_transform(images, self.pad, self.mean, self.std, self.source_size)
 
+    def open(self, path) -> Image.Image:
+        """Open an image for this pipeline: refused before decoding when it, or its resize, exceeds the pixel limit."""
+        short = self.source_size if self.kind == "grayscale-pad" else math.floor(self.size / self.crop_pct)
+        return open_image(path, resize_short=short)
+
     def images(self, paths) -> np.ndarray:
         """Image files -> float32 (B, 3, size, size)."""
-        return np.stack([self(open_image(p)) for p in paths])
+        return np.stack([self(self.open(p)) for p in paths])
 
     def to_dict(self) -> dict:
         d = asdict(self)

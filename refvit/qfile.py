@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from refvit.checkpoints import CheckpointError
-from refvit.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from refvit.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from refvit.config import ConfigError, DeiTConfig
 from refvit.graph import GraphError, Scheme, graph_from_dicts, required_constants
 from refvit.intmath import ROUNDING_MODES
@@ -29,16 +29,16 @@ def save_quantized(qm: QuantizedModel, path) -> Path:
     scalars = sorted(k for k, v in qm.tensors.items() if np.ndim(v) == 0)
     meta = dict(qm.metadata(), format_version=FORMAT_VERSION, scalars=scalars,
                 graph=[op.to_dict() for op in qm.graph])
-    write_safetensors(path, qm.tensors, {"refvit": json.dumps(meta, sort_keys=True)})
+    write_safetensors(path, qm.tensors, {"refvit": json.dumps(meta)})   # key order kept: records name arguments in order
     return path
 
 
 def is_quantized_file(path) -> bool:
+    """A refvit quantized file (its header says so; no tensor is read)."""
     try:
-        _, meta = read_safetensors(path)
-    except CheckpointError:
+        return "refvit" in read_safetensors_metadata(path)
+    except (CheckpointError, OSError):
         return False
-    return "refvit" in meta
 
 
 def load_quantized(path) -> QuantizedModel:

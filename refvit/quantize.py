@@ -13,7 +13,7 @@ All rounding of reals to integers is round-half-away-from-zero (never numpy's ha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -54,9 +54,14 @@ class QuantizedModel:
             object.__setattr__(self, "graph", G.build_graph(self.config, self.rounding, self.scheme))
 
     def with_rounding(self, rounding: str) -> "QuantizedModel":
-        """The same constants under another rounding mode (they do not depend on it); the graph follows."""
-        return QuantizedModel(self.config, self.head_mode, rounding, self.calibration, self.tensors,
-                              G.build_graph(self.config, rounding, self.scheme), self.scheme)
+        """The same constants under another rounding mode (they do not depend on it): every record that
+        takes a rounding mode gets this one."""
+        if rounding not in ROUNDING_MODES:
+            raise QuantizationError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
+        graph = tuple(replace(op, attrs={**op.attrs, "rounding": rounding}) if "rounding" in op.attrs else op
+                      for op in self.graph)
+        return QuantizedModel(self.config, self.head_mode, rounding, self.calibration, self.tensors, graph,
+                              self.scheme)
 
     def metadata(self) -> dict:
         return {"format": "refvit-int8", "config": self.config.to_dict(), "head_mode": self.head_mode,

@@ -13,9 +13,10 @@ import numpy as np
 from .checkpoints import CheckpointError
 from .config import DeiTConfig
 from .graph import Scheme
+from .intmath import SINGLE_ROUND
 from .labels import class_names, default_model_info
 from .models import Model, default_int8_path, load_model
-from .preprocess import PRESETS, ImageError, Preprocess, PreprocessError, open_image, resolve_preprocess
+from .preprocess import PRESETS, ImageError, Preprocess, PreprocessError, resolve_preprocess
 from .qfile import is_quantized_file, load_quantized
 from .quantize import DEFAULT_PERCENTILE, QuantizedModel, quantize
 
@@ -88,7 +89,7 @@ def calibration_batches(preprocess: Preprocess, paths, limit: int | None = None,
     for i in range(0, len(images), batch):
         yield preprocess.from_grayscale(images[i:i + batch])
     for i in range(0, len(files), batch):
-        yield np.stack([preprocess(open_image(f)) for f in files[i:i + batch]])
+        yield preprocess.images(files[i:i + batch])
 
 
 def _recorded_preprocess(qm: QuantizedModel) -> tuple[Preprocess, bool]:
@@ -152,7 +153,7 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
                 batches = calibration_batches(fm.preprocess, found, max_images)
                 described = ", ".join(map(str, list(found)[:4])) + (" ..." if len(found) > 4 else "")
             qm = quantize(fm.params, fm.config, batches, head_mode=fm.head_mode, method=method,
-                          percentile=percentile, rounding=rounding or "SINGLE_ROUND", progress=progress,
+                          percentile=percentile, rounding=rounding or SINGLE_ROUND, progress=progress,
                           source=described, preprocess=fm.preprocess.to_dict(), scheme=scheme)
             notes.append(f"quantized on the fly: {method} calibration on "
                          f"{'--calib' if calib is not None else described}")

@@ -334,8 +334,6 @@ def test_cli_decompression_bomb(tmp_path):
 
 
 @pytest.mark.shared
-@pytest.mark.xfail(strict=True, reason="needs the preprocessing to pass resize_short to open_image (lead's "
-                                       "Preprocess.__call__/images and calibration): remove this mark then")
 def test_cli_image_too_big_to_resize(wide_png):
     """The issue's case: a 100000x2 PNG resized to 248 px on the short side for a 224 model needs gigabytes."""
     code, out, err = cli_limited("classify", wide_png, "--weights", TIMM_TINY)

@@ -178,7 +178,8 @@ LAYERS = [  # lower index = lower layer; a module may import its own layer (no c
      "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*"],
     ["refvit.graph"],
     ["refvit.quantize", "refvit.int_model", "refvit.qfile"],
-    ["refvit.models", "refvit.resolve", "refvit.golden", "refvit.check", "conformance*"],
+    ["refvit.models", "refvit.resolve", "refvit.golden", "refvit.check", "refvit.evaluate", "refvit.report",
+     "conformance*"],
     ["refvit.cli", "refvit.__main__"],
 ]
 

@@ -711,7 +711,8 @@ def _softmax_case(rng, rows, n, span):
 
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("mult, shift, span, note", [
-    (1518500250, 43, 3000, "table ends at the first index-255 d (typical)"),
+    (*quantize_multiplier(0.128), 3000, "table ends at the first index-255 d (about 2000)"),
+    (1518500250, 43, 3000, "index 255 far beyond every d (first at ~1.5e6): partial table"),
     (1 << 30, 31, 200, "exact ties at every other d"),
     ((1 << 31) - 1, 33, 2000, "near ties, DOUBLE differs"),
     (1 << 30, 52, 5000, "index 255 beyond the table: partial table, d inside it"),
@@ -732,7 +733,7 @@ def test_softmax_table_path_equals_reference(rounding, mult, shift, span, note):
 
 def test_softmax_table_boundary_and_custom_tables():
     """d at c - 1, c, c + 1 for c the first d of index 255; tables that are not monotone; int32 tables."""
-    mult, shift = 1518500250, 43
+    mult, shift = quantize_multiplier(0.128)
     c = next(d for d in range(1 << 20) if _apply_scale_one(d, mult, shift, SINGLE_ROUND) >= 255)
     row = np.array([0, -(c - 1), -c, -(c + 1), -(c + 1000), -1, -2], np.int32)
     rng = np.random.default_rng(3)

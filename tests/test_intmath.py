@@ -555,7 +555,7 @@ def _scale_case(rng, shape, channels_axis, shifts, dtype=np.int32):
     flat[:k] = np.broadcast_to(lo, shape).reshape(-1)[:k]
     flat[k:2 * k] = np.broadcast_to(hi, shape).reshape(-1)[k:2 * k]
     flat[2 * k:3 * k] = rng.integers(-3, 4, k)
-    return value.astype(dtype), mult, shift
+    return np.clip(value, lo, hi).astype(dtype), mult, shift
 
 
 @settings(max_examples=12, deadline=None)

@@ -30,7 +30,7 @@ from refvit.config import (
     preset_for_width,
 )
 
-from . import CheckpointError
+from .errors import CheckpointError
 from .names import HF_PREFIX, detect_naming, hf_names_for, hf_to_timm
 from .pth import read_torch, torch_format
 from .safetensors_io import read_safetensors

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 
-from . import CheckpointError
+from .errors import CheckpointError
 
 HF_PREFIX = "deit."  # the backbone prefix in DeiTForImageClassification[WithTeacher]; DeiTModel has none
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import CheckpointError
+from .errors import CheckpointError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

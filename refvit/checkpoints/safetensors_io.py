@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import CheckpointError
+from .errors import CheckpointError
 
 # safetensors dtype -> little-endian storage dtype. BF16 is read as raw uint16 and widened by hand.
 _STORAGE = {
