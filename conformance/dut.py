@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from refvit import int_kernels as K
+from refvit import int_kernels_prune as KP
 from refvit import intmath
 from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
@@ -72,6 +73,17 @@ class DUT:
         """int8 prefix (1, C, 1, P) broadcast over B, patches (B, C, 1, Np) -> (B, C, 1, P + Np)."""
         raise NotImplementedError("concat_tokens")
 
+    # -- token pruning (docs/spec.md, "Token pruning (HeatViT / EViT selector)") ------------------
+    def select_tokens(self, p, *, keep, num_prefix):
+        """int8 p (B, Hh, N, N) -> int32 (B, keep): positions of the patch tokens with the largest sum over heads
+        of p[:, h, 0, j] (ties: lower position first), ascending."""
+        raise NotImplementedError("select_tokens")
+
+    def prune_tokens(self, x, p, index, *, num_prefix, rounding=SINGLE_ROUND):
+        """x (B, C, 1, N), p, index (B, k) -> (B, C, 1, P + k + 1): prefix, kept tokens, the score-weighted
+        average of the dropped ones (exact quotient, ties by the rounding mode); x itself when k = N - P."""
+        raise NotImplementedError("prune_tokens")
+
     # -- composites: the case's graph, run with this DUT's per-op methods ------------------------
     def kernel_for(self, op):
         """The method that computes an op record: the DUT's method named after refvit's kernel; pure data
@@ -108,6 +120,7 @@ REFERENCE_KERNELS = {
     "apply_scale": intmath.apply_scale, "requantize": intmath.requantize, "conv2d": K.conv2d,
     "attention_scores": K.attention_scores, "softmax": K.softmax, "attention_context": K.attention_context,
     "add": K.add, "layernorm": K.layernorm, "gelu": K.gelu, "concat_tokens": K.concat_tokens,
+    "select_tokens": KP.select_tokens, "prune_tokens": KP.prune_tokens,
 }
 OPS = tuple(REFERENCE_KERNELS) + ("block", "model")
 

@@ -70,6 +70,10 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                    help=f"input pipeline: {' | '.join(PRESETS)} | FILE.json (docs/preprocessing.md); default: "
                         "recorded in --model, the checkpoint's pretrained_cfg, else imagenet (fmnist for the "
                         "embedded model)")
+    p.add_argument("--prune", metavar="BLOCK:KEEP[,...]",
+                   help="token pruning (EViT / HeatViT selector): in each BLOCK (from 0), after its attention, keep "
+                        "ceil(KEEP * patches) patch tokens most attended by the class token and fold the rest into "
+                        "one package token, e.g. 1:0.7,3:0.7,5:0.7; 'none' drops a --model's recorded pruning")
     if calib:
         p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
                        help="calibration images (files, folders, or a Fashion-MNIST .npz) for quantizing --weights")
@@ -102,7 +106,8 @@ def resolve_from_args(args, *, int8: bool, form: str = "conv", calib_fallback=No
                          method=getattr(args, "method", DEFAULT_METHOD),
                          percentile=getattr(args, "percentile", DEFAULT_PERCENTILE),
                          rounding=getattr(args, "rounding", None), max_images=max_images, progress=progress,
-                         scheme=resolve_scheme(args.scheme) if getattr(args, "scheme", None) else None)
+                         scheme=resolve_scheme(args.scheme) if getattr(args, "scheme", None) else None,
+                         prune=getattr(args, "prune", None))
 
 
 def describe(r: Resolved) -> dict:
@@ -218,6 +223,8 @@ def write_atomically(target, write) -> None:
     target = Path(target)
     if target.exists() and not target.is_file():
         raise UsageError(f"--out {target} exists and is not a regular file; refusing to replace it")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         write(tmp)

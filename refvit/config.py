@@ -248,3 +248,23 @@ def infer_config(shapes: dict, ln_eps: float = 1e-6, num_heads: int | None = Non
         num_heads=num_heads, mlp_ratio=hidden / c, qkv_bias="blocks.0.attn.qkv.bias" in shapes,
         ln_eps=ln_eps, num_classes=num_classes, distilled=distilled,
     )
+
+
+def named_or_json(spec, presets: dict, what: str, error=ConfigError):
+    """A preset by name, or the JSON object of a .json file -> (preset or None, the file's dict or None, its stem).
+
+    Shared by every "NAME | FILE.json" option (--preprocess, --scheme); errors are `error` naming `what`."""
+    import json
+    from pathlib import Path
+    if spec in presets:
+        return presets[spec], None, spec
+    path = Path(str(spec))
+    if path.suffix.lower() != ".json":
+        raise error(f"unknown {what} {spec!r}: give {' | '.join(presets)}, or a .json file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise error(f"cannot read {what} file {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: a {what} file holds a JSON object, got {type(d).__name__}")
+    return None, d, path.stem

@@ -20,7 +20,7 @@ import numpy as np
 from . import int_kernels as K
 from . import int_kernels_prune as KP
 from . import int_kernels_variants as KV
-from .config import DeiTConfig
+from .config import DeiTConfig, named_or_json
 from .intmath import ROUNDING_MODES, SINGLE_ROUND
 from .prune import prune_plan
 
@@ -139,6 +139,30 @@ VARIANT_CONSTANTS = {
 }
 DATA_MOVEMENT = ("split_heads", "gather_prefix")   # refvit's own function serves a DUT that lacks them
 
+# What a kernel computes inside an op (`golden --internals`; docs/spec.md "Internals of the ops"): (op, variant)
+# -> {internal: layout} that the kernel fills in its `internals` dict when given one. OUTPUT: as many elements
+# as the op's output, in its order: reshaped to the record's shape and layout (a conv's acc, the merged-head
+# context acc). Kernels not listed here have no internals (their output is their only value, or a table's).
+OUTPUT = None
+PER_TOKEN = "NCHW (B,1,1,N) per token"
+PER_ROW = "(B,Hh,N,1) per query row"
+_LN_INTERNALS = {"sum": PER_TOKEN, "d": OUTPUT, "sumsq": PER_TOKEN, "root": PER_TOKEN, "recip": PER_TOKEN,
+                 "t": OUTPUT, "acc": OUTPUT}
+_SOFTMAX_TAIL = {"exp": OUTPUT, "sum": PER_ROW, "recip": PER_ROW}
+INTERNALS = {
+    ("conv2d", "w8"): {"acc": OUTPUT},
+    ("conv2d", "w4"): {"acc": OUTPUT},
+    ("conv2d", "mixed-pot"): {"acc": OUTPUT},
+    ("attention_context", "int32"): {"acc": OUTPUT},
+    ("layernorm", "int64"): _LN_INTERNALS,
+    ("layernorm", "wide"): _LN_INTERNALS,
+    ("layernorm", "int32"): {"sum": PER_TOKEN, "d": OUTPUT, "shift": PER_TOKEN, "ds": OUTPUT, "sumsq": PER_TOKEN,
+                             "root": PER_TOKEN, "recip": PER_TOKEN, "t": OUTPUT, "acc": OUTPUT},
+    ("softmax", "table"): {"index": OUTPUT, **_SOFTMAX_TAIL},
+    ("softmax", "poly"): {"diff": OUTPUT, **_SOFTMAX_TAIL},
+    ("softmax", "shift"): {"diff": OUTPUT, **_SOFTMAX_TAIL},
+}
+
 
 def kernel_name(op: str, variant: str) -> str:
     try:
@@ -204,6 +228,7 @@ SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`
     Scheme("int16-residual", layernorm="wide", residual="int16"),
     Scheme("w4a8", conv="w4"),
     Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
+    Scheme("tosa-int32", layernorm="int32", softmax="poly"),
 )}
 SCHEME_NOTES = {
     "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
@@ -212,27 +237,18 @@ SCHEME_NOTES = {
     "int16-residual": "int16 residual stream (symmetric per tensor), as TFLite's 16x8 mode; int64 LayerNorm on int16",
     "w4a8": "4-bit weights [-7, 7] per channel in the block convs (operand reordering: one requantization after)",
     "mixed-pot": "Auto-ViT-Acc: half of each block conv's rows as signed powers of two, the rest int8",
+    "tosa-int32": "every op in TOSA's 32-bit integer types (export-tosa): int32 LayerNorm, i-exp softmax, table GELU",
 }
 
 
 def resolve_scheme(spec) -> Scheme:
-    """A named scheme, a JSON file describing one, a dict, or a Scheme."""
-    import json
-    from pathlib import Path
+    """A named scheme, a JSON file describing one (any subset of the fields), a dict, or a Scheme."""
     if isinstance(spec, Scheme):
         return spec
     if isinstance(spec, dict):
         return Scheme.from_dict(spec)
-    if spec in SCHEMES:
-        return SCHEMES[spec]
-    path = Path(str(spec))
-    if path.suffix.lower() != ".json":
-        raise GraphError(f"unknown scheme {spec!r}: give one of {', '.join(SCHEMES)}, or a .json file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise GraphError(f"cannot read scheme file {path}: {e}") from None
-    return Scheme.from_dict({"name": path.stem, **d} if isinstance(d, dict) else d)
+    preset, d, stem = named_or_json(spec, SCHEMES, "scheme", GraphError)
+    return preset or Scheme.from_dict({"name": stem, **d})
 
 
 @dataclass
@@ -323,20 +339,24 @@ def _block(g: _Builder, i: int, x: str) -> str:
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
     if i in g.stages:
         x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
-    h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N)
-    h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N)
+    h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N')
+    h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N')
     gv = g.scheme.gelu
     h = g.add(b + "mlp.gelu", "gelu", gv, {"x": h}, VARIANT_CONSTANTS.get(("gelu", gv), ("table",)),
-              {} if gv == "table" else {"rounding": g.rounding}, shape=(BATCH, cfg.hidden_dim, 1, N))  # (B, 4C, 1, N)
-    h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N)
-    return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N)
+              {} if gv == "table" else {"rounding": g.rounding},
+              shape=(BATCH, cfg.hidden_dim, 1, g.tokens))                           # (B, 4C, 1, N')
+    h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N')
+    return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N')
 
 
-def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = DEFAULT_SCHEME) -> tuple:
-    """The integer DeiT of `cfg` as a tuple of Op records in execution order (input tensor: 'input')."""
+def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = DEFAULT_SCHEME, prune=()) -> tuple:
+    """The integer DeiT of `cfg` as a tuple of Op records in execution order (input tensor: 'input').
+
+    prune: token pruning stages ((block, keep_rate), ... or 'BLOCK:KEEP,...', refvit.prune): each adds the
+    records `blocks.i.select` and `blocks.i.pruned` after `blocks.i.residual1`; every shape stays static."""
     if rounding not in ROUNDING_MODES:
         raise GraphError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
-    g = _Builder(cfg, rounding, scheme)
+    g = _Builder(cfg, rounding, scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
     t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
     t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, {"prefix": "prefix_tokens"},
@@ -344,7 +364,7 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     x = g.residual("embed", t, "pos_embed", b_constant=True)                        # (B, C, 1, N)
     for i in range(cfg.depth):
         x = _block(g, i, x)
-    x = g.layernorm("norm", x)                                                      # (B, C, 1, N)
+    x = g.layernorm("norm", x)                                                      # (B, C, 1, N')
     h = g.add("head_input", "gather_prefix", "channels", {"x": x}, (), {"num_prefix": P},
               shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
     g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True,
@@ -420,6 +440,7 @@ class Trace:
     ops: list = field(default_factory=list)
     tensors: dict = field(default_factory=dict)   # name -> ndarray
     layouts: dict = field(default_factory=dict)   # name -> layout string
+    internals: dict = field(default_factory=dict)  # op name -> {internal: tensor name} (run_graph(internals=True))
 
 
 def reference_kernels(op: Op):
@@ -427,12 +448,14 @@ def reference_kernels(op: Op):
 
 
 def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None, kernels=reference_kernels,
-              input_layout: str = IMAGE) -> np.ndarray:
+              input_layout: str = IMAGE, internals: bool = False) -> np.ndarray:
     """Execute the records in order on input x; returns the last op's output.
 
     Each op calls its kernel with its inputs and constants as keyword arguments and its attrs; the output
     is reshaped (row-major, same bytes) to the record's shape and checked against its dtype. `kernels`
-    maps a record to the function that computes it (refvit's by default; a DUT's methods in conformance)."""
+    maps a record to the function that computes it (refvit's by default; a DUT's methods in conformance).
+    internals (with a trace): the kernels listed in INTERNALS also get an `internals` dict; what they put
+    in it is traced as `<op>.<internal>`, just before the op's output."""
     env = {"input": x}
     last_use = {t: i for i, op in enumerate(graph) for t in op.inputs.values()}   # free tensors when done
     if trace is not None:
@@ -445,7 +468,8 @@ def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None,
         except KeyError as e:
             raise GraphError(f"op {op.name!r} needs constant {e.args[0]!r}, which the model lacks") from None
         attrs = {k: (np.dtype(v) if k == "out_dtype" else v) for k, v in op.attrs.items()}
-        out = np.asarray(kernels(op)(**args, **attrs))
+        kept = {} if internals and trace is not None and (op.op, op.variant) in INTERNALS else None
+        out = np.asarray(kernels(op)(**args, **attrs, **({} if kept is None else {"internals": kept})))
         want = op.shape_for(batch)
         if out.dtype != np.dtype(op.dtype) or out.size != int(np.prod(want)):
             raise GraphError(f"op {op.name!r} ({op.kernel}) gave {out.dtype} {out.shape}, "
@@ -457,5 +481,24 @@ def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None,
                 del env[t]
         if trace is not None:
             trace.ops.append(op)
+            if kept is not None:
+                _trace_internals(trace, op, kept, out)
             trace.tensors[op.name], trace.layouts[op.name] = out, op.layout
     return out
+
+
+def _trace_internals(trace: Trace, op: Op, kept: dict, out: np.ndarray) -> None:
+    """Record a kernel's internals as `<op>.<internal>` in INTERNALS order (OUTPUT ones in the output's shape)."""
+    layouts = INTERNALS[(op.op, op.variant)]
+    unknown = sorted(set(kept) - set(layouts))
+    if unknown:
+        raise GraphError(f"op {op.name!r} ({op.kernel}) reported internals {unknown} that INTERNALS does not list")
+    names = trace.internals.setdefault(op.name, {})
+    for internal, layout in layouts.items():
+        if internal in kept:
+            arr, name = np.asarray(kept[internal]), f"{op.name}.{internal}"
+            if name in trace.tensors:
+                raise GraphError(f"internal {name!r} of op {op.name!r} has the name of another tensor")
+            if layout is OUTPUT:
+                arr, layout = arr.reshape(out.shape), op.layout                        # same elements, same order
+            trace.tensors[name], trace.layouts[name], names[internal] = arr, layout, name

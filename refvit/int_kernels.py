@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from refvit.intmath import (
-    BLOCK, SINGLE_ROUND, _bcast, _blocks, _check_scale_args, _round_shift, _rounding_terms, _scale_into, apply_scale,
+    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _expand, _sub, _round_shift, _rounding_terms, _scale_into, apply_scale,
     int_matmul, int_matmul_exact, int_range, isqrt, requantize, round_half_away_from_zero, rounding_shift_right,
     saturate,
 )
@@ -141,7 +141,7 @@ def concat_tokens(prefix: np.ndarray, patches: np.ndarray) -> np.ndarray:
     b, c, h, _ = patches.shape
     if h != 1 or c != prefix.shape[1]:
         raise ValueError(f"{fn}: patches must have shape (B, {prefix.shape[1]}, 1, Np), got {patches.shape}")
-    prefix_b = _bcast(prefix, (b,) + prefix.shape[1:])   # (B, C, 1, P)
+    prefix_b = np.broadcast_to(prefix, (b,) + prefix.shape[1:])   # (B, C, 1, P)
     return np.concatenate([prefix_b, patches], axis=3)            # (B, C, 1, P + Np)
 
 
@@ -235,13 +235,15 @@ def conv2d_accumulate(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np
     return _nchw(acc, shape)
 
 
-def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8) -> np.ndarray:
+def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8,
+           internals: dict | None = None) -> np.ndarray:
     """requantize(conv2d_accumulate(x, weight, bias)) per output channel -> out_dtype (B, Cout, H/k, W/k).
 
     Fused: with g = the GEMM sum and acc = g + bias, acc*m + rnd = g*m + (bias*m + rnd), so per output
     channel one multiply and one add of a constant give the apply_scale numerator (all in int64: |g*m| < 2^61,
     |bias*m| < 2^62, |acc*m + rnd| < 2^62 + 2^61 + 2^30). DOUBLE_ROUND adds bias*m first: its rounding
     term depends on the sign of acc*m.
+    internals: a dict receives `acc` (int32 (B, Cout, H/k, W/k)); the plain form then runs (same output).
     """
     g, shape = _conv_gemm(x, weight, bias)
     cout = shape[1]
@@ -250,30 +252,30 @@ def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, 
     acc_shape = (cout, 1)                                         # value domain: acc is int32 (headroom check)
     _check_scale_args(np.zeros(acc_shape, np.int32), m, s, rounding, "apply_scale")
     lo, hi = int_range(out_dtype)
-    if int(s.min()) <= 31:  # value < 2^(shift-1) is a real precondition here: check it on the actual acc
-        acc = np.empty(g.shape, np.int32)
+    if int(s.min()) <= 31 or internals is not None:  # shift <= 31: value < 2^(shift-1) is checked on the acc
+        acc = np.empty(g.shape, np.int32)                         # (Cout, B*Ho*Wo)
         np.copyto(acc, g, casting="unsafe")
         acc += bias[:, None]
+        if internals is not None:
+            internals["acc"] = _nchw(acc, shape)                  # (B, Cout, Ho, Wo)
         return _nchw(requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding), shape)
     rnd, corr = _rounding_terms(s, rounding)
     bias_m = bias.astype(np.int64).reshape(cout, 1) * m           # |bias*m| < 2^62
     add1, add2 = (bias_m + rnd, None) if corr is None else (bias_m, rnd)
     out = np.empty(g.shape, out_dtype)
     if out.size:
-        mb, sb, a1 = (_bcast(v, g.shape) for v in (m, s, add1))
-        a2, cb = (None, None) if corr is None else (_bcast(add2, g.shape), _bcast(corr, g.shape))
         scratch = np.empty(min(BLOCK, g.size), np.int64)
         for idx in _blocks(g.shape):
             o = out[idx]
             t = scratch[:o.size].reshape(o.shape)
             np.copyto(t, g[idx], casting="unsafe")                # exact: integer-valued float, |g| < 2^30
-            np.multiply(t, mb[idx], out=t)                        # g*m
-            np.add(t, a1[idx], out=t)                             # SINGLE: + bias*m + rnd; DOUBLE: + bias*m
+            np.multiply(t, _sub(m, idx), out=t)                   # g*m
+            np.add(t, _sub(add1, idx), out=t)                     # SINGLE: + bias*m + rnd; DOUBLE: + bias*m
             if corr is None:
-                np.right_shift(t, sb[idx], out=t)
+                np.right_shift(t, _sub(s, idx), out=t)
                 np.clip(t, lo, hi, out=o, casting="unsafe")
             else:
-                _round_shift(t, a2[idx], cb[idx], sb[idx], o, lo, hi)
+                _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, lo, hi)
     return _nchw(out, shape)
 
 
@@ -338,10 +340,13 @@ def _softmax_lut(multiplier: int, shift: int, rounding: str, table: bytes, table
     return lut, exact
 
 
-def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND,
+            internals: dict | None = None) -> np.ndarray:
     """Integer softmax over the last axis: int32 scores (..., N) -> int8 probabilities in [0, 127] (scale 1/127).
 
     (multiplier, shift) maps a score difference to units of 1/16 (scale_scores * 16 = multiplier * 2^-shift).
+    internals: a dict receives `index` (uint8) and `exp` (uint16), shaped as scores, and `sum` and `recip`
+    (int32 (..., 1)); idx is then computed step by step rather than through the d -> e table (same values).
     """
     fn = "softmax"
     _require_array(scores, fn, "scores", np.int32)
@@ -373,8 +378,11 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
         return out
     o2 = out.reshape(-1, n)
     lut, exact = _softmax_lut(multiplier, shift, rounding, exp_table.tobytes(), exp_table.dtype.str)
-    if not (exact or dmax < len(lut)):
+    if not (exact or dmax < len(lut)) or internals is not None:
         lut = None
+    kept = None if internals is None else {"index": np.empty(s.shape, np.uint8), "exp": np.empty(s.shape, np.uint16),
+                                           "sum": np.empty((s.shape[0], 1), np.int32),
+                                           "recip": np.empty((s.shape[0], 1), np.int32)}   # (rows, N), (rows, 1)
     table32 = exp_table.astype(np.int32)
     rows = max(1, BLOCK // n)
     dbuf = np.empty((rows, n), np.int64)
@@ -387,22 +395,29 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
         if lut is not None:                                       # e = exp_table[min(apply_scale(d), 255)]:
             np.take(lut, d, out=e, mode="clip")                   # T[min(d, len(T) - 1)] (d >= 0)
         else:
-            idx = np.empty(d.shape, np.uint8)
+            idx = np.empty(d.shape, np.uint8) if kept is None else kept["index"][r0:r1]
             _scale_into(d, np.int64(multiplier), np.int64(shift), rounding, idx, 0, 255)
             np.take(table32, idx, out=e, mode="clip")             # (indices < 256: clip is a no-op)
         sigma = e.sum(axis=-1, keepdims=True, dtype=np.int64)     # in [2^15, N * 2^15]
         recip = (1 << SOFTMAX_RECIP_BITS) // sigma                # Q0.25 of 1/sigma_real, in [2^25/N, 2^25]
+        if kept is not None:                                      # e <= 2^15, sigma < 2^31, recip <= 2^25
+            kept["exp"][r0:r1], kept["sum"][r0:r1], kept["recip"][r0:r1] = e, sigma, recip
         # p = rounding_shift_right(e * 127 * recip, 40) = floor(e * (127 * recip * 2^-40) + 1/2), in float64:
         # 127*recip < 2^32 and e*127*recip < 2^47 are exact products, the 2^-40 scaling is exact, and the sum
         # (< 128, lowest bit >= 2^-40: 48 bits) is exact; the cast to int8 truncates = floors a positive value.
         np.multiply(e, (PROB_ONE * recip).astype(np.float64) * 2.0 ** -SOFTMAX_RECIP_BITS, out=w)
         np.add(w, 0.5, out=w)
         np.copyto(o2[r0:r1], w, casting="unsafe")                 # 0 <= p <= 127: the int8 saturate never clamps
+    if kept is not None:                                          # index, exp (..., N); sum, recip (..., 1)
+        internals.update({k: v.reshape(scores.shape[:-1] + (v.shape[1],)) for k, v in kept.items()})
     return out
 
 
-def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
-    """acc[b, h, d, i] = sum_j p[b, h, i, j] * v[b, h, d, j]; requantize (scalar constants) -> int8 (B, Hh, D, N)."""
+def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+                      internals: dict | None = None) -> np.ndarray:
+    """acc[b, h, d, i] = sum_j p[b, h, i, j] * v[b, h, d, j]; requantize (scalar constants) -> int8 (B, Hh, D, N).
+
+    internals: a dict receives `acc` (int32 (B, Hh, D, N))."""
     fn = "attention_context"
     _require_array(p, fn, "p", np.int8, 4, "(B, Hh, N, N)")
     _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
@@ -414,6 +429,8 @@ def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND) 
     _require_range(p, 0, PROB_ONE, fn, "p (probabilities at scale 1/127)")
     multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
     acc = int_matmul_exact(v, np.swapaxes(p, 2, 3))               # (B, Hh, D, N) @ (B, Hh, N, N), |.| <= N*127*128
+    if internals is not None:
+        internals["acc"] = acc.astype(np.int32)                   # (B, Hh, D, N), exact: |acc| < 2^30
     m, s = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
     _check_scale_args(np.zeros(1, np.int32), m, s, rounding, "apply_scale")
     if shift <= 31:  # value < 2^(shift-1) is a real precondition here: check it on the actual acc
@@ -449,14 +466,14 @@ def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.nda
     half = (1 << shift - 1) if shift else 0                       # rounding_shift_right(acc, shift)
     out = np.empty(a.shape, out_dtype)
     if out.size:
-        bb = _bcast(b, a.shape)
+        bb = _expand(b, a.ndim)
         ma64, mb64 = np.int64(ma), np.int64(mb)
         scratch = np.empty((2, min(BLOCK, a.size) if a.ndim else 1), np.int64)
         for idx in _blocks(a.shape):
             o = out[idx] if a.ndim else out
             t, u = (buf[:o.size].reshape(o.shape) for buf in scratch)
             np.multiply(a[idx], ma64, out=t)                      # acc = a*ma + b*mb, |acc| < 2^39
-            np.multiply(bb[idx], mb64, out=u)
+            np.multiply(_sub(bb, idx), mb64, out=u)
             np.add(t, u, out=t)
             np.add(t, half, out=t)                                # + 2^(shift-1) <= 2^61: stays in int64
             np.right_shift(t, shift, out=t)
@@ -522,7 +539,7 @@ def _layernorm_args(x, eps_int):
     return c, eps_int
 
 
-def _layernorm_rows(x: np.ndarray, c: int, eps_int: int):
+def _layernorm_rows(x: np.ndarray, c: int, eps_int: int, internals: dict | None = None):
     """Per position (B, 1, H, W) int64: (C*inv, 2^23 - total*inv), so that d*inv + 2^23 = x*(C*inv) + (2^23 - total*inv).
 
     total = sum_c x (int32: |.| <= 128*C <= 2^19), S2 = sum_c x^2 (int32: <= 2^14*C <= 2^26), and
@@ -534,6 +551,9 @@ def _layernorm_rows(x: np.ndarray, c: int, eps_int: int):
     q = c * c * s2 - c * total * total + eps_int                  # = sum_c d^2 + eps_int, 1 <= q < 2^62
     r = isqrt(q)                                                  # >= 1; |d| <= r since d^2 <= q < (r+1)^2
     inv = (1 << LN_RECIP_BITS) // r                               # (B, 1, H, W) in [2^9, 2^40]
+    if internals is not None:                                     # the spec's names, each (B, 1, H, W)
+        internals.update({"sum": total.astype(np.int32), "sumsq": q - eps_int, "root": r.astype(np.int32),
+                          "recip": inv})                          # |total| <= 2^19, r < 2^31
     return c * inv, (1 << (LN_T_SHIFT - 1)) - total * inv         # |C*inv| <= 2^52, |total*inv| <= 2^59
 
 
@@ -544,31 +564,35 @@ def _layernorm_t(t: np.ndarray, xb: np.ndarray, ab: np.ndarray, bb: np.ndarray) 
     np.right_shift(t, LN_T_SHIFT, out=t)                          # |t| <= 2^16
 
 
-def layernorm_normalize(x, eps_int) -> np.ndarray:
+def layernorm_normalize(x, eps_int, internals: dict | None = None) -> np.ndarray:
     """t = round(2^16 * d / isqrt(sum_c d^2 + eps_int)), d = C*x - sum_c x, over channels of int8 (B, C, H, W) -> int32.
 
     The normalized value is z = (x - mean) / sqrt(var + eps) = sqrt(C) * t * 2^-16; |t| <= 2^16.
+    internals: a dict receives `sum`, `sumsq` (sum_c d^2), `root`, `recip` (B, 1, H, W) and `d`, `t` (B, C, H, W).
     """
     c, eps_int = _layernorm_args(x, eps_int)
-    a, b = _layernorm_rows(x, c, eps_int)
+    a, b = _layernorm_rows(x, c, eps_int, internals)
     out = np.empty(x.shape, np.int32)
     if out.size:
-        ab, bb = _bcast(a, x.shape), _bcast(b, x.shape)
         scratch = np.empty(min(BLOCK, x.size), np.int64)
         for idx in _blocks(x.shape):
             o = out[idx]
             t = scratch[:o.size].reshape(o.shape)
-            _layernorm_t(t, x[idx], ab[idx], bb[idx])
+            _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))
             np.copyto(o, t, casting="unsafe")                     # |t| <= 2^16: exact in int32
+    if internals is not None:                                     # d = C*x - total, |d| < 2^20
+        internals.update({"d": c * x.astype(np.int32) - internals["sum"], "t": out})
     return out
 
 
-def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+              internals: dict | None = None) -> np.ndarray:
     """Integer LayerNorm over channels (axis 1) of int8 (B, C, H, W), then gamma/beta as a depthwise 1x1 conv.
 
     t = layernorm_normalize(x, eps_int); acc = t * gamma[c] + bias[c]; out = requantize per channel -> int8.
     Fused per block: acc*m + rnd = t*(gamma*m) + (bias*m + rnd) (|t*gamma*m| <= 2^16 * 127 * 2^31 < 2^54,
     |bias*m| < 2^62, and |acc*m + rnd| < 2^63 as in apply_scale): t is never stored.
+    internals: a dict receives layernorm_normalize's and `acc` (int32 (B, C, H, W)); the plain form then runs.
     """
     fn = "layernorm"
     c, eps_int = _layernorm_args(x, eps_int)
@@ -581,8 +605,10 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
     m, s = _per_channel(multiplier, fn, "multiplier", c), _per_channel(shift, fn, "shift", c)
     g64, b64 = gamma.astype(np.int64).reshape(1, c, 1, 1), bias.astype(np.int64).reshape(1, c, 1, 1)
     _check_scale_args(np.zeros((1, c, 1, 1), np.int32), m, s, rounding, "apply_scale")
-    if int(s.min()) <= 31:  # value < 2^(shift-1) is a real precondition here: check it on the actual acc
-        acc = layernorm_normalize(x, eps_int) * g64 + b64         # fits int32 by the bias check
+    if int(s.min()) <= 31 or internals is not None:  # shift <= 31: value < 2^(shift-1) is checked on the acc
+        acc = layernorm_normalize(x, eps_int, internals) * g64 + b64   # (B, C, H, W), fits int32 (bias check)
+        if internals is not None:
+            internals["acc"] = acc.astype(np.int32)
         return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)
     a, b = _layernorm_rows(x, c, eps_int)
     rnd, corr = _rounding_terms(s, rounding)
@@ -591,18 +617,17 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
     out = np.empty(x.shape, np.int8)
     if out.size:
         shape = x.shape
-        ab, bb, gm, a1, sb = (_bcast(v, shape) for v in (a, b, g64 * m, add1, s))
-        a2, cb = (None, None) if corr is None else (_bcast(add2, shape), _bcast(corr, shape))
+        gm = g64 * m
         scratch = np.empty(min(BLOCK, x.size), np.int64)
         for idx in _blocks(shape):
             o = out[idx]
             t = scratch[:o.size].reshape(o.shape)
-            _layernorm_t(t, x[idx], ab[idx], bb[idx])             # t
-            np.multiply(t, gm[idx], out=t)                        # t*gamma*m
-            np.add(t, a1[idx], out=t)                             # SINGLE: acc*m + rnd; DOUBLE: acc*m
+            _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))   # t
+            np.multiply(t, _sub(gm, idx), out=t)                  # t*gamma*m
+            np.add(t, _sub(add1, idx), out=t)                     # SINGLE: acc*m + rnd; DOUBLE: acc*m
             if corr is None:
-                np.right_shift(t, sb[idx], out=t)
+                np.right_shift(t, _sub(s, idx), out=t)
                 np.clip(t, -128, 127, out=o, casting="unsafe")
             else:
-                _round_shift(t, a2[idx], cb[idx], sb[idx], o, -128, 127)
+                _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, -128, 127)
     return out

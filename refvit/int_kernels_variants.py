@@ -282,29 +282,43 @@ def _softmax_differences(scores, multiplier, shift, rounding: str, cap: int, fn:
     return np.minimum(scaled, cap)
 
 
-def _normalize_probabilities(e: np.ndarray) -> np.ndarray:
-    """Part 2 softmax tail: recip = 2^40 // sum e; p = saturate(rounding_shift_right(e * 127 * recip, 40), int8)."""
+def _normalize_probabilities(e: np.ndarray, internals: dict | None = None) -> np.ndarray:
+    """Part 2 softmax tail: recip = 2^40 // sum e; p = saturate(rounding_shift_right(e * 127 * recip, 40), int8).
+
+    internals: a dict receives `exp` (int32, e's shape), `sum` and `recip` (int32 (..., 1))."""
     sigma = e.sum(axis=-1, keepdims=True)                          # >= e of the max key >= 1
     recip = (1 << K.SOFTMAX_RECIP_BITS) // sigma
+    if internals is not None:                      # e <= 2^15, sigma < 2^31, recip < 2^26 (sigma >= e(0) >= 22856)
+        internals.update({k: v.astype(np.int32) for k, v in (("exp", e), ("sum", sigma), ("recip", recip))})
     p = rounding_shift_right(e * K.PROB_ONE * recip, K.SOFTMAX_RECIP_BITS)   # e <= sigma: p <= 127
     return saturate(p, np.int8)
 
 
-def softmax_poly(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+def _kept_diff(d: np.ndarray, internals: dict | None) -> np.ndarray:
+    """Record the capped score differences as the `diff` internal (int32: d <= cap < 2^20)."""
+    if internals is not None:
+        internals["diff"] = d.astype(np.int32)
+    return d
+
+
+def softmax_poly(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
     """Integer softmax over the last axis with I-BERT's i-exp: int32 (..., N) -> int8 in [0, 127] (scale 1/127).
 
     (multiplier, shift) = softmax_exp_multiplier(score scale): a score difference in units of 2^-14.
+    internals: a dict receives `diff` (the capped differences), `exp`, `sum`, `recip`.
     """
     fn = "softmax_poly"
     d = _softmax_differences(scores, multiplier, shift, rounding, SOFTMAX_POLY_CAP, fn)   # (..., N)
-    return _normalize_probabilities(exp_poly(-d))                  # e in [0, 22856], sum <= N * 22856 < 2^31
+    return _normalize_probabilities(exp_poly(-_kept_diff(d, internals)), internals)   # e <= 22856, sum < 2^31
 
 
-def softmax_shift(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
-    """Integer softmax over the last axis with I-ViT's ShiftExp (Shiftmax): int32 (..., N) -> int8 in [0, 127]."""
+def softmax_shift(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
+    """Integer softmax over the last axis with I-ViT's ShiftExp (Shiftmax): int32 (..., N) -> int8 in [0, 127].
+
+    internals: a dict receives `diff` (the capped differences), `exp`, `sum`, `recip`."""
     fn = "softmax_shift"
     d = _softmax_differences(scores, multiplier, shift, rounding, SOFTMAX_SHIFT_CAP, fn)  # (..., N)
-    return _normalize_probabilities(exp_shift(-d))                 # e in [0, 2^15], sum <= N * 2^15 < 2^31
+    return _normalize_probabilities(exp_shift(-_kept_diff(d, internals)), internals)  # e <= 2^15, sum < 2^31
 
 
 def softmax_exp_multiplier(score_scale: float) -> tuple[int, int]:
@@ -349,7 +363,7 @@ def _ln_input(x, fn: str, max_channels: dict) -> tuple[np.ndarray, int]:
     return x, c
 
 
-def layernorm_int32_normalize(x, eps_int, eps_shift) -> np.ndarray:
+def layernorm_int32_normalize(x, eps_int, eps_shift, internals: dict | None = None) -> np.ndarray:
     """t = round(2^16 d_s / isqrt32(sum_c d_s^2 + eps_s)) with every intermediate in int32 -> int32 (B, C, H, W).
 
     d = C*x - sum_c x; per position, k = max(eps_shift, smallest k with |rounding_shift_right(d, k)| <= M_C),
@@ -375,11 +389,15 @@ def layernorm_int32_normalize(x, eps_int, eps_shift) -> np.ndarray:
     r = isqrt32(q)                                                 # [1, 32767], |d_s| <= r
     inv = (1 << LN32_RECIP_BITS) // r                              # [2^15, 2^30]
     t = rounding_shift_right(d_s * inv, LN32_T_SHIFT)              # |d_s * inv| <= 2^30: |t| <= 2^16
+    if internals is not None:                                      # every value below fits int32
+        kept = {"sum": total, "d": d, "shift": k, "ds": d_s, "sumsq": q - eps_s, "root": r, "recip": inv, "t": t}
+        internals.update({name: v.astype(np.int32) for name, v in kept.items()})
     return t.astype(np.int32)
 
 
-def _ln_tail(t: np.ndarray, c: int, gamma, bias, multiplier, shift, rounding: str, fn: str) -> np.ndarray:
-    """Part 2 layernorm tail: acc = t * gamma[c] + bias[c]; requantize per channel -> int8."""
+def _ln_tail(t: np.ndarray, c: int, gamma, bias, multiplier, shift, rounding: str, fn: str,
+             internals: dict | None = None) -> np.ndarray:
+    """Part 2 layernorm tail: acc = t * gamma[c] + bias[c]; requantize per channel -> int8 (internals: `acc`)."""
     _require_array(gamma, fn, "gamma", np.int8, 1, f"({c},)")
     _require_array(bias, fn, "bias", np.int32, 1, f"({c},)")
     if gamma.shape != (c,) or bias.shape != (c,):
@@ -388,18 +406,22 @@ def _ln_tail(t: np.ndarray, c: int, gamma, bias, multiplier, shift, rounding: st
     _require_bias_headroom(bias, (1 << K.LN_T_BITS) * 127, fn)
     m, s = _per_channel(multiplier, fn, "multiplier", c), _per_channel(shift, fn, "shift", c)
     acc = t.astype(np.int64) * gamma.astype(np.int64).reshape(1, c, 1, 1) + bias.astype(np.int64).reshape(1, c, 1, 1)
+    if internals is not None:
+        internals["acc"] = acc.astype(np.int32)                    # fits int32 by the bias check
     return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)
 
 
-def layernorm_int32(x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
+def layernorm_int32(x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+                    internals: dict | None = None) -> np.ndarray:
     """LayerNorm over channels of int8 or int16 (B, C, H, W) with 32-bit intermediates, then Part 2's gamma/beta tail.
 
     Same gamma, bias, multiplier, shift constants as int_kernels.layernorm (t has scale sqrt(C) * 2^-16);
     only the eps constants differ: (eps_int, eps_shift) = layernorm_int32_eps(eps, C, scale_x).
+    internals: a dict receives sum, d, shift, ds, sumsq, root, recip, t and acc (docs/spec.md).
     """
     fn = "layernorm_int32"
-    t = layernorm_int32_normalize(x, eps_int, eps_shift)
-    return _ln_tail(t, x.shape[1], gamma, bias, multiplier, shift, rounding, fn)
+    t = layernorm_int32_normalize(x, eps_int, eps_shift, internals)
+    return _ln_tail(t, x.shape[1], gamma, bias, multiplier, shift, rounding, fn, internals)
 
 
 def layernorm_int32_eps(eps: float, channels: int, scale_x: float) -> tuple[int, int]:
@@ -452,7 +474,7 @@ def add_wide(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int16) -> 
     return saturate(rounding_shift_right(acc, s), out_dtype)
 
 
-def layernorm_wide_normalize(x, eps_int) -> np.ndarray:
+def layernorm_wide_normalize(x, eps_int, internals: dict | None = None) -> np.ndarray:
     """Part 2 `layernorm_normalize` on int8 or int16 input (int64 intermediates); C <= 4096 (int8), 1290 (int16)."""
     fn = "layernorm_wide"
     x, c = _ln_input(x, fn, LN_WIDE_MAX_CHANNELS)
@@ -464,20 +486,25 @@ def layernorm_wide_normalize(x, eps_int) -> np.ndarray:
     r = isqrt(q)                                     # [1, 2^31), |d| <= r
     inv = (1 << K.LN_RECIP_BITS) // r                              # [2^9, 2^40]
     t = rounding_shift_right(d * inv, K.LN_T_SHIFT)                # |d * inv| <= 2^40: |t| <= 2^16
+    if internals is not None:                                      # Part 2's names; sumsq < 2^62, recip <= 2^40
+        internals.update({"sum": total.astype(np.int32), "d": d.astype(np.int32), "sumsq": q - eps_int,
+                          "root": r.astype(np.int32), "recip": inv, "t": t.astype(np.int32)})
     return t.astype(np.int32)
 
 
-def layernorm_wide(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND) -> np.ndarray:
-    """Part 2 `layernorm` accepting int8 or int16 input (identical to int_kernels.layernorm on int8)."""
-    t = layernorm_wide_normalize(x, eps_int)
-    return _ln_tail(t, x.shape[1], gamma, bias, multiplier, shift, rounding, "layernorm_wide")
+def layernorm_wide(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+                   internals: dict | None = None) -> np.ndarray:
+    """Part 2 `layernorm` accepting int8 or int16 input (identical to int_kernels.layernorm on int8; same internals)."""
+    t = layernorm_wide_normalize(x, eps_int, internals)
+    return _ln_tail(t, x.shape[1], gamma, bias, multiplier, shift, rounding, "layernorm_wide", internals)
 
 
 # =============================================================================================
 # weights: 4-bit codes and mixed power-of-two rows
 # =============================================================================================
 
-def conv2d_w4(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8) -> np.ndarray:
+def conv2d_w4(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8,
+              internals: dict | None = None) -> np.ndarray:
     """Part 2 conv2d with 4-bit weight codes in [-7, 7] stored as int8: the tighter bound |sum| <= terms * 896.
 
     acc = bias + sum x * w (int32, exact, any order); out = requantize(acc, multiplier[o], shift[o]) per channel.
@@ -509,6 +536,8 @@ def conv2d_w4(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUN
     acc = int_matmul(weight.reshape(cout, terms), cols)            # (Cout, B*Ho*Wo), |.| <= terms * 896
     acc += bias.astype(np.int64)[:, None]                          # fits int32 by the headroom check
     acc = acc.reshape(cout, b, ho, wo).transpose(1, 0, 2, 3)       # (B, Cout, Ho, Wo)
+    if internals is not None:
+        internals["acc"] = np.ascontiguousarray(acc, np.int32)     # fits int32 by the headroom check
     return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)
 
 
@@ -518,7 +547,7 @@ def _is_pot_code(w: np.ndarray) -> np.ndarray:
 
 
 def conv2d_mixed_pot(x, weight, bias, multiplier, shift, pot_rows, *, rounding: str = SINGLE_ROUND,
-                     out_dtype=np.int8) -> np.ndarray:
+                     out_dtype=np.int8, internals: dict | None = None) -> np.ndarray:
     """Part 2 conv2d whose rows flagged in pot_rows (bool (Cout,)) hold only codes 0, +-2^k (k <= 6).
 
     The arithmetic is int_kernels.conv2d's (the codes are ordinary int8); this kernel checks the PoT rows.
@@ -532,7 +561,7 @@ def conv2d_mixed_pot(x, weight, bias, multiplier, shift, pot_rows, *, rounding: 
     if bad.any():
         raise ValueError(f"{fn}: weight rows flagged in pot_rows must hold only 0, +-2^k (k <= {POT_MAX_EXP}); "
                          f"found {int(weight[pot_rows][bad][0])}")
-    return K.conv2d(x, weight, bias, multiplier, shift, rounding=rounding, out_dtype=out_dtype)
+    return K.conv2d(x, weight, bias, multiplier, shift, rounding=rounding, out_dtype=out_dtype, internals=internals)
 
 
 def per_channel_weight_w4(w) -> tuple[np.ndarray, np.ndarray]:

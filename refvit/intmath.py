@@ -65,18 +65,18 @@ _NARROW = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.
 BLOCK = 1 << 16   # elements per block of the fused elementwise loops: 512 KiB of int64 scratch (L2-sized)
 
 
-def _bcast(a, shape: tuple) -> np.ndarray:
-    """np.broadcast_to(a, shape) (a read-only view with zero strides) without its Python overhead."""
+def _expand(a, ndim: int) -> np.ndarray:
+    """a as an array of ndim dims (leading 1s added), for _sub."""
     a = np.asarray(a)
-    if a.shape == shape:
+    return a.reshape((1,) * (ndim - a.ndim) + a.shape) if a.ndim < ndim else a
+
+
+def _sub(a: np.ndarray, idx: tuple):
+    """The part of `a` (broadcastable to the blocked shape, same ndim) that broadcasts against block `idx`:
+    a size-1 axis is kept whole (a slice) or dropped (an integer index) like the block's axis."""
+    if not idx:
         return a
-    if a.ndim < len(shape):
-        a = a.reshape((1,) * (len(shape) - a.ndim) + a.shape)
-    if any(d != s and d != 1 for d, s in zip(a.shape, shape)):
-        return np.broadcast_to(a, shape)                      # raises numpy's broadcast error
-    strides = tuple(0 if d == 1 and s != 1 else st for d, s, st in zip(a.shape, shape, a.strides))
-    view = np.lib.stride_tricks.as_strided(a, shape, strides, writeable=False)
-    return view
+    return a[tuple(i if n != 1 else (slice(None) if type(i) is slice else 0) for i, n in zip(idx, a.shape))]
 
 
 def _blocks(shape: tuple, target: int = BLOCK):
@@ -256,19 +256,20 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
     if out.size == 0:
         return
     rnd, corr = _rounding_terms(shift, rounding)
-    vb, mb, sb, rb = (_bcast(a, shape) for a in (value, multiplier, shift, rnd))
-    cb = None if corr is None else _bcast(corr, shape)
+    nd = len(shape)
+    vb, mb, sb, rb = (_expand(a, nd) for a in (value, multiplier, shift, rnd))
+    cb = None if corr is None else _expand(corr, nd)
     direct = out.dtype == np.int64 and lo is None
     scratch = None if direct else np.empty(min(BLOCK, out.size) if len(shape) else 1, np.int64)
     for idx in _blocks(shape):
         o = out[idx] if out.ndim else out                      # (a 0-d array indexed by () is a scalar)
         t = o if direct else scratch[:o.size].reshape(o.shape)
         if vb.dtype.kind == "f":
-            np.copyto(t, vb[idx], casting="unsafe")            # exact: an integer-valued float, |.| < 2^53
-            np.multiply(t, mb[idx], out=t)
+            np.copyto(t, _sub(vb, idx), casting="unsafe")      # exact: an integer-valued float, |.| < 2^53
+            np.multiply(t, _sub(mb, idx), out=t)
         else:
-            np.multiply(vb[idx], mb[idx], out=t)               # int64 product, |.| < 2^62
-        _round_shift(t, rb[idx], None if cb is None else cb[idx], sb[idx],
+            np.multiply(_sub(vb, idx), _sub(mb, idx), out=t)   # int64 product, |.| < 2^62
+        _round_shift(t, _sub(rb, idx), None if cb is None else _sub(cb, idx), _sub(sb, idx),
                      None if direct else o, lo, hi)
 
 

@@ -38,6 +38,7 @@ class Model:
     preprocess: Preprocess       # PIL image -> float32 (3, img_size, img_size)
     class_names: list
     heads_note: str = ""         # how the number of heads was decided
+    prune: tuple = ()            # token pruning stages ((block, keep_rate), ...), refvit.prune; () none
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) images (already preprocessed) -> (B, num_classes) logits in the params' dtype."""
@@ -46,7 +47,7 @@ class Model:
         if np.ndim(x) != 4 or tuple(np.shape(x)[1:]) != want:
             raise ConfigError(f"input of shape {np.shape(x)} does not fit the model: expected (B, {', '.join(map(str, want))})")
         dtype = next(iter(self.params.values())).dtype
-        return FORMS[self.form](self.params, np.asarray(x, dtype=dtype), c)
+        return FORMS[self.form](self.params, np.asarray(x, dtype=dtype), c, prune=self.prune)
 
     def in_form(self, form: str) -> "Model":
         """The same weights in the other form (token <-> conv)."""

@@ -9,13 +9,14 @@ ToTensor (/255, float32); normalize with the ImageNet mean/std in float32.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .config import named_or_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -295,8 +296,11 @@ def from_pretrained_cfg(cfg: dict) -> Preprocess:
     if cfg.get("test_crop_pct") is not None:
         d["crop_pct"] = cfg["test_crop_pct"]
     for key in ("mean", "std"):
-        if cfg.get(key) is not None:
-            d[key] = tuple(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+        v = cfg.get(key)
+        if isinstance(v, (list, tuple)) and len(v) == 1:   # timm allows one value for every channel
+            v = tuple(v) * 3
+        if v is not None:
+            d[key] = tuple(v) if isinstance(v, (list, tuple)) else v
     return Preprocess(**d)
 
 
@@ -306,13 +310,5 @@ def resolve_preprocess(spec) -> Preprocess:
         return spec
     if isinstance(spec, dict):
         return Preprocess.from_dict(spec)
-    if spec in PRESETS:
-        return PRESETS[spec]
-    path = Path(str(spec))
-    if path.suffix.lower() != ".json":
-        raise PreprocessError(f"unknown preprocessing {spec!r}: give {' or '.join(PRESETS)}, or a .json file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise PreprocessError(f"cannot read preprocessing file {path}: {e}") from None
-    return Preprocess.from_dict(d, name=path.name)
+    preset, d, stem = named_or_json(spec, PRESETS, "preprocessing", PreprocessError)
+    return preset or Preprocess.from_dict(d, name=f"{stem}.json")

@@ -14,7 +14,7 @@ import numpy as np
 from refvit.checkpoints import CheckpointError
 from refvit.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from refvit.config import ConfigError, DeiTConfig
-from refvit.graph import GraphError, Scheme, graph_from_dicts, required_constants
+from refvit.graph import BOUNDARY_CONSTANTS, GraphError, Scheme, graph_from_dicts, required_constants, run_graph
 from refvit.intmath import ROUNDING_MODES
 from refvit.quantize import QuantizedModel
 
@@ -69,4 +69,30 @@ def load_quantized(path) -> QuantizedModel:
     if missing:
         raise CheckpointError(f"{path}: quantized model lacks {len(missing)} constants: {', '.join(missing[:8])}"
                               + (" ..." if len(missing) > 8 else ""))
+    check_quantized(qm, path)
     return qm
+
+
+def check_quantized(qm: QuantizedModel, path="<model>") -> None:
+    """Checked once at load: the metadata against the tensors and the graph (classes, depth, head mode, input
+    shape), the boundary scales, and every constant against its op -- one dry run of the graph on a zero image,
+    in which every kernel checks the dtypes, shapes, ranges and multiplier/shift domains of its constants."""
+    cfg, T = qm.config, qm.tensors
+    problems = []
+    if qm.head_mode not in ("cls", "mean") or (qm.head_mode == "mean" and not cfg.distilled):
+        problems.append(f"head_mode {qm.head_mode!r} does not fit a {'distilled' if cfg.distilled else 'plain'} DeiT")
+    depth = len({op.name.split(".")[1] for op in qm.graph if op.name.startswith("blocks.")})
+    if depth != cfg.depth:
+        problems.append(f"the graph has {depth} blocks, the config says depth {cfg.depth}")
+    if qm.graph[-1].shape[1] != cfg.num_classes or np.shape(T.get("head.bias", ()))[:1] != (cfg.num_classes,):
+        problems.append(f"the head does not give the config's {cfg.num_classes} classes")
+    for name in BOUNDARY_CONSTANTS:
+        v = np.asarray(T[name])
+        if v.shape != () or v.dtype.kind != "f" or not (np.isfinite(v) and v > 0):
+            problems.append(f"{name} must be one finite positive float, got {v.dtype} {v.shape}")
+    if problems:
+        raise CheckpointError(f"{path}: {'; '.join(problems)}")
+    try:
+        run_graph(qm.graph, T, np.zeros((1, cfg.in_chans, cfg.img_size, cfg.img_size), np.int8))
+    except (ValueError, OverflowError, TypeError, KeyError, GraphError) as e:
+        raise CheckpointError(f"{path}: constants do not fit the graph: {e}") from None

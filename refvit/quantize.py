@@ -229,7 +229,7 @@ def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
 
     Calibrated ops: amax / 127 (int16: / 32767). The patch embedding shares its scale with the cls/dist
     tokens it is concatenated with; data movement keeps its input's scale; scores are at s_q * s_k,
-    probabilities at 1/127."""
+    probabilities at 1/127; tokens after a selection (token_prune) keep the residual stream's scale."""
     prefix = np.concatenate([p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else []), axis=3)
     s = {"input": _scale(ranges["input"])}
     for op in graph:
@@ -240,6 +240,8 @@ def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
             s[op.name] = _scale(amax, np.dtype(op.dtype))
         elif op.op in ("concat_tokens", "gather_prefix"):
             s[op.name] = s[next(iter(op.inputs.values()))]
+        elif op.op == "token_prune":                                                # pruned tokens: x's scale
+            s[op.name] = s[op.inputs["x"]]
         elif op.op == "attention_scores":
             s[op.name] = s[op.inputs["q"]] * s[op.inputs["k"]]
         elif op.op == "softmax":
@@ -305,7 +307,7 @@ def _op_constants(op: G.Op, by_name: dict, s: dict, p: dict, cfg: DeiTConfig, sc
         if op.variant == "shift":
             return _scalars(op.name, KV.gelu_shift_constants(s_in, s[op.name]))
         return {op.constants["table"]: K.make_gelu_table(s_in, s[op.name])}
-    if op.op in ("attention_scores", "split_heads", "gather_prefix"):
+    if op.op in ("attention_scores", "split_heads", "gather_prefix", "token_select", "token_prune"):
         return {}
     raise QuantizationError(f"the quantizer has no constants for op {op.op!r} ({op.name})")
 

@@ -5,18 +5,19 @@ with the same defaults (calibration `DEFAULT_METHOD` everywhere, recorded in the
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoints import CheckpointError
 from .config import DeiTConfig
-from .graph import Scheme
+from .graph import Scheme, build_graph
 from .intmath import SINGLE_ROUND
 from .labels import class_names, default_model_info
 from .models import Model, default_int8_path, load_model
 from .preprocess import PRESETS, ImageError, Preprocess, PreprocessError, resolve_preprocess
+from .prune import format_prune, parse_prune, prune_plan
 from .qfile import is_quantized_file, load_quantized
 from .quantize import DEFAULT_PERCENTILE, QuantizedModel, quantize
 
@@ -104,10 +105,38 @@ def _recorded_preprocess(qm: QuantizedModel) -> tuple[Preprocess, bool]:
     return pp, pp.kind == "grayscale-pad" and qm.config.num_classes == len(default_model_info()["classes"])
 
 
+def recorded_prune(qm: QuantizedModel) -> tuple:
+    """The token pruning a quantized model records (its calibration's 'prune'), () for none."""
+    rec = qm.calibration.get("prune") or {}
+    return parse_prune([(s["block"], s["keep_rate"]) for s in rec.get("stages", [])])
+
+
+def with_prune(qm: QuantizedModel, prune) -> QuantizedModel:
+    """The integer model with token pruning `prune` (refvit.prune; () none): the same constants (a selection
+    needs none, pruned tokens keep the residual stream's scale), the graph built with the selections, and the
+    setting with its static token counts recorded in calibration['prune'] (so in the file and the manifest)."""
+    stages = prune_plan(prune, qm.config.depth, qm.config.num_patches)
+    calibration = {k: v for k, v in qm.calibration.items() if k != "prune"}
+    if stages:
+        calibration["prune"] = {"setting": format_prune(prune), "static_shapes": True,
+                                "stages": [s.to_dict() for s in stages]}
+    graph = build_graph(qm.config, qm.rounding, qm.scheme, prune=parse_prune(prune))
+    return QuantizedModel(qm.config, qm.head_mode, qm.rounding, calibration, qm.tensors, graph, qm.scheme)
+
+
+def _finish_int(qm: QuantizedModel, rounding: str | None, prune) -> QuantizedModel:
+    """--rounding and --prune on an integer model: the constants stay, the graph is rebuilt (a rounding change
+    keeps the recorded pruning unless `prune` replaces it; prune None keeps the model's own graph)."""
+    if rounding and rounding != qm.rounding:
+        prune = recorded_prune(qm) if prune is None else prune
+        qm = qm.with_rounding(rounding)
+    return qm if prune is None else with_prune(qm, prune)
+
+
 def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "token", preprocess=None,
                   num_heads: int | None = None, arch: str | None = None, calib=None, calib_fallback=None,
                   method: str = DEFAULT_METHOD, percentile: float = DEFAULT_PERCENTILE, rounding: str | None = None,
-                  scheme: Scheme | None = None, max_images: int = 512, progress=None) -> Resolved:
+                  scheme: Scheme | None = None, max_images: int = 512, progress=None, prune=None) -> Resolved:
     """The one way a command turns its options into a model.
 
     weights: a float checkpoint (None: the embedded default); model: a quantized file (exclusive with
@@ -116,7 +145,10 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
     folders, .npz) or, without it, on `calib_fallback(config)`: image paths (the images being classified), or a
     (float batch, description) pair.
     preprocess: a preset name, a JSON file or a Preprocess; default: recorded in the quantized file,
-    the checkpoint's pretrained_cfg, ImageNet's eval transform, or the Fashion-MNIST pipeline for the default."""
+    the checkpoint's pretrained_cfg, ImageNet's eval transform, or the Fashion-MNIST pipeline for the default.
+    prune: token pruning, 'BLOCK:KEEP,...' or ((block, keep_rate), ...) (refvit.prune), for the float model and
+    the integer one (whose constants do not depend on it: calibration runs unpruned); None: none, or what a
+    quantized file records."""
     if model is not None and weights is not None:
         raise ResolveError("give --weights (float, quantized on the fly) or --model (quantized), not both")
     pp = resolve_preprocess(preprocess) if preprocess is not None else None
@@ -124,15 +156,16 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
         path = Path(model)
         if not path.exists():
             raise ResolveError(f"model file not found: {path}")
-        qm = load_quantized(path)
+        qm = _finish_int(load_quantized(path), rounding, prune)
         recorded, default_classes = _recorded_preprocess(qm)
-        if rounding and rounding != qm.rounding:
-            qm = qm.with_rounding(rounding)
         return Resolved(qm.config, qm.head_mode, (pp or recorded).for_model(qm.config.img_size),
                         class_names(qm.config.num_classes, default_classes), file_source("quantized", path), qm=qm)
     if weights is not None and is_quantized_file(weights):
         raise ResolveError(f"{weights} is a quantized model: pass it with --model")
     fm = load_model(weights, form="conv" if int8 else form, preprocess=pp, num_heads=num_heads, arch=arch)
+    if prune is not None:
+        prune_plan(prune, fm.config.depth, fm.config.num_patches)                  # a bad block fails here
+        fm = replace(fm, prune=parse_prune(prune))
     source = file_source("default" if fm.is_default else "float", fm.path)
     notes = [fm.heads_note] if fm.heads_note.startswith("assumed") else []
     qm = None
@@ -157,11 +190,10 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
                           source=described, preprocess=fm.preprocess.to_dict(), scheme=scheme)
             notes.append(f"quantized on the fly: {method} calibration on "
                          f"{'--calib' if calib is not None else described}")
-        if rounding and rounding != qm.rounding:
-            qm = qm.with_rounding(rounding)
+        qm = _finish_int(qm, rounding, prune)
     return Resolved(fm.config, fm.head_mode, fm.preprocess, fm.class_names, source, float_model=fm, qm=qm,
                     notes=notes)
 
 
 __all__ = ["DEFAULT_METHOD", "Resolved", "ResolveError", "resolve_model", "calibration_batches", "expand_images",
-           "file_source", "PreprocessError"]
+           "file_source", "PreprocessError", "recorded_prune", "with_prune"]

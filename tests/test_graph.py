@@ -173,8 +173,8 @@ def test_preprocess_option_is_recorded_and_used(tmp_path, capsys):
 # ---------------------------------------------------------------- the layers of the code
 
 LAYERS = [  # lower index = lower layer; a module may import its own layer (no cycle) or lower ones
-    ["refvit", "refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels"],
-    ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.model_token", "refvit.model_conv",
+    ["refvit", "refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
+    ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_prune", "refvit.model_token", "refvit.model_conv",
      "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*"],
     ["refvit.graph"],
     ["refvit.quantize", "refvit.int_model", "refvit.qfile"],
@@ -238,3 +238,25 @@ def test_no_test_imports_another_test_file():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.split(".")[0].startswith("test_") for n in names), f"{f.name} imports {names}"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t, m: t.update({"blocks.0.mlp.fc1.multiplier": -t["blocks.0.mlp.fc1.multiplier"]}), "multiplier"),
+    (lambda t, m: t.update({"blocks.1.attn.softmax.shift": np.array(70, np.int8)}), "shift"),
+    (lambda t, m: t.update({"blocks.0.attn.proj.weight": t["blocks.0.attn.proj.weight"].astype(np.int16)}), "int8"),
+    (lambda t, m: t.update({"blocks.0.norm2.bias": t["blocks.0.norm2.bias"][:-1]}), "bias"),
+    (lambda t, m: t.update({"input.scale": np.array(float("nan"))}), "input.scale"),
+    (lambda t, m: m.update({"head_mode": "mean"}), "head_mode"),
+    (lambda t, m: m["config"].update({"num_classes": 6}), "classes"),
+])
+def test_quantized_file_constants_are_checked_at_load(small, tmp_path, capsys, damage, message):
+    qm, _ = small
+    t, meta = read_safetensors(save_quantized(qm, tmp_path / "q.safetensors"))
+    m = json.loads(meta["refvit"])
+    damage(t, m)
+    write_safetensors(tmp_path / "bad.safetensors", t, {"refvit": json.dumps(m)})
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(tmp_path / "bad.safetensors")
+    assert main(["classify", "--model", str(tmp_path / "bad.safetensors"), str(sorted(EXAMPLES.glob("*.png"))[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("refvit: error: ") and len(err.strip().splitlines()) == 1 and "bad.safetensors" in err
