@@ -4,7 +4,9 @@ Prints ratios measured side by side: for each model and batch size the float tok
 conv form, the integer model (`int_model.forward_int`) and, when torch and timm are importable, PyTorch
 eager float32 run interleaved (A, B, C, A, B, C, ...) and the medians are compared. Also: the time of
 `quantize` (calibration + constants), the peak RSS of a DeiT-B integer forward in a fresh process, and one
-exact int8 GEMM through `int_matmul` against numpy's int64 matmul. Asserts nothing.
+exact int8 GEMM through `int_matmul` against numpy's int64 matmul. Ratios are given for wall-clock and
+for CPU time (process_time), the latter being what other load on a shared machine disturbs least.
+Asserts nothing.
 
     python bench/bench.py [--quick] [--json] [--repeats N] [--threads N] [--models a,b] [--batch 1,8]
 
@@ -81,18 +83,21 @@ def random_params(cfg, seed=0):
     return p, head_mode
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """name -> median seconds; one warm-up each, then `repeats` rounds running every fn once, in a rotating order."""
+def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: median wall s}, {name: median CPU s}); one warm-up each, then `repeats` rounds running every fn
+    once, in a rotating order. CPU time (this process, all threads) is what a busy machine disturbs least."""
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    med = lambda d: {name: float(np.median(ts)) for name, ts in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
 
 
 def torch_model(name, p):
@@ -146,7 +151,7 @@ def bench_gemm() -> dict:
     b = rng.integers(-127, 128, (768, 3072), dtype=np.int8)
     want = np.matmul(a.astype(np.int64), b.astype(np.int64))
     assert np.array_equal(int_matmul(a, b), want)
-    t = interleaved({"int_matmul": lambda: int_matmul(a, b)}, 5)["int_matmul"]
+    t = interleaved({"int_matmul": lambda: int_matmul(a, b)}, 5)[0]["int_matmul"]
     t0 = time.perf_counter()
     np.matmul(a.astype(np.int64), b.astype(np.int64))
     t64 = time.perf_counter() - t0
@@ -176,17 +181,18 @@ def bench_model(name: str, log) -> dict:
                "int": lambda: int_model.forward_int(qm, xq)}
         if run_torch is not None:
             fns["torch"] = lambda: run_torch(x)
-        t = interleaved(fns, ARGS.repeats)
-        row = {"batch": bs, "median_s": t, "int_over_float_conv": t["int"] / t["float_conv"]}
+        t, c = interleaved(fns, ARGS.repeats)
+        row = {"batch": bs, "median_s": t, "median_cpu_s": c, "int_over_float_conv": t["int"] / t["float_conv"],
+               "int_over_float_conv_cpu": c["int"] / c["float_conv"]}
         if "torch" in t:
             row["float_token_over_torch"] = t["float_token"] / t["torch"]
             row["float_conv_over_torch"] = t["float_conv"] / t["torch"]
         res["batches"].append(row)
         per = " | ".join(f"{k} {v / bs * 1e3:.0f}" for k, v in t.items())
-        log(f"  batch {bs}: ms per image (median of {ARGS.repeats}): {per}")
-        log(f"    int / float conv = {row['int_over_float_conv']:.2f}x" + (
-            f"; float token / torch = {row['float_token_over_torch']:.2f}x, float conv / torch = "
-            f"{row['float_conv_over_torch']:.2f}x" if "torch" in t else f"; torch: {torch_note}"))
+        log(f"  batch {bs}: ms per image (wall, median of {ARGS.repeats}): {per}")
+        log(f"    int / float conv = {row['int_over_float_conv']:.2f}x wall, {row['int_over_float_conv_cpu']:.2f}x CPU"
+            + (f"; float token / torch = {row['float_token_over_torch']:.2f}x, float conv / torch = "
+               f"{row['float_conv_over_torch']:.2f}x" if "torch" in t else f"; torch: {torch_note}"))
     if not ARGS.quick and name == "deit_base_patch16_224":
         res["rss"] = measure_rss(qm, [1, 8])
         for r in res["rss"]:
@@ -212,8 +218,8 @@ def main():
             f"numpy int64 matmul {g['int64_matmul_s'] * 1e3:.0f} ms (x{g['int64_matmul_s'] / g['int_matmul_s']:.0f})")
     for name in ARGS.models.split(","):
         report["models"].append(bench_model(name, log))
-    log("\nratios (int / float conv):  " + "  ".join(
-        f"{m['model'].split('_')[1]} b{b['batch']} {b['int_over_float_conv']:.2f}x"
+    log("\nratios int / float conv (wall, CPU):  " + "  ".join(
+        f"{m['model'].split('_')[1]} b{b['batch']} {b['int_over_float_conv']:.2f}x {b['int_over_float_conv_cpu']:.2f}x"
         for m in report["models"] for b in m["batches"]))
     if ARGS.json:
         print(json.dumps(report, indent=1))

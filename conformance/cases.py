@@ -13,6 +13,12 @@ just off them, p exactly on a half; layernorm: isqrt at perfect squares and squa
 above 2^53, floor(2^40 / r) exact and with fraction >= 1/2, t exactly on a half, the largest C and eps_int,
 sum d^2 above 2^32), exp and GELU tables other than the shipped ones, and an accumulator no single float32
 pass holds. Designed layernorm cases use an output stage that shows every t (gamma +-8, bias 4, shift 33).
+The scheme variants (docs/spec.md Part 4: gelu_poly / gelu_shift, softmax_poly / softmax_shift, layernorm_int32 /
+layernorm_wide, add_wide, conv2d_w4 / conv2d_mixed_pot) have families of their own, their constants made by the
+offline builders of refvit.int_kernels_variants from the scales in the case name (`sin0.05_sout0.02`), plus
+designed constants for ties, saturation and the edges of each domain; and a block and model case per named scheme
+(refvit.graph.SCHEMES), the same random float model quantized by each. tests/test_scheme_conformance.py checks
+that a neighbouring variant fails each variant's cases.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
 
@@ -31,12 +37,14 @@ from typing import Callable
 import numpy as np
 
 from refvit import int_kernels as K
+from refvit import int_kernels_variants as KV
 from refvit import int_model
 from refvit.config import DeiTConfig
-from refvit.intmath import DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, quantize_multiplier
+from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, int_range, quantize_add_multipliers,
+                            quantize_multiplier, round_half_away_from_zero)
 
 from refvit.checkpoints.convert import token_to_conv
-from refvit.graph import BOUNDARY_CONSTANTS, block_graph, required_constants
+from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, build_graph, required_constants
 from refvit.models import random_params
 from refvit.quantize import quantize
 
@@ -174,8 +182,10 @@ def _maxacc_triples():
 # conv2d (every Linear as a 1x1 conv, and the patch embedding)
 # ---------------------------------------------------------------------------------------------
 
-def _conv_case(name, x, w, bias=None, mode="single", out_dtype="int8", mult=None, shift=None, note=""):
-    """Random bias and data-fitted per-channel rescale unless given."""
+def _conv_case(name, x, w, bias=None, mode="single", out_dtype="int8", mult=None, shift=None, note="", op="conv2d",
+               extra=None):
+    """Random bias and data-fitted per-channel rescale unless given; op: conv2d or a Part 4 variant, whose
+    further constants (pot_rows) come in `extra`."""
     rng = _rng(name, "/constants")
     cout = w.shape[0]
     if bias is None:
@@ -183,8 +193,8 @@ def _conv_case(name, x, w, bias=None, mode="single", out_dtype="int8", mult=None
     if mult is None:
         acc = K.conv2d_accumulate(x, w, bias)
         mult, shift = _rescale(_fit_scale(acc, axis=(0, 2, 3)) * (256 if out_dtype == "int16" else 1))
-    inputs = {"x": x, "weight": w, "bias": bias, "multiplier": mult, "shift": shift}
-    return _kernel_case(name, "conv2d", inputs, {"rounding": _MODES[mode], "out_dtype": out_dtype}, note)
+    inputs = {"x": x, "weight": w, "bias": bias, "multiplier": mult, "shift": shift} | (extra or {})
+    return _kernel_case(name, op, inputs, {"rounding": _MODES[mode], "out_dtype": out_dtype}, note)
 
 
 def _conv1x1(name, cin, cout, n, mode, fill=None, batch=1, out_dtype="int8"):
@@ -198,24 +208,26 @@ def _patch_conv(name, k, img, cout, mode):
     return _conv_case(name, _i8(rng, (1, 3, img, img)), _i8(rng, (cout, 3, k, k), -127), mode=mode)
 
 
-def _conv_maxacc(name, cin, cout, mode):
-    """x = -128 everywhere; weights -127 / +127 and bias +-(INT32_MAX - Cin*128*127): acc = +-INT32_MAX."""
-    x = np.full((1, cin, 1, 4), -128, np.int8)
+def _conv_maxacc(name, cin, cout, mode, wmax=127, product_max=K.SYM_PRODUCT_MAX, op="conv2d", extra=None, n=4):
+    """x = -128 everywhere; weights -wmax / +wmax (per row when an array) and bias +-(INT32_MAX - Cin*product_max),
+    the kernel's headroom: acc = +-INT32_MAX where wmax * 128 = product_max."""
+    x = np.full((1, cin, 1, n), -128, np.int8)
     sign = np.where(np.arange(cout) % 2 == 0, -1, 1)
-    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
-    bias = (-sign * (INT32_MAX - cin * K.SYM_PRODUCT_MAX)).astype(np.int32)
+    w = (sign * wmax).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * (INT32_MAX - cin * product_max)).astype(np.int32)
     shift = np.resize(np.array([32, 33, 40, 62], np.int8), cout)
     mult = np.resize(np.array([INT32_MAX, 1 << 30, 1 << 30, INT32_MAX], np.int32), cout)
-    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="acc = +-(2^31 - 1)")
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="acc = +-(2^31 - 1)", op=op, extra=extra)
 
 
-def _conv_ties(name, mode):
+def _conv_ties(name, mode, op="conv2d", extra=None):
     """Cin = 1, weight +-1, bias 4, x in 8Z: acc = 4 (mod 8); multiplier 2^30, shift 33: acc/8 is a tie."""
     rng = _rng(name)
     x = (rng.integers(-16, 16, (1, 1, 1, 64)) * 8).astype(np.int8)
     w = np.array([1, -1, 1, -1], np.int8).reshape(4, 1, 1, 1)
     bias, mult, shift = np.full(4, 4, np.int32), np.full(4, 1 << 30, np.int32), np.full(4, 33, np.int8)
-    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="every output is a rounding tie")
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, note="every output is a rounding tie", op=op,
+                      extra=extra)
 
 
 def _conv_saturate(name, mode):
@@ -482,10 +494,10 @@ def _attention_specs():
 # add, gelu, layernorm, concat_tokens
 # ---------------------------------------------------------------------------------------------
 
-def _add_case(name, a, b, ma, mb, shift, note=""):
+def _add_case(name, a, b, ma, mb, shift, note="", op="add", out_dtype="int8"):
     inputs = {"a": a, "b": b, "multiplier_a": _scalar(ma, np.int32), "multiplier_b": _scalar(mb, np.int32),
               "shift": _scalar(shift, np.int8)}
-    return _kernel_case(name, "add", inputs, {"out_dtype": "int8"}, note)
+    return _kernel_case(name, op, inputs, {"out_dtype": out_dtype}, note)
 
 
 def _add_kind(name, kind):
@@ -519,62 +531,61 @@ def _gelu_case(name, sweep, random_table=False):
 
 def _layernorm_case(name, c, n, mode, kind="random", x=None):
     rng = _rng(name)
-    shape = (1, c, 1, n)
-    if x is not None:
-        pass
-    elif kind == "random":
-        x = _i8(rng, shape)
-    elif kind == "constant_rows":   # every token constant over channels: d = 0, only eps_int counts
-        x = np.broadcast_to(_i8(rng, (1, 1, 1, n)), shape).copy()
-    elif kind in ("allneg128", "all127"):
-        x = np.full(shape, -128 if kind == "allneg128" else 127, np.int8)
-    elif kind == "onemax":          # one 127 among -128s: |t| at its bound 2^16 sqrt((C-1)/C)
-        x = np.full(shape, -128, np.int8)
-        x[0, np.arange(n) % c, 0, np.arange(n)] = 127
-    elif kind == "alternating":     # -128 / 127 alternating over channels: the largest variance
-        x = np.where(np.arange(c)[None, :, None, None] % 2 == 0, -128, 127) * np.ones(shape, np.int64)
-        x = x.astype(np.int8)
-    else:
-        raise ValueError(kind)
+    x = _ln_x(rng, kind, c, n) if x is None else x                                   # (1, C, 1, N) int8
+    tail = _ln_tail_constants(rng, c)
+    inputs = {"x": x, "eps_int": _scalar(K.layernorm_eps_int(1e-6, c, 0.05), np.int64)} | tail
+    return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]})
+
+
+def _ln_tail_constants(rng, c) -> dict:
+    """Random gamma, bias and a plausible per-channel rescale of the LayerNorm tail (s_g ~ 1/127, s_out 0.05)."""
     s_t = math.sqrt(c) * 2.0 ** -K.LN_T_BITS
     gamma = _i8(rng, (c,), -127)
     bias = rng.integers(-(1 << 20), 1 << 20, c).astype(np.int32)
-    mult, shift = _rescale(s_t * rng.uniform(0.005, 0.02, c) / 0.05)          # s_g ~ 1/127, s_out 0.05
-    inputs = {"x": x, "eps_int": _scalar(K.layernorm_eps_int(1e-6, c, 0.05), np.int64), "gamma": gamma,
-              "bias": bias, "multiplier": mult, "shift": shift}
-    return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]})
+    mult, shift = _rescale(s_t * rng.uniform(0.005, 0.02, c) / 0.05)
+    return {"gamma": gamma, "bias": bias, "multiplier": mult, "shift": shift}
 
 
 # Designed layernorms: an output stage that shows every t, so each internal rounding of layernorm_normalize
 # is visible: gamma = +-8, bias = 4, multiplier 2^30, shift 33 give out = round(+-t + 1/2), itself a rounding
 # tie in every element (SINGLE_ROUND: +-t + 1; DOUBLE_ROUND: away from zero). Needs |t| <= 126.
 
-def _layernorm_exposed(name, x, eps_int, mode, note, shift=33):
-    """shift 33: gamma +-8, bias 4 (acc/8 a tie); shift 31: gamma +-2, bias 1 (acc/2 a tie, both modes agree)."""
+def _layernorm_exposed(name, x, eps_int, mode, note, shift=33, op="layernorm", eps_shift=None):
+    """shift 33: gamma +-8, bias 4 (acc/8 a tie); shift 31: gamma +-2, bias 1 (acc/2 a tie, both modes agree).
+    op: layernorm or a Part 4 variant (layernorm_int32 takes eps_shift too)."""
     c = x.shape[1]
-    t = K.layernorm_normalize(x, eps_int)
+    eps = {"eps_int": _scalar(eps_int, np.int64)} | ({} if eps_shift is None else
+                                                     {"eps_shift": _scalar(eps_shift, np.int64)})
+    t = _LN_NORMALIZE[op](x, *eps.values())
     assert int(np.abs(t).max()) <= 126, f"{name}: |t| = {int(np.abs(t).max())} would saturate"
     g = 1 << (shift - 30)
     gamma = np.where(_rng(name, "/constants").integers(0, 2, c) == 0, -g, g).astype(np.int8)
-    inputs = {"x": x, "eps_int": _scalar(eps_int, np.int64), "gamma": gamma, "bias": np.full(c, g // 2, np.int32),
-              "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, shift, np.int8)}
-    return _kernel_case(name, "layernorm", inputs, {"rounding": _MODES[mode]}, note)
+    inputs = {"x": x} | eps | {"gamma": gamma, "bias": np.full(c, g // 2, np.int32),
+                               "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, shift, np.int8)}
+    return _kernel_case(name, op, inputs, {"rounding": _MODES[mode]}, note)
 
 
-def _two_level(rng, c, n, ones, step=1) -> np.ndarray:
+_LN_NORMALIZE = {"layernorm": K.layernorm_normalize, "layernorm_wide": KV.layernorm_wide_normalize,
+                 "layernorm_int32": KV.layernorm_int32_normalize}
+
+
+def _two_level(rng, c, n, ones, step=1, dtype=np.int8) -> np.ndarray:
     """Each position: a random offset o plus `step` on `ones` random channels, so d is -ones*step or
     (c - ones)*step everywhere and sum_c d^2 = ones (c - ones) c step^2 at every position."""
+    lo, hi = int_range(dtype)
     x = np.zeros((1, c, 1, n), np.int64)
     for j in range(n):
         x[0, rng.permutation(c)[:ones], 0, j] = step
-        x[0, :, 0, j] += rng.integers(-128, 128 - step)
-    return x.astype(np.int8)
+        x[0, :, 0, j] += rng.integers(lo, hi + 1 - step)
+    return x.astype(dtype)
 
 
-def _layernorm_two_level(name, c, n, ones, q_of_r, r, mode, note, step=1):
-    """Two-level rows (sum_c d^2 = S everywhere); eps_int = q_of_r(r) - S sets q, hence r = isqrt(q), exactly."""
-    return _layernorm_exposed(name, _two_level(_rng(name), c, n, ones, step),
-                              q_of_r(r) - ones * (c - ones) * c * step * step, mode, note)
+def _layernorm_two_level(name, c, n, ones, q_of_r, r, mode, note, step=1, op="layernorm", dtype=np.int8,
+                         eps_shift=None):
+    """Two-level rows (sum_c d^2 = S everywhere); eps_int = q_of_r(r) - S sets q, hence r = isqrt(q), exactly
+    (layernorm_int32: with eps_shift 0 and |d| <= M_C, so that k = 0)."""
+    return _layernorm_exposed(name, _two_level(_rng(name), c, n, ones, step, dtype),
+                              q_of_r(r) - ones * (c - ones) * c * step * step, mode, note, op=op, eps_shift=eps_shift)
 
 
 def _layernorm_domain_edge(name, c, n, eps_int, mode):
@@ -651,26 +662,31 @@ def _elementwise_specs():
 # block and model: a small random float DeiT, quantized by refvit
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=32)
 def random_quantized_model(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int,
-                           distilled: bool, rounding: str):
-    """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic."""
+                           distilled: bool, rounding: str, scheme="refvit-int8"):
+    """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic; the same float
+    model and calibration for every scheme (a name of refvit.graph.SCHEMES, or a Scheme)."""
     cfg = DeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, num_classes=10, distilled=distilled)
     head_mode = "mean" if distilled else "cls"
     rng = _rng(f"model_{embed_dim}_{depth}_{num_heads}_{img_size}_{patch_size}_{distilled}")
     params = random_params(cfg, head_mode, rng)
     calib = rng.standard_normal((4, 3, img_size, img_size)).astype(np.float32)
-    return quantize(token_to_conv(params), cfg, [calib], head_mode=head_mode, method="max", rounding=rounding), calib
+    return quantize(token_to_conv(params), cfg, [calib], head_mode=head_mode, method="max", rounding=rounding,
+                    scheme=SCHEMES[scheme] if isinstance(scheme, str) else scheme), calib
 
 
 def _int_constants(qm, names=None) -> dict:
     names = names if names is not None else qm.tensors
-    return {k: qm.tensors[k] for k in names if np.asarray(qm.tensors[k]).dtype.kind in "iu"}
+    return {k: qm.tensors[k] for k in names if np.asarray(qm.tensors[k]).dtype.kind in "iub"}   # b: pot_rows
 
 
-def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only, distilled=True):
-    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode])
+def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only, distilled=True,
+                scheme="refvit-int8", prune=()):
+    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode], scheme)
+    if prune:        # token pruning: the same constants, the graph with its selections (refvit.resolve.with_prune)
+        qm = dataclasses.replace(qm, graph=build_graph(qm.config, qm.rounding, qm.scheme, prune=prune))
     xq = int_model.quantize_input(qm, calib[:batch])
     trace = int_model.Trace()
     logits = int_model.forward_int(qm, xq, trace)
@@ -702,13 +718,427 @@ def _composite_specs():
 
 
 # ---------------------------------------------------------------------------------------------
+# token pruning: select_tokens, prune_tokens (docs/spec.md, "Token pruning (HeatViT / EViT selector)")
+# ---------------------------------------------------------------------------------------------
+
+def _cls_probs(rng, kind, b, h, n_tokens, prefix, keep) -> np.ndarray:
+    """int8 probabilities (B, Hh, N, N) in [0, 127]; the class token's row to the n patches by `kind`:
+    random | ties (0/1 entries: scores 0..Hh, long runs of equal scores across the cut) | allzero (image 0: every
+    patch 0; the others: exactly the n - keep dropped ones) | max (126/127: scores beyond int8) | pair (two
+    equal lowest scores, the dropped pair for keep = n - 2)."""
+    n = n_tokens - prefix
+    p = _i8(rng, (b, h, n_tokens, n_tokens), 0, 127)
+    if kind == "ties":
+        row = rng.integers(0, 2, (b, h, n))
+    elif kind == "max":
+        row = rng.integers(126, 128, (b, h, n))
+    else:
+        row = rng.integers(2 if kind == "pair" else 1, 128, (b, h, n))
+    for i in range(b):
+        if kind == "allzero":
+            row[i, :, rng.permutation(n)[:n if i == 0 else n - keep]] = 0
+        elif kind == "pair":
+            row[i, :, rng.permutation(n)[:2]] = 1
+    p[:, :, 0, prefix:] = row
+    return p
+
+
+def _select_case(name, kind, h, n_tokens, prefix, keep, b):
+    p = _cls_probs(_rng(name), kind, b, h, n_tokens, prefix, keep)
+    return _kernel_case(name, "select_tokens", {"p": p}, {"keep": keep, "num_prefix": prefix}, f"cls row: {kind}")
+
+
+def _prune_case(name, kind, c, h, n_tokens, prefix, keep, b, mode, dtype=np.int8):
+    """x random over dtype (extremes: only its min and max), index from the reference select_tokens."""
+    rng = _rng(name)
+    p = _cls_probs(rng, "max" if kind == "extremes" else kind, b, h, n_tokens, prefix, keep)
+    lo, hi = int_range(dtype)
+    x = rng.integers(lo, hi + 1, (b, c, 1, n_tokens)).astype(dtype)
+    if kind == "extremes":
+        x = np.where(x < 0, lo, hi).astype(dtype)
+    index = REFERENCE_KERNELS["select_tokens"](p, keep=keep, num_prefix=prefix)
+    return _kernel_case(name, "prune_tokens", {"x": x, "p": p, "index": index},
+                        {"num_prefix": prefix, "rounding": _MODES[mode]}, f"cls row: {kind}")
+
+
+def _prune_specs():
+    for kind, h, n, prefix, keep, b in (("random", 3, 66, 2, 45, 2), ("ties", 3, 34, 2, 10, 2),
+                                        ("allzero", 3, 18, 1, 5, 2), ("random", 3, 66, 2, 1, 2),
+                                        ("random", 3, 18, 2, 16, 2), ("max", 12, 50, 1, 20, 1)):
+        yield f"select_tokens_{kind}_h{h}_n{n}_p{prefix}_k{keep}_b{b}", "select_tokens", True, \
+            lambda nm, a=(kind, h, n, prefix, keep, b): _select_case(nm, *a)
+    yield "select_tokens_random_h12_n197_p1_k138_b2", "select_tokens", False, \
+        lambda nm: _select_case(nm, "random", 12, 197, 1, 138, 2)
+    for mode in _MODES:
+        for kind, c, h, n, prefix, keep, b in (("random", 192, 3, 66, 2, 45, 2), ("pair", 16, 3, 18, 1, 15, 2),
+                                               ("ties", 48, 3, 34, 2, 10, 2), ("allzero", 16, 3, 18, 1, 5, 2),
+                                               ("random", 48, 3, 66, 2, 1, 2), ("random", 48, 3, 18, 2, 16, 2),
+                                               ("extremes", 16, 12, 34, 1, 3, 1)):
+            yield f"prune_tokens_{kind}_c{c}_h{h}_n{n}_p{prefix}_k{keep}_b{b}_{mode}", "prune_tokens", True, \
+                lambda nm, a=(kind, c, h, n, prefix, keep, b), m=mode: _prune_case(nm, *a, m)
+        yield f"prune_tokens_int16_c32_h3_n18_p1_k9_b2_{mode}", "prune_tokens", True, \
+            lambda nm, m=mode: _prune_case(nm, "random", 32, 3, 18, 1, 9, 2, m, np.int16)
+        # the selector inside a block and a model: DUT.block / DUT.model run the pruned graph with its methods
+        yield f"block_c48_h3_n18_b2_prune0k0p5_{mode}", "block", True, lambda nm, m=mode: _model_case(
+            nm, 48, 1, 3, 32, 8, 2, m, True, prune=((0, 0.5),))
+        yield f"model_c48_d2_h3_img32_p8_b2_prune0k0p5_1k0p7_{mode}", "model", True, lambda nm, m=mode: _model_case(
+            nm, 48, 2, 3, 32, 8, 2, m, False, prune=((0, 0.5), (1, 0.7)))
+    yield "model_c192_d3_h3_img224_p16_b1_prune0k0p7_2k0p5_single", "model", False, lambda nm: _model_case(
+        nm, 192, 3, 3, 224, 16, 1, "single", False, prune=((0, 0.7), (2, 0.5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme variants (docs/spec.md, Part 4): constants from the offline builders of int_kernels_variants
+# ---------------------------------------------------------------------------------------------
+
+# (scale_in, scale_out) of the GELU variant cases, named in each case (`sin0.05_sout0.02`): plausible, saturating
+# at the top, a wide input range (the erf clamp min(|x|, c_b), exp_shift's q <= 16 clamp), small inputs, and
+# the smallest scale_in the poly builder takes (erf_shift 6)
+GELU_VARIANT_SCALES = ((0.05, 0.05), (0.05, 0.02), (0.3, 0.3), (0.002, 0.001), (1e-4, 5e-5))
+GELU_VARIANT_BUILDERS = {"gelu_poly": KV.gelu_poly_constants, "gelu_shift": KV.gelu_shift_constants}
+SOFTMAX_VARIANTS = ("softmax_poly", "softmax_shift")
+SOFTMAX_CAPS = {"softmax_poly": KV.SOFTMAX_POLY_CAP, "softmax_shift": KV.SOFTMAX_SHIFT_CAP}
+LN_VARIANT_MAX_C16 = {"layernorm_int32": KV.LN32_MAX_CHANNELS,                          # largest C, int16 input
+                      "layernorm_wide": KV.LN_WIDE_MAX_CHANNELS[np.dtype(np.int16)]}
+ALL256 = np.arange(-128, 128, dtype=np.int8).reshape(1, 256, 1, 1)                    # every int8 value
+
+
+def scales_tag(scale_in: float, scale_out: float) -> str:
+    """The case-name part that records the scales a case's constants were built from."""
+    return f"sin{scale_in:g}_sout{scale_out:g}"
+
+
+def _const_scalars(consts: dict) -> dict:
+    """A builder's integer constants as the quantizer stores them: multipliers int32, shifts int8, the rest int64."""
+    def dtype(k):
+        return np.int32 if k.startswith("multiplier") else np.int8 if k.startswith("shift") else np.int64
+    return {k: _scalar(v, dtype(k)) for k, v in consts.items()}
+
+
+def _gelu_variant_case(name, op, mode, consts, x=ALL256, note=""):
+    return _kernel_case(name, op, {"x": x} | _const_scalars(consts), {"rounding": _MODES[mode]}, note)
+
+
+def _gelu_variant_specs():
+    for op, build in GELU_VARIANT_BUILDERS.items():
+        for i, (s_in, s_out) in enumerate(GELU_VARIANT_SCALES):
+            for mode in _MODES if i == 0 else ("single",):
+                yield f"{op}_all256_{scales_tag(s_in, s_out)}_{mode}", op, True, \
+                    lambda n, o=op, b=build, si=s_in, so=s_out, m=mode: _gelu_variant_case(n, o, m, b(si, so))
+        yield f"{op}_b2_c96_n33_{scales_tag(0.05, 0.05)}_single", op, True, lambda n, o=op, b=build: \
+            _gelu_variant_case(n, o, "single", b(0.05, 0.05), _i8(_rng(n), (2, 96, 1, 33)))
+    # HeatViT's delta: c_1 != c_c (a DUT that mixes them up fails)
+    yield f"gelu_poly_delta0.5_all256_{scales_tag(0.05, 0.05)}_single", "gelu_poly", True, lambda n: \
+        _gelu_variant_case(n, "gelu_poly", "single", KV.gelu_poly_constants(0.05, 0.05, 0.5), note="delta = 0.5")
+    for mode in _MODES:
+        # designed: erf_shift 2 floors negative y, h = -7 for x <= -8 gives acc = -7|x|, a tie at /4 for
+        # |x| = 2 (mod 4) (negative: the two modes differ), x >= 16 saturates
+        yield f"gelu_poly_designed_cb8_cc50_c1_19_k2_shift32_{mode}", "gelu_poly", True, lambda n, m=mode: \
+            _gelu_variant_case(n, "gelu_poly", m, {"c_b": 8, "c_c": 50, "c_1": 19, "erf_shift": 2,
+                                                   "multiplier": 1 << 30, "shift": 32}, note="ties and saturation")
+        # multiplier_in 0: w = 0, sig = 16383 for every x; out = x * 16383 / 2^15 lies just below a tie for odd x,
+        # which DOUBLE_ROUND's first rounding (at 2^31) turns into one: the modes differ at x = 1
+        yield f"gelu_shift_min0_shift45_{mode}", "gelu_shift", True, lambda n, m=mode: _gelu_variant_case(
+            n, "gelu_shift", m, {"multiplier_in": 0, "shift_in": 20, "multiplier": 1 << 30, "shift": 45},
+            note="sigmoid 1/2 everywhere; double rounding")
+
+
+def _softmax_variant_case(name, op, scores, mode, mult, shift, note=""):
+    inputs = {"scores": np.asarray(scores).astype(np.int32), "multiplier": _scalar(mult, np.int32),
+              "shift": _scalar(shift, np.int8)}
+    return _kernel_case(name, op, inputs, {"rounding": _MODES[mode]}, note)
+
+
+def exp_rescale(s_qk: float, d: int = 64) -> tuple[int, int]:
+    """The model's constants of a poly/shift softmax for q, k at scale s_qk and head width d."""
+    return KV.softmax_exp_multiplier(s_qk * s_qk / math.sqrt(d))
+
+
+def _exp_boundaries(op) -> np.ndarray:
+    """The score differences d_w where the exponential's integer part changes (exp_poly: z = d // 11357;
+    exp_shift: q of u = -(d + (d >> 1) - (d >> 4)) as in the spec), up to the cap."""
+    cap = SOFTMAX_CAPS[op]
+    if op == "softmax_poly":
+        return np.arange(1, cap // KV.EXP_POLY_LN2 + 1) * KV.EXP_POLY_LN2
+    v = -np.arange(cap + 1, dtype=np.int64)
+    u = np.maximum(v + (v >> 1) - (v >> 4), -KV.EXP_SHIFT_MAX_Q << KV.EXP_FRAC_BITS)
+    q = (-u) >> KV.EXP_FRAC_BITS
+    return np.nonzero(np.diff(q))[0] + 1
+
+
+def _softmax_sweep(name, op):
+    """Rows [0, -d] (d_w = d: multiplier 2^30, shift 30) for every d < 4096, d within 4 of each boundary of the
+    exponential's integer part, around the cap, and far beyond it (up to 2^31 - 1)."""
+    cap = SOFTMAX_CAPS[op]
+    near = (_exp_boundaries(op)[:, None] + np.arange(-4, 5)).ravel()
+    d = np.unique(np.concatenate([np.arange(4096), near, cap + np.arange(-2, 3), [1 << 20, (1 << 29) - 1, INT32_MAX]]))
+    scores = np.stack([np.zeros_like(d), -d], axis=-1).reshape(1, 1, len(d), 2)   # (1, 1, rows, 2)
+    return _softmax_variant_case(name, op, scores, "single", 1 << 30, 30, "every exp boundary, cap and beyond")
+
+
+def _softmax_variant_kind(name, op, kind, n, mode):
+    rng = _rng(name)
+    if kind.startswith("random_sqk"):                 # the model's constants for q, k at scale s_qk, D = 64
+        return _softmax_variant_case(name, op, _random_scores(rng, 1, n), mode, *exp_rescale(float(kind[10:])))
+    if kind == "shift33_randommult":   # rows [0, -d]: d_w = d * m / 2^33 in [d/8, d/4), where e is steepest;
+        d = rng.integers(0, 80_000, n)   # DOUBLE_ROUND's two roundings move d_w by one in 1/8 of the rows
+        scores = np.stack([np.zeros_like(d), -d], axis=-1).reshape(1, 1, n, 2)
+        return _softmax_variant_case(name, op, scores, mode, int(rng.integers(1 << 30, 1 << 31)), 33,
+                                     "two roundings in DOUBLE_ROUND")
+    if kind == "equal":
+        return _softmax_variant_case(name, op, np.full((1, 1, n, n), 12345), mode, *exp_rescale(0.01),
+                                     "sigma = N * exp(0)")
+    if kind == "spread":                              # one equal row (largest sigma) and a row mostly past the floor
+        scores = np.stack([np.full(n, 777), rng.integers(-(1 << 20), 1 << 20, n)]).reshape(1, 1, 2, n)
+        return _softmax_variant_case(name, op, scores, mode, *exp_rescale(0.01), "largest N")
+    if kind == "ties_shift31":                        # d_w = round(d / 2): odd d are ties
+        return _softmax_variant_case(name, op, rng.integers(-200_000, 1, (1, 2, n, n)), mode, 1 << 30, 31)
+    if kind == "dcap_shift20":                        # d_w = d * 2^10: the d_cap clamp (2^19 - 1) and the cap
+        s = rng.choice(np.array([-(1 << 30) + 1, -300, 0, 1 << 30]), (1, 1, n, n))
+        return _softmax_variant_case(name, op, s, mode, 1 << 30, 20, "differences up to 2^31 - 1, clamped")
+    if kind == "shift2":                              # d_cap = 1: every d >= 1 saturates at the cap
+        return _softmax_variant_case(name, op, _random_scores(rng, 1, n), mode, INT32_MAX, 2)
+    if kind == "shift62":                             # d_w = 0 for every d < 2^31: uniform rows
+        return _softmax_variant_case(name, op, _random_scores(rng, 1, n), mode, INT32_MAX, 62)
+    raise ValueError(kind)
+
+
+def _softmax_variant_specs():
+    for op in SOFTMAX_VARIANTS:
+        for mode in _MODES:
+            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, lambda nm, o=op, m=mode: _softmax_variant_kind(
+                nm, o, "random_sqk0.01", 197, m)
+            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, lambda nm, o=op, m=mode: \
+                _softmax_variant_kind(nm, o, "shift33_randommult", 16384, m)
+        for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
+                        ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
+            yield f"{op}_n{n}_{kind}_single", op, True, lambda nm, o=op, k=kind, n=n: \
+                _softmax_variant_kind(nm, o, k, n, "single")
+        yield f"{op}_sweep_n2_shift30_single", op, True, lambda nm, o=op: _softmax_sweep(nm, o)
+        yield f"{op}_n577_random_sqk0.01_double", op, False, lambda nm, o=op: _softmax_variant_kind(
+            nm, o, "random_sqk0.01", 577, "double")
+
+
+def _ln_x(rng, kind, c, n, dtype=np.int8) -> np.ndarray:
+    """LayerNorm input rows (1, C, 1, N) of `dtype` (int8 or int16)."""
+    lo, hi = int_range(dtype)
+    shape = (1, c, 1, n)
+    if kind == "random":
+        return rng.integers(lo, hi + 1, size=shape, dtype=dtype)
+    if kind == "residual":         # a residual stream: Gaussian, std hi / 10, four outlier channels 6x
+        return _gaussian(rng, shape, hi / 10, dtype, outlier_channels=4)
+    if kind == "constant_rows":    # every position constant over channels: d = 0, only eps counts
+        return np.broadcast_to(rng.integers(lo, hi + 1, size=(1, 1, 1, n), dtype=dtype), shape).copy()
+    if kind in ("allneg128", "all127"):
+        return np.full(shape, lo if kind == "allneg128" else hi, dtype)
+    if kind == "alternating":      # lo / hi alternating over channels: the largest variance and sum d^2
+        return np.broadcast_to(np.where(np.arange(c) % 2 == 0, lo, hi)[None, :, None, None], shape).astype(dtype)
+    if kind == "onemax":           # one hi among lo: |t| at its bound 2^16 sqrt((C-1)/C)
+        x = np.full(shape, lo, dtype)
+        x[0, np.arange(n) % c, 0, np.arange(n)] = hi
+        return x
+    raise ValueError(kind)
+
+
+def _gaussian(rng, shape, std, dtype, outlier_channels=0) -> np.ndarray:
+    """Gaussian integers of `dtype` (rounded half away from zero, clipped), a few channels (axis 1) 6x wider."""
+    x = rng.standard_normal(shape) * std
+    if outlier_channels:
+        x[:, rng.choice(shape[1], min(outlier_channels, shape[1]), replace=False)] *= 6
+    lo, hi = int_range(dtype)
+    return np.clip(round_half_away_from_zero(x), lo, hi).astype(dtype)
+
+
+def _ln_eps(op, eps, c, s_x) -> dict:
+    if op == "layernorm_int32":
+        eps_int, eps_shift = KV.layernorm_int32_eps(eps, c, s_x)
+        return {"eps_int": _scalar(eps_int, np.int64), "eps_shift": _scalar(eps_shift, np.int64)}
+    return {"eps_int": _scalar(K.layernorm_eps_int(eps, c, s_x), np.int64)}
+
+
+def _ln_variant_case(name, op, kind, c, n, dtype, mode, eps=1e-6, s_x=None):
+    """x of `kind`; eps constants by the variant's builder (s_x 0.05 for int8, 0.05/256 for int16); a random tail."""
+    x = _ln_x(_rng(name), kind, c, n, dtype)
+    s_x = s_x or (0.05 if dtype == np.int8 else 0.05 / 256)
+    inputs = {"x": x} | _ln_eps(op, eps, c, s_x) | _ln_tail_constants(_rng(name, "/constants"), c)
+    return _kernel_case(name, op, inputs, {"rounding": _MODES[mode]})
+
+
+def _ln32_preshift_ties(name, c, n, mode):
+    """x in [-2, 2] with sum_c x = 8 (mod 16) per position, eps_shift 4 (k = 4 everywhere, |d| < M_C): every
+    d = C x - sum x is 8 (mod 16), so every pre-shift d_s = rounding_shift_right(d, 4) is a tie; eps_int 2^29 - 1
+    keeps |t| small, and the exposed output stage shows every t."""
+    rng = _rng(name)
+    x = rng.integers(-2, 3, (1, c, 1, n))
+    for j in range(n):
+        need = (8 - int(x[0, :, 0, j].sum())) % 16
+        up = need <= 8
+        cand = np.nonzero(x[0, :, 0, j] < 2 if up else x[0, :, 0, j] > -2)[0]
+        x[0, rng.choice(cand, need if up else 16 - need, replace=False), 0, j] += 1 if up else -1
+    assert np.all(x.sum(axis=1) % 16 == 8) and np.abs(x).max() <= 2
+    return _layernorm_exposed(name, x.astype(np.int8), (1 << 29) - 1, mode, "pre-shift ties", op="layernorm_int32",
+                              eps_shift=4)
+
+
+def _layernorm_variant_specs():
+    for op in ("layernorm_int32", "layernorm_wide"):
+        cmax = LN_VARIANT_MAX_C16[op]
+        for mode in _MODES:
+            yield f"{op}_int8_c192_n64_{mode}", op, True, lambda nm, o=op, m=mode: _ln_variant_case(
+                nm, o, "random", 192, 64, np.int8, m)
+            yield f"{op}_int16_residual_c768_n32_{mode}", op, True, lambda nm, o=op, m=mode: _ln_variant_case(
+                nm, o, "residual", 768, 32, np.int16, m)
+        for kind, c, n in (("alternating", cmax, 4), ("onemax", cmax, 4), ("constant_rows", 768, 16),
+                           ("random", 1, 16)):
+            yield f"{op}_int16_{kind}_c{c}_n{n}_single", op, True, lambda nm, o=op, k=kind, c=c, n=n: \
+                _ln_variant_case(nm, o, k, c, n, np.int16, "single")
+        yield f"{op}_int8_alternating_c4096_n2_single", op, True, lambda nm, o=op: _ln_variant_case(
+            nm, o, "alternating", 4096, 2, np.int8, "single")
+        # eps 1e-3 at s_x 2e-4: int32 eps_shift 8 (eps_s matters where k > 8), wide eps_int ~ 1.1e13
+        yield f"{op}_int16_eps1e-3_sx2e-4_c768_n32_single", op, True, lambda nm, o=op: _ln_variant_case(
+            nm, o, "residual", 768, 32, np.int16, "single", eps=1e-3, s_x=2e-4)
+        yield f"{op}_int16_residual_c768_n577_double", op, False, lambda nm, o=op: _ln_variant_case(
+            nm, o, "residual", 768, 577, np.int16, "double")
+    for mode in _MODES:
+        yield f"layernorm_int32_preshift_ties_c192_n16_{mode}", "layernorm_int32", True, lambda nm, m=mode: \
+            _ln32_preshift_ties(nm, 192, 16, m)
+        # int16 two-level rows, step 256: d = 95 * 256 or -97 * 256, q = 2^50 = (2^25)^2, every t = d 2^16 / r a tie
+        yield f"layernorm_wide_int16_ties_r33554432_c192_n16_step256_{mode}", "layernorm_wide", True, \
+            lambda nm, m=mode: _layernorm_two_level(nm, 192, 16, 97, lambda r: r * r, 1 << 25, m, "q = r^2, t ties",
+                                                    step=256, op="layernorm_wide", dtype=np.int16)
+    # isqrt32 at q = r^2 and r^2 - 1 above 2^28 (k = 0): t(r - 1) != t(r) for both levels of d
+    for tag, q_of_r in (("square", lambda r: r * r), ("squareminus1", lambda r: r * r - 1)):
+        yield f"layernorm_int32_{tag}_r23046_c32_n16_single", "layernorm_int32", True, lambda nm, f=q_of_r: \
+            _layernorm_two_level(nm, 32, 16, 16, f, 23046, "single", "isqrt32 at its boundary",
+                                 op="layernorm_int32", eps_shift=0)
+
+
+def _add_wide_kind(name, kind):
+    rng = _rng(name)
+    shape = (1, 192, 1, 64)
+
+    def i16(shp, std=None):   # int16 stream values: uniform, or Gaussian with the given std
+        if std is None:
+            return rng.integers(-32768, 32768, shp).astype(np.int16)
+        return _gaussian(rng, shp, std, np.int16)
+
+    def case(a, b, ma, mb, s, out="int16", note=""):
+        return _add_case(name, a, b, ma, mb, s, note, op="add_wide", out_dtype=out)
+    if kind == "residual_i16i8":     # the int16 residual add: stream + int8 branch -> stream
+        return case(i16(shape, 6000), _i8(rng, shape), *quantize_add_multipliers(2e-4, 0.05, 2.2e-4))
+    if kind == "pos_i8i8_b2":        # tokens + position embedding (broadcast) -> int16 stream
+        return case(_i8(rng, (2,) + shape[1:]), _i8(rng, shape), *quantize_add_multipliers(0.05, 0.02, 2e-4))
+    if kind == "i16i16":
+        return case(i16(shape), i16(shape), *quantize_add_multipliers(2e-4, 3e-4, 4e-4))
+    if kind == "saturate":           # ratios ~2: far beyond int16
+        return case(i16(shape), i16(shape), 2147483000, 2147483000, 30)
+    if kind == "ties_shift8":        # a*128 + b*256 = 128 (mod 256) for odd a
+        return case(i16(shape), _i8(rng, shape), 128, 256, 8, note="ties for every odd a")
+    if kind == "shift0":             # no rounding: a + 2b, saturated
+        return case(i16(shape), i16(shape), 1, 2, 0)
+    if kind == "shift62":            # |acc| < 2^47: every output rounds to 0
+        return case(i16(shape), i16(shape), INT32_MAX, 1 << 30, 62)
+    if kind == "out_int8":           # an int16 stream read back into int8
+        return case(i16(shape, 6000), _i8(rng, shape), *quantize_add_multipliers(2e-4, 0.05, 0.05), out="int8")
+    if kind == "i8i8_out_int8":      # exactly part 2's add
+        return case(_i8(rng, shape), _i8(rng, shape), 1717986918, 1288490189, 31, out="int8")
+    if kind in ("extremes_i16i8", "extremes_i16i16"):   # every pair of extremes; shift 31 / 32: half / quarter sums
+        va = np.array([-32768, -32767, -1, 0, 1, 32767], np.int16)
+        vb = np.array([-128, -1, 0, 127], np.int8) if kind == "extremes_i16i8" else va
+        a, b = np.meshgrid(va, vb)
+        s = 31 if kind == "extremes_i16i8" else 32
+        return case(a.reshape(1, 1, 1, -1), b.reshape(1, 1, 1, -1), INT32_MAX, INT32_MAX, s)
+    raise ValueError(kind)
+
+
+def _add_wide_specs():
+    for kind in ("residual_i16i8", "pos_i8i8_b2", "i16i16", "saturate", "ties_shift8", "shift0", "shift62",
+                 "out_int8", "i8i8_out_int8", "extremes_i16i8", "extremes_i16i16"):
+        size = {"extremes_i16i8": "n24", "extremes_i16i16": "n36"}.get(kind, "c192_n64")
+        yield f"add_wide_{kind}_{size}", "add_wide", True, lambda nm, k=kind: _add_wide_kind(nm, k)
+
+
+CONV_VARIANTS = {"conv2d_w4": "w4", "conv2d_mixed_pot": "mixedpot_frac0.5"}   # op -> name tag
+
+
+def _variant_weights(rng, op, shape, fraction=0.5) -> tuple[np.ndarray, dict]:
+    """Codes (and pot_rows) of plausible float weights (Gaussian rows of varied scale) by the variant's builder."""
+    w = rng.standard_normal(shape) * rng.uniform(0.02, 0.2, (shape[0],) + (1,) * (len(shape) - 1))
+    if op == "conv2d_w4":
+        return KV.per_channel_weight_w4(w)[0], {}
+    codes, _, pot_rows = KV.per_channel_weight_mixed_pot(w, fraction)
+    return codes, {"pot_rows": pot_rows}
+
+
+def _conv_variant(name, op, x_shape, cout, k, mode, fill=None, out_dtype="int8", fraction=0.5, saturate=False):
+    """A conv of the variant on random (or constant) x; saturate: no bias, ~90 % of the outputs saturate."""
+    rng = _rng(name)
+    x = np.full(x_shape, fill, np.int8) if fill is not None else _i8(rng, x_shape)
+    w, extra = _variant_weights(rng, op, (cout, x_shape[1], k, k), fraction)
+    if not saturate:
+        return _conv_case(name, x, w, mode=mode, out_dtype=out_dtype, op=op, extra=extra)
+    bias = np.zeros(cout, np.int32)
+    mult, shift = _rescale(_fit_scale(K.conv2d_accumulate(x, w, bias), axis=(0, 2, 3), headroom=0.25))
+    return _conv_case(name, x, w, bias, mode, mult=mult, shift=shift, op=op, extra=extra)
+
+
+def _alternate_rows(cout) -> dict:
+    return {"pot_rows": np.arange(cout) % 2 == 0}
+
+
+def _conv_variant_specs():
+    for op, tag in CONV_VARIANTS.items():
+        pot = op == "conv2d_mixed_pot"
+        for mode in _MODES:
+            yield f"conv_{tag}_1x1_cin192_cout576_n32_{mode}", op, True, lambda nm, o=op, m=mode: _conv_variant(
+                nm, o, (1, 192, 1, 32), 576, 1, m)
+            yield f"conv_{tag}_patch_k4_cin3_cout48_img32_{mode}", op, True, lambda nm, o=op, m=mode: \
+                _conv_variant(nm, o, (1, 3, 32, 32), 48, 4, m)
+            yield f"conv_{tag}_1x1_ties_cin1_cout4_n64_shift33_{mode}", op, True, lambda nm, o=op, m=mode, p=pot: \
+                _conv_ties(nm, m, op=o, extra=_alternate_rows(4) if p else None)
+            # w4: +-7 with the w4 headroom reaches +-(2^31 - 1); mixed-pot: PoT rows +-64, int8 rows +-127
+            yield f"conv_{tag}_1x1_maxacc_cin3072_cout8_n4_{mode}", op, True, lambda nm, o=op, m=mode, p=pot: \
+                _conv_maxacc(nm, 3072, 8, m, np.where(np.arange(8) % 2 == 0, 64, 127) if p else KV.W4_MAX,
+                             K.SYM_PRODUCT_MAX if p else KV.W4_PRODUCT_MAX, o, _alternate_rows(8) if p else None)
+        yield f"conv_{tag}_1x1_saturate_cin64_cout32_n16_single", op, True, lambda nm, o=op: _conv_variant(
+            nm, o, (1, 64, 1, 16), 32, 1, "single", saturate=True)
+        for fill, ftag in ((-128, "allneg128"), (127, "all127")):
+            yield f"conv_{tag}_1x1_{ftag}_cin192_cout64_n16_single", op, True, lambda nm, o=op, f=fill: \
+                _conv_variant(nm, o, (1, 192, 1, 16), 64, 1, "single", fill=f)
+        yield f"conv_{tag}_1x1_head_int16_cin384_cout10_n1_b4_single", op, True, lambda nm, o=op: _conv_variant(
+            nm, o, (4, 384, 1, 1), 10, 1, "single", out_dtype="int16")
+        yield f"conv_{tag}_1x1_cin768_cout3072_n197_single", op, False, lambda nm, o=op: _conv_variant(
+            nm, o, (1, 768, 1, 197), 3072, 1, "single")
+    for frac in (0, 1):
+        yield f"conv_mixedpot_frac{frac}_1x1_cin64_cout32_n16_single", "conv2d_mixed_pot", True, lambda nm, f=frac: \
+            _conv_variant(nm, "conv2d_mixed_pot", (1, 64, 1, 16), 32, 1, "single", fraction=f)
+    # the largest Cin*k*k of conv2d_w4 (2^20): acc = +-(2^31 - 1) with weights +-7
+    yield "conv_w4_1x1_maxacc_cin1048576_cout2_n1_single", "conv2d_w4", False, lambda nm: _conv_maxacc(
+        nm, 1 << 20, 2, "single", KV.W4_MAX, KV.W4_PRODUCT_MAX, "conv2d_w4", n=1)
+
+
+SCHEME_MODEL_CASES = tuple(s for s in SCHEMES if s != "refvit-int8")   # the default has its own cases above
+
+
+def _scheme_model_specs():
+    for scheme in SCHEME_MODEL_CASES:
+        yield f"block_{scheme}_c48_h3_n18_b2_single", "block", True, lambda n, s=scheme: _model_case(
+            n, 48, 1, 3, 32, 8, 2, "single", True, scheme=s)
+        for mode in _MODES:
+            yield f"model_{scheme}_c48_d2_h3_img32_p8_b2_{mode}", "model", True, lambda n, s=scheme, m=mode: \
+                _model_case(n, 48, 2, 3, 32, 8, 2, m, False, scheme=s)
+
+
+# ---------------------------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
 def all_specs() -> tuple:
     specs = []
-    for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs):
+    for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
+                   _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
+                   _conv_variant_specs, _scheme_model_specs, _prune_specs):
         for name, op, quick, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name)))
     names = [s.name for s in specs]

@@ -1,7 +1,8 @@
 """The device-under-test interface of the conformance suite.
 
 A DUT has one method per integer op of the spec, with the same signature and semantics as refvit's
-function of that name (refvit.intmath / refvit.int_kernels, docs/spec.md Parts 1 and 2). `block` and
+function of that name (refvit.intmath / refvit.int_kernels, docs/spec.md Parts 1 and 2; the scheme variants'
+kernels of refvit.int_kernels_variants, Part 4, e.g. `gelu_poly`, `layernorm_int32`). `block` and
 `model` run the case's integer graph (refvit.graph: the op records of refvit's own model) with the DUT's
 per-op methods, so a team that implements only the kernels gets whole blocks and models tested too;
 override them to test a fused implementation. `run_case` is the single entry point of the runner; ExternalCommandDUT overrides
@@ -19,6 +20,7 @@ import numpy as np
 
 from refvit import int_kernels as K
 from refvit import int_kernels_prune as KP
+from refvit import int_kernels_variants as KV
 from refvit import intmath
 from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
@@ -84,6 +86,44 @@ class DUT:
         average of the dropped ones (exact quotient, ties by the rounding mode); x itself when k = N - P."""
         raise NotImplementedError("prune_tokens")
 
+    # -- scheme variants (docs/spec.md, Part 4: refvit/int_kernels_variants.py) --------------------
+    def gelu_poly(self, x, c_b, c_c, c_1, erf_shift, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """I-BERT i-GELU (HeatViT delta folded into c_1 and the rescale): int8 x, any shape -> int8."""
+        raise NotImplementedError("gelu_poly")
+
+    def gelu_shift(self, x, multiplier_in, shift_in, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """I-ViT ShiftGELU x * sigmoid(1.702 x) with exp through shifts: int8 x, any shape -> int8."""
+        raise NotImplementedError("gelu_shift")
+
+    def softmax_poly(self, scores, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """Softmax with I-BERT's i-exp at 2^-14: int32 (..., N) -> int8 probabilities at 1/127."""
+        raise NotImplementedError("softmax_poly")
+
+    def softmax_shift(self, scores, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """Softmax with I-ViT's ShiftExp (Shiftmax) at 2^-14: int32 (..., N) -> int8 probabilities at 1/127."""
+        raise NotImplementedError("softmax_shift")
+
+    def layernorm_int32(self, x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """LayerNorm with every intermediate in 32 bits: int8 or int16 (B, C, H, W) -> int8."""
+        raise NotImplementedError("layernorm_int32")
+
+    def layernorm_wide(self, x, eps_int, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
+        """Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8."""
+        raise NotImplementedError("layernorm_wide")
+
+    def add_wide(self, a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int16):
+        """Part 2's add on int8 or int16 operands, out_dtype int16 or int8; b broadcasts to a."""
+        raise NotImplementedError("add_wide")
+
+    def conv2d_w4(self, x, weight, bias, multiplier, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
+        """conv2d with 4-bit weight codes in [-7, 7] (stored as int8), one requantization per channel."""
+        raise NotImplementedError("conv2d_w4")
+
+    def conv2d_mixed_pot(self, x, weight, bias, multiplier, shift, pot_rows, *, rounding=SINGLE_ROUND,
+                         out_dtype=np.int8):
+        """conv2d whose rows flagged in pot_rows (bool (Cout,)) hold only 0, +-2^k (k <= 6), the rest int8."""
+        raise NotImplementedError("conv2d_mixed_pot")
+
     # -- composites: the case's graph, run with this DUT's per-op methods ------------------------
     def kernel_for(self, op):
         """The method that computes an op record: the DUT's method named after refvit's kernel; pure data
@@ -121,6 +161,9 @@ REFERENCE_KERNELS = {
     "attention_scores": K.attention_scores, "softmax": K.softmax, "attention_context": K.attention_context,
     "add": K.add, "layernorm": K.layernorm, "gelu": K.gelu, "concat_tokens": K.concat_tokens,
     "select_tokens": KP.select_tokens, "prune_tokens": KP.prune_tokens,
+    "gelu_poly": KV.gelu_poly, "gelu_shift": KV.gelu_shift, "softmax_poly": KV.softmax_poly,
+    "softmax_shift": KV.softmax_shift, "layernorm_int32": KV.layernorm_int32, "layernorm_wide": KV.layernorm_wide,
+    "add_wide": KV.add_wide, "conv2d_w4": KV.conv2d_w4, "conv2d_mixed_pot": KV.conv2d_mixed_pot,
 }
 OPS = tuple(REFERENCE_KERNELS) + ("block", "model")
 

@@ -1,14 +1,19 @@
 """Compare a device's tensor dumps against a golden dump (`refvit golden`): `python -m refvit check GOLDEN ACTUAL`.
 
-For every op of the golden manifest, in execution order, each output tensor is looked up in ACTUAL
-(ACTUAL/tensors/<name>.<fmt> or ACTUAL/<name>.<fmt>, fmt npy, hex or bin; hex and bin take dtype and
-shape from the manifest). dtype and shape are checked before values; values compare exactly.
-Exit status: 0 all match, 1 any difference or missing file, 2 usage error (bad folder, bad manifest).
+For every op of the golden manifest, in execution order, its internals (when the golden has them, `golden
+--internals`) and then its output are looked up in ACTUAL (ACTUAL/tensors/<name>.<fmt> or ACTUAL/<name>.<fmt>,
+fmt npy, hex or bin, or only the one format asked for; hex and bin take dtype and shape from the manifest).
+dtype and shape are checked before values; values compare exactly, or within `atol` LSB (reported apart).
+`ops` restricts the comparison to ops matching shell patterns, `present` to the tensors the device dumped;
+what is not compared is listed, not failed. Every result names the file it read.
+Exit status: 0 all compared tensors match (or are within atol), 1 any difference or missing file, 2 usage
+error (bad folder, bad manifest, nothing to compare).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +21,17 @@ import numpy as np
 from .dumpfmt import DumpFormatError, read_array
 from .golden import SCHEMA
 
-OK, MISMATCH, MISSING, BAD_SHAPE, BAD_DTYPE, UNREADABLE = "OK", "MISMATCH", "MISSING", "BAD SHAPE", "BAD DTYPE", \
-    "UNREADABLE"
+OK, WITHIN, MISMATCH, MISSING, BAD_SHAPE, BAD_DTYPE, UNREADABLE = "OK", "WITHIN", "MISMATCH", "MISSING", \
+    "BAD SHAPE", "BAD DTYPE", "UNREADABLE"
+PASSING = (OK, WITHIN)
+STATUS_ORDER = (OK, WITHIN, MISMATCH, BAD_DTYPE, BAD_SHAPE, UNREADABLE, MISSING)   # of the summary's counts
 DUMP_FORMATS = ("npy", "hex", "bin")        # searched in this order
 _KIND_STATUS = {"shape": BAD_SHAPE, "dtype": BAD_DTYPE, "format": UNREADABLE}
+OUTSIDE_OPS, NOT_DUMPED = "outside --ops", "not dumped by the device"
 
 
 class CheckUsageError(ValueError):
-    """A golden or actual folder that cannot be compared at all (missing, no readable manifest)."""
+    """A golden or actual folder that cannot be compared at all (missing, no readable manifest, nothing to compare)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,23 +40,40 @@ class CheckUsageError(ValueError):
 
 @dataclass(frozen=True)
 class Diff:
-    status: str                  # OK | BAD DTYPE | BAD SHAPE | MISMATCH
+    status: str                  # OK | WITHIN | BAD DTYPE | BAD SHAPE | MISMATCH (| MISSING | UNREADABLE)
     detail: str = ""
-    mismatches: int = 0          # differing elements
+    mismatches: int = 0          # differing elements (WITHIN: all of them within atol)
     total: int = 0
     index: tuple = ()            # multi-index of the first differing element (row-major order)
     expected: int | None = None
     actual: int | None = None
+    max_abs_diff: int | None = None   # largest |expected - actual| (OK: 0; None when values were not compared)
 
     def describe(self) -> str:
-        if self.status != MISMATCH:
+        if self.status not in (MISMATCH, WITHIN):
             return self.detail
-        return (f"{self.mismatches} of {self.total} elements differ; first at index {self.index}: "
-                f"expected {self.expected}, actual {self.actual}")
+        return (f"{self.mismatches} of {self.total} elements differ (largest difference {self.max_abs_diff}); "
+                f"first at index {self.index}: expected {self.expected}, actual {self.actual}")
+
+    def to_dict(self) -> dict:
+        compared = self.status in (OK, WITHIN, MISMATCH)
+        return {"status": self.status, "elements": self.total if compared else None,
+                "differ": self.mismatches if compared else None, "max_abs_diff": self.max_abs_diff,
+                "first": {"index": list(self.index), "expected": self.expected, "actual": self.actual}
+                if self.mismatches else None, "detail": self.detail or None}
 
 
-def compare_arrays(expected: np.ndarray, actual) -> Diff:
-    """dtype, then shape, then exact integer values (vectorized); reports the first differing element."""
+def _max_abs_diff(expected: np.ndarray, actual: np.ndarray, differ: np.ndarray) -> int:
+    """max |expected - actual| over the differing elements, exactly (int64 for narrow dtypes, Python ints for 64-bit)."""
+    e, a = expected[differ], actual[differ]
+    if expected.dtype.itemsize < 8:
+        return int(np.abs(e.astype(np.int64) - a.astype(np.int64)).max())
+    return max(abs(int(x) - int(y)) for x, y in zip(e.tolist(), a.tolist()))
+
+
+def compare_arrays(expected: np.ndarray, actual, atol: int = 0) -> Diff:
+    """dtype, then shape, then integer values (vectorized): OK when equal, WITHIN when every difference is at
+    most `atol` (integers, LSB), else MISMATCH; reports the first differing element and the largest difference."""
     if not isinstance(actual, np.ndarray):
         actual = np.asarray(actual)
     if actual.dtype.name != expected.dtype.name:
@@ -58,11 +83,12 @@ def compare_arrays(expected: np.ndarray, actual) -> Diff:
     differ = expected != actual
     count = int(np.count_nonzero(differ))
     if count == 0:
-        return Diff(OK, total=expected.size)
+        return Diff(OK, total=expected.size, max_abs_diff=0)
     first = int(np.argmax(differ.reshape(-1)))
     index = tuple(int(i) for i in np.unravel_index(first, expected.shape))
-    return Diff(MISMATCH, mismatches=count, total=expected.size, index=index,
-                expected=expected[index].item(), actual=actual[index].item())
+    largest = _max_abs_diff(expected, actual, differ)
+    return Diff(WITHIN if largest <= atol else MISMATCH, mismatches=count, total=expected.size, index=index,
+                expected=expected[index].item(), actual=actual[index].item(), max_abs_diff=largest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,21 +103,30 @@ class TensorResult:
     tensor: str
     diff: Diff
     file: str = ""               # the device file compared ('' when missing)
+    internal: str | None = None  # the op's internal this tensor is (golden --internals), None for its output
 
     @property
     def ok(self) -> bool:
-        return self.diff.status == OK
+        return self.diff.status in PASSING
 
-    def line(self) -> str:
+    def line(self, atol: int = 0) -> str:
         head = f"[{self.op_index:3d}] {self.op_name} ({self.op_type})"
         if self.tensor != self.op_name:
             head += f" -> {self.tensor}"
         d = self.diff
         if d.status == OK:
-            return f"{head}: OK"
+            return f"{head}: OK ({self.file})"
+        if d.status == WITHIN:
+            return (f"{head}: WITHIN {atol} LSB ({d.mismatches} of {d.total} elements differ, by at most "
+                    f"{d.max_abs_diff}) in {self.file}")
         if d.status == MISMATCH:
-            return f"{head}: MISMATCH ({d.mismatches} of {d.total} elements differ) in {self.file}"
-        return f"{head}: {d.status} ({d.detail})"
+            return (f"{head}: MISMATCH ({d.mismatches} of {d.total} elements differ, largest difference "
+                    f"{d.max_abs_diff}) in {self.file}")
+        return f"{head}: {d.status} ({d.detail})" + (f" in {self.file}" if self.file else "")
+
+    def to_dict(self) -> dict:
+        return {"index": self.op_index, "op": self.op_name, "op_type": self.op_type, "tensor": self.tensor,
+                "internal": self.internal, "file": self.file or None, **self.diff.to_dict()}
 
 
 @dataclass
@@ -99,6 +134,9 @@ class Report:
     golden_dir: Path
     actual_dir: Path
     results: list
+    not_compared: list = field(default_factory=list)   # (op index, op name, tensor, why)
+    atol: int = 0
+    ops: tuple | None = None     # the --ops patterns, if any
 
     @property
     def ok(self) -> bool:
@@ -106,31 +144,58 @@ class Report:
 
     @property
     def first_divergence(self) -> TensorResult | None:
-        return next((r for r in self.results if not r.ok), None)
+        """The first tensor, in execution order, that is not an exact match (WITHIN counts: it differs)."""
+        return next((r for r in self.results if r.diff.status != OK), None)
 
     def counts(self) -> dict:
-        out: dict = {}
-        for r in self.results:
-            out[r.diff.status] = out.get(r.diff.status, 0) + 1
-        return out
+        """{status: number of tensors}, in STATUS_ORDER."""
+        statuses = [r.diff.status for r in self.results]
+        return {s: statuses.count(s) for s in STATUS_ORDER if s in statuses}
+
+    def summary(self) -> str:
+        """One line: the count of each status, what was compared and what was not."""
+        label = {WITHIN: f"WITHIN {self.atol} LSB"}
+        counts = ", ".join(f"{n} {label.get(s, s)}" for s, n in self.counts().items())
+        line = f"summary: {counts} of {len(self.results)} tensors compared"
+        why: dict = {}
+        for *_, reason in self.not_compared:
+            why[reason] = why.get(reason, 0) + 1
+        if why:
+            line += "; not compared: " + ", ".join(f"{n} {reason}" for reason, n in why.items())
+        return line + ("; PASS" if self.ok else "; FAIL")
 
     def format(self) -> str:
-        lines = [r.line() for r in self.results]
+        lines = [r.line(self.atol) for r in self.results]
+        dumped_not = [t for _, _, t, why in self.not_compared if why == NOT_DUMPED]
+        if dumped_not:
+            lines.append(f"not compared ({NOT_DUMPED}): " + ", ".join(dumped_not))
         first = self.first_divergence
         if first is None:
-            lines.append(f"all {len(self.results)} op outputs match")
+            lines.append(f"all {len(self.results)} tensors match")
         else:
             lines.append(f"first divergent op: [{first.op_index}] {first.op_name} ({first.op_type}), "
-                         f"tensor {first.tensor}")
+                         f"tensor {first.tensor}" + (f" (internal {first.internal})" if first.internal else ""))
             d = first.diff
-            if d.status == MISMATCH:
+            if d.status in (MISMATCH, WITHIN):
                 lines.append(f"  first differing element: index {d.index}: expected {d.expected}, actual {d.actual}"
-                             f" ({d.mismatches} of {d.total} elements differ)")
+                             f" ({d.mismatches} of {d.total} elements differ, largest difference {d.max_abs_diff})")
             else:
                 lines.append(f"  {d.status}: {d.detail}")
-        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
-        lines.append(f"summary: {counts} of {len(self.results)} op outputs")
+        lines.append(self.summary())
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return {"golden": str(self.golden_dir), "actual": str(self.actual_dir), "atol": self.atol,
+                "ops": list(self.ops) if self.ops else None, "ok": self.ok, "counts": self.counts(),
+                "first_divergence": first.to_dict() if first else None,
+                "results": [r.to_dict() for r in self.results],
+                "not_compared": [{"index": i, "op": op, "tensor": t, "reason": why}
+                                 for i, op, t, why in self.not_compared],
+                "summary": self.summary()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
 
 
 def load_manifest(golden_dir) -> dict:
@@ -146,45 +211,73 @@ def load_manifest(golden_dir) -> dict:
     return manifest
 
 
-def find_dump(actual_dir: Path, name: str) -> Path | None:
-    """The device's dump of tensor `name`: tensors/ subfolder first, then flat; npy, hex, bin."""
+def find_dump(actual_dir: Path, name: str, formats=DUMP_FORMATS) -> Path | None:
+    """The device's dump of tensor `name`: tensors/ subfolder first, then flat; in `formats` order (npy, hex,
+    bin). A format not asked for is never read in its place."""
     for folder in (actual_dir / "tensors", actual_dir):
-        for fmt in DUMP_FORMATS:
+        for fmt in formats:
             path = folder / f"{name}.{fmt}"
             if path.is_file():
                 return path
     return None
 
 
-def _check_tensor(golden_dir: Path, actual_dir: Path, entry: dict) -> tuple[Diff, str]:
+def _check_tensor(golden_dir: Path, actual_dir: Path, entry: dict, formats, atol: int,
+                  hex_width: int | None) -> tuple[Diff, str]:
     name = entry["name"]
-    path = find_dump(actual_dir, name)
+    path = find_dump(actual_dir, name, formats)
     if path is None:
-        return Diff(MISSING, f"no {name}.npy/.hex/.bin in {actual_dir} or its tensors/ folder"), ""
+        return Diff(MISSING, f"no {name}.{'/.'.join(formats)} in {actual_dir} or its tensors/ folder"), ""
     try:
         expected = read_array(golden_dir / entry["files"]["npy"])
     except DumpFormatError as e:
         raise CheckUsageError(f"golden dump unreadable: {e}") from None
     shown = str(path.relative_to(actual_dir))
     try:
-        actual = read_array(path, expected.dtype, expected.shape)
+        actual = read_array(path, expected.dtype, expected.shape, hex_width)
     except DumpFormatError as e:
         return Diff(_KIND_STATUS[e.kind], str(e)), shown
-    return compare_arrays(expected, actual), shown
+    return compare_arrays(expected, actual, atol), shown
 
 
-def compare_dumps(golden_dir, actual_dir) -> Report:
-    """Every op output of the golden manifest, in execution order, against the device's dump."""
+def _tensors_of(op: dict, manifest: dict) -> list:
+    """(tensor entry, internal name or None) of an op, in computation order: its internals, then its output."""
+    inside = [(manifest["tensors"][t], i) for i, t in (op.get("internals") or {}).items() if t in manifest["tensors"]]
+    return inside + [(manifest["tensors"][op["name"]], None)]
+
+
+def compare_dumps(golden_dir, actual_dir, *, ops=None, present: bool = False, atol: int = 0, formats=DUMP_FORMATS,
+                  hex_width: int | None = None) -> Report:
+    """Every op of the golden manifest, in execution order (its internals, then its output), against the
+    device's dump. ops: shell patterns (only matching ops); present: only the tensors the device dumped;
+    atol: differences up to atol are WITHIN (passing), not MISMATCH; formats: the device formats looked for;
+    hex_width: the device's hex lines are packed (see dumpfmt.hex_lines)."""
     golden_dir, actual_dir = Path(golden_dir), Path(actual_dir)
     manifest = load_manifest(golden_dir)
     if not actual_dir.is_dir():
         raise CheckUsageError(f"actual dump folder not found: {actual_dir}")
-    results = []
+    if atol < 0:
+        raise CheckUsageError(f"atol must be a non-negative integer, got {atol}")
+    patterns = tuple(ops) if ops else None
+    results, skipped = [], []
     try:
         for op in manifest["ops"]:
-            entry = manifest["tensors"][op["name"]]
-            diff, shown = _check_tensor(golden_dir, actual_dir, entry)
-            results.append(TensorResult(op["index"], op["name"], op["op"], entry["name"], diff, shown))
+            chosen = patterns is None or any(fnmatchcase(op["name"], p) for p in patterns)
+            for entry, internal in _tensors_of(op, manifest):
+                where = (op["index"], op["name"], entry["name"])
+                if not chosen:
+                    skipped.append((*where, OUTSIDE_OPS))
+                elif present and find_dump(actual_dir, entry["name"], formats) is None:
+                    skipped.append((*where, NOT_DUMPED))
+                else:
+                    diff, shown = _check_tensor(golden_dir, actual_dir, entry, formats, atol, hex_width)
+                    results.append(TensorResult(op["index"], op["name"], op["op"], entry["name"], diff, shown,
+                                                internal))
     except (KeyError, TypeError) as e:
         raise CheckUsageError(f"{golden_dir / 'manifest.json'}: malformed op entry ({e!r})") from None
-    return Report(golden_dir, actual_dir, results)
+    if patterns and not any(why != OUTSIDE_OPS for *_, why in skipped) and not results:
+        raise CheckUsageError(f"no op of {golden_dir / 'manifest.json'} matches --ops {','.join(patterns)}")
+    if not results:
+        raise CheckUsageError(f"nothing to compare: no dump of any golden tensor ({'/'.join(formats)}) in "
+                              f"{actual_dir} or its tensors/ folder")
+    return Report(golden_dir, actual_dir, results, skipped, atol, patterns)

@@ -8,18 +8,21 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from . import check, golden, int_model
+from . import check, golden, int_model, report
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .dumpfmt import FORMATS, DumpFormatError, check_formats
+from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
-from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme
+from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme, select_ops
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
+from .models import load_model
 from .preprocess import PRESETS, ImageError, PreprocessError
 from .qfile import save_quantized
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
@@ -279,40 +282,70 @@ def run_info(args) -> int:
 def add_golden_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     inp = p.add_mutually_exclusive_group()
-    inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s), one batch, preprocessed as the model "
-                     "expects")
+    inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s) or folders of them: one batch, "
+                     "preprocessed as the model expects")
     inp.add_argument("--seed", type=int, metavar="S", help=f"synthetic int8 input: {golden.SEED_GENERATOR}")
+    inp.add_argument("--input", metavar="X.npy|X.hex|X.bin", help="your own int8 input tensor in the model's input "
+                     "layout (B, C, H, W), row-major (hex/bin: B from the element count)")
     p.add_argument("--batch", type=int, metavar="B", help="batch size of a --seed input (default 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--formats", default="npy", help=f"comma-separated subset of {','.join(FORMATS)} (npy always)")
+    p.add_argument("--internals", action="store_true", help="also dump what each op computes inside, as "
+                   "<op>.<internal>: conv and matmul accumulators (acc), LayerNorm's sum, d, sumsq, root, recip, t, "
+                   "acc, softmax's index, exp, sum, recip (docs/spec.md)")
+    p.add_argument("--ops", metavar="GLOB[,GLOB]", help="dump only the matching ops (with the tensors they read and "
+                   "the constants they use), e.g. 'blocks.0.*,head'")
+    p.add_argument("--hex-width", type=int, metavar="BITS", help="packed hex: BITS per line (a power of two, 8 to "
+                   "4096), several elements per line, the first in the least significant digits")
+    p.add_argument("--c-prefix", default="", metavar="NAME", help="prefix of every C identifier (with h in --formats)")
+    p.add_argument("--c-split", action="store_true", help="C output as one golden.c with the data and one golden.h "
+                   "with extern declarations, instead of a header per array")
+    p.add_argument("--float", action="store_true", help="also dump the float model's tensors under the same names, "
+                   "float/<name>.npy (float32); needs the float weights (--weights, with --model if given)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+HEX_WIDTHS = tuple(1 << k for k in range(3, 13))   # --hex-width: 8 .. 4096
 
 
 def run_golden(args) -> int:
     """dump every intermediate integer tensor and constant of one forward pass (golden vectors)"""
     t0 = time.perf_counter()
     formats = check_formats(f for f in args.formats.split(",") if f)
-    if args.batch is not None and args.image:
-        raise UsageError("--batch sizes a --seed input; with --image the batch is the number of images")
+    _check_golden_args(args, formats)
     batch = 1 if args.batch is None else args.batch
-    if batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {batch}")
     seed = 0 if args.seed is None else args.seed
+    images = expand_images(args.image) if args.image else None
+    if args.image and not images:
+        raise UsageError(f"no images in {', '.join(args.image)}")
 
-    def seed_calibration(cfg):  # a seed has no float image: read its int8 values as the float range of images
-        x = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(np.float32) / 64
-        return x, "the seed input itself read as float int8/64 (no --calib given)"
-    r = resolve_from_args(args, int8=True, calib_fallback=(lambda cfg: args.image) if args.image else seed_calibration)
-    cfg = r.config
-    if args.image:
-        xq = int_model.quantize_input(r.qm, r.images(args.image))
-        input_source = {"kind": "image", "files": [golden_file(p) for p in args.image]}
-    else:
-        xq = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))
-        input_source = {"kind": "seed", "seed": seed, "generator": golden.SEED_GENERATOR, "shape": list(xq.shape)}
-    manifest = golden.write_golden(r.qm, xq, args.out, formats, input_source, r.source,
-                                   r.preprocess.to_dict() if args.image else None)
-    print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops) and {len(manifest['constants'])} "
-          f"constants as {','.join(formats)} to {args.out} in {time.perf_counter() - t0:.1f} s")
+    def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
+        x = (golden.read_input(args.input, cfg) if args.input else
+             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
+        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
+    calib = progress_printer("calibrating", args.quiet)
+    fallback = (lambda cfg: images) if images else int8_calibration
+    r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
+        resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
+    _end_progress(calib)
+    patterns = _patterns(args.ops)
+    if patterns and not select_ops(r.qm.graph, patterns):
+        raise UsageError(f"--ops {args.ops} matches no op of the graph (names such as {r.qm.graph[0].name}, "
+                         f"blocks.0.attn.*, head)")
+    xq, x, input_source = _golden_input(args, r, images, seed, batch)
+    floats = report.float_tensors(r.qm, r.float_model.params, x) if args.float else None
+    writing = progress_printer(f"writing {args.out}", args.quiet)
+    manifest = golden.write_golden(
+        r.qm, xq, args.out, formats, input_source, r.source, r.preprocess.to_dict() if images else None,
+        internals=args.internals, ops=patterns, hex_width=args.hex_width, c_prefix=args.c_prefix, c_split=args.c_split,
+        float_tensors=floats, float_source=_float_source(args, images), progress=writing)
+    _end_progress(writing)
+    inside = sum(len(op.get("internals", {})) for op in manifest["ops"])
+    print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops"
+          + (f" of {manifest['selection']['ops_in_graph']}" if patterns else "")
+          + (f", {inside} internals" if args.internals else "") + f") and {len(manifest['constants'])} constants as "
+          f"{','.join(formats)}" + (" + float" if args.float else "") + f" to {args.out} in "
+          f"{time.perf_counter() - t0:.1f} s")
     print(f"input sha256 (int8 bytes): {manifest['input']['sha256_int8']}; rounding {r.qm.rounding}")
     logits = np.asarray(manifest["output"]["logits"] or [])
     for b, row in enumerate(logits[:4]):
@@ -320,6 +353,73 @@ def run_golden(args) -> int:
         print(f"image {b}: top-5 classes {top.tolist()} (int16 logits {row[top].tolist()}, "
               f"scale {manifest['output']['scale']:.6g})")
     return 0
+
+
+def _check_golden_args(args, formats) -> None:
+    """Every option that cannot apply to this command line is an error, not silently ignored."""
+    given = "--image" if args.image else "--input" if args.input else None
+    if args.batch is not None and given:
+        raise UsageError(f"--batch sizes a --seed input; with {given} the batch is "
+                         f"{'the number of images' if args.image else 'in the file'}")
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    if args.hex_width is not None and "hex" not in formats:
+        raise UsageError("--hex-width packs hex lines: add hex to --formats")
+    if args.hex_width is not None and args.hex_width not in HEX_WIDTHS:
+        raise UsageError(f"--hex-width must be a power of two from 8 to 4096 bits, got {args.hex_width}")
+    if (args.c_prefix or args.c_split) and "h" not in formats:
+        raise UsageError(f"{'--c-prefix' if args.c_prefix else '--c-split'} is for C output: add h to --formats")
+    if args.model is not None:
+        quantizing = [o for o, on in (("--calib", args.calib is not None), ("--method", args.method != DEFAULT_METHOD),
+                                      ("--percentile", args.percentile != DEFAULT_PERCENTILE),
+                                      ("--scheme", args.scheme is not None)) if on]
+        if quantizing:
+            raise UsageError(f"{', '.join(quantizing)} {'is' if len(quantizing) == 1 else 'are'} for quantizing "
+                             f"--weights; --model {args.model} is already quantized")
+    if args.preprocess is not None and not (args.image or args.calib):
+        raise UsageError("--preprocess applies to images: give --image (or --calib with --weights)")
+
+
+def _patterns(text: str | None) -> tuple | None:
+    """'a.*,b' -> ('a.*', 'b'); None stays None."""
+    if text is None:
+        return None
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise UsageError("--ops needs at least one pattern, e.g. 'blocks.0.*'")
+    return patterns
+
+
+def _golden_input(args, r: Resolved, images, seed: int, batch: int) -> tuple:
+    """(int8 input (B, C, H, W), the float input the float model sees or None, the manifest's input source)."""
+    cfg = r.config
+    if images:
+        x = r.images(images)                                                        # (B, 3, H, W) float32
+        return int_model.quantize_input(r.qm, x), x, {"kind": "image", "files": [golden_file(p) for p in images]}
+    if args.input:
+        xq = golden.read_input(args.input, cfg)
+        src = golden_file(args.input)
+        source = {"kind": "file", "path": src["path"], "sha256": src["sha256"], "shape": list(xq.shape)}
+    else:
+        xq = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))
+        source = {"kind": "seed", "seed": seed, "generator": golden.SEED_GENERATOR, "shape": list(xq.shape)}
+    x = (xq.astype(np.float32) * np.float32(r.qm.tensors["input.scale"])) if args.float else None
+    return xq, x, source
+
+
+def _float_source(args, images) -> dict | None:
+    if not args.float:
+        return None
+    return {"model": "the float conv form (refvit.model_conv) of the float weights, traced under the graph's names "
+                     "(refvit.quantize.observe)",
+            "input": "the float images, before quantize_input" if images else
+                     "the int8 input dequantized: input * input.scale"}
+
+
+def _end_progress(show) -> None:
+    """End a progress line that was overwritten in place on a terminal."""
+    if show and sys.stderr.isatty():
+        print(file=sys.stderr)
 
 
 def golden_file(path) -> dict:
@@ -333,13 +433,96 @@ def golden_file(path) -> dict:
 def add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("golden_dir", metavar="GOLDEN_DIR", help="folder written by `refvit golden`")
     p.add_argument("actual_dir", metavar="ACTUAL_DIR", help="the device's dumps (npy/hex/bin, flat or in tensors/)")
+    p.add_argument("--ops", metavar="GLOB[,GLOB]", help="compare only the matching ops (their internals and outputs)")
+    p.add_argument("--present", action="store_true", help="compare only what the device dumped; list the rest "
+                   "as not compared instead of MISSING")
+    p.add_argument("--atol", type=int, default=0, metavar="N", help="differences of at most N (integer LSB) are "
+                   "reported as WITHIN N LSB, apart from exact matches, and pass (default 0: exact)")
+    p.add_argument("--format", choices=check.DUMP_FORMATS, help="read only this format from the device (a missing "
+                   "file is MISSING, never read in another format); default: npy, then hex, then bin")
+    p.add_argument("--hex-width", type=int, metavar="BITS", help="the device's hex lines are packed, BITS per line "
+                   "(as golden --hex-width)")
+    p.add_argument("--json", action="store_true", help="the report as JSON: per tensor status, differing elements, "
+                   "largest difference, first differing index with both values, file read")
 
 
 def run_check(args) -> int:
     """compare a device's tensor dumps with a golden dump: first divergent op and element (exit 1 if any differ)"""
-    report = check.compare_dumps(args.golden_dir, args.actual_dir)
-    print(report.format())
-    return 0 if report.ok else 1
+    if args.atol < 0:
+        raise UsageError(f"--atol must be a non-negative integer, got {args.atol}")
+    if args.hex_width is not None and args.hex_width not in HEX_WIDTHS:
+        raise UsageError(f"--hex-width must be a power of two from 8 to 4096 bits, got {args.hex_width}")
+    result = check.compare_dumps(args.golden_dir, args.actual_dir, ops=_patterns(args.ops), present=args.present,
+                                 atol=args.atol, formats=(args.format,) if args.format else check.DUMP_FORMATS,
+                                 hex_width=args.hex_width)
+    print(result.to_json() if args.json else result.format())
+    return 0 if result.ok else 1
+
+
+# ---------------------------------------------------------------- report
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", metavar="IMG_OR_DIR",
+                   help="images or folders of them; default: the bundled examples (embedded default model only)")
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help=f"also draw it as a PNG (matplotlib: {report.PLOT_EXTRA})")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run_report(args) -> int:
+    """per-op SQNR of the integer model against the float model: where the quantization error comes from"""
+    if args.plot and not report.plot_available():
+        raise UsageError(f"--plot needs matplotlib, which is not installed: {report.PLOT_EXTRA}")
+    _need_float_weights(args, "report")
+    images = expand_images(args.images)
+    if not images:
+        if args.weights is not None or args.model is not None:
+            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
+        images = sorted(EXAMPLES.glob("*.png"))
+    calib = progress_printer("calibrating", args.quiet)
+    r = _float_and_int(args, "report", lambda cfg: images, calib)
+    _end_progress(calib)
+    show = progress_printer(f"report on {len(images)} images", args.quiet)
+    batches = (r.images(images[i:i + BATCH]) for i in range(0, len(images), BATCH))
+    rows = report.sqnr_report(r.qm, r.float_model.params, batches,
+                              show and (lambda n: show(min(n * BATCH, len(images)), len(images), "image")))
+    _end_progress(show)
+    if args.plot:
+        report.plot_sqnr(rows, args.plot, f"SQNR per op, {r.qm.scheme.name}, {len(images)} images")
+    if args.json:
+        print(json.dumps({"model": describe(r), "images": [str(p) for p in images], "ops": rows,
+                          "lowest": report.lowest(rows), "not_reported": report.not_reported(r.qm.graph, rows),
+                          "plot": args.plot}, indent=1))
+        return 0
+    if r.is_default:
+        print(default_model_note() + " (INT8)")
+    print(f"SQNR of the integer model ({r.qm.scheme.name}, {r.qm.rounding}) against the float model, each op's "
+          f"output dequantized at its scale, over {len(images)} images")
+    print(report.format_table(rows, report.not_reported(r.qm.graph, rows)))
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _float_and_int(args, what: str, calib_fallback=None, progress=None) -> Resolved:
+    """The integer model with the float weights it came from: --model Q with --weights W, --weights W quantized
+    on the fly, or the embedded default with its shipped quantized file."""
+    if args.model is None:
+        return resolve_from_args(args, int8=True, calib_fallback=calib_fallback, progress=progress)
+    _need_float_weights(args, what)
+    r = resolve_model(model=args.model, preprocess=args.preprocess, rounding=args.rounding)
+    fm = load_model(args.weights, form="conv", num_heads=args.num_heads, arch=args.arch)
+    if fm.config.to_dict() != r.config.to_dict() or fm.head_mode != r.head_mode:
+        raise UsageError(f"--weights {args.weights} is not the model --model {args.model} was quantized from "
+                         f"(config or head mode differ)")
+    return replace(r, float_model=fm)
+
+
+def _need_float_weights(args, what: str) -> None:
+    if args.model is not None and args.weights is None:
+        raise UsageError(f"{what} needs the float weights, which a quantized file does not hold: give --weights W "
+                         f"(the checkpoint --model was quantized from) with --model")
 
 
 # ---------------------------------------------------------------- eval
@@ -413,6 +596,30 @@ def run_schemes(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export-tosa
+
+def add_export_tosa_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--out", required=True, metavar="MODEL.mlir", help="the MLIR file to write")
+    p.add_argument("--outputs", choices=OUTPUTS, default="logits",
+                   help="logits (default): the int16 logits only; all: every tensor of the integer model, named "
+                        "as in the golden manifest, the logits last")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="images per call (static shapes; default 1)")
+
+
+def run_export_tosa(args) -> int:
+    """write the integer model as TOSA (MLIR tosa dialect) for compiler flows: int8 input to int16 logits"""
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    r = resolve_from_args(args, int8=True)
+    program = export_tosa(r.qm, args.batch, args.outputs)
+    text = program.to_mlir()
+    write_atomically(args.out, lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {args.out}: {len(program.ops)} TOSA ops, {len(program.results)} result(s), "
+          f"{len(text) / 1e6:.1f} MB; scheme {r.qm.scheme.name}, rounding {r.qm.rounding}, batch {args.batch}")
+    return 0
+
+
 # ---------------------------------------------------------------- registration and entry point
 
 COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
@@ -421,8 +628,10 @@ COMMANDS = [  # (name, add its arguments, run it); the run function's docstring 
     ("quantize", add_quantize_args, run_quantize),
     ("golden", add_golden_args, run_golden),
     ("check", add_check_args, run_check),
+    ("report", add_report_args, run_report),
     ("eval", add_eval_args, run_eval),
     ("schemes", add_schemes_args, run_schemes),
+    ("export-tosa", add_export_tosa_args, run_export_tosa),
 ]
 
 

@@ -37,7 +37,7 @@ class DumpFormatError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# encoders (vectorized: DeiT-Base dumps hold ~10^8 elements)
+# encoders (vectorized: DeiT-Base dumps hold ~10^8 elements; no per-element Python anywhere)
 # ---------------------------------------------------------------------------------------------
 
 def _int_dtype(dtype) -> np.dtype:
@@ -47,74 +47,255 @@ def _int_dtype(dtype) -> np.dtype:
     return dt
 
 
-_HEX_PAIRS = np.array([list(f"{i:02x}".encode()) for i in range(256)], np.uint8)   # byte -> 2 ASCII digits
+def _int_array(arr) -> np.ndarray:
+    """arr as an integer array of a dump dtype: bool (a flag constant such as pot_rows) as uint8 0/1."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    _int_dtype(arr.dtype)
+    return arr
 
 
-def hex_bytes(arr: np.ndarray) -> bytes:
-    """$readmemh text: one element per line, 2*itemsize lowercase hex digits of its two's complement."""
-    dt = _int_dtype(arr.dtype)
-    n = dt.itemsize
-    be = np.ascontiguousarray(arr, dtype=dt.newbyteorder(">")).view(np.uint8).reshape(-1, n)  # MSB first
-    lines = np.empty((be.shape[0], 2 * n + 1), np.uint8)
-    lines[:, :-1] = _HEX_PAIRS[be].reshape(-1, 2 * n)
+# Lookup tables of ASCII text by value. Their rows are viewed as numpy void scalars ("V<bytes>"): a gather of
+# whole rows is then one fixed-size copy per element, about twice as fast as indexing a 2-D uint8 table.
+_HEX_PAIRS = np.array([list(f"{i:02x}".encode()) for i in range(256)], np.uint8).view("V2").reshape(256)  # "xx"
+_HEX_LINE8 = np.array([list(f"{i:02x}\n".encode()) for i in range(256)], np.uint8).view("V3").reshape(256)  # "xx\n"
+
+
+def hex_lanes(dtype, hex_width: int | None) -> int:
+    """Elements per hex line: hex_width // element bits (at least 1: a wider element takes a line of its own)."""
+    bits = 8 * _int_array(np.empty(0, dtype)).dtype.itemsize
+    return max(1, (hex_width or bits) // bits)
+
+
+def _hex_digits(arr: np.ndarray) -> np.ndarray:
+    """(N, 2*itemsize) lowercase ASCII hex digits of each element's two's complement, most significant first."""
+    n = arr.dtype.itemsize
+    be = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder(">")).view(np.uint8).reshape(-1, n)  # MSB first
+    return _HEX_PAIRS[be].view(np.uint8).reshape(-1, 2 * n)       # (N, 2n)
+
+
+def hex_lines(arr: np.ndarray, hex_width: int | None = None) -> np.ndarray:
+    """$readmemh text as a uint8 buffer: 2*itemsize lowercase hex digits of each element's two's complement,
+    row-major, one element per line; with hex_width (bits), `hex_lanes` elements per line: element i in lane
+    i % lanes, lane 0 the least significant (rightmost) digits, the last line's unused high lanes zero."""
+    arr = _int_array(arr)
+    lanes = hex_lanes(arr.dtype, hex_width)
+    flat = np.ascontiguousarray(arr).reshape(-1)                  # (N,)
+    if lanes == 1 and arr.dtype.itemsize == 1:
+        return _HEX_LINE8[flat.view(np.uint8)].view(np.uint8)     # N x "xx\n": one gather
+    digits = _hex_digits(flat)                                    # (N, 2n)
+    rows = -(-flat.size // lanes)
+    if rows * lanes != flat.size:                                 # the last line's high lanes: zero elements
+        digits = np.concatenate([digits, np.full((rows * lanes - flat.size, digits.shape[1]), ord("0"), np.uint8)])
+    lines = np.empty((rows, lanes * digits.shape[1] + 1), np.uint8)
+    lines[:, :-1] = digits.reshape(rows, lanes, -1)[:, ::-1].reshape(rows, -1)   # lane 0 rightmost
     lines[:, -1] = ord("\n")
-    return lines.tobytes()
+    return lines.reshape(-1)
+
+
+def hex_bytes(arr: np.ndarray, hex_width: int | None = None) -> bytes:
+    """hex_lines as bytes."""
+    return hex_lines(arr, hex_width).tobytes()
+
+
+def _bin_array(arr: np.ndarray) -> np.ndarray:
+    arr = _int_array(arr)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
 
 
 def bin_bytes(arr: np.ndarray) -> bytes:
     """Raw little-endian two's complement, row-major."""
-    dt = _int_dtype(arr.dtype)
-    return np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
+    return _bin_array(arr).tobytes()
 
 
-def c_identifier(name: str) -> str:
-    """A C identifier for a tensor name: 'blocks.0.attn.qkv' -> 'blocks_0_attn_qkv'."""
-    ident = re.sub(r"[^0-9A-Za-z_]", "_", name)
+def c_identifier(name: str, prefix: str = "") -> str:
+    """A C identifier for a tensor name: 'blocks.0.attn.qkv' -> prefix + 'blocks_0_attn_qkv'."""
+    ident = prefix + re.sub(r"[^0-9A-Za-z_]", "_", name)
     return ident if ident and not ident[0].isdigit() else "t_" + ident
 
 
-def _decimal_columns(flat: np.ndarray) -> np.ndarray:
-    """Right-aligned decimal text of integers as a (N, width) uint8 array of ASCII (no per-element Python loop)."""
-    info = np.iinfo(flat.dtype)
-    width = max(len(str(int(info.min))), len(str(int(info.max))) + 1)
-    neg = flat < 0
-    rest = np.where(neg, -(flat.astype(np.int64) + 1), flat).astype(np.uint64) + neg   # |x|, no int64 overflow
-    out = np.full((flat.size, width), ord(" "), np.uint8)
-    ndigits = np.zeros(flat.size, np.int64)
-    for col in range(width - 1, 0, -1):                  # column 0 is left for the sign of the widest value
-        live = (rest > 0) | (col == width - 1)           # the units digit is always written
-        out[:, col] = np.where(live, (rest % np.uint64(10)).astype(np.uint8) + ord("0"), out[:, col])
+def check_c_prefix(prefix: str) -> str:
+    if prefix and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", prefix):
+        raise DumpFormatError(f"C prefix {prefix!r} is not the start of a C identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return prefix
+
+
+def _decimal_width(dt: np.dtype) -> int:
+    info = np.iinfo(dt)
+    return max(len(str(int(info.min))), len(str(int(info.max))) + 1)
+
+
+def _decimal_table(dt: np.dtype, suffix: bytes) -> np.ndarray:
+    """(2^bits,) void rows of width + len(suffix) ASCII bytes: every value of an 8- or 16-bit dtype, right-aligned,
+    then the suffix, indexed by its bit pattern."""
+    unsigned = np.arange(1 << (8 * dt.itemsize), dtype=np.uint64).astype(f"u{dt.itemsize}")
+    text = _decimal_columns(unsigned.view(dt), suffix, table=False)   # (2^bits, w) uint8
+    return text.view(f"V{text.shape[1]}").reshape(-1)
+
+
+_DECIMAL_TABLES: dict = {}
+
+
+def _right_aligned(values: np.ndarray, width: int) -> np.ndarray:
+    """(N, width) ASCII: each integer of the 1-D `values` right-aligned, '-' before a negative one (the digit
+    loop, column by column from the right; `width` must hold the widest value and its sign)."""
+    neg = values < 0
+    rest = np.where(neg, -(values.astype(np.int64) + 1), values).astype(np.uint64) + neg   # |x|, no overflow
+    text = np.full((values.size, width), ord(" "), np.uint8)      # (N, width)
+    ndigits = np.zeros(values.size, np.int64)
+    for col in range(width - 1, -1, -1):
+        live = (rest > 0) | (col == width - 1)                    # the units digit is always written
+        text[:, col] = np.where(live, (rest % np.uint64(10)).astype(np.uint8) + ord("0"), text[:, col])
         ndigits += live
         rest //= np.uint64(10)
     rows = np.nonzero(neg)[0]
-    out[rows, width - 1 - ndigits[rows]] = ord("-")
+    text[rows, width - 1 - ndigits[rows]] = ord("-")
+    return text
+
+
+_INT32_TABLES: list = []                                          # [(high part table, low part table)], built once
+
+
+def _int32_tables() -> tuple:
+    """Text of |x| = hi * 10^5 + lo (int32: hi < 21475): the high part as 6 characters by key, 0 blank, 1 '     -'
+    (a negative value whose 5-digit low part starts at once), 2*hi + neg: the sign and hi right-aligned; the low
+    part as 5 characters by key, lo: zero-padded (after a high part), 10^5 + lo: blank-padded (no high part),
+    2*10^5 + lo: blank-padded with the sign (no high part, lo < 10^4)."""
+    if not _INT32_TABLES:
+        his = np.arange(1, 21475, dtype=np.int64)
+        hi = np.empty((2 + 2 * his.size, 6), np.uint8)
+        hi[0], hi[1] = np.frombuffer(b"      ", np.uint8), np.frombuffer(b"     -", np.uint8)
+        hi[2::2], hi[3::2] = _right_aligned(his, 6), _right_aligned(-his, 6)
+        los = np.arange(100000, dtype=np.int64)
+        zero = ((los[:, None] // 10 ** np.arange(4, -1, -1)) % 10 + ord("0")).astype(np.uint8)   # "00042"
+        signed = _right_aligned(np.where(los < 10000, -los, los), 5)
+        lo = np.concatenate([zero, _right_aligned(los, 5), signed])
+        _INT32_TABLES.append((hi.view("V6").reshape(-1), lo.view("V5").reshape(-1)))
+    return _INT32_TABLES[0]
+
+
+def _int32_text(values: np.ndarray) -> np.ndarray:
+    """(N, 11) ASCII of int32 values as _right_aligned(values, 11), by two table lookups per element."""
+    hi_table, lo_table = _int32_tables()
+    neg = values < 0
+    hi, lo = np.divmod(np.abs(values.astype(np.int64)), 100000)   # (N,), (N,)
+    alone = hi == 0                                               # no high part: the low part is blank-padded
+    hi_key = np.where(alone, neg & (lo >= 10000), 2 * hi + neg)
+    lo_key = lo + np.where(alone, np.where(neg & (lo < 10000), 200000, 100000), 0)
+    text = np.empty((values.size, 11), np.uint8)
+    text[:, :6].view("V6")[:, 0] = hi_table[hi_key]
+    text[:, 6:].view("V5")[:, 0] = lo_table[lo_key]
+    return text
+
+
+def _decimal_columns(values: np.ndarray, suffix: bytes = b"", table: bool = True, out: np.ndarray | None = None):
+    """Right-aligned decimal text of integers, then `suffix`: values' shape + (width + len(suffix),) ASCII
+    (into `out` when given: a uint8 array or view of that shape, its last axis contiguous).
+
+    8- and 16-bit dtypes: one gather from a table of every value; int32: two gathers (_int32_text); int64:
+    the digit loop (_right_aligned). No per-element Python anywhere."""
+    dt = values.dtype
+    width = _decimal_width(dt)
+    out = np.empty(values.shape + (width + len(suffix),), np.uint8) if out is None else out
+    if table and dt.itemsize <= 2:
+        key = (dt.str, suffix)
+        if key not in _DECIMAL_TABLES:
+            _DECIMAL_TABLES[key] = _decimal_table(dt, suffix)
+        index = np.ascontiguousarray(values).view(f"u{dt.itemsize}")   # the bit patterns
+        out.view(f"V{out.shape[-1]}")[..., 0] = _DECIMAL_TABLES[key][index]   # one row per element (last axis
+        return out                                                          # of out contiguous: a view)
+    flat = values.reshape(-1)                                     # (N,)
+    text = _int32_text(flat) if table and dt == np.int32 else _right_aligned(flat, width)
+    out[..., :width] = text.reshape(values.shape + (width,))
+    out[..., width:] = np.frombuffer(suffix, np.uint8)
     return out
 
 
-def c_header_text(arr: np.ndarray, name: str, layout: str = "", per_line: int = 16) -> str:
-    """`static const <type> <ident>[N] = {...};` with name, dtype, shape and layout in a comment."""
-    dt = _int_dtype(arr.dtype)
-    ident = c_identifier(name)
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    n, rows = flat.size, -(-flat.size // per_line)
-    cols = _decimal_columns(flat)
-    items = np.full((rows * per_line, cols.shape[1] + 2), ord(" "), np.uint8)   # padded to whole lines
-    items[:n, :-2], items[:n, -2] = cols, ord(",")
-    lines = np.full((rows, 4 + per_line * items.shape[1] + 1), ord(" "), np.uint8)
-    lines[:, 4:-1] = items.reshape(rows, -1)
-    lines[:, -1] = ord("\n")
-    body = lines.tobytes().decode("ascii")
-    cut = body.rfind(",")
-    body = (body[:cut] + body[cut + 1:]).rstrip() + "\n"                         # no comma after the last element
+def c_array_lines(arr: np.ndarray, per_line: int = 16) -> np.ndarray:
+    """The element lines of a C initializer as one uint8 buffer: 4 spaces, `per_line` right-aligned `value, `
+    items and a newline per line; no comma after the last element and no trailing blanks on the last line."""
+    flat = np.ascontiguousarray(_int_array(arr)).reshape(-1)      # (N,)
+    n = flat.size
+    if n == 0:
+        return np.frombuffer(b"\n", np.uint8)
+    w = _decimal_width(flat.dtype) + 2                            # an item: "-128, "
+    rows = -(-n // per_line)
+    if rows * per_line != n:                                      # pad the last line with zeros (cut below)
+        flat = np.concatenate([flat, np.zeros(rows * per_line - n, flat.dtype)])
+    lines = np.empty((rows, 4 + per_line * w + 1), np.uint8)      # (rows, line bytes)
+    lines[:, :4], lines[:, -1] = ord(" "), ord("\n")
+    _decimal_columns(flat.reshape(rows, per_line), b", ", out=lines[:, 4:-1].reshape(rows, per_line, w))  # in place
+    end = (rows - 1) * lines.shape[1] + 4 + (n - (rows - 1) * per_line) * w - 2   # just after the last digit
+    buf = lines.reshape(-1)
+    buf[end] = ord("\n")
+    return buf[:end + 1]
+
+
+def _c_type(arr: np.ndarray) -> str:
+    return C_TYPES[_int_array(arr.reshape(-1)[:0]).dtype.name]
+
+
+def _c_comment(arr: np.ndarray, name: str, layout: str) -> str:
+    return (f"{name}: {arr.dtype.name}, shape {tuple(arr.shape)}, {arr.size} elements, "
+            f"{layout or 'row-major'}; generated by refvit {refvit.__version__}")
+
+
+def c_header_parts(arr: np.ndarray, name: str, layout: str = "", per_line: int = 16, prefix: str = "") -> list:
+    """`static const <type> <prefix><ident>[N] = {...};` with name, dtype, shape and layout in a comment, as
+    byte buffers to write one after the other (the element lines are not copied again)."""
+    arr = np.asarray(arr)
+    ctype, ident = _c_type(arr), c_identifier(name, prefix)
     guard = ident.upper() + "_H"
-    return (f"/* {name}: {dt.name}, shape {tuple(arr.shape)}, {n} elements, "
-            f"{layout or 'row-major'}; generated by refvit {refvit.__version__} */\n"
-            f"#ifndef {guard}\n#define {guard}\n#include <stdint.h>\n\n"
-            f"static const {C_TYPES[dt.name]} {ident}[{n}] = {{\n{body}}};\n\n#endif /* {guard} */\n")
+    head = (f"/* {_c_comment(arr, name, layout)} */\n#ifndef {guard}\n#define {guard}\n#include <stdint.h>\n\n"
+            f"static const {ctype} {ident}[{arr.size}] = {{\n")
+    return [head.encode(), c_array_lines(arr, per_line), f"}};\n\n#endif /* {guard} */\n".encode()]
 
 
-def write_array(arr: np.ndarray, folder: Path, name: str, formats=("npy",), layout: str = "") -> dict:
-    """Write arr as folder/name.<fmt> for each format (floats: npy only) -> {fmt: file name}."""
+def c_header_text(arr: np.ndarray, name: str, layout: str = "", per_line: int = 16, prefix: str = "") -> str:
+    return b"".join(bytes(p) for p in c_header_parts(arr, name, layout, per_line, prefix)).decode("ascii")
+
+
+def _write_parts(path: Path, parts) -> None:
+    with open(path, "wb") as f:
+        for part in parts:
+            f.write(part)
+
+
+def write_c_pair(folder: Path, entries, prefix: str = "", stem: str = "golden", per_line: int = 16) -> dict:
+    """One `<prefix><stem>.c` with every array's data (`const <type> <ident>[N] = {...};`) and one
+    `<prefix><stem>.h` with their `extern` declarations; entries: (name, array, layout). -> {name: identifier}.
+    Two names with the same C identifier are an error (the .c would not compile)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    c_name, h_name = f"{prefix}{stem}.c", f"{prefix}{stem}.h"
+    guard = c_identifier(f"{prefix}{stem}").upper() + "_H"
+    idents, decls = {}, []
+    with open(folder / c_name, "wb") as c:
+        c.write(f"/* golden data, generated by refvit {refvit.__version__}; declarations in {h_name} */\n"
+                f"#include \"{h_name}\"\n".encode())
+        for name, arr, layout in entries:
+            arr = np.asarray(arr)
+            ident = c_identifier(name, prefix)
+            if ident in idents.values():
+                other = next(n for n, i in idents.items() if i == ident)
+                raise DumpFormatError(f"{name!r} and {other!r} have the same C identifier {ident}")
+            idents[name] = ident
+            ctype = _c_type(arr)
+            c.write(f"\n/* {_c_comment(arr, name, layout)} */\nconst {ctype} {ident}[{arr.size}] = {{\n".encode())
+            c.write(c_array_lines(arr, per_line))
+            c.write(b"};\n")
+            decls.append(f"extern const {ctype} {ident}[{arr.size}];   /* {name}: {arr.dtype.name} {tuple(arr.shape)} */")
+    (folder / h_name).write_text(f"/* golden data, generated by refvit {refvit.__version__}; defined in {c_name} */\n"
+                                 f"#ifndef {guard}\n#define {guard}\n#include <stdint.h>\n\n" + "\n".join(decls)
+                                 + f"\n\n#endif /* {guard} */\n")
+    return idents
+
+
+def write_array(arr: np.ndarray, folder: Path, name: str, formats=("npy",), layout: str = "",
+                hex_width: int | None = None, c_prefix: str = "") -> dict:
+    """Write arr as folder/name.<fmt> for each format (floats: npy only) -> {fmt: file name}.
+
+    hex_width: packed hex lines (see hex_bytes); c_prefix: before the C identifier."""
     if "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"tensor name {name!r} cannot be a file name")
     arr = np.asarray(arr)
@@ -127,11 +308,11 @@ def write_array(arr: np.ndarray, folder: Path, name: str, formats=("npy",), layo
         if fmt == "npy":
             np.save(path, arr, allow_pickle=False)
         elif fmt == "hex":
-            path.write_bytes(hex_bytes(arr))
+            _write_parts(path, [hex_lines(arr, hex_width)])
         elif fmt == "bin":
-            path.write_bytes(bin_bytes(arr))
+            _write_parts(path, [_bin_array(arr)])
         elif fmt == "h":
-            path.write_text(c_header_text(arr, name, layout))
+            _write_parts(path, c_header_parts(arr, name, layout, prefix=c_prefix))
         else:
             raise ValueError(f"unknown dump format {fmt!r}; choose from {FORMATS}")
         files[fmt] = path.name
@@ -158,35 +339,53 @@ def _hex_tokens_slow(data: bytes, path) -> list:
     return tokens
 
 
-def parse_hex(data: bytes, dtype, count: int, path="<hex>") -> np.ndarray:
-    """Decode $readmemh text into `count` elements of `dtype` (two's complement; a token may have fewer digits)."""
+def parse_hex(data: bytes, dtype, count: int | None, path="<hex>", hex_width: int | None = None) -> np.ndarray:
+    """Decode $readmemh text into `count` elements of `dtype` (two's complement; a token may have fewer digits).
+
+    count None: as many as the file holds. hex_width: packed lines of `hex_lanes` elements, lane 0 the
+    rightmost digits (hex_bytes); the elements beyond `count` on the last line are ignored."""
     dt = _int_dtype(dtype)
-    digits = HEX_DIGITS[dt.name]
+    lanes = hex_lanes(dt, hex_width)
+    digits = HEX_DIGITS[dt.name] * lanes                          # digits per line
     unsigned = np.dtype(f"u{dt.itemsize}")
-    if len(data) == count * (digits + 1) and (count == 0 or data[digits::digits + 1] == b"\n" * count):
-        chars = np.frombuffer(data, np.uint8).reshape(count, digits + 1)[:, :digits]   # the canonical layout
+    lines = None if count is None else -(-count // lanes)
+    if len(data) % (digits + 1) == 0 and data[digits::digits + 1] == b"\n" * (len(data) // (digits + 1)) \
+            and lines in (None, len(data) // (digits + 1)):
+        chars = np.frombuffer(data, np.uint8).reshape(len(data) // (digits + 1), digits + 1)[:, :digits]   # canonical
     else:
         tokens = _hex_tokens_slow(data, path)
-        if len(tokens) != count:
-            raise DumpFormatError(f"{path}: {len(tokens)} hex elements, expected {count}", "shape")
+        if lines is not None and len(tokens) != lines:
+            per = f" ({lanes} per line)" if lanes > 1 else ""
+            raise DumpFormatError(f"{path}: {len(tokens)} hex {'lines' if lanes > 1 else 'elements'}{per}, "
+                                  f"expected {lines}" + (f" for {count} elements" if lanes > 1 else ""), "shape")
         long = [t for t in tokens if len(t) > digits]
         if long:
-            raise DumpFormatError(f"{path}: hex element {long[0]!r} has more than {digits} digits ({dt.name})",
-                                  "dtype")
+            raise DumpFormatError(f"{path}: hex {'line' if lanes > 1 else 'element'} {long[0]!r} has more than "
+                                  f"{digits} digits ({dt.name}" + (f" x {lanes})" if lanes > 1 else ")"), "dtype")
         chars = np.frombuffer(b"".join(t.encode().rjust(digits, b"0") for t in tokens) or b"", np.uint8)
-        chars = chars.reshape(count, digits)
+        chars = chars.reshape(len(tokens), digits)
+    nlines = chars.shape[0]
+    per = digits // lanes                                         # digits per element
+    chars = chars.reshape(nlines, lanes, per)[:, ::-1].reshape(nlines * lanes, per)   # lane 0 first
+    count = nlines * lanes if count is None else count
+    chars = chars[:count]
     nibbles = _NIBBLE[chars]
     if nibbles.size and nibbles.max() == 255:
         row = int(np.nonzero((nibbles == 255).any(axis=1))[0][0])
         raise DumpFormatError(f"{path}: element {row} ({bytes(chars[row]).decode('ascii', 'replace')!r}) is not hex")
     value = np.zeros(count, np.uint64)
-    for j in range(digits):
+    for j in range(chars.shape[1]):
         value = (value << np.uint64(4)) | nibbles[:, j].astype(np.uint64)
     return value.astype(unsigned).view(dt) if dt.kind == "i" else value.astype(dt)
 
 
-def parse_bin(data: bytes, dtype, count: int, path="<bin>") -> np.ndarray:
+def parse_bin(data: bytes, dtype, count: int | None, path="<bin>") -> np.ndarray:
+    """Decode raw little-endian data into `count` elements of `dtype` (count None: as many as it holds)."""
     dt = _int_dtype(dtype)
+    if count is None:
+        if len(data) % dt.itemsize:
+            raise DumpFormatError(f"{path}: {len(data)} bytes is not a whole number of {dt.name} elements", "shape")
+        count = len(data) // dt.itemsize
     if len(data) != count * dt.itemsize:
         width = len(data) // count if count and len(data) % count == 0 else 0
         kind = "dtype" if width in (1, 2, 4, 8) else "shape"     # right count of elements of another width
@@ -195,8 +394,9 @@ def parse_bin(data: bytes, dtype, count: int, path="<bin>") -> np.ndarray:
     return np.frombuffer(data, dt.newbyteorder("<")).astype(dt)
 
 
-def read_array(path, dtype=None, shape=None) -> np.ndarray:
-    """Read a .npy (dtype/shape from the file) or a .hex/.bin (dtype and shape required) dump."""
+def read_array(path, dtype=None, shape=None, hex_width: int | None = None) -> np.ndarray:
+    """Read a .npy (dtype/shape from the file) or a .hex/.bin dump (dtype required; shape None: 1-D, as many
+    elements as the file holds). hex_width: packed hex lines (see hex_bytes)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".")
     try:
@@ -204,11 +404,12 @@ def read_array(path, dtype=None, shape=None) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         if fmt not in ("hex", "bin"):
             raise DumpFormatError(f"{path}: unknown dump format {fmt!r} (readable: npy, hex, bin)")
-        if dtype is None or shape is None:
-            raise ValueError(f"read_array: {path} is {fmt}: give its dtype and shape")
-        count = int(np.prod(shape, dtype=np.int64))
-        parse = parse_hex if fmt == "hex" else parse_bin
-        return parse(path.read_bytes(), dtype, count, path).reshape(shape)
+        if dtype is None:
+            raise ValueError(f"read_array: {path} is {fmt}: give its dtype")
+        count = None if shape is None else int(np.prod(shape, dtype=np.int64))
+        data = path.read_bytes()
+        arr = parse_hex(data, dtype, count, path, hex_width) if fmt == "hex" else parse_bin(data, dtype, count, path)
+        return arr if shape is None else arr.reshape(shape)
     except (OSError, ValueError, EOFError) as e:
         if isinstance(e, DumpFormatError):
             raise

@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 
 from refvit.intmath import (
-    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _expand, _sub, _round_shift, _rounding_terms, _scale_into, apply_scale,
+    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _clip_store, _expand, _sub, _round_shift, _rounding_terms, _scale_into, apply_scale,
     int_matmul, int_matmul_exact, int_range, isqrt, requantize, round_half_away_from_zero, rounding_shift_right,
     saturate,
 )
@@ -273,7 +273,7 @@ def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, 
             np.add(t, _sub(add1, idx), out=t)                     # SINGLE: + bias*m + rnd; DOUBLE: + bias*m
             if corr is None:
                 np.right_shift(t, _sub(s, idx), out=t)
-                np.clip(t, lo, hi, out=o, casting="unsafe")
+                _clip_store(t, lo, hi, o)
             else:
                 _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, lo, hi)
     return _nchw(out, shape)
@@ -306,13 +306,13 @@ def make_exp_table() -> np.ndarray:
     return saturate(round_half_away_from_zero(vals), np.uint16)
 
 
-SOFTMAX_LUT_MAX = 1 << 19         # longest score-difference -> e table (int32 entries: 2 MiB)
+SOFTMAX_LUT_MAX = 1 << 19         # longest score-difference -> e table (uint16 entries: 1 MiB)
 
 
 @lru_cache(maxsize=16)
 def _softmax_lut(multiplier: int, shift: int, rounding: str, table: bytes, table_dtype: str):
     """(T, exact): T[d] = exp_table[saturate(apply_scale(d, multiplier, shift, rounding), uint8)] for
-    0 <= d < len(T), int32, read-only; `exact` says that T[min(d, len(T) - 1)] is that value for EVERY valid d.
+    0 <= d < len(T), uint16, read-only; `exact` says that T[min(d, len(T) - 1)] is that value for EVERY valid d.
 
     The index idx(d) = min(apply_scale(d), 255) is non-decreasing in d (multiplier >= 0, both modes) and
     d ranges over [0, last], last = min(2^31, 2^(shift-1)) - 1 (apply_scale's domain). So with c = the
@@ -335,7 +335,7 @@ def _softmax_lut(multiplier: int, shift: int, rounding: str, table: bytes, table
     if end > SOFTMAX_LUT_MAX:
         end, exact = SOFTMAX_LUT_MAX, False
     idx = saturate(apply_scale(np.arange(end + 1, dtype=np.int64), multiplier, shift, rounding), np.uint8)
-    lut = exp_table[idx]
+    lut = exp_table[idx].astype(np.uint16)                        # entries in [0, 2^15] (checked): exact
     lut.flags.writeable = False
     return lut, exact
 
@@ -383,10 +383,10 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     kept = None if internals is None else {"index": np.empty(s.shape, np.uint8), "exp": np.empty(s.shape, np.uint16),
                                            "sum": np.empty((s.shape[0], 1), np.int32),
                                            "recip": np.empty((s.shape[0], 1), np.int32)}   # (rows, N), (rows, 1)
-    table32 = exp_table.astype(np.int32)
+    table16 = exp_table.astype(np.uint16)                         # [0, 2^15]: exact
     rows = max(1, BLOCK // n)
     dbuf = np.empty((rows, n), np.int64)
-    ebuf = np.empty((rows, n), np.int32)
+    ebuf = np.empty((rows, n), np.uint16)
     wbuf = np.empty((rows, n), np.float64)
     for r0 in range(0, s.shape[0], rows):
         r1 = min(r0 + rows, s.shape[0])
@@ -397,7 +397,7 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
         else:
             idx = np.empty(d.shape, np.uint8) if kept is None else kept["index"][r0:r1]
             _scale_into(d, np.int64(multiplier), np.int64(shift), rounding, idx, 0, 255)
-            np.take(table32, idx, out=e, mode="clip")             # (indices < 256: clip is a no-op)
+            np.take(table16, idx, out=e, mode="clip")             # (indices < 256: clip is a no-op)
         sigma = e.sum(axis=-1, keepdims=True, dtype=np.int64)     # in [2^15, N * 2^15]
         recip = (1 << SOFTMAX_RECIP_BITS) // sigma                # Q0.25 of 1/sigma_real, in [2^25/N, 2^25]
         if kept is not None:                                      # e <= 2^15, sigma < 2^31, recip <= 2^25
@@ -477,7 +477,7 @@ def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.nda
             np.add(t, u, out=t)
             np.add(t, half, out=t)                                # + 2^(shift-1) <= 2^61: stays in int64
             np.right_shift(t, shift, out=t)
-            np.clip(t, lo, hi, out=o, casting="unsafe")           # saturate
+            _clip_store(t, lo, hi, o)           # saturate
     return out if out.ndim else out[()]
 
 
@@ -627,7 +627,7 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
             np.add(t, _sub(add1, idx), out=t)                     # SINGLE: acc*m + rnd; DOUBLE: acc*m
             if corr is None:
                 np.right_shift(t, _sub(s, idx), out=t)
-                np.clip(t, -128, 127, out=o, casting="unsafe")
+                _clip_store(t, -128, 127, o)
             else:
                 _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, -128, 127)
     return out

@@ -14,14 +14,16 @@ from .quantize import QuantizedModel
 __all__ = ["Trace", "forward_int", "quantize_input", "logits_int8_model"]
 
 
-def forward_int(qm: QuantizedModel, xq: np.ndarray, trace: Trace | None = None) -> np.ndarray:
-    """int8 input (B, in_chans, H, W) -> int16 logits (B, K), at scale qm.tensors['logits.scale']."""
+def forward_int(qm: QuantizedModel, xq: np.ndarray, trace: Trace | None = None, internals: bool = False) -> np.ndarray:
+    """int8 input (B, in_chans, H, W) -> int16 logits (B, K), at scale qm.tensors['logits.scale'].
+
+    internals: the trace also records what the kernels compute inside each op (refvit.graph.INTERNALS)."""
     cfg = qm.config
     expect = (cfg.in_chans, cfg.img_size, cfg.img_size)
     if not (isinstance(xq, np.ndarray) and xq.dtype == np.int8 and xq.ndim == 4 and xq.shape[1:] == expect):
         raise ValueError(f"forward_int: input must be int8 (B, {', '.join(map(str, expect))}), "
                          f"got {getattr(xq, 'dtype', type(xq).__name__)} {getattr(xq, 'shape', '')}")
-    logits = run_graph(qm.graph, qm.tensors, xq, trace)                             # (B, K, 1, 1)
+    logits = run_graph(qm.graph, qm.tensors, xq, trace, internals=internals)        # (B, K, 1, 1)
     return logits.reshape(logits.shape[0], -1)                                      # (B, K)
 
 

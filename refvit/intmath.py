@@ -62,7 +62,7 @@ def _check_rounding(rounding: str, fn: str) -> None:
 # dtypes whose every value fits int32 (no range check needed for an int32 precondition)
 _NARROW = tuple(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.uint8, np.uint16))
 
-BLOCK = 1 << 16   # elements per block of the fused elementwise loops: 512 KiB of int64 scratch (L2-sized)
+BLOCK = 1 << 17   # elements per block of the fused elementwise loops: 1 MiB of int64 scratch (L2-sized)
 
 
 def _expand(a, ndim: int) -> np.ndarray:
@@ -243,7 +243,12 @@ def _round_shift(t: np.ndarray, rnd, corr, shift, out=None, lo=None, hi=None) ->
         np.add(t, rnd, out=t)
     np.right_shift(t, shift, out=t)
     if out is not None:
-        np.clip(t, lo, hi, out=out, casting="unsafe")
+        _clip_store(t, lo, hi, out)
+
+
+def _clip_store(t: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
+    """out = clip(t, lo, hi), stored in out's dtype (exact after the clamp)."""
+    np.clip(t, lo, hi, out=out, casting="unsafe")
 
 
 def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> None:
@@ -351,6 +356,36 @@ def quantize_multiplier(scale: float) -> tuple[int, int]:
     return multiplier, shift
 
 
+def quantize_multipliers(scales) -> tuple[np.ndarray, np.ndarray]:
+    """quantize_multiplier of every element of a float array: (multiplier int64, shift int64), same shape.
+
+    Element for element equal to the scalar function (and the same ValueError for the first bad scale),
+    vectorized in float64 without rounding: with scale = f * 2^e, f in [0.5, 1) (frexp, exact),
+    f * 2^31 is exact and below 2^31 with no bit below 2^-22, so floor(f * 2^31 + 1/2) is exact (53 bits).
+    The tiny-scale branch (shift > 62) rounds scale * 2^62 (exact) half up as floor(y) + (y - floor(y) >= 1/2),
+    all exact.
+    """
+    s = np.asarray(scales, dtype=np.float64)
+    bad = ~(np.isfinite(s) & (s >= 0))
+    if bad.any():
+        quantize_multiplier(float(s[bad][0]))                     # raises, naming the problem
+    f, e = np.frexp(s)
+    mult = np.floor(f * 2.0 ** 31 + 0.5)                         # exact: round_half_up(scale * 2^(31 - e))
+    shift = (31 - e).astype(np.int64)
+    up = mult == 2.0 ** 31                                        # mantissa rounded up to 1.0
+    mult = np.where(up, 2.0 ** 30, mult)
+    shift = shift - up
+    tiny = (shift > 62) | (s == 0)
+    if tiny.any():
+        y = s * 2.0 ** 62                                         # exact (power-of-two scaling of a double)
+        w = np.floor(y)
+        mult = np.where(tiny, w + (y - w >= 0.5), mult)
+        shift = np.where(tiny, 62, shift)
+    if (shift < 2).any():
+        quantize_multiplier(float(s[shift < 2][0]))               # raises: too large
+    return mult.astype(np.int64), shift.astype(np.int64)
+
+
 def quantize_add_multipliers(scale_a: float, scale_b: float, scale_out: float) -> tuple[int, int, int]:
     """(mult_a, mult_b, shift) for out = rounding_shift_right(a*mult_a + b*mult_b, shift).
 
@@ -442,6 +477,14 @@ def _max_abs(arr: np.ndarray) -> int:
     return max(int(arr.max()), -int(arr.min())) if arr.size else 0
 
 
+def _abs_bound(arr: np.ndarray) -> int:
+    """A bound of |arr| for the matmul plan: the dtype's for 8-bit arrays (128 or 255: no pass over the
+    data, and at most 1% shorter chunks), else the actual max |arr|. Any valid bound gives an exact plan."""
+    if arr.dtype.itemsize == 1 and arr.size:
+        return 128 if arr.dtype.kind == "i" else 255
+    return _max_abs(arr)
+
+
 def _matmul_plan(amax: int, bmax: int, k: int):
     """(float dtype, or None for int64; k_chunk) giving an exact product when |a| <= amax, |b| <= bmax."""
     prod = amax * bmax
@@ -467,7 +510,7 @@ def _matmul_args(a, b, fn: str = "int_matmul"):
     k = a.shape[-1]
     if b.shape[-2] != k:
         raise ValueError(f"{fn}: inner dimensions differ: a {a.shape} has K={k}, b {b.shape} has K={b.shape[-2]}")
-    amax, bmax = _max_abs(a), _max_abs(b)
+    amax, bmax = _abs_bound(a), _abs_bound(b)
     if max(amax, bmax) > INT64_MAX or k * amax * bmax > INT64_MAX:
         raise OverflowError(f"{fn}: K*max|a|*max|b| = {k * amax * bmax} exceeds int64 max {INT64_MAX}")
     return a, b, amax, bmax, k
@@ -479,9 +522,14 @@ def _l1_bound(a: np.ndarray, b: np.ndarray, amax: int, bmax: int) -> int:
     any order, of the terms of one output is bounded by it. Infinite (not computed) for operands wider
     than 16 bits, whose |x| could overflow the abs."""
     small, other_max, axis = (a, bmax, -1) if a.size <= b.size else (b, amax, -2)
-    if small.dtype.itemsize > 2:
+    size = small.dtype.itemsize
+    if size > 2:
         return F64_EXACT
-    norms = np.abs(small, dtype=np.int32).sum(axis=axis, dtype=np.int64)   # |int8/16| fits int32
+    # |x| as the unsigned view of abs(x): exact also for the most negative value, whose abs wraps to
+    # itself (-128 -> 0x80 = 128); the sums of at most K values < 2^(8*size) fit the accumulator
+    mag = np.abs(small).view(np.uint8 if size == 1 else np.uint16)
+    acc = np.uint32 if small.shape[axis] < 1 << (32 - 8 * size) else np.uint64
+    norms = mag.sum(axis=axis, dtype=acc)
     return int(norms.max()) * other_max if norms.size else 0
 
 

@@ -687,3 +687,49 @@ def test_quantize_multiplier_integer_arithmetic_matches_fractions(exp, frac_bits
     if not (0 < scale < 2.0 ** 29 - 0.125):
         return
     assert im.quantize_multiplier(scale) == ref_quantize_multiplier(scale)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16])
+def test_l1_bound_is_the_largest_row_or_column_norm(dtype):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(4)
+    a = rng.integers(info.min, info.max, (3, 50), endpoint=True).astype(dtype)
+    b = rng.integers(info.min, info.max, (50, 200), endpoint=True).astype(dtype)
+    a[1] = info.min                                   # the most negative value: |x| must not wrap
+    b[:, 7] = info.min
+    amax, bmax = im._max_abs(a), im._max_abs(b)
+    want_rows = int(np.abs(a.astype(np.int64)).sum(axis=1).max()) * bmax      # a is the smaller operand
+    assert im._l1_bound(a, b, amax, bmax) == want_rows
+    want_cols = int(np.abs(b.astype(np.int64)).sum(axis=0).max()) * amax
+    assert im._l1_bound(np.zeros((300, 50), dtype), b, amax, bmax) == want_cols
+
+
+def test_int_matmul_one_pass_from_norms_and_not_beyond():
+    """K = 3072 int8: a sparse operand fits one float32 pass (norm bound <= 2^24), a dense one needs chunks."""
+    rng = np.random.default_rng(6)
+    a = rng.integers(-127, 128, (40, 3072)).astype(np.int8)
+    sparse = np.zeros((3072, 30), np.int8)
+    sparse[::24] = rng.integers(-128, 128, (128, 30))                # ||col||_1 <= 128 * 128 = 2^14
+    sparse[::24, 0] = -128
+    assert im._l1_bound(a, sparse, 127, 128) <= im.F32_EXACT
+    assert im.int_matmul_exact(a, sparse).dtype == np.float32          # one pass
+    assert np.array_equal(im.int_matmul(a, sparse), ref_matmul(a, sparse))
+    dense = np.full((3072, 30), -128, np.int8)
+    assert im.int_matmul_exact(a, dense).dtype == np.float64           # chunks summed in float64
+    assert np.array_equal(im.int_matmul(a, dense), ref_matmul(a, dense))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(POSITIVE_SCALES, st.floats(1e-6, 10.0), st.just(0.0)), min_size=1, max_size=40))
+@example([1.0, 0.1, 2.0 ** 29 - 0.25, 2.0 ** -32, 2.0 ** -40, 1.5 * 2.0 ** -63, 0.5 * 2.0 ** -62, 5e-324, 0.0,
+          (1 - 2.0 ** -32) * 2.0 ** -30, (1 - 2.0 ** -32) * 2.0 ** -33, 0.49999999999999994 * 2.0 ** -62])
+def test_quantize_multipliers_vectorized_equals_scalar(scales):
+    mult, shift = im.quantize_multipliers(np.array(scales))
+    assert mult.dtype == shift.dtype == np.int64
+    assert list(zip(mult.tolist(), shift.tolist())) == [im.quantize_multiplier(s) for s in scales]
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 29, -1.0, float("nan"), float("inf")])
+def test_quantize_multipliers_rejects_like_the_scalar(scale):
+    with pytest.raises(ValueError, match="quantize_multiplier: scale"):
+        im.quantize_multipliers(np.array([0.5, scale, 0.25]))

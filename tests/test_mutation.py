@@ -1,8 +1,9 @@
 """Mutation self-test of the conformance suite: one-line mutants of the reference kernels must each FAIL a case.
 
-Each mutant is one exact source edit (an `old` fragment replaced by `new`) of refvit/intmath.py or
-refvit/int_kernels.py, applied to a copy of the source and loaded as a fresh module (refvit itself is never
-touched). A DUT whose per-op methods are the mutated functions then runs the quick cases of the ops the
+Each mutant is one exact source edit (an `old` fragment replaced by `new`) of refvit/intmath.py,
+refvit/int_kernels.py, refvit/int_kernels_prune.py or refvit/int_kernels_variants.py, applied to a copy of the
+source and loaded as a fresh module (refvit itself is never touched; the kernel modules import the copies of
+the modules below them). A DUT whose per-op methods are the mutated functions then runs the quick cases of the ops the
 mutant can affect; it must FAIL at least one (an ERROR does not count: a mutant must produce wrong values,
 not crash). A mutant that survives shows a missing case: add one (conformance/cases.py), do not drop the
 mutant. `pytest -s tests/test_mutation.py` prints the kill table and rate.
@@ -31,6 +32,7 @@ from conformance.dut import REFERENCE_KERNELS
 SRC = Path(refvit.__file__).resolve().parent
 PER_OP = tuple(REFERENCE_KERNELS)                       # every per-op method (not block / model)
 SCALED = ("apply_scale", "requantize", "conv2d", "softmax", "attention_context", "layernorm")
+MODULES = ("intmath", "int_kernels", "int_kernels_prune", "int_kernels_variants")   # the modules mutated
 
 
 # The spec's isqrt (docs/spec.md, Part 1: bit by bit, 31 steps), what hardware builds. The reference computes
@@ -206,6 +208,132 @@ MUTANTS = [
            "layernorm: output requantization ignores the rounding mode"),
     Mutant("ln_saturate_lo_plus1", "int_kernels", "np.clip(t, -128, 127, out=o, casting=\"unsafe\")",
            "np.clip(t, -127, 127, out=o, casting=\"unsafe\")", ("layernorm",), "layernorm: saturates at -127"),
+    # ---- int_kernels_prune: the token selector ----------------------------------------------------------------
+    Mutant("select_ties_higher_position", "int_kernels_prune", "order = np.argsort(-score, axis=1, kind=\"stable\")",
+           "order = score.shape[1] - 1 - np.argsort(-score[:, ::-1], axis=1, kind=\"stable\")", ("select_tokens",),
+           "select: of equal scores the higher position first"),
+    Mutant("select_score_order", "int_kernels_prune", "np.sort(order[:, :k], axis=1) + prefix",
+           "order[:, :k] + prefix", ("select_tokens",), "select: kept tokens in score order (EViT's), not theirs"),
+    Mutant("select_scores_int8", "int_kernels_prune", "return row.sum(axis=1, dtype=np.int64)",
+           "return row.sum(axis=1, dtype=np.int8).astype(np.int64)", ("select_tokens", "prune_tokens"),
+           "scores summed over heads in int8 (wraps)"),
+    Mutant("select_head0_only", "int_kernels_prune", "return row.sum(axis=1, dtype=np.int64)",
+           "return row[:, :1].sum(axis=1, dtype=np.int64)", ("select_tokens", "prune_tokens"),
+           "scores from head 0 only"),
+    Mutant("package_ties_down", "int_kernels_prune", "return (2 * num + den) // (2 * den)",
+           "return (2 * num + den - 1) // (2 * den)", ("prune_tokens",), "package: SINGLE_ROUND ties rounded down"),
+    Mutant("package_always_single", "int_kernels_prune", "if rounding == DOUBLE_ROUND:", "if rounding == \"never\":",
+           ("prune_tokens",), "package: ignores the rounding mode"),
+    Mutant("package_unweighted", "int_kernels_prune", "w[:, prefix:] = score", "w[:, prefix:] = 1",
+           ("prune_tokens",), "package: plain average whatever the scores"),
+    Mutant("package_weighs_kept", "int_kernels_prune", "w[~dropped] = 0", "w[:, :prefix] = 0", ("prune_tokens",),
+           "package: the kept tokens weigh too"),
+    Mutant("package_no_plain_fallback", "int_kernels_prune", "w[flat] = dropped[flat]", "w[flat] = 0",
+           ("prune_tokens",), "package: 0 instead of the plain average when every dropped score is 0"),
+    # ---- int_kernels_variants: the scheme variants (docs/spec.md, Part 4) -----------------------------------
+    Mutant("gelu_poly_c1_for_cc", "int_kernels_variants", "y = np.sign(x) * (t * t - c_c)",
+           "y = np.sign(x) * (t * t - c_1)", ("gelu_poly",), "gelu_poly: c_1 in place of c_c (equal at delta 1)"),
+    Mutant("gelu_poly_erf_rounded", "int_kernels_variants", "return (y >> erf_shift) - c_1",
+           "return ((y + (1 << erf_shift >> 1)) >> erf_shift) - c_1", ("gelu_poly",),
+           "gelu_poly: erf value rounded, not floored"),
+    Mutant("gelu_poly_no_clamp", "int_kernels_variants", "t = c_b - np.minimum(np.abs(x), c_b)",
+           "t = c_b - np.abs(x)", ("gelu_poly",), "gelu_poly: no min(|x|, c_b) clamp"),
+    Mutant("gelu_poly_always_single", "int_kernels_variants",
+           "table = requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)   # (256,) int8",
+           "table = requantize(acc, m, s, out_dtype=np.int8, rounding=SINGLE_ROUND)   # (256,) int8", ("gelu_poly",),
+           "gelu_poly: ignores the rounding mode"),
+    Mutant("exp_shift_log2e_1375", "int_kernels_variants", "(v >> 4)                                    # [-1.4375",
+           "(v >> 3)                                    # [-1.4375",
+           ("gelu_shift", "softmax_shift"), "exp_shift: log2(e) ~ 1.375"),
+    Mutant("exp_shift_clamp_q15", "int_kernels_variants", "u = np.maximum(u, -EXP_SHIFT_MAX_Q << EXP_FRAC_BITS)",
+           "u = np.maximum(u, -(EXP_SHIFT_MAX_Q - 1) << EXP_FRAC_BITS)", ("gelu_shift", "softmax_shift"),
+           "exp_shift: clamped at q = 15 (e = 1 instead of 0 far below the max)"),
+    Mutant("exp_shift_no_linear_term", "int_kernels_variants", "return (EXP_SHIFT_ONE + r) >> q",
+           "return EXP_SHIFT_ONE >> q", ("gelu_shift", "softmax_shift"), "exp_shift: 2^-q without (1 - p/2)"),
+    Mutant("gelu_shift_factor_2p31", "int_kernels_variants", "factor = INT32_MAX // total",
+           "factor = (INT32_MAX + 1) // total", ("gelu_shift",), "gelu_shift: 2^31 // total"),
+    Mutant("gelu_shift_sigmoid_rounded", "int_kernels_variants",
+           "sig = (e1 * factor) >> (31 - GELU_SHIFT_SIGMOID_BITS)",
+           "sig = rounding_shift_right(e1 * factor, 31 - GELU_SHIFT_SIGMOID_BITS)", ("gelu_shift",),
+           "gelu_shift: sigmoid rounded, not floored"),
+    Mutant("gelu_shift_e2_abs", "int_kernels_variants", "e2 = exp_shift(-np.maximum(w, 0))",
+           "e2 = exp_shift(-np.abs(w))", ("gelu_shift",), "gelu_shift: e2 = e^-|w| instead of e^-max(w, 0)"),
+    Mutant("gelu_shift_always_single", "int_kernels_variants",
+           "< 2^22\n    table = requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)",
+           "< 2^22\n    table = requantize(acc, m, s, out_dtype=np.int8, rounding=SINGLE_ROUND)", ("gelu_shift",),
+           "gelu_shift: output ignores the rounding mode"),
+    Mutant("exp_poly_z_ceil", "int_kernels_variants", "z = (-v) // EXP_POLY_LN2", "z = -(v // EXP_POLY_LN2)",
+           ("softmax_poly",), "exp_poly: z rounded up, r in [0, ln 2)"),
+    Mutant("exp_poly_qb_plus1", "int_kernels_variants", "p = r + EXP_POLY_QB", "p = r + EXP_POLY_QB + 1",
+           ("softmax_poly",), "exp_poly: q_b one too large"),
+    Mutant("exp_poly_shift_short", "int_kernels_variants", "return poly >> (z + EXP_POLY_SHIFT)",
+           "return poly >> (z + EXP_POLY_SHIFT - 1)", ("softmax_poly",), "exp_poly: one bit more (every e doubled)"),
+    Mutant("softmax_variant_always_single", "int_kernels_variants",
+           "scaled = apply_scale(np.minimum(d, d_cap), m, s, rounding)",
+           "scaled = apply_scale(np.minimum(d, d_cap), m, s, SINGLE_ROUND)", ("softmax_poly", "softmax_shift"),
+           "softmax variants: the score rescale ignores the rounding mode"),
+    Mutant("softmax_variant_recip_rounded", "int_kernels_variants", "recip = (1 << K.SOFTMAX_RECIP_BITS) // sigma",
+           "recip = ((1 << K.SOFTMAX_RECIP_BITS) + sigma // 2) // sigma", ("softmax_poly", "softmax_shift"),
+           "softmax variants: reciprocal rounded instead of floored"),
+    Mutant("softmax_variant_p_floor", "int_kernels_variants",
+           "p = rounding_shift_right(e * K.PROB_ONE * recip, K.SOFTMAX_RECIP_BITS)",
+           "p = (e * K.PROB_ONE * recip) >> K.SOFTMAX_RECIP_BITS", ("softmax_poly", "softmax_shift"),
+           "softmax variants: probabilities floored"),
+    Mutant("ln32_eps_shift_plus1", "int_kernels_variants", "k = np.maximum(k_d, k0)", "k = np.maximum(k_d, k0 + 1)",
+           ("layernorm_int32",), "layernorm_int32: pre-shift at least eps_shift + 1"),
+    Mutant("ln32_eps_shifted_by_k", "int_kernels_variants", "np.minimum(2 * (k - k0), 31)", "np.minimum(k - k0, 31)",
+           ("layernorm_int32",), "layernorm_int32: eps shifted by k - eps_shift, not twice that"),
+    Mutant("ln32_preshift_floor", "int_kernels_variants", "d_s = rounding_shift_right(d, k)           ",
+           "d_s = d >> k                               ",
+           ("layernorm_int32",), "layernorm_int32: pre-shift floors"),
+    Mutant("ln32_mc_halved", "int_kernels_variants", "m_c = math.isqrt(LN32_SUMSQ_MAX // c)",
+           "m_c = math.isqrt(LN32_SUMSQ_MAX // c) // 2", ("layernorm_int32",),
+           "layernorm_int32: pre-shift target M_C / 2 (one bit too many)"),
+    Mutant("ln32_recip_rounded", "int_kernels_variants", "inv = (1 << LN32_RECIP_BITS) // r",
+           "inv = ((1 << LN32_RECIP_BITS) + r // 2) // r", ("layernorm_int32",), "layernorm_int32: reciprocal rounded"),
+    Mutant("ln32_t_floor", "int_kernels_variants", "t = rounding_shift_right(d_s * inv, LN32_T_SHIFT)",
+           "t = (d_s * inv) >> LN32_T_SHIFT", ("layernorm_int32",), "layernorm_int32: t floored"),
+    Mutant("isqrt32_strict", "int_kernels_variants", "take = rem >= trial", "take = rem > trial", ("layernorm_int32",),
+           "isqrt32: rem > trial (wrong at perfect squares)"),
+    Mutant("isqrt32_starts_4p13", "int_kernels_variants",
+           "bit = np.int64(1) << np.int64(2 * (ISQRT32_BITS - 1))",
+           "bit = np.int64(1) << np.int64(2 * (ISQRT32_BITS - 3))", ("layernorm_int32",),
+           "isqrt32: starts at 4^13 (wrong for q >= 2^28)"),
+    Mutant("ln_wide_sumsq_int32", "int_kernels_variants", "q = (d * d).sum(axis=1, keepdims=True) + eps_int",
+           "q = (d * d).astype(np.int32).sum(axis=1, keepdims=True) + eps_int", ("layernorm_wide",),
+           "layernorm_wide: d^2 in 32 bits (wraps on int16 input)"),
+    Mutant("ln_wide_recip_off_by_one", "int_kernels_variants", "inv = (1 << K.LN_RECIP_BITS) // r",
+           "inv = ((1 << K.LN_RECIP_BITS) - 1) // r", ("layernorm_wide",), "layernorm_wide: floor((2^40 - 1) / r)"),
+    Mutant("ln_wide_t_floor", "int_kernels_variants", "t = rounding_shift_right(d * inv, K.LN_T_SHIFT)",
+           "t = (d * inv) >> K.LN_T_SHIFT", ("layernorm_wide",), "layernorm_wide: t floored"),
+    Mutant("add_wide_floor", "int_kernels_variants", "return saturate(rounding_shift_right(acc, s), out_dtype)",
+           "return saturate(acc >> s, out_dtype)", ("add_wide",), "add_wide: floors instead of rounding"),
+    Mutant("add_wide_always_int16", "int_kernels_variants", "return saturate(rounding_shift_right(acc, s), out_dtype)",
+           "return saturate(rounding_shift_right(acc, s), np.int16)", ("add_wide",),
+           "add_wide: ignores out_dtype int8"),
+    Mutant("add_wide_b_8bit", "int_kernels_variants", "acc = a.astype(np.int64) * ma + b.astype(np.int64) * mb",
+           "acc = a.astype(np.int64) * ma + b.astype(np.int8).astype(np.int64) * mb", ("add_wide",),
+           "add_wide: b read through an 8-bit port"),
+    Mutant("w4_kernel_transposed", "int_kernels_variants", ".transpose(1, 3, 5, 0, 2, 4)",
+           ".transpose(1, 5, 3, 0, 2, 4)", ("conv2d_w4",), "conv2d_w4: kernel rows and columns swapped"),
+    Mutant("w4_bias_subtracted", "int_kernels_variants", "acc += bias.astype(np.int64)[:, None]",
+           "acc -= bias.astype(np.int64)[:, None]", ("conv2d_w4",), "conv2d_w4: bias subtracted"),
+    Mutant("w4_always_single", "int_kernels_variants",
+           "return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)",
+           "return requantize(acc, m, s, out_dtype=out_dtype, rounding=SINGLE_ROUND)", ("conv2d_w4",),
+           "conv2d_w4: ignores the rounding mode"),
+    Mutant("w4_always_int8", "int_kernels_variants",
+           "return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)",
+           "return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)", ("conv2d_w4",),
+           "conv2d_w4: ignores out_dtype int16"),
+    Mutant("mixed_pot_rows_unsigned", "int_kernels_variants", "return K.conv2d(x, weight, bias, multiplier, shift,",
+           "return K.conv2d(x, np.where(pot_rows[:, None, None, None], np.abs(weight), weight), bias, multiplier, "
+           "shift,", ("conv2d_mixed_pot",),
+           "conv2d_mixed_pot: the power-of-two rows lose their sign"),
+    Mutant("mixed_pot_always_single", "int_kernels_variants",
+           "rounding=rounding, out_dtype=out_dtype, internals=internals)",
+           "rounding=SINGLE_ROUND, out_dtype=out_dtype, internals=internals)",
+           ("conv2d_mixed_pot",), "conv2d_mixed_pot: ignores the rounding mode"),
 ]
 # fmt: on
 
@@ -230,41 +358,49 @@ def _apply(source: str, mutant: Mutant) -> str:
     return source.replace(mutant.old, mutant.new)
 
 
-def _load(module: str, source: str, intmath=None) -> types.ModuleType:
-    """Execute `source` as a fresh module refvit.<module>; int_kernels imports `intmath` when given."""
+def _load(module: str, source: str, **deps) -> types.ModuleType:
+    """Execute `source` as a fresh module refvit.<module>; its imports of refvit.<name> (`from refvit.<name>
+    import f` and `from refvit import <name>`) get deps[name], a copy, in place of refvit's own."""
     mod = types.ModuleType(f"refvit.{module}")
     mod.__file__ = str(SRC / f"{module}.py")
-    saved = sys.modules.get("refvit.intmath")
-    if intmath is not None:
-        sys.modules["refvit.intmath"] = intmath
+    saved = {n: (sys.modules.get(f"refvit.{n}"), getattr(refvit, n, None)) for n in deps}
     try:
+        for n, dep in deps.items():
+            sys.modules[f"refvit.{n}"] = dep
+            setattr(refvit, n, dep)
         exec(compile(source, f"<mutated refvit/{module}.py>", "exec"), mod.__dict__)
     finally:
-        sys.modules["refvit.intmath"] = saved
+        for n, (entry, attr) in saved.items():
+            sys.modules[f"refvit.{n}"] = entry
+            setattr(refvit, n, attr)
     return mod
 
 
 def _modules(mutant: Mutant | None):
-    """(intmath, int_kernels), fresh copies with the mutant applied to one of them (int_kernels always
-    imports the copy of intmath)."""
-    src = {m: _source(m) for m in ("intmath", "int_kernels")}
+    """(intmath, int_kernels, int_kernels_prune, int_kernels_variants), fresh copies with the mutant applied to
+    one of them (the kernel modules always import the copy of intmath; the variants the copy of int_kernels)."""
+    src = {m: _source(m) for m in MODULES}
     if mutant is not None and mutant.module in src:
         src[mutant.module] = _apply(src[mutant.module], mutant)
     im = _load("intmath", src["intmath"])
     ik = _load("int_kernels", src["int_kernels"], intmath=im)
+    ikp = _load("int_kernels_prune", src["int_kernels_prune"], intmath=im)
+    ikv = _load("int_kernels_variants", src["int_kernels_variants"], intmath=im, int_kernels=ik)
     if mutant is not None and mutant.module == "spec_isqrt":
         spec = {"np": np}
         exec(compile(_apply(SPEC_ISQRT, mutant), "<mutated spec isqrt>", "exec"), spec)
-        ik.isqrt = spec["isqrt"]                       # what layernorm calls
-    return im, ik
+        ik.isqrt = ikv.isqrt = spec["isqrt"]           # what layernorm and layernorm_wide call
+    return im, ik, ikp, ikv
 
 
-def _dut(im, ik) -> DUT:
-    """A DUT whose per-op methods are the (mutated) modules' functions of the reference's names."""
+def _dut(*modules) -> DUT:
+    """A DUT whose per-op methods are the (mutated) modules' functions of the reference's names (the first
+    module that has the name: int_kernels, intmath, int_kernels_prune, int_kernels_variants)."""
     methods = {}
+    order = (modules[1], modules[0]) + modules[2:]
     for op, fn in REFERENCE_KERNELS.items():
-        impl = getattr(ik, fn.__name__, None) or getattr(im, fn.__name__, None)
-        assert impl is not None, f"{op}: no function {fn.__name__} in intmath or int_kernels"
+        impl = next((getattr(m, fn.__name__) for m in order if hasattr(m, fn.__name__)), None)
+        assert impl is not None, f"{op}: no function {fn.__name__} in {', '.join(MODULES)}"
         methods[op] = staticmethod(impl)
     return type("MutantDUT", (DUT,), methods)()
 
@@ -289,21 +425,21 @@ def _hunt(mutant: Mutant):
 
 def test_unmutated_copies_pass():
     """The harness itself: fresh copies of the unmutated modules pass every quick per-op case, and so does
-    layernorm with the spec's isqrt in place of the reference's."""
-    im, ik = _modules(None)
-    dut = _dut(im, ik)
+    layernorm (and layernorm_wide) with the spec's isqrt in place of the reference's."""
+    mods = _modules(None)
+    dut = _dut(*mods)
     bad = [r.message for r in (run_case(dut, get_case(s.name)) for s in _cases(PER_OP)) if r.status != "PASS"]
     assert bad == []
     spec = {"np": np}
     exec(SPEC_ISQRT, spec)
-    ik.isqrt = spec["isqrt"]
-    assert [r.message for r in (run_case(dut, get_case(s.name)) for s in _cases(("layernorm",)))
+    mods[1].isqrt = mods[3].isqrt = spec["isqrt"]
+    assert [r.message for r in (run_case(dut, get_case(s.name)) for s in _cases(("layernorm", "layernorm_wide")))
             if r.status != "PASS"] == []
 
 
 def test_mutant_table_is_well_formed():
     assert len(MUTANTS) >= 24 and len({m.id for m in MUTANTS}) == len(MUTANTS)
-    sources = {m: _source(m) for m in ("intmath", "int_kernels", "spec_isqrt")}
+    sources = {m: _source(m) for m in MODULES + ("spec_isqrt",)}
     stale = []
     for m in MUTANTS:
         assert m.module in sources and m.old != m.new and m.ops and set(m.ops) <= set(PER_OP), m.id
@@ -328,6 +464,9 @@ def test_every_mutant_fails_a_case():
         if not killer:
             bad.append(f"{m.id} survived ({m.what}): add a case that catches it")
     killed = sum(r.startswith("  killed") for r in rows)
+    modules = dict.fromkeys(m.module for m in MUTANTS)
+    per_module = ", ".join(f"{mod} {sum(r.startswith('  killed') for r, m in zip(rows, MUTANTS) if m.module == mod)}"
+                           f"/{sum(m.module == mod for m in MUTANTS)}" for mod in modules)
     print(f"\nmutation kill rate: {killed}/{len(MUTANTS)} = {100.0 * killed / len(MUTANTS):.1f}% "
-          f"({time.perf_counter() - t0:.1f} s)\n" + "\n".join(rows))
+          f"({time.perf_counter() - t0:.1f} s; {per_module})\n" + "\n".join(rows))
     assert bad == [], "\n".join(bad)

@@ -19,10 +19,11 @@ import numpy as np
 
 from .errors import CheckpointError
 
-# safetensors dtype -> little-endian storage dtype. BF16 is read as raw uint16 and widened by hand.
+# safetensors dtype -> little-endian storage dtype. BF16 is read as raw uint16 and widened by hand; BOOL (one
+# byte per flag, e.g. a mixed-pot conv's pot_rows) as uint8, any non-zero byte true.
 _STORAGE = {
     "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",
-    "I8": "i1", "U8": "u1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "I64": "<i8",
+    "I8": "i1", "U8": "u1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "I64": "<i8", "BOOL": "u1",
 }
 _TO_FLOAT32 = {"F32", "F16", "BF16"}  # F64 stays float64
 _LEN_BYTES = 8
@@ -124,6 +125,8 @@ def _decode(data: np.ndarray, dtype: str, shape: tuple, begin: int, end: int) ->
     raw = np.asarray(data[begin:end])
     if dtype == "BF16":  # bfloat16 is the top half of a float32: widening is exact
         out = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    elif dtype == "BOOL":
+        out = raw != 0
     else:
         stored = raw.view(_STORAGE[dtype])
         out = stored.astype(np.float32 if dtype in _TO_FLOAT32 else stored.dtype.newbyteorder("="))
@@ -175,11 +178,11 @@ def _read_header(path) -> tuple:
     return metadata, entries, data_start, data_size
 
 
-_WRITABLE = {np.dtype(t) for t in ("f8", "f4", "f2", "i1", "u1", "i2", "u2", "i4", "i8")}
+_WRITABLE = {np.dtype(t) for t in ("f8", "f4", "f2", "i1", "u1", "i2", "u2", "i4", "i8", "?")}
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write numpy arrays (float16/32/64 and the integer dtypes we read) to a .safetensors file.
+    """Write numpy arrays (float16/32/64, bool and the integer dtypes we read) to a .safetensors file.
     metadata, if given, must map strings to strings."""
     from safetensors.numpy import save_file
 

@@ -1,0 +1,391 @@
+"""export-tosa: the integer graph as TOSA (MLIR tosa dialect), checked two ways against refvit's interpreter.
+
+1. tests/tosa_reference.py, a NumPy reading of the TOSA specification's pseudocode, runs the exported op
+   list with every REQUIRE checked (RESCALE's value range, shift ranges, no int32 overflow): each emitter
+   on hand-made extreme inputs against refvit's kernel and against Python integers, and whole models.
+2. IREE (iree-base-compiler / iree-base-runtime, the `tosa` extra), an independent compiler, compiles the
+   MLIR text for the CPU and runs it: every tensor of the embedded model and of a DeiT-Tiny-sized random
+   checkpoint equals refvit's, both rounding modes, and an export with one RESCALE shift off by one is caught.
+   Skipped, saying so, when iree.compiler is not importable (CI installs it).
+"""
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+
+from refvit import graph as G
+from refvit import int_kernels as K
+from refvit import int_kernels_variants as KV
+from refvit import int_model
+from refvit import export_tosa as E
+from refvit.cli import main
+from refvit.config import DeiTConfig
+from refvit.checkpoints.convert import token_to_conv
+from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND, quantize_multiplier
+from refvit.models import load_model, random_params
+from refvit.preprocess import fmnist_transform
+from refvit.qfile import save_quantized
+from refvit.quantize import quantize
+from tosa_reference import TosaRequireError, run_program
+
+ROUNDINGS = (SINGLE_ROUND, DOUBLE_ROUND)
+BROKEN_OP = "blocks.0.attn.context"       # the op whose RESCALE shift the broken export moves by one
+IREE_FLAGS = ["--iree-llvmcpu-target-cpu=generic"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def record(op: str, variant: str, **attrs) -> G.Op:
+    return G.Op("t", op, variant, {}, {}, attrs, "int8", (), "")
+
+
+def constants(**values) -> dict:
+    """{argument: (constant name, array)} as the exporter passes them."""
+    return {k: (f"t.{k}", np.asarray(v)) for k, v in values.items()}
+
+
+def run_emitter(emit, op, inputs: dict, c: dict, ctx=None) -> np.ndarray:
+    """One emitter on hand-made input values {name: array} (internal layouts), run by the TOSA reading."""
+    em = E._Emitter()
+    values = [E.Value(n, a.shape, str(a.dtype)) for n, a in inputs.items()]
+    out, _ = emit(em, op, ctx or {}, *values, c)
+    prog = E.TosaProgram(values[0], em.ops, [("out", out)])
+    first, *rest = inputs.values()
+    return run_program(prog, first, {v.name: inputs[v.name] for v in values[1:]})["out"]
+
+
+def first_difference(results: dict, trace) -> str | None:
+    """The first tensor (in execution order) whose dtype, shape or bits differ from refvit's trace."""
+    for name, got in results.items():
+        want = trace.tensors[name]
+        if got.dtype != want.dtype or got.shape != want.shape or not np.array_equal(got, want):
+            return name
+    return None
+
+
+def traced(qm, x) -> G.Trace:
+    tr = G.Trace()
+    G.run_graph(qm.graph, qm.tensors, x, tr)
+    return tr
+
+
+def break_shift(mlir: str, op_name: str = BROKEN_OP) -> str:
+    """The MLIR with the scalar RESCALE shift constant of `op_name` raised by one."""
+    pattern = rf'(%{re.escape(op_name)}\.shift = "tosa\.const"\(\) <\{{values = dense<)(\d+)(>)'
+    out, n = re.subn(pattern, lambda m: f"{m[1]}{int(m[2]) + 1}{m[3]}", mlir)
+    assert n == 1, f"no shift constant of {op_name} in the MLIR"
+    return out
+
+
+@pytest.fixture(scope="module")
+def fmnist(shared):
+    with np.load(shared / "data" / "fmnist_test.npz") as z:
+        return z["images"][:16]
+
+
+@pytest.fixture(scope="module")
+def embedded(fmnist):
+    """The embedded Fashion-MNIST DeiT (conv form), quantized with tosa-int32 on 8 test images (returned as
+    `quantize_with(scheme, rounding)` for other schemes too); input: 3 other images, int8."""
+    m = load_model(None, form="conv")
+
+    def quantize_with(scheme, rounding=SINGLE_ROUND):
+        return quantize(m.params, m.config, [fmnist_transform(fmnist[:8])], head_mode=m.head_mode, scheme=scheme,
+                        rounding=rounding)
+    qm = quantize_with(G.SCHEMES["tosa-int32"])
+    return quantize_with, qm, int_model.quantize_input(qm, fmnist_transform(fmnist[8:11]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the emitters, one by one, on extreme inputs (TOSA reading vs refvit's kernels and Python integers)
+# ---------------------------------------------------------------------------------------------
+
+def add_reference(a, b, ma, mb, s) -> np.ndarray:
+    """Part 2 add in Python integers: saturate(floor((a*ma + b*mb + 2^(s-1)) / 2^s), int8)."""
+    out = [max(-128, min(127, (int(x) * ma + int(y) * mb + (1 << (s - 1))) >> s)) for x, y in zip(a.ravel(), b.ravel())]
+    return np.array(out, np.int8).reshape(a.shape)
+
+
+@pytest.mark.parametrize("s", [17, 18, 30, 31, 32, 33, 47, 48])
+def test_add_is_exact_in_32_bits(s):
+    rng = np.random.default_rng(s)
+    a = rng.integers(-128, 128, (2, 1, 40, 16), dtype=np.int8)
+    b = rng.integers(-128, 128, (2, 1, 40, 16), dtype=np.int8)
+    a[0, 0, 0], b[0, 0, 0] = -128, 127                                              # the extremes, every pairing
+    a[0, 0, 1], b[0, 0, 1] = 127, 127
+    a[0, 0, 2], b[0, 0, 2] = -128, -128
+    for ma, mb in [(0, 0), ((1 << 31) - 1, (1 << 31) - 1), (1 << 16, (1 << 16) - 1),
+                   *rng.integers(0, 1 << 31, (4, 2)).tolist()]:
+        c = constants(multiplier_a=np.int32(ma), multiplier_b=np.int32(mb), shift=np.int8(s))
+        got = run_emitter(E._add_int8, record("add", "int8"), {"a": a, "b": b}, c)
+        want = add_reference(a, b, ma, mb, s)
+        assert np.array_equal(got, want), (ma, mb, s)
+        assert np.array_equal(want, K.add(a, b, ma, mb, s))
+
+
+def test_add_outside_its_shift_range_is_refused():
+    a = np.zeros((1, 1, 2, 2), np.int8)
+    for s in (16, 49):
+        with pytest.raises(E.TosaExportError, match=r"outside \[17, 48\]"):
+            run_emitter(E._add_int8, record("add", "int8"), {"a": a, "b": a},
+                        constants(multiplier_a=np.int32(1), multiplier_b=np.int32(1), shift=np.int8(s)))
+
+
+def layernorm_rows(C: int, rng) -> np.ndarray:
+    """int8 (B=1, 1, rows, C): Gaussian rows, constant rows, one outlier among equals, alternating extremes."""
+    rows = [np.clip(rng.normal(0, sd, C), -128, 127) for sd in (1, 5, 40, 200)]
+    rows += [np.full(C, v) for v in (-128, 0, 127)]
+    rows += [np.r_[127, np.full(C - 1, -128)], np.r_[-128, np.full(C - 1, 3)], np.resize([-128, 127], C)]
+    rows += [np.r_[np.zeros(C - 1), 1]]
+    return np.round(np.array(rows)).astype(np.int8)[None, None]
+
+
+@pytest.mark.parametrize("C,eps", [(4, (1, 0)), (192, (2831, 0)), (768, (176947200, 4)), (768, ((1 << 29) - 1, 30))])
+def test_layernorm_int32_matches_kernel(C, eps):
+    rng = np.random.default_rng(C)
+    x = layernorm_rows(C, rng)                                                      # (1, 1, rows, C)
+    gamma = rng.integers(-127, 128, C).astype(np.int8)
+    bias = rng.integers(-(1 << 30), 1 << 30, C).astype(np.int32)
+    pairs = [quantize_multiplier(s) for s in rng.uniform(1e-8, 1e-5, C)]
+    m, sh = np.array([p[0] for p in pairs], np.int32), np.array([p[1] for p in pairs], np.int8)
+    c = constants(eps_int=np.int64(eps[0]), eps_shift=np.int64(eps[1]), gamma=gamma, bias=bias, multiplier=m, shift=sh)
+    for rounding in ROUNDINGS:
+        got = run_emitter(E._layernorm_int32, record("layernorm", "int32", rounding=rounding), {"x": x}, c)
+        want = KV.layernorm_int32(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), eps[0], eps[1], gamma, bias, m, sh,
+                                  rounding=rounding)                                # refvit layout (1, C, 1, rows)
+        assert np.array_equal(got, want.transpose(0, 2, 3, 1)), rounding
+
+
+def score_rows(D: int, N: int, rng) -> np.ndarray:
+    """int32 scores (R, N, N) inside attention_scores' range [-D*128*127, D*128*128], extremes included."""
+    lo, hi = -D * 128 * 127, D * 128 * 128
+    s = rng.integers(lo, hi + 1, (3, N, N)).astype(np.int32)
+    s[1] = rng.integers(-200, 200, (N, N))                                          # small differences
+    s[2, 0] = [hi] + [lo] * (N - 1)                                                 # the largest difference
+    s[2, 1] = 7                                                                     # a constant row
+    return s
+
+
+@pytest.mark.parametrize("variant", ["poly", "shift", "table"])
+@pytest.mark.parametrize("sigma", [1e-5, 3e-4, 0.004, 0.03, 0.5])
+def test_softmax_matches_kernel(variant, sigma):
+    D, N = 64, 37
+    scores = score_rows(D, N, np.random.default_rng(int(sigma * 1e6)))
+    emit, kernel, c = softmax_case(variant, sigma)
+    m, s = int(c["multiplier"][1]), int(c["shift"][1])
+    for rounding in ROUNDINGS:
+        got = run_emitter(emit, record("softmax", variant, rounding=rounding), {"s": scores}, c, {"head_dim": D})
+        want = kernel(scores, m, s, *([c["exp_table"][1]] if variant == "table" else []), rounding=rounding)
+        assert np.array_equal(got, want), (variant, sigma, rounding)
+
+
+def softmax_case(variant: str, sigma: float):
+    """(emitter, refvit kernel, constants) of a softmax variant for the real logit per score unit sigma."""
+    if variant == "table":
+        m, s = quantize_multiplier(16 * sigma)
+        return E._softmax_table, K.softmax, constants(multiplier=np.int32(m), shift=np.int8(s),
+                                                      exp_table=K.make_exp_table())
+    m, s = KV.softmax_exp_multiplier(sigma)
+    emit, kernel = {"poly": (E._softmax_poly, KV.softmax_poly), "shift": (E._softmax_shift, KV.softmax_shift)}[variant]
+    return emit, kernel, constants(multiplier=np.int32(m), shift=np.int8(s))
+
+
+def test_table_softmax_outside_rescale_domain_is_refused():
+    """16 sigma = 2^10 = 2^30 * 2^-20: shift 20, so score differences from 2^19 on (D = 64 allows up to
+    64 * 32640) are outside RESCALE's (and apply_scale's) domain."""
+    D, N = 64, 37
+    emit, kernel, c = softmax_case("table", 64.0)
+    assert int(c["shift"][1]) == 20
+    scores = score_rows(D, N, np.random.default_rng(1))
+    with pytest.raises(E.TosaExportError, match=r"RESCALE needs \|max - s\| < 2\^\(shift-1\)"):
+        run_emitter(emit, record("softmax", "table", rounding=SINGLE_ROUND), {"s": scores}, c, {"head_dim": D})
+    with pytest.raises(ValueError, match="shift-1"):                              # refvit refuses such rows too
+        kernel(scores, int(c["multiplier"][1]), 20, c["exp_table"][1])
+
+
+@pytest.mark.parametrize("scale_in,scale_out", [(0.005, 0.004), (0.05, 0.05), (0.3, 0.1)])
+def test_gelu_variants_match_kernels_on_every_int8(scale_in, scale_out):
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 1, 16, 16)
+    cases = [("poly", E._gelu_poly, KV.gelu_poly, KV.gelu_poly_constants(scale_in, scale_out)),
+             ("shift", E._gelu_shift, KV.gelu_shift, KV.gelu_shift_constants(scale_in, scale_out))]
+    for variant, emit, kernel, consts in cases:
+        c = constants(**{k: np.int64(v) for k, v in consts.items()})
+        for rounding in ROUNDINGS:
+            got = run_emitter(emit, record("gelu", variant, rounding=rounding), {"x": x}, c)
+            assert np.array_equal(got, kernel(x, **consts, rounding=rounding)), (variant, rounding)
+    table = K.make_gelu_table(scale_in, scale_out)
+    assert np.array_equal(run_emitter(E._gelu_table, record("gelu", "table"), {"x": x}, constants(table=table)),
+                          K.gelu(x, table))
+
+
+@pytest.mark.parametrize("hi", [198 * 32768, 1 << 30])
+def test_recip_long_division_is_floor(hi):
+    """floor(2^40 / sigma) in 32-bit steps (8-bit chunks for N = 198 keys, 1-bit chunks up to 2^30)."""
+    sigma = [22856, 22857, 32768, 65535, 1 << 20, hi - 1, hi, 3 * 7 * 11 * 13 * 17 * 19 * 23 % hi]
+    sigma = np.array([v for v in sigma if 22856 <= v <= hi], np.int32).reshape(1, -1, 1)
+    em = E._Emitter()
+    v = E.Value("sigma", sigma.shape, "int32")
+    q = E._recip_pow2(em, record("softmax", "poly"), v, 40, 22856, hi)
+    got = run_program(E.TosaProgram(v, em.ops, [("q", q)]), sigma)["q"]
+    assert got.ravel().tolist() == [(1 << 40) // int(s) for s in sigma.ravel()]
+    assert sum(op.opcode == "intdiv" for op in em.ops) == {198 * 32768: 3, 1 << 30: 11}[hi]
+
+
+def test_rescale_precondition_refused_when_unprovable():
+    op = record("conv2d", "w8")
+    E._require_rescale_domain(op, np.array([(1 << 30) - 1, 3]), np.array([31, 3]), "acc")   # holds
+    with pytest.raises(E.TosaExportError, match="can reach 1073741824 with shift 31"):
+        E._require_rescale_domain(op, np.array([1 << 30, 5]), np.array([31, 40]), "acc")
+
+
+# ---------------------------------------------------------------------------------------------
+# schemes: which export, and the refusal names the first op and why
+# ---------------------------------------------------------------------------------------------
+
+FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the reason); from the scheme table
+    "refvit-int8": ("blocks.0.norm1", "2^50"),
+    "ivit": ("blocks.0.norm1", "2^50"),
+    "w4a8": ("blocks.0.norm1", "2^50"),
+    "mixed-pot": ("blocks.0.norm1", "2^50"),
+    "int16-residual": ("embed", "2^46"),
+}
+
+
+@pytest.mark.parametrize("name", list(G.SCHEMES))
+def test_refusal_names_the_first_inexpressible_op(name):
+    cfg = DeiTConfig(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    graph = G.build_graph(cfg, SINGLE_ROUND, G.SCHEMES[name])
+    if name not in FIRST_REFUSED:
+        E.check_exportable(graph, name)                                            # tosa-int32, ibert
+        return
+    op, why = FIRST_REFUSED[name]
+    with pytest.raises(E.TosaExportError) as e:
+        E.check_exportable(graph, name)
+    assert f"scheme {name}: op '{op}'" in str(e.value) and why in str(e.value) and "--scheme tosa-int32" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models through the TOSA reading
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.shared
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_embedded_model_tosa_reading_equals_refvit(embedded, rounding):
+    _, qm, x = embedded
+    qm = qm.with_rounding(rounding)
+    tr = traced(qm, x)
+    program = E.export_tosa(qm, batch=len(x), outputs="all")
+    results = run_program(program, x)
+    assert list(results) == [op.name for op in qm.graph]                           # every tensor, in order
+    assert first_difference(results, tr) is None
+    logits_only = E.export_tosa(qm, batch=len(x))
+    assert [n for n, _ in logits_only.results] == ["head"]
+    assert np.array_equal(run_program(logits_only, x)["head"], tr.tensors["head"])
+
+
+@pytest.mark.shared
+def test_broken_export_is_caught_by_the_tosa_reading(embedded):
+    _, qm, x = embedded
+    program = E.export_tosa(qm, batch=len(x), outputs="all")
+    [i] = [i for i, op in enumerate(program.ops) if op.result.name == f"{BROKEN_OP}.shift"]
+    op = program.ops[i]
+    program.ops[i] = E.TosaOp(op.opcode, op.operands, {"values": op.attrs["values"] + 1}, op.result, op.loc)
+    assert first_difference(run_program(program, x), traced(qm, x)) == BROKEN_OP
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.shared
+def test_cli_writes_mlir(embedded, tmp_path, capsys):
+    _, qm, _ = embedded
+    save_quantized(qm, tmp_path / "q.safetensors")
+    for outputs, count in (("logits", 1), ("all", len(qm.graph))):
+        out = tmp_path / f"{outputs}.mlir"
+        assert main(["export-tosa", "--model", str(tmp_path / "q.safetensors"), "--out", str(out),
+                     "--outputs", outputs, "--batch", "2"]) == 0
+        text = out.read_text()
+        assert "func.func @main(%input: tensor<2x3x32x32xi8>)" in text
+        assert text.count("refvit.name = ") == count and '"tosa.rescale"' in text
+        assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_cli_refuses_the_default_scheme(tmp_path, capsys):
+    code = main(["export-tosa", "--out", str(tmp_path / "m.mlir")])                # the shipped refvit-int8 model
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("refvit: error: scheme refvit-int8: op "
+                                                                 "'blocks.0.norm1'"), err
+    assert not (tmp_path / "m.mlir").exists()
+    assert main(["export-tosa", "--out", str(tmp_path / "m.mlir"), "--batch", "0"]) == 2
+    assert "--batch must be at least 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# IREE: an independent compiler runs the exported MLIR
+# ---------------------------------------------------------------------------------------------
+
+def iree_run(module_text: str, calls: dict) -> tuple[dict, float]:
+    """Compile MLIR text (several functions) for llvm-cpu from TOSA, call each {function: input};
+    -> ({function: [result arrays]}, compile seconds)."""
+    ic = pytest.importorskip("iree.compiler", reason="IREE is not installed: pip install 'refvit[tosa]'")
+    ir = pytest.importorskip("iree.runtime", reason="IREE is not installed: pip install 'refvit[tosa]'")
+    t = time.perf_counter()
+    vmfb = ic.compile_str(module_text, target_backends=["llvm-cpu"], input_type="tosa", extra_args=IREE_FLAGS)
+    seconds = time.perf_counter() - t
+    module = ir.load_vm_flatbuffer(vmfb, driver="local-sync")
+    out = {}
+    for fn, x in calls.items():
+        res = getattr(module, fn)(x)
+        out[fn] = [np.asarray(r) for r in (res if isinstance(res, (list, tuple)) else [res])]
+    return out, seconds
+
+
+def named(program: E.TosaProgram, arrays: list) -> dict:
+    return {name: a for (name, _), a in zip(program.results, arrays)}
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_iree_runs_the_embedded_model_bit_exact(embedded):
+    """One module: tosa-int32 in both rounding modes with every tensor, the same with one RESCALE shift off by
+    one, and the other exportable variants (ibert's polynomial GELU; shift softmax and GELU with 4-bit weights;
+    table softmax with mixed power-of-two weights)."""
+    quantize_with, qm, x = embedded
+    models = {"single": qm, "double": qm.with_rounding(DOUBLE_ROUND),
+              "ibert": quantize_with(G.SCHEMES["ibert"], DOUBLE_ROUND),
+              "shifts": quantize_with(G.Scheme("t1", layernorm="int32", softmax="shift", gelu="shift", conv="w4")),
+              "tables": quantize_with(G.Scheme("t2", layernorm="int32", conv="mixed-pot", pot_fraction=0.5),
+                                      DOUBLE_ROUND)}
+    programs = {fn: E.export_tosa(q, batch=len(x), outputs="all") for fn, q in models.items()}
+    texts = [p.to_mlir(fn) for fn, p in programs.items()]
+    texts.append(break_shift(programs["single"].to_mlir("broken")))
+    out, seconds = iree_run("\n".join(texts), {fn: x for fn in [*programs, "broken"]})
+    print(f"\nIREE compiled {len(texts)} exports of the embedded model in {seconds:.1f} s")
+    for fn, program in programs.items():
+        assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
+    assert first_difference(named(programs["single"], out["broken"]), traced(qm, x)) == BROKEN_OP
+
+
+@pytest.mark.slow
+def test_iree_runs_deit_tiny_bit_exact():
+    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32, batch 2: every tensor in
+    both rounding modes. Prints the compile time and the MLIR size."""
+    cfg = DeiTConfig()
+    rng = np.random.default_rng(0)
+    qm = quantize(token_to_conv(random_params(cfg, "cls", 0)), cfg, [rng.standard_normal((2, 3, 224, 224))],
+                  head_mode="cls", scheme=G.SCHEMES["tosa-int32"])
+    x = int_model.quantize_input(qm, rng.standard_normal((2, 3, 224, 224)))
+    models = {"single": qm, "double": qm.with_rounding(DOUBLE_ROUND)}
+    programs = {fn: E.export_tosa(q, batch=2, outputs="all") for fn, q in models.items()}
+    texts = {fn: p.to_mlir(fn) for fn, p in programs.items()}
+    out, seconds = iree_run("\n".join(texts.values()), {fn: x for fn in programs})
+    print(f"\nDeiT-Tiny: MLIR {len(texts['single']) / 1e6:.1f} MB per export ({len(programs['single'].ops)} TOSA "
+          f"ops); IREE compiled both exports in {seconds:.1f} s")
+    for fn, program in programs.items():
+        assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
