@@ -40,8 +40,8 @@ from refvit import int_kernels as K
 from refvit import int_kernels_variants as KV
 from refvit import int_model
 from refvit.config import DeiTConfig
-from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, int_range, quantize_add_multipliers,
-                            quantize_multiplier, round_half_away_from_zero)
+from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, apply_scale, int_range,
+                            quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
 
 from refvit.checkpoints.convert import token_to_conv
 from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, build_graph, required_constants
@@ -337,6 +337,22 @@ def _softmax_shift40(name, n, mode):
                          _scalar(40, np.int8), "index = 1.5 d / 1024", _random_exp_table(_rng(name, "/table")))
 
 
+def _softmax_direct(name, n, mode):
+    """Index = 1.5 d / 2^18 (multiplier 3 * 2^29, shift 48): the clamp at 255 is reached only for d > 2^25, and
+    score spreads up to 2^27 -- beyond any lookup of d, so the index is computed directly; a random table."""
+    rng = _rng(name)
+    scores = rng.integers(-(1 << 27), 1, (1, 2, n, n)).astype(np.int64)           # (1, 2, N, N)
+    d = np.arange(1 << 20, dtype=np.int64)                                          # where the two modes differ
+    split = d[apply_scale(d, 3 << 29, 48, SINGLE_ROUND) != apply_scale(d, 3 << 29, 48, DOUBLE_ROUND)]
+    flat = scores.reshape(-1, n)
+    flat[:, 0] = 0                                                                  # the row maximum
+    rows = np.arange(len(split)) % len(flat)
+    flat[rows, 1 + np.arange(len(split)) // len(flat)] = -split                     # d = those differences
+    return _softmax_case(name, scores, mode, _scalar(3 << 29, np.int32), _scalar(48, np.int8),
+                         "index = 1.5 d / 2^18 over d < 2^27, with the d where the rounding modes differ",
+                         _random_exp_table(_rng(name, "/table")))
+
+
 def _split(rng, total: int, parts: int, cap: int) -> list:
     """total as `parts` non-negative integers <= cap (requires total <= parts * cap), randomly uneven."""
     pieces = [total // parts + (k < total % parts) for k in range(parts)]
@@ -469,6 +485,8 @@ def _attention_specs():
         yield f"softmax_n64_shift33_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift33(n, 64, m)
         yield f"softmax_n32_shift40_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift40(
             n, 32, m)
+        yield f"softmax_n32_shift48_directindex_randomtable_{mode}", "softmax", True, lambda n, m=mode: \
+            _softmax_direct(n, 32, m)
     yield "softmax_n197_randomtable_int32_single", "softmax", True, lambda n: _softmax_random_table(
         n, 197, "single", np.int32)
     yield "softmax_n16_recip_ties_designedtable_single", "softmax", True, lambda n: _softmax_recip_ties(n, 16)

@@ -64,7 +64,7 @@ class Diff:
 
 
 def _max_abs_diff(expected: np.ndarray, actual: np.ndarray, differ: np.ndarray) -> int:
-    """max |expected - actual| over the differing elements, exactly (int64 for narrow dtypes, Python ints for 64-bit)."""
+    """max |expected - actual| over the differing elements, exactly (int64 below 64 bits, else Python ints)."""
     e, a = expected[differ], actual[differ]
     if expected.dtype.itemsize < 8:
         return int(np.abs(e.astype(np.int64) - a.astype(np.int64)).max())

@@ -313,6 +313,7 @@ def run_golden(args) -> int:
     t0 = time.perf_counter()
     formats = check_formats(f for f in args.formats.split(",") if f)
     _check_golden_args(args, formats)
+    patterns = _patterns(args.ops)
     batch = 1 if args.batch is None else args.batch
     seed = 0 if args.seed is None else args.seed
     images = expand_images(args.image) if args.image else None
@@ -328,7 +329,6 @@ def run_golden(args) -> int:
     r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
         resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
     _end_progress(calib)
-    patterns = _patterns(args.ops)
     if patterns and not select_ops(r.qm.graph, patterns):
         raise UsageError(f"--ops {args.ops} matches no op of the graph (names such as {r.qm.graph[0].name}, "
                          f"blocks.0.attn.*, head)")
@@ -369,15 +369,21 @@ def _check_golden_args(args, formats) -> None:
         raise UsageError(f"--hex-width must be a power of two from 8 to 4096 bits, got {args.hex_width}")
     if (args.c_prefix or args.c_split) and "h" not in formats:
         raise UsageError(f"{'--c-prefix' if args.c_prefix else '--c-split'} is for C output: add h to --formats")
-    if args.model is not None:
-        quantizing = [o for o, on in (("--calib", args.calib is not None), ("--method", args.method != DEFAULT_METHOD),
-                                      ("--percentile", args.percentile != DEFAULT_PERCENTILE),
-                                      ("--scheme", args.scheme is not None)) if on]
-        if quantizing:
-            raise UsageError(f"{', '.join(quantizing)} {'is' if len(quantizing) == 1 else 'are'} for quantizing "
-                             f"--weights; --model {args.model} is already quantized")
+    _check_not_quantizing(args)
     if args.preprocess is not None and not (args.image or args.calib):
         raise UsageError("--preprocess applies to images: give --image (or --calib with --weights)")
+
+
+def _check_not_quantizing(args) -> None:
+    """--calib, --method, --percentile and --scheme quantize --weights: with --model they cannot apply."""
+    if args.model is None:
+        return
+    quantizing = [o for o, on in (("--calib", args.calib is not None), ("--method", args.method != DEFAULT_METHOD),
+                                  ("--percentile", args.percentile != DEFAULT_PERCENTILE),
+                                  ("--scheme", args.scheme is not None)) if on]
+    if quantizing:
+        raise UsageError(f"{', '.join(quantizing)} {'is' if len(quantizing) == 1 else 'are'} for quantizing "
+                         f"--weights; --model {args.model} is already quantized")
 
 
 def _patterns(text: str | None) -> tuple | None:
@@ -475,6 +481,7 @@ def run_report(args) -> int:
     if args.plot and not report.plot_available():
         raise UsageError(f"--plot needs matplotlib, which is not installed: {report.PLOT_EXTRA}")
     _need_float_weights(args, "report")
+    _check_not_quantizing(args)
     images = expand_images(args.images)
     if not images:
         if args.weights is not None or args.model is not None:

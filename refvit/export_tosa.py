@@ -316,7 +316,7 @@ def _isqrt32(em: _Emitter, q: Value) -> Value:
 
 def _preshift_thresholds(m_c: int) -> np.ndarray:
     """thr_j, the smallest dmax with rounding_shift_right(dmax, j) > M_C, for the j whose thr_j fits int32:
-    k_d = #{j : dmax >= thr_j} (the larger j never count, dmax < 2^31)."""
+    k_d = #{j : dmax >= thr_j} (the larger j never count: dmax < 2^28)."""
     thr = [m_c + 1] + [((m_c + 1) << j) - (1 << (j - 1)) for j in range(1, 29)]
     return np.array([t for t in thr if t <= INT32_MAX], np.int64)
 
@@ -452,12 +452,14 @@ def _softmax_shift(em, op, ctx, s, c):
 def _softmax_table(em: _Emitter, op: G.Op, ctx: dict, s: Value, c: dict):
     """Part 2 softmax: idx = min(RESCALE(max - s), 255), e = GATHER(exp_table, idx), then the output stage."""
     m, sh = int(c["multiplier"][1]), int(c["shift"][1])
+    name, table = c["exp_table"]
+    _require(op, table.shape == (K.EXP_TABLE_SIZE,) and int(table[0]) == K.EXP_ONE and 0 <= table.min()
+             and table.max() <= K.EXP_ONE, "exp_table must be 256 Q0.15 entries in [0, 2^15] with exp_table[0] = 2^15")
     _require_rescale_domain(op, _score_bound(ctx), sh, "max - s")
     mx = em.reduce("reduce_max", s, 2)                                              # (R, N, 1)
     d = em.binary("sub", mx, s)                                                     # (R, N, N) >= 0
     idx = em.rescale(d, m, sh, "int32", op.attrs["rounding"], (c["multiplier"][0], c["shift"][0]))
     idx = em.binary("minimum", idx, em.scalar(K.EXP_TABLE_SIZE - 1, 3))             # [0, 255]
-    name, table = c["exp_table"]
     values = em.const(table.astype(np.int64).reshape(1, -1, 1), "int32", name)    # (1, 256, 1)
     flat = em.reshape(idx, (1, int(np.prod(idx.shape))))                            # (1, R*N*N)
     e = em.emit("gather", (values, flat), (1, flat.shape[1], 1), "int32")          # (1, R*N*N, 1)

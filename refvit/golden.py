@@ -157,7 +157,7 @@ def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), 
         manifest["selection"] = {"ops": list(patterns), "ops_dumped": len(selected), "ops_in_graph": len(trace.ops)}
     if floats:
         manifest["float"] = {"dtype": "float32", "folder": "float", "source": float_source or {},
-                             "not_available": [n for n in names if n not in floats]}
+                             "not_available": [n for n in names if n not in floats and n not in owner]}
     arrays.describe(manifest["encoding"])
     (out / "manifest.json").write_text(manifest_json(manifest))
     return manifest

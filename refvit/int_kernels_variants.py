@@ -301,7 +301,8 @@ def _kept_diff(d: np.ndarray, internals: dict | None) -> np.ndarray:
     return d
 
 
-def softmax_poly(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
+def softmax_poly(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+                 internals: dict | None = None) -> np.ndarray:
     """Integer softmax over the last axis with I-BERT's i-exp: int32 (..., N) -> int8 in [0, 127] (scale 1/127).
 
     (multiplier, shift) = softmax_exp_multiplier(score scale): a score difference in units of 2^-14.
@@ -312,7 +313,8 @@ def softmax_poly(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND, int
     return _normalize_probabilities(exp_poly(-_kept_diff(d, internals)), internals)   # e <= 22856, sum < 2^31
 
 
-def softmax_shift(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
+def softmax_shift(scores, multiplier, shift, *, rounding: str = SINGLE_ROUND,
+                  internals: dict | None = None) -> np.ndarray:
     """Integer softmax over the last axis with I-ViT's ShiftExp (Shiftmax): int32 (..., N) -> int8 in [0, 127].
 
     internals: a dict receives `diff` (the capped differences), `exp`, `sum`, `recip`."""

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refvit import golden, report
+from refvit import dumpfmt, golden, report
 from refvit import int_model as im
 from refvit.checkpoints import write_safetensors
 from refvit.checkpoints.convert import token_to_conv
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.graph import Scheme
-from refvit.models import default_int8_path, random_params
+from refvit.models import random_params
+from refvit.preprocess import PRESETS
 from refvit.qfile import save_quantized
 from refvit.quantize import quantize
 
@@ -181,11 +182,13 @@ def test_scheme_variants_expose_internals_with_the_same_relations(small, scheme,
             assert all(r == (1 << 40) // s for r, s in zip(got["recip"].ravel().tolist(), got["sum"].ravel().tolist()))
         elif op["op"] == "layernorm":
             C = inp["x"].shape[1]
-            assert np.array_equal(got["d"], C * inp["x"].astype(np.int64) - inp["x"].astype(np.int64).sum(1, keepdims=True))
+            x64 = inp["x"].astype(np.int64)
+            assert np.array_equal(got["d"], C * x64 - x64.sum(1, keepdims=True))
             assert np.array_equal(got["acc"], got["t"] * const["gamma"].astype(np.int64).reshape(1, C, 1, 1)
                                   + const["bias"].astype(np.int64).reshape(1, C, 1, 1))
         elif op["op"] == "conv2d":
-            assert np.array_equal(got["acc"].reshape(-1), ref_conv_acc(inp["x"], const["weight"], const["bias"]).reshape(-1))
+            want = ref_conv_acc(inp["x"], const["weight"], const["bias"])
+            assert np.array_equal(got["acc"].reshape(-1), want.reshape(-1))
 
 
 # ---------------------------------------------------------------- subsets
@@ -236,7 +239,8 @@ def test_check_ops_present_and_the_summary_line(inside, tmp_path, capsys):
     code, text, _ = run(capsys, "check", out, device, "--ops", "blocks.1.*,head")
     assert code == 0
     last = text.splitlines()[-1]
-    n_sel = sum(1 + len(op.get("internals", {})) for op in m["ops"] if op["name"].startswith("blocks.1.") or op["name"] == "head")
+    n_sel = sum(1 + len(op.get("internals", {})) for op in m["ops"]
+                if op["name"].startswith("blocks.1.") or op["name"] == "head")
     assert last.startswith(f"summary: {n_sel} OK of {n_sel} tensors compared; not compared: ") and last.endswith("PASS")
     assert f"{len(m['tensors']) - 1 - n_sel} outside --ops" in last             # every tensor but the input
     for f in device.glob("blocks.1.*"):                                       # the device dumped no block 1
@@ -400,6 +404,24 @@ def test_packed_hex_lanes_and_check_reads_them(inside, small, tmp_path, capsys, 
     assert code == 1 and ("BAD SHAPE" in text or "BAD DTYPE" in text)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16", "int32", "int64"])
+def test_table_driven_text_is_python_formatting(dtype):
+    """The table-driven C and hex text, byte for byte, against Python's own formatting of every element."""
+    info = np.iinfo(dtype)
+    edges = [info.min, info.max, 0, -1, 1, 9, 10, 99999, 100000, -100000, -9999, -10000, 2147483647]
+    rng = np.random.default_rng(4)
+    a = np.concatenate([np.array([v for v in edges if info.min <= v <= info.max], dtype),
+                        rng.integers(info.min, info.max, 3000, dtype=dtype, endpoint=True)])
+    width = max(len(str(int(info.min))), len(str(int(info.max))) + 1)
+    items = [f"{int(v):>{width}}, " for v in a]
+    lines = ["    " + "".join(items[i:i + 16]) for i in range(0, len(items), 16)]
+    body = "\n".join(lines)[:-2] + "\n"                                 # no comma after the last element
+    text = dumpfmt.c_header_text(a, "t.x")
+    assert text.split("static const ")[1].split(" = {\n", 1)[1].split("};")[0] == body
+    bits = 8 * a.dtype.itemsize
+    assert dumpfmt.hex_bytes(a).decode() == "".join(f"{int(v) & ((1 << bits) - 1):0{bits // 4}x}\n" for v in a)
+
+
 def parse_c_arrays(text, static):
     pattern = (r"static const" if static else r"(?m)^const") + r" (\w+) (\w+)\[(\d+)\] = \{(.*?)\};"
     out = {}
@@ -417,7 +439,8 @@ def test_c_prefix_per_header_and_split_pair(inside, small, tmp_path):
     e = m["tensors"]["blocks.0.norm1"]
     assert e["c_symbol"] == "deit_blocks_0_norm1" and m["encoding"]["c"]["prefix"] == "deit_"
     arrays = parse_c_arrays((tmp_path / "h" / e["files"]["h"]).read_text(), static=True)
-    assert arrays == {"deit_blocks_0_norm1": ("int8_t", np.load(tmp_path / "h" / e["files"]["npy"]).reshape(-1).tolist())}
+    values = np.load(tmp_path / "h" / e["files"]["npy"]).reshape(-1).tolist()
+    assert arrays == {"deit_blocks_0_norm1": ("int8_t", values)}
     m = golden.write_golden(qm, xq, tmp_path / "s", ("npy", "h"), internals=True, c_prefix="g_", c_split=True)
     c_text, h_text = (tmp_path / "s" / "g_golden.c").read_text(), (tmp_path / "s" / "g_golden.h").read_text()
     defs = parse_c_arrays(c_text, static=False)
@@ -464,6 +487,12 @@ def ref_patch_embed(params, x):
     return y.reshape(B, w.shape[0], 1, -1)
 
 
+def imagenet_batch(folder):
+    """The folder's images through ImageNet's eval transform at 32 px (what --weights W without a config uses)."""
+    pipeline = PRESETS["imagenet"].for_model(32)
+    return np.stack([pipeline(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+
+
 def test_float_dump_under_the_same_names(files, small, tmp_path, capsys):
     qm, params, _ = small
     imgs = files / "imgs"
@@ -473,8 +502,7 @@ def test_float_dump_under_the_same_names(files, small, tmp_path, capsys):
     m = manifest_of(tmp_path / "g")
     f = np.load(tmp_path / "g" / m["tensors"]["patch_embed"]["float"])
     assert f.dtype == np.float32 and f.shape == tuple(m["tensors"]["patch_embed"]["shape"])
-    from refvit.preprocess import PRESETS
-    x = np.stack([PRESETS["imagenet"].for_model(32)(Image.open(p).convert("RGB")) for p in sorted(imgs.glob("*.png"))])
+    x = imagenet_batch(imgs)
     assert np.allclose(f, ref_patch_embed(params, x), atol=1e-4)
     assert {"tokens", "blocks.0.attn.scores", "blocks.0.attn.softmax"} <= set(m["float"]["not_available"])
     assert "float" in m["tensors"]["blocks.1.mlp.gelu"] and "float" not in m["tensors"]["tokens"]
@@ -493,8 +521,7 @@ def test_report_table_json_and_plot(files, small, tmp_path, capsys, monkeypatch)
     rep = json.loads(out)
     names = [r["name"] for r in rep["ops"]]
     assert names == [op.name for op in qm.graph if op.name in names] and "patch_embed" in names
-    from refvit.preprocess import PRESETS
-    x = np.stack([PRESETS["imagenet"].for_model(32)(Image.open(p).convert("RGB")) for p in sorted(imgs.glob("*.png"))])
+    x = imagenet_batch(imgs)
     xq = im.quantize_input(qm, x)
     trace = im.Trace()
     im.forward_int(qm, xq, trace)
