@@ -11,6 +11,7 @@ error (bad folder, bad manifest, nothing to compare).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -52,8 +53,8 @@ class Diff:
     def describe(self) -> str:
         if self.status not in (MISMATCH, WITHIN):
             return self.detail
-        return (f"{self.mismatches} of {self.total} elements differ (largest difference {self.max_abs_diff}); "
-                f"first at index {self.index}: expected {self.expected}, actual {self.actual}")
+        return (f"{self.mismatches} of {self.total} elements differ; first at index {self.index}: "
+                f"expected {self.expected}, actual {self.actual}")
 
     def to_dict(self) -> dict:
         compared = self.status in (OK, WITHIN, MISMATCH)
@@ -208,7 +209,36 @@ def load_manifest(golden_dir) -> dict:
         raise CheckUsageError(f"cannot read golden manifest {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA or not isinstance(manifest.get("ops"), list):
         raise CheckUsageError(f"{path} is not a {SCHEMA} manifest (written by `refvit golden`)")
+    verify_golden(Path(golden_dir), manifest)
     return manifest
+
+
+def verify_golden(folder: Path, manifest: dict) -> None:
+    """The golden folder agrees with its manifest: ops listed, every listed file inside the folder and
+    present, and the int8 input file's bytes hashing to the recorded sha256. A broken golden folder is a
+    usage error (exit 2): it must never be reported as a device mismatch."""
+    where = folder / "manifest.json"
+    if not manifest["ops"]:
+        raise CheckUsageError(f"{where} lists no ops")
+    root = folder.resolve()
+    try:
+        entries = list(manifest["tensors"].values()) + list(manifest.get("constants", {}).values())
+        for entry in entries:
+            for rel in entry["files"].values():
+                f = (folder / rel).resolve()
+                if Path(rel).is_absolute() or root not in f.parents:
+                    raise CheckUsageError(f"{where}: file {rel!r} of {entry['name']} points outside the golden folder")
+                if not f.is_file():
+                    raise CheckUsageError(f"golden folder {folder} is incomplete: {rel} (listed in the manifest) "
+                                          f"is missing")
+        inp = manifest["input"]
+        if inp.get("tensor") in manifest["tensors"]:
+            arr = read_array(folder / manifest["tensors"][inp["tensor"]]["files"]["npy"])
+            if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != inp["sha256_int8"]:
+                raise CheckUsageError(f"golden folder {folder}: its input tensor does not match the manifest's "
+                                      f"sha256 (files from another run?)")
+    except (KeyError, TypeError, AttributeError, DumpFormatError) as e:
+        raise CheckUsageError(f"{where}: malformed manifest or files ({e!r})") from None
 
 
 def find_dump(actual_dir: Path, name: str, formats=DUMP_FORMATS) -> Path | None:

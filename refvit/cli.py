@@ -237,6 +237,36 @@ def write_atomically(target, write) -> None:
             tmp.unlink()
 
 
+def write_folder_atomically(target, write):
+    """write(tmp_folder) beside the target, then rename it into place: a reader never sees a half-written or
+    mixed dump. The target may be absent, empty, or an earlier golden dump (replaced whole); anything else
+    is refused, so no user file is ever deleted."""
+    import shutil
+    import tempfile
+    target = Path(target)
+    if target.exists():
+        earlier = target.is_dir() and (target / "manifest.json").is_file()
+        if not target.is_dir() or (any(target.iterdir()) and not earlier):
+            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier golden dump; "
+                             f"refusing to replace it")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        result = write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "dump")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        return result
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- info
 
 def add_info_args(p: argparse.ArgumentParser) -> None:
@@ -335,10 +365,10 @@ def run_golden(args) -> int:
     xq, x, input_source = _golden_input(args, r, images, seed, batch)
     floats = report.float_tensors(r.qm, r.float_model.params, x) if args.float else None
     writing = progress_printer(f"writing {args.out}", args.quiet)
-    manifest = golden.write_golden(
-        r.qm, xq, args.out, formats, input_source, r.source, r.preprocess.to_dict() if images else None,
+    manifest = write_folder_atomically(args.out, lambda tmp: golden.write_golden(
+        r.qm, xq, tmp, formats, input_source, r.source, r.preprocess.to_dict() if images else None,
         internals=args.internals, ops=patterns, hex_width=args.hex_width, c_prefix=args.c_prefix, c_split=args.c_split,
-        float_tensors=floats, float_source=_float_source(args, images), progress=writing)
+        float_tensors=floats, float_source=_float_source(args, images), progress=writing))
     _end_progress(writing)
     inside = sum(len(op.get("internals", {})) for op in manifest["ops"])
     print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops"

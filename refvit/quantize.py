@@ -23,7 +23,7 @@ from . import int_kernels_variants as KV
 from . import model_conv
 from .config import DeiTConfig
 from .intmath import (ROUNDING_MODES, SINGLE_ROUND, int_range, quantize_add_multipliers, quantize_multiplier,
-                      round_half_away_from_zero, saturate)
+                      quantize_multipliers, round_half_away_from_zero, saturate)
 
 CALIBRATION_METHODS = ("max", "percentile")
 DEFAULT_PERCENTILE = 99.99
@@ -134,8 +134,8 @@ def _quantize_tensor(x: np.ndarray, scale, dtype) -> np.ndarray:
 
 
 def _multipliers(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [quantize_multiplier(float(s)) for s in np.atleast_1d(scales)]
-    return (np.array([m for m, _ in pairs], np.int32), np.array([s for _, s in pairs], np.int8))
+    m, s = quantize_multipliers(np.atleast_1d(scales))           # element for element quantize_multiplier
+    return m.astype(np.int32), s.astype(np.int8)
 
 
 def _per_channel_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,7 @@
 """Output paths and pipes: --out replaces only a regular file, atomically; a closed pipe ends quietly."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,3 +45,51 @@ def test_closed_pipe_ends_quietly():
     proc = subprocess.run(f"{sys.executable} -m refvit classify | head -c 10", shell=True, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout and "Error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- golden folders: atomic, verified by check
+
+def _golden(out, capsys, seed="3"):
+    code = main(["golden", "--seed", seed, "--out", str(out), "--quiet"])
+    cap = capsys.readouterr()
+    return code, cap
+
+
+def test_golden_replaces_an_earlier_dump_whole_and_refuses_other_folders(tmp_path, capsys):
+    out = tmp_path / "g"
+    assert _golden(out, capsys, "3")[0] == 0
+    (out / "tensors" / "stale_from_run_a.npy").write_bytes(b"x")
+    assert _golden(out, capsys, "4")[0] == 0
+    assert not (out / "tensors" / "stale_from_run_a.npy").exists()            # no mixing of two runs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]                # no temporary left behind
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, cap = _golden(mine, capsys)
+    assert code == 2 and "refusing to replace" in cap.err and (mine / "notes.txt").read_text() == "keep me"
+
+
+def _broken(tmp_path, capsys, damage):
+    gold = tmp_path / "gold"
+    assert _golden(gold, capsys)[0] == 0
+    damage(gold)
+    code = main(["check", str(gold), str(gold / "tensors")])
+    return code, capsys.readouterr()
+
+
+def _edit_manifest(gold, edit):
+    m = json.loads((gold / "manifest.json").read_text())
+    edit(m)
+    (gold / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda g: (g / "tensors" / "blocks.0.norm1.npy").unlink(), "is missing"),
+    (lambda g: _edit_manifest(g, lambda m: m.update(ops=[])), "lists no ops"),
+    (lambda g: _edit_manifest(g, lambda m: m["tensors"]["embed"]["files"].update(npy="../../etc/passwd")),
+     "outside the golden folder"),
+    (lambda g: _edit_manifest(g, lambda m: m["input"].update(sha256_int8="0" * 64)), "sha256"),
+])
+def test_check_refuses_a_broken_golden_folder(tmp_path, capsys, damage, message):
+    code, cap = _broken(tmp_path, capsys, damage)
+    assert code == 2 and cap.err.startswith("refvit: error: ") and message in cap.err, cap.err
