@@ -243,6 +243,20 @@ def test_rescale_precondition_refused_when_unprovable():
         E._require_rescale_domain(op, np.array([1 << 30, 5]), np.array([31, 40]), "acc")
 
 
+def test_the_tosa_reading_checks_preconditions():
+    """The reading raises where TOSA says REQUIRE (so the model-level runs above check something)."""
+    v = E.Value("v", (1, 4), "int32")
+    cases = [(lambda em: em.rescale(v, 1 << 30, 3, "int8", SINGLE_ROUND), "value outside"),    # |5| >= 2^2
+             (lambda em: em.mul(v, em.const(np.array([[1 << 30]]), "int32")), "product"),     # 5 * 2^30
+             (lambda em: em.ars(v, em.scalar(32, 2), round=False), r"shift outside \[0, 31\]"),
+             (lambda em: em.binary("add", v, em.scalar((1 << 31) - 1, 2)), "result leaves int32")]
+    for build, message in cases:
+        em = E._Emitter()
+        out = build(em)
+        with pytest.raises(TosaRequireError, match=message):
+            run_program(E.TosaProgram(v, em.ops, [("out", out)]), np.array([[5, 0, -1, 2]], np.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # schemes: which export, and the refusal names the first op and why
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +344,17 @@ def test_cli_refuses_the_default_scheme(tmp_path, capsys):
 # IREE: an independent compiler runs the exported MLIR
 # ---------------------------------------------------------------------------------------------
 
-def iree_run(module_text: str, calls: dict) -> tuple[dict, float]:
+@pytest.fixture(scope="module")
+def iree():
+    """IREE's compiler and runtime, or a skip that says how to install them."""
+    why = "IREE is not installed (pip install 'refvit[tosa]'): the cross-check by an independent compiler is skipped"
+    return pytest.importorskip("iree.compiler", reason=why), pytest.importorskip("iree.runtime", reason=why)
+
+
+def iree_run(iree, module_text: str, calls: dict) -> tuple[dict, float]:
     """Compile MLIR text (several functions) for llvm-cpu from TOSA, call each {function: input};
     -> ({function: [result arrays]}, compile seconds)."""
-    ic = pytest.importorskip("iree.compiler", reason="IREE is not installed: pip install 'refvit[tosa]'")
-    ir = pytest.importorskip("iree.runtime", reason="IREE is not installed: pip install 'refvit[tosa]'")
+    ic, ir = iree
     t = time.perf_counter()
     vmfb = ic.compile_str(module_text, target_backends=["llvm-cpu"], input_type="tosa", extra_args=IREE_FLAGS)
     seconds = time.perf_counter() - t
@@ -352,7 +372,7 @@ def named(program: E.TosaProgram, arrays: list) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_iree_runs_the_embedded_model_bit_exact(embedded):
+def test_iree_runs_the_embedded_model_bit_exact(iree, embedded):
     """One module: tosa-int32 in both rounding modes with every tensor, the same with one RESCALE shift off by
     one, and the other variants that TOSA expresses (table softmax by GATHER, shift GELU, 4-bit weights)."""
     quantize_with, qm, x = embedded
@@ -362,7 +382,7 @@ def test_iree_runs_the_embedded_model_bit_exact(embedded):
     programs = {fn: E.export_tosa(q, batch=len(x), outputs="all") for fn, q in models.items()}
     texts = [p.to_mlir(fn) for fn, p in programs.items()]
     texts.append(break_shift(programs["single"].to_mlir("broken")))
-    out, seconds = iree_run("\n".join(texts), {fn: x for fn in [*programs, "broken"]})
+    out, seconds = iree_run(iree, "\n".join(texts), {fn: x for fn in [*programs, "broken"]})
     print(f"\nIREE compiled {len(texts)} exports of the embedded model in {seconds:.1f} s")
     for fn, program in programs.items():
         assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
@@ -370,7 +390,7 @@ def test_iree_runs_the_embedded_model_bit_exact(embedded):
 
 
 @pytest.mark.slow
-def test_iree_runs_deit_tiny_bit_exact():
+def test_iree_runs_deit_tiny_bit_exact(iree):
     """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32, batch 2: every tensor in
     both rounding modes. Prints the compile time and the MLIR size."""
     cfg = DeiTConfig()
@@ -381,7 +401,7 @@ def test_iree_runs_deit_tiny_bit_exact():
     models = {"single": qm, "double": qm.with_rounding(DOUBLE_ROUND)}
     programs = {fn: E.export_tosa(q, batch=2, outputs="all") for fn, q in models.items()}
     texts = {fn: p.to_mlir(fn) for fn, p in programs.items()}
-    out, seconds = iree_run("\n".join(texts.values()), {fn: x for fn in programs})
+    out, seconds = iree_run(iree, "\n".join(texts.values()), {fn: x for fn in programs})
     print(f"\nDeiT-Tiny: MLIR {len(texts['single']) / 1e6:.1f} MB per export ({len(programs['single'].ops)} TOSA "
           f"ops); IREE compiled both exports in {seconds:.1f} s")
     for fn, program in programs.items():
