@@ -586,12 +586,12 @@ def _header(qm: QuantizedModel, batch: int, outputs: str) -> list:
             f"scheme {sc.name} (conv {sc.conv}, layernorm {sc.layernorm}, softmax {sc.softmax}, gelu {sc.gelu}, "
             f"residual {sc.residual}), rounding {qm.rounding}, head {qm.head_mode}",
             "config " + ", ".join(f"{k} {v}" for k, v in qm.config.to_dict().items()),
-            f"@main: %input int8 ({batch}, C, H, W), refvit's int8 input (quantize_input at "
-            f"input.scale {float(qm.tensors['input.scale']):.9g});",
+            f"input: int8 ({batch}, {qm.config.in_chans}, {qm.config.img_size}, {qm.config.img_size}) NCHW, refvit's "
+            f"int8 input (quantize_input at input.scale {float(qm.tensors['input.scale']):.9g})",
             ("results: every tensor of refvit's trace in execution order, in refvit's layouts (attribute "
-             "refvit.name); the last is the logits" if outputs == "all" else
-             "result: the int16 logits (B, K, 1, 1) at logits.scale "
-             f"{float(qm.tensors['logits.scale']):.9g}"),
+             "refvit.name); the last is the logits" if outputs == "all" else "result: the logits"),
+            f"logits: int16 ({batch}, {qm.config.num_classes}, 1, 1) at logits.scale "
+            f"{float(qm.tensors['logits.scale']):.9g}",
             "each op carries loc(\"<refvit op name>\"); conv weights are OHWI; docs/spec.md Part 5 gives each "
             "refvit op's TOSA sequence"]
 

@@ -55,8 +55,7 @@ def run_emitter(emit, op, inputs: dict, c: dict, ctx=None) -> np.ndarray:
     values = [E.Value(n, a.shape, str(a.dtype)) for n, a in inputs.items()]
     out, _ = emit(em, op, ctx or {}, *values, c)
     prog = E.TosaProgram(values[0], em.ops, [("out", out)])
-    first, *rest = inputs.values()
-    return run_program(prog, first, {v.name: inputs[v.name] for v in values[1:]})["out"]
+    return run_program(prog, inputs[values[0].name], {v.name: inputs[v.name] for v in values[1:]})["out"]
 
 
 def first_difference(results: dict, trace) -> str | None:
