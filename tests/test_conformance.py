@@ -381,6 +381,7 @@ def my_hex_int(path, dtype):
     return [v - (1 << bits) if np.dtype(dtype).kind == "i" and v >= 1 << (bits - 1) else v for v in vals]
 
 
+@pytest.mark.slow
 def test_write_then_read_back_reproduces_expected(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "conformance", "write", str(tmp_path / "g"), "--formats", "npy,hex"],
                           cwd=REPO, capture_output=True, text=True)
