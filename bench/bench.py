@@ -61,9 +61,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-from refvit import int_model, model_conv, model_token  # noqa: E402
+from refvit import int_model, model_conv, model_token, models  # noqa: E402
 from refvit.checkpoints.convert import token_to_conv  # noqa: E402
-from refvit.checkpoints.load import expected_shapes  # noqa: E402
 from refvit.config import preset  # noqa: E402
 from refvit.intmath import int_matmul  # noqa: E402
 from refvit.qfile import load_quantized, save_quantized  # noqa: E402
@@ -71,16 +70,9 @@ from refvit.quantize import quantize  # noqa: E402
 
 
 def random_params(cfg, seed=0):
-    """timm-named float32 parameters at trained-like scales (std 1/sqrt(fan_in), LayerNorm gains ~1)."""
-    rng = np.random.default_rng(seed)
+    """timm-named float32 parameters at trained-like scales (refvit.models.random_params) and the head mode."""
     head_mode = "mean" if cfg.distilled else "cls"
-    p = {}
-    for k, shape in expected_shapes(cfg, head_mode).items():
-        std = np.prod(shape[1:]) ** -0.5 if k.endswith("weight") and len(shape) >= 2 else 0.1
-        p[k] = (rng.standard_normal(shape) * std).astype(np.float32)
-        if k.endswith("norm1.weight") or k.endswith("norm2.weight") or k == "norm.weight":
-            p[k] += 1
-    return p, head_mode
+    return models.random_params(cfg, head_mode, seed), head_mode
 
 
 def interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:

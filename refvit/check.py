@@ -220,6 +220,12 @@ def verify_golden(folder: Path, manifest: dict) -> None:
     where = folder / "manifest.json"
     if not manifest["ops"]:
         raise CheckUsageError(f"{where} lists no ops")
+    tensors = manifest.get("tensors")
+    for i, op in enumerate(manifest["ops"]):
+        if not (isinstance(op, dict) and isinstance(op.get("name"), str) and isinstance(op.get("op"), str)
+                and isinstance(op.get("index"), int) and isinstance(tensors, dict) and op["name"] in tensors
+                and isinstance(op.get("internals", {}), dict)):
+            raise CheckUsageError(f"{where}: op entry {i} is malformed (needs index, name, op, and its tensor)")
     root = folder.resolve()
     try:
         entries = list(manifest["tensors"].values()) + list(manifest.get("constants", {}).values())
@@ -237,8 +243,8 @@ def verify_golden(folder: Path, manifest: dict) -> None:
             if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != inp["sha256_int8"]:
                 raise CheckUsageError(f"golden folder {folder}: its input tensor does not match the manifest's "
                                       f"sha256 (files from another run?)")
-    except (KeyError, TypeError, AttributeError, DumpFormatError) as e:
-        raise CheckUsageError(f"{where}: malformed manifest or files ({e!r})") from None
+    except (KeyError, TypeError, AttributeError, ValueError, OSError) as e:    # DumpFormatError is a ValueError
+        raise CheckUsageError(f"{where}: malformed manifest or files ({e!r})"[:400]) from None
 
 
 def find_dump(actual_dir: Path, name: str, formats=DUMP_FORMATS) -> Path | None:

@@ -80,11 +80,38 @@ class Op:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Op":
+        """A record as stored in a file: every field's type checked (a file is untrusted input)."""
+        if not isinstance(d, dict) or set(d) - set(cls.__dataclass_fields__) or not {
+                "name", "op", "variant", "inputs", "constants", "attrs", "dtype", "shape", "layout"} <= set(d):
+            raise GraphError(f"bad op record {str(d)[:120]}: fields must be {sorted(cls.__dataclass_fields__)}")
+        name = d["name"]
+
+        def bad(why):
+            raise GraphError(f"bad op record {str(name)[:60]!r}: {why}")
+        for key in ("name", "op", "variant", "dtype", "layout"):
+            if not isinstance(d[key], str):
+                bad(f"{key} must be a string, got {d[key]!r}"[:160])
+        for key in ("inputs", "constants"):
+            if not (isinstance(d[key], dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in d[key].items())):
+                bad(f"{key} must map argument names to names")
+        if not isinstance(d["attrs"], dict) or not all(isinstance(k, str) for k in d["attrs"]):
+            bad("attrs must be an object")
+        shape = d["shape"]
+        if not (isinstance(shape, list) and shape and all(
+                (isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**31) or v == BATCH for v in shape)):
+            bad(f"shape must be a list of positive integers and {BATCH!r}, got {shape!r}"[:160])
+        for key in ("scale", "weight_scale"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                bad(f"{key} must be a constant name or null")
+        if not isinstance(d.get("calibrate", False), bool):
+            bad("calibrate must be true or false")
         try:
-            return cls(**{**d, "shape": tuple(d["shape"]), "inputs": dict(d["inputs"]),
-                          "constants": dict(d["constants"]), "attrs": dict(d["attrs"])})
-        except (TypeError, KeyError, ValueError) as e:
-            raise GraphError(f"bad op record {str(d)[:120]}: {e}") from None
+            np.dtype(d["dtype"])
+        except TypeError:
+            bad(f"dtype {d['dtype']!r} is not a numpy dtype")
+        return cls(**{**d, "shape": tuple(shape), "inputs": dict(d["inputs"]), "constants": dict(d["constants"]),
+                      "attrs": dict(d["attrs"])})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refvit import models
 from refvit.checkpoints import expected_shapes, write_safetensors
 from refvit.config import DeiTConfig
 
@@ -29,10 +30,9 @@ def tiny(**changes) -> DeiTConfig:
 
 
 def random_params(config: DeiTConfig, seed: int = 0, scale: float = 0.5) -> dict:
+    """refvit.models.random_params (the one random-weights builder), weights scaled by scale / 0.5."""
     head_mode = "mean" if config.distilled and config.num_classes else "cls"
-    rng = np.random.default_rng(seed)
-    return {n: (scale * rng.standard_normal(s)).astype(np.float32)
-            for n, s in expected_shapes(config, head_mode).items()}
+    return models.random_params(config, head_mode, seed, weight_gain=scale / 0.5)
 
 
 def timm_config_json(config: DeiTConfig, architecture: str = "deit_tiny_patch16_224", *, heads: bool = True,

@@ -14,6 +14,7 @@ from refvit.checkpoints import (
     CheckpointError, expected_shapes, hf_to_timm, load_checkpoint, read_safetensors, to_hf_names,
     write_safetensors,
 )
+from refvit.models import random_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 needs_shared = pytest.mark.skipif(not (SHARED / "peer").is_dir(),
@@ -42,8 +43,7 @@ SMALL = DeiTConfig(img_size=8, patch_size=4, embed_dim=8, depth=2, num_heads=2, 
 
 
 def small_params(config=SMALL, head_mode="mean", seed=0):
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(s).astype(np.float32) for n, s in expected_shapes(config, head_mode).items()}
+    return random_params(config, head_mode, seed)
 
 
 def hf_config_json(config):

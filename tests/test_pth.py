@@ -403,3 +403,15 @@ def test_memo_bomb_under_a_memory_limit(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
                          env=os.environ | {"OPENBLAS_NUM_THREADS": "1"})
     assert out.returncode == 0 and "clean:" in out.stdout and "memo index" in out.stdout, out.stderr
+
+
+@pytest.mark.shared
+def test_zip_of_a_newer_zip_version_is_a_clean_error(tmp_path):
+    """Found by fuzzing: zipfile raises NotImplementedError for a 'version needed to extract' it does not know."""
+    data = bytearray(TIMM_TINY_PTH.read_bytes())
+    at = data.index(b"PK\x01\x02")                        # first central directory entry
+    data[at + 6:at + 8] = (123).to_bytes(2, "little")      # version needed to extract: 12.3
+    bad = tmp_path / "newer.pth"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="bad zip archive"):
+        read_torch(bad)

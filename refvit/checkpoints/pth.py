@@ -271,7 +271,7 @@ def _unpickle(path, data: bytes, *, legacy: bool = False, storages: dict | None 
 def _read_zip(path: Path, size: int) -> tuple:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:  # e.g. zip version
         raise CheckpointError(f"{path}: not a valid PyTorch file: bad zip archive ({e})") from None
     with zf:
         infos = {i.filename: i for i in zf.infolist()}
