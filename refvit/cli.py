@@ -46,15 +46,24 @@ def default_model_note() -> str:
             f"{card['trained_on']}, test top-1 {100 * card['test_accuracy_float_timm']:.1f}%")
 
 
+def progress_bar(n: int, total: int | None, width: int = 24) -> str:
+    """'[#########...............] ' for n of total steps ('' when the total is unknown)."""
+    if not total:
+        return ""
+    done = min(width, width * n // total)
+    return "[" + "#" * done + "." * (width - done) + "] "
+
+
 def progress_printer(what: str, quiet: bool = False):
-    """A progress callback for long work: one overwritten line on a terminal, a line per step in a log."""
+    """A progress callback for long work: a bar redrawn in place on a terminal, a plain line per step in a log."""
     if quiet:
         return None
     tty = sys.stderr.isatty()
 
     def show(n, total=None, unit="batch"):
         of = f"/{total}" if total else ""
-        print(f"{chr(13) if tty else ''}{what}: {unit} {n}{of}", end="" if tty else "\n", file=sys.stderr, flush=True)
+        line = f"\r{what}: {progress_bar(n, total)}{unit} {n}{of}" if tty else f"{what}: {unit} {n}{of}\n"
+        print(line, end="", file=sys.stderr, flush=True)
     return show
 
 

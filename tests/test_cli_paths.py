@@ -93,3 +93,13 @@ def _edit_manifest(gold, edit):
 def test_check_refuses_a_broken_golden_folder(tmp_path, capsys, damage, message):
     code, cap = _broken(tmp_path, capsys, damage)
     assert code == 2 and cap.err.startswith("refvit: error: ") and message in cap.err, cap.err
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log(capsys):
+    from refvit.cli import progress_bar, progress_printer
+    assert progress_bar(3, 12, 8) == "[##......] " and progress_bar(12, 12, 4) == "[####] " and progress_bar(5, None) == ""
+    show = progress_printer("calibrating")
+    show(1, 4)
+    show(4, 4)
+    assert capsys.readouterr().err == "calibrating: batch 1/4\ncalibrating: batch 4/4\n"   # stderr is no terminal here
+    assert progress_printer("x", quiet=True) is None
