@@ -10,7 +10,9 @@ it to hand each case to an external program (an RTL simulator wrapper, a C model
 """
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -24,6 +26,8 @@ from refvit import int_kernels_variants as KV
 from refvit import intmath
 from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
+
+from .casefiles import read_output, write_case
 
 
 class DUTError(RuntimeError):
@@ -199,8 +203,6 @@ class ExternalCommandDUT(DUT):
     def _run(self, argv: list) -> tuple:
         """(returncode, stdout, stderr). The command runs in a session (process group) of its own; on timeout
         the whole group is killed (a simulator wrapper's children too), then DUTError."""
-        import os
-        import signal
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, errors="replace", start_new_session=True)
@@ -226,7 +228,6 @@ class ExternalCommandDUT(DUT):
         return proc.returncode, out, err
 
     def run_case(self, case):
-        from .casefiles import read_output, write_case
         if self.workdir:
             self.workdir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{case.name}_", dir=self.workdir))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from . import check, golden, int_model, report
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .dumpfmt import FORMATS, DumpFormatError, check_formats
+from .evaluate import evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
 from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme, select_ops
@@ -24,9 +27,9 @@ from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
 from .models import load_model
 from .preprocess import PRESETS, ImageError, PreprocessError
-from .qfile import save_quantized
+from .qfile import is_quantized_file, save_quantized
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
-from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, resolve_model
+from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, file_source, resolve_model
 
 EXAMPLES = DATA / "examples"
 BATCH = 16  # images per forward pass: bounds memory for long image lists
@@ -250,8 +253,6 @@ def write_folder_atomically(target, write):
     """write(tmp_folder) beside the target, then rename it into place: a reader never sees a half-written or
     mixed dump. The target may be absent, empty, or an earlier golden dump (replaced whole); anything else
     is refused, so no user file is ever deleted."""
-    import shutil
-    import tempfile
     target = Path(target)
     if target.exists():
         earlier = target.is_dir() and (target / "manifest.json").is_file()
@@ -288,7 +289,6 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
 
 def run_info(args) -> int:
     """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count"""
-    from .qfile import is_quantized_file
     quantized = args.checkpoint is not None and is_quantized_file(args.checkpoint)
     args.weights, args.model = (None, args.checkpoint) if quantized else (args.checkpoint, None)
     r = resolve_from_args(args, int8=False, form="token")
@@ -468,7 +468,6 @@ def _end_progress(show) -> None:
 
 
 def golden_file(path) -> dict:
-    from .resolve import file_source
     src = file_source("image", path)
     return {"path": src["path"], "sha256": src["sha256"]}
 
@@ -588,7 +587,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args) -> int:
     """evaluate a data set: float and integer top-1 and their agreement, streamed, on local or Dask workers"""
-    from .evaluate import evaluate, open_dataset
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.workers < 1:

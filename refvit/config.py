@@ -3,9 +3,11 @@ names), and inference from tensor shapes."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -254,8 +256,6 @@ def named_or_json(spec, presets: dict, what: str, error=ConfigError):
     """A preset by name, or the JSON object of a .json file -> (preset or None, the file's dict or None, its stem).
 
     Shared by every "NAME | FILE.json" option (--preprocess, --scheme); errors are `error` naming `what`."""
-    import json
-    from pathlib import Path
     if spec in presets:
         return presets[spec], None, spec
     path = Path(str(spec))

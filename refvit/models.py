@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import model_conv, model_token
-from .checkpoints import load_checkpoint
+from .checkpoints import expected_shapes, load_checkpoint
 from .checkpoints.convert import token_to_conv
 from .config import ConfigError, DeiTConfig
 from .labels import DATA, class_names, default_model_info
@@ -89,7 +89,6 @@ def random_params(cfg: DeiTConfig, head_mode: str = "cls", rng=0, weight_gain: f
     (a seed or a numpy Generator): LayerNorm gains 1 + 0.1 N(0,1), weights N(0,1) * gain / sqrt(fan_in),
     biases 0.1 N(0,1), tokens and position embedding 0.5 N(0,1), drawn in `expected_shapes` order.
     The one random-weights builder of the tests, the conformance suite and the benchmarks."""
-    from .checkpoints.load import expected_shapes
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     params = {}
     for name, shape in expected_shapes(cfg, head_mode).items():

@@ -10,6 +10,8 @@ ToTensor (/255, float32); normalize with the ImageNet mean/std in float32.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,7 +46,6 @@ MAX_IMAGE_PIXELS_ENV = "REFVIT_MAX_IMAGE_PIXELS"
 
 
 def _pixel_limit(max_pixels) -> int:
-    import os
     if max_pixels is None:
         text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
         if not text:
@@ -62,7 +63,6 @@ def open_image(path, *, resize_short: int | None = None, max_pixels: int | None 
     resized to `resize_short` pixels and its long side in proportion (timm's eval resize; a 100000x2 image
     resized to 248 would be 248 x 12400000). The size comes from the file's header: the check is made before
     anything is decoded, and replaces Pillow's own decompression-bomb limit."""
-    import warnings
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
