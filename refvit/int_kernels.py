@@ -184,12 +184,14 @@ def dequantize(q, scale) -> np.ndarray:
 # convolution (every Linear as a 1x1 conv, and the patch embedding)
 # ---------------------------------------------------------------------------------------------
 
-def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
+def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, fn: str = "conv2d", weight_max: int = 127,
+               max_terms: int = MAX_CONV_TERMS):
     """Checks of conv2d_accumulate, then sum_{c,u,v} x*w as an exact GEMM result (Cout, B*Ho*Wo) without bias.
 
-    Returns (g, (B, Cout, Ho, Wo)); g is float32 or float64 holding the exact integers (|g| <= terms*16256 < 2^30).
+    Weights in [-weight_max, weight_max] (127 for int8 codes; conv2d_w4 passes 7), Cin*k*k <= max_terms with
+    max_terms * 128 * weight_max < 2^30. Returns (g, (B, Cout, Ho, Wo)); g is float32 or float64 holding the
+    exact integers (|g| <= terms * 128 * weight_max < 2^30).
     """
-    fn = "conv2d"
     _require_array(x, fn, "x", np.int8, 4, "(B, Cin, H, W)")
     _require_array(weight, fn, "weight", np.int8, 4, "(Cout, Cin, k, k)")
     _require_array(bias, fn, "bias", np.int32, 1, "(Cout,)")
@@ -203,11 +205,12 @@ def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray):
         raise ValueError(f"{fn}: x spatial size {h}x{w} is not a multiple of the kernel/stride {k}")
     if bias.shape != (cout,):
         raise ValueError(f"{fn}: bias must have shape ({cout},), got {bias.shape}")
-    _require_range(weight, -127, 127, fn, "weight (symmetric int8)")
+    codes = "symmetric int8" if weight_max == 127 else f"{weight_max.bit_length() + 1}-bit codes"
+    _require_range(weight, -weight_max, weight_max, fn, f"weight ({codes})")
     terms = cin * k * k
-    if terms > MAX_CONV_TERMS:
-        raise ValueError(f"{fn}: Cin*k*k = {terms} exceeds {MAX_CONV_TERMS} (accumulator bound)")
-    _require_bias_headroom(bias, terms * SYM_PRODUCT_MAX, fn)
+    if terms > max_terms:
+        raise ValueError(f"{fn}: Cin*k*k = {terms} exceeds {max_terms} (accumulator bound)")
+    _require_bias_headroom(bias, terms * 128 * weight_max, fn)
     ho, wo = h // k, w // k
     # One GEMM over all images and positions (batched small GEMMs are ~5x slower in numpy).
     cols = (x.reshape(b, cin, ho, k, wo, k)
@@ -245,9 +248,16 @@ def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, 
     term depends on the sign of acc*m.
     internals: a dict receives `acc` (int32 (B, Cout, H/k, W/k)); the plain form then runs (same output).
     """
-    g, shape = _conv_gemm(x, weight, bias)
+    return conv_requantize(*_conv_gemm(x, weight, bias), bias, multiplier, shift, rounding=rounding,
+                           out_dtype=out_dtype, internals=internals)
+
+
+def conv_requantize(g, shape, bias, multiplier, shift, *, rounding: str, out_dtype, internals=None,
+                    fn: str = "conv2d") -> np.ndarray:
+    """The requantization of a conv's GEMM sum g (Cout, B*Ho*Wo) plus bias, per output channel (conv2d's
+    second half, shared with the weight variants) -> out_dtype (B, Cout, Ho, Wo)."""
     cout = shape[1]
-    m, s = _per_channel(multiplier, "conv2d", "multiplier", cout), _per_channel(shift, "conv2d", "shift", cout)
+    m, s = _per_channel(multiplier, fn, "multiplier", cout), _per_channel(shift, fn, "shift", cout)
     m, s = m.reshape(cout, 1), s.reshape(cout, 1)
     acc_shape = (cout, 1)                                         # value domain: acc is int32 (headroom check)
     _check_scale_args(np.zeros(acc_shape, np.int32), m, s, rounding, "apply_scale")
@@ -509,19 +519,24 @@ def gelu(x, table) -> np.ndarray:
 # layer norm over channels
 # ---------------------------------------------------------------------------------------------
 
+def eps_image(eps: float, channels: int, scale_x: float, max_channels: int, fn: str) -> float:
+    """Offline: eps * C^3 / scale_x^2 in float64 (eps in units of sum_c d^2), its arguments checked."""
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps!r}")
+    if not (math.isfinite(scale_x) and scale_x > 0):
+        raise ValueError(f"{fn}: scale_x must be finite and > 0, got {scale_x!r}")
+    if not (isinstance(channels, (int, np.integer)) and 1 <= channels <= max_channels):
+        raise ValueError(f"{fn}: channels must be an integer in [1, {max_channels}], got {channels!r}")
+    return eps * float(channels) ** 3 / (float(scale_x) * float(scale_x))
+
+
 def layernorm_eps_int(eps: float, channels: int, scale_x: float) -> int:
     """Offline: the integer image of eps in units of sum_c d^2, max(1, round_half_away(eps * C^3 / scale_x^2)).
 
     var + eps = scale_x^2 / C^3 * (sum_c d^2 + eps * C^3 / scale_x^2), with d = C*x - sum_c x.
     """
     fn = "layernorm_eps_int"
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps!r}")
-    if not (math.isfinite(scale_x) and scale_x > 0):
-        raise ValueError(f"{fn}: scale_x must be finite and > 0, got {scale_x!r}")
-    if not (isinstance(channels, (int, np.integer)) and 1 <= channels <= MAX_LN_CHANNELS):
-        raise ValueError(f"{fn}: channels must be an integer in [1, {MAX_LN_CHANNELS}], got {channels!r}")
-    image = eps * float(channels) ** 3 / (float(scale_x) * float(scale_x))
+    image = eps_image(eps, channels, scale_x, MAX_LN_CHANNELS, fn)
     if not image <= MAX_LN_EPS_INT:
         raise ValueError(f"{fn}: eps * C^3 / scale_x^2 = {image!r} exceeds {MAX_LN_EPS_INT}")
     return max(1, int(round_half_away_from_zero(np.float64(image))))

@@ -433,13 +433,7 @@ def layernorm_int32_eps(eps: float, channels: int, scale_x: float) -> tuple[int,
     round_half_away(image / 4^k) <= 2^29 - 1; eps_int = max(1, round_half_away(image / 4^eps_shift)).
     """
     fn = "layernorm_int32_eps"
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{fn}: eps must be finite and >= 0, got {eps!r}")
-    if not (math.isfinite(scale_x) and scale_x > 0):
-        raise ValueError(f"{fn}: scale_x must be finite and > 0, got {scale_x!r}")
-    if not (isinstance(channels, (int, np.integer)) and 1 <= channels <= LN32_MAX_CHANNELS):
-        raise ValueError(f"{fn}: channels must be an integer in [1, {LN32_MAX_CHANNELS}], got {channels!r}")
-    image = eps * float(channels) ** 3 / (float(scale_x) * float(scale_x))
+    image = K.eps_image(eps, channels, scale_x, LN32_MAX_CHANNELS, fn)
     for k in range(LN32_MAX_EPS_SHIFT + 1):
         scaled = image / 4.0 ** k                                  # exact: division by a power of two
         if scaled < 2.0 ** 30 and (v := int(round_half_away_from_zero(np.float64(scaled)))) <= LN32_EPS_MAX:
@@ -512,35 +506,9 @@ def conv2d_w4(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUN
     acc = bias + sum x * w (int32, exact, any order); out = requantize(acc, multiplier[o], shift[o]) per channel.
     Cin*k*k <= 2^20; |bias| <= 2^31 - 1 - terms * 896.
     """
-    fn = "conv2d_w4"
-    _require_array(x, fn, "x", np.int8, 4, "(B, Cin, H, W)")
-    _require_array(weight, fn, "weight", np.int8, 4, "(Cout, Cin, k, k)")
-    _require_array(bias, fn, "bias", np.int32, 1, "(Cout,)")
-    b, cin, h, w = x.shape
-    cout, wcin, k, k2 = weight.shape
-    if k != k2 or k == 0:
-        raise ValueError(f"{fn}: weight must be square (Cout, Cin, k, k) with k >= 1, got {weight.shape}")
-    if wcin != cin:
-        raise ValueError(f"{fn}: weight has Cin = {wcin} but x has {cin} channels")
-    if h % k or w % k:
-        raise ValueError(f"{fn}: x spatial size {h}x{w} is not a multiple of the kernel/stride {k}")
-    if bias.shape != (cout,):
-        raise ValueError(f"{fn}: bias must have shape ({cout},), got {bias.shape}")
-    _require_range(weight, -W4_MAX, W4_MAX, fn, "weight (4-bit codes)")
-    terms = cin * k * k
-    if terms > MAX_W4_TERMS:
-        raise ValueError(f"{fn}: Cin*k*k = {terms} exceeds {MAX_W4_TERMS} (accumulator bound)")
-    _require_bias_headroom(bias, terms * W4_PRODUCT_MAX, fn)
-    m, s = _per_channel(multiplier, fn, "multiplier", cout), _per_channel(shift, fn, "shift", cout)
-    ho, wo = h // k, w // k
-    cols = (x.reshape(b, cin, ho, k, wo, k).transpose(1, 3, 5, 0, 2, 4)
-             .reshape(terms, b * ho * wo))                         # (Cin*k*k, B*Ho*Wo), (c, u, v) order
-    acc = int_matmul(weight.reshape(cout, terms), cols)            # (Cout, B*Ho*Wo), |.| <= terms * 896
-    acc += bias.astype(np.int64)[:, None]                          # fits int32 by the headroom check
-    acc = acc.reshape(cout, b, ho, wo).transpose(1, 0, 2, 3)       # (B, Cout, Ho, Wo)
-    if internals is not None:
-        internals["acc"] = np.ascontiguousarray(acc, np.int32)     # fits int32 by the headroom check
-    return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)
+    g, shape = K._conv_gemm(x, weight, bias, "conv2d_w4", W4_MAX, MAX_W4_TERMS)    # (Cout, B*Ho*Wo), exact
+    return K.conv_requantize(g, shape, bias, multiplier, shift, rounding=rounding, out_dtype=out_dtype,
+                             internals=internals, fn="conv2d_w4")
 
 
 def _is_pot_code(w: np.ndarray) -> np.ndarray:
