@@ -229,7 +229,7 @@ def run_quantize(args) -> int:
     cal = r.qm.calibration
     print(f"wrote {args.out}: {sum(np.asarray(v).size for v in r.qm.tensors.values()):,} constants in "
           f"{len(r.qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
-          f"rounding {r.qm.rounding}; preprocessing {r.preprocess.name}")
+          f"scheme {r.qm.scheme.name}; rounding {r.qm.rounding}; preprocessing {r.preprocess.name}")
     return 0
 
 
@@ -307,7 +307,7 @@ def run_info(args) -> int:
     print(f"head mode:   {r.head_mode} "
           f"({'mean of head(cls) and head_dist(dist)' if r.head_mode == 'mean' else 'head(cls)'})")
     pp = r.preprocess
-    print(f"preprocess:  {pp.name}: " + ", ".join(f"{k} {v}" for k, v in pp.to_dict().items() if k != "name"))
+    print(f"preprocess:  {pp.name}: " + ", ".join(f"{k} {v}" for k, v in pp.relevant().items()))
     print("config:")
     for name, value in c.to_dict().items():
         print(f"  {name:12} {value}")

@@ -250,6 +250,11 @@ class Preprocess:
         """Image files -> float32 (B, 3, size, size)."""
         return np.stack([self(self.open(p)) for p in paths])
 
+    def relevant(self) -> dict:
+        """The fields this kind of pipeline uses (for display)."""
+        unused = ("source_size", "pad") if self.kind == "resize-crop" else ("interpolation", "crop_pct", "crop_mode")
+        return {k: v for k, v in self.to_dict().items() if k not in unused + ("name",)}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
