@@ -403,7 +403,7 @@ def graph_from_dicts(records) -> tuple:
     """Op records as stored in a quantized file or a golden manifest -> a graph (each record checked)."""
     if not isinstance(records, list) or not records:
         raise GraphError("a graph is a non-empty list of op records")
-    ops = tuple(Op.from_dict(r) if isinstance(r, dict) else _bad(r) for r in records)
+    ops = tuple(Op.from_dict(r) for r in records)
     seen = {"input"}
     for op in ops:
         kernel_name(op.op, op.variant)
@@ -415,9 +415,6 @@ def graph_from_dicts(records) -> tuple:
         seen.add(op.name)
     return ops
 
-
-def _bad(r):
-    raise GraphError(f"an op record must be a JSON object, got {type(r).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
