@@ -454,17 +454,22 @@ def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND,
 # elementwise
 # ---------------------------------------------------------------------------------------------
 
-def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.ndarray:
-    """saturate(rounding_shift_right(a*multiplier_a + b*multiplier_b, shift)); b broadcasts to a's shape."""
-    fn = "add"
-    _require_array(a, fn, "a", np.int8)
-    _require_array(b, fn, "b", np.int8)
+def require_broadcast(a: np.ndarray, b: np.ndarray, fn: str) -> None:
+    """b must broadcast to exactly a's shape (the second operand of an add)."""
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
         shape = None
     if shape != a.shape:
         raise ValueError(f"{fn}: b {b.shape} must broadcast to the shape of a {a.shape}")
+
+
+def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.ndarray:
+    """saturate(rounding_shift_right(a*multiplier_a + b*multiplier_b, shift)); b broadcasts to a's shape."""
+    fn = "add"
+    _require_array(a, fn, "a", np.int8)
+    _require_array(b, fn, "b", np.int8)
+    require_broadcast(a, b, fn)
     ma, mb = _scalar_int(multiplier_a, fn, "multiplier_a"), _scalar_int(multiplier_b, fn, "multiplier_b")
     shift = _scalar_int(shift, fn, "shift")
     for name, m in (("multiplier_a", ma), ("multiplier_b", mb)):

@@ -457,12 +457,7 @@ def add_wide(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int16) -> 
             raise ValueError(f"{fn}: {name} must be an int8 or int16 numpy array, got {got}")
     if np.dtype(out_dtype) not in (np.dtype(np.int8), np.dtype(np.int16)):
         raise ValueError(f"{fn}: out_dtype must be int8 or int16, got {np.dtype(out_dtype)}")
-    try:
-        shape = np.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
-        shape = None
-    if shape != a.shape:
-        raise ValueError(f"{fn}: b {b.shape} must broadcast to the shape of a {a.shape}")
+    K.require_broadcast(a, b, fn)
     ma = _int_const(multiplier_a, fn, "multiplier_a", 0, INT32_MAX)
     mb = _int_const(multiplier_b, fn, "multiplier_b", 0, INT32_MAX)
     s = _int_const(shift, fn, "shift", 0, 62)
