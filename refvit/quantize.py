@@ -1,6 +1,8 @@
 """Offline post-training quantization of the conv-form DeiT: the only place floats meet the integer model.
 
-Scheme (docs/spec.md, "Quantization scheme"):
+One walk over the integer graph (refvit.graph): the float conv form is observed under the graph's op names,
+every tensor gets its real scale, and each op record gets its constants for its variant (docs/spec.md,
+Part 3 "Quantization scheme" for the default scheme, Part 4 for the others). The default scheme:
 - weights: symmetric per output channel, int8 in [-127, 127], s_w[c] = max|W[c]| / 127;
 - biases: int32 at scale s_in * s_w[c];
 - activations: symmetric per tensor, int8, s = amax / 127 with amax calibrated on real inputs by
@@ -17,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import int_kernels as K
 from . import graph as G
+from . import int_kernels as K
 from . import int_kernels_variants as KV
 from . import model_conv
 from .config import DeiTConfig
