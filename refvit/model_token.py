@@ -14,8 +14,10 @@ from .functional import gelu, layer_norm, softmax
 from .prune import prune_plan, select_float
 
 
-def linear(x, w, b):  # x (..., in), w (out, in), b (out,)
-    return x @ w.T + b
+def linear(x, w, b):  # x (..., in), w (out, in), b (out,) -> (..., out)
+    y = x.reshape(-1, x.shape[-1]) @ w.T                                           # one GEMM: (rows, out)
+    y += b                                                                         # numpy would loop over B
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def patch_embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, Np, C)
@@ -39,7 +41,9 @@ def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> ((B, N, C), probabi
     Hh, D = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias", 0))             # (B, N, 3C)
     q, k, v = qkv.reshape(B, N, 3, Hh, D).transpose(2, 0, 3, 1, 4)                 # 3 x (B, Hh, N, D)
-    a = softmax(q @ k.transpose(0, 1, 3, 2) * np.asarray(D ** -0.5, x.dtype))     # (B, Hh, N, N)
+    a = q @ k.transpose(0, 1, 3, 2)                                                # (B, Hh, N, N)
+    a *= np.asarray(D ** -0.5, x.dtype)
+    a = softmax(a)
     o = (a @ v).transpose(0, 2, 1, 3).reshape(B, N, C)                             # (B, N, C)
     return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"]), a
 
