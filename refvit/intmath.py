@@ -251,6 +251,42 @@ def _clip_store(t: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
     np.clip(t, lo, hi, out=out, casting="unsafe")
 
 
+FLOAT_BLOCK = 1 << 16  # elements per block of the float64 requantization: 512 KiB of scratch (L2)
+
+
+def float_scale_exact(shift: np.ndarray, rounding: str, lo: int | None, hi: int | None, out_dtype) -> bool:
+    """Whether saturate(apply_scale(v, m, s), [lo, hi]) may be evaluated in float64 (spec, part 1,
+    "requantize in float64"): SINGLE_ROUND, [lo, hi] the whole range of an 8- or 16-bit integer out
+    dtype, and 32 <= s <= 53 - bits for every shift (then every value that decides the result is
+    exactly representable; s >= 32 also makes apply_scale's value precondition hold for any int32)."""
+    dt = np.dtype(out_dtype)
+    if rounding != SINGLE_ROUND or dt.kind not in "iu" or dt.itemsize > 2 or lo is None or not shift.size:
+        return False
+    return (lo, hi) == int_range(dt) and 32 <= int(shift.min()) and int(shift.max()) <= 53 - 8 * dt.itemsize
+
+
+def scale_factor(multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """M = multiplier * 2^-shift as float64, exactly (multiplier < 2^31, 2 <= shift <= 62: a normal double)."""
+    return np.ldexp(multiplier.astype(np.float64), -shift.astype(np.int32))
+
+
+_UNSIGNED = {1: np.uint8, 2: np.uint16}
+_FLOAT_TOP = {1: np.nextafter(256.0, 0.0), 2: np.nextafter(65536.0, 0.0)}   # the largest double below 2^bits
+_SIGN_BIT = {1: np.uint8(1 << 7), 2: np.uint16(1 << 15)}
+
+
+def _scale_float_store(w: np.ndarray, factor, lo: int, hi: int, out: np.ndarray) -> None:
+    """out = saturate(floor(v * M + 1/2), [lo, hi]) for the float64 block w = v (exact integers, |v| < 2^31),
+    M = factor; w is overwritten. Exact under float_scale_exact (the proof is in the spec)."""
+    np.multiply(w, factor, out=w)                                 # P = fl(v * M)
+    np.add(w, 0.5 - lo, out=w)                                    # W = fl(P + 1/2 - lo)
+    np.clip(w, 0.0, _FLOAT_TOP[out.itemsize], out=w)              # [0, 2^bits): the saturation
+    u = out.view(_UNSIGNED[out.itemsize])
+    np.copyto(u, w, casting="unsafe")                             # truncation = floor on W >= 0: u = result - lo
+    if lo:
+        np.bitwise_xor(u, _SIGN_BIT[out.itemsize], out=u)         # u - 2^(bits-1) as the signed pattern
+
+
 def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> None:
     """out = [clip](apply_scale(value, multiplier, shift, rounding)) block by block, arguments already checked.
 
@@ -260,8 +296,17 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
     shape = out.shape
     if out.size == 0:
         return
-    rnd, corr = _rounding_terms(shift, rounding)
     nd = len(shape)
+    if float_scale_exact(shift, rounding, lo, hi, out.dtype):
+        vb, fb = _expand(value, nd), _expand(scale_factor(multiplier, shift), nd)
+        scratch = np.empty(min(FLOAT_BLOCK, out.size) if nd else 1, np.float64)
+        for idx in _blocks(shape, FLOAT_BLOCK):
+            o = out[idx] if out.ndim else out.reshape(1)
+            w = scratch[:o.size].reshape(o.shape)
+            np.copyto(w, _sub(vb, idx), casting="unsafe")      # exact: integers, |.| < 2^31
+            _scale_float_store(w, _sub(fb, idx), lo, hi, o)
+        return
+    rnd, corr = _rounding_terms(shift, rounding)
     vb, mb, sb, rb = (_expand(a, nd) for a in (value, multiplier, shift, rnd))
     cb = None if corr is None else _expand(corr, nd)
     direct = out.dtype == np.int64 and lo is None

@@ -67,9 +67,8 @@ def attention(p, pre, x, cfg: DeiTConfig, trace=None):  # x (B, C, 1, N) -> ((B,
     B, C, _, N = x.shape
     qkv = _record(trace, pre + "qkv", conv2d(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias")))  # (B, 3C, 1, N)
     q, k, v = (split_heads(t, cfg.num_heads) for t in np.split(qkv, 3, axis=1))  # 3 x (B, Hh, D, N)
-    s = q.transpose(0, 1, 3, 2) @ k                                              # (B, Hh, N, N) [query, key]
-    s *= np.asarray(cfg.head_dim ** -0.5, x.dtype)
-    a = softmax(s, axis=-1)
+    q = q * np.asarray(cfg.head_dim ** -0.5, x.dtype)                            # (B, Hh, D, N), scaled as timm
+    a = softmax(q.transpose(0, 1, 3, 2) @ k, axis=-1)                            # (B, Hh, N, N) [query, key]
     o = _record(trace, pre + "context", (v @ a.transpose(0, 1, 3, 2)).reshape(B, C, 1, N))  # (B, C, 1, N)
     return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])), a
 

@@ -41,9 +41,7 @@ def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> ((B, N, C), probabi
     Hh, D = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias", 0))             # (B, N, 3C)
     q, k, v = qkv.reshape(B, N, 3, Hh, D).transpose(2, 0, 3, 1, 4)                 # 3 x (B, Hh, N, D)
-    a = q @ k.transpose(0, 1, 3, 2)                                                # (B, Hh, N, N)
-    a *= np.asarray(D ** -0.5, x.dtype)
-    a = softmax(a)
+    a = softmax((q * np.asarray(D ** -0.5, x.dtype)) @ k.transpose(0, 1, 3, 2))    # (B, Hh, N, N), q scaled as timm
     o = (a @ v).transpose(0, 2, 1, 3).reshape(B, N, C)                             # (B, N, C)
     return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"]), a
 

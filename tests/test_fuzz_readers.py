@@ -333,3 +333,18 @@ def test_fuzz_torch_files(workdir, layout, data):
     assert kind == f"torch-{layout}" or kind.startswith("torch-")
     assert all(isinstance(a, np.ndarray) for a in tensors.values())
     assert sum(a.nbytes for a in tensors.values()) <= 4 * len(blob)
+
+
+def test_torch_zip_local_header_name_differs(workdir):
+    # found by the fuzzer: zipfile's BadZipFile then quotes the whole local header (pickle bytes, newlines
+    # included); the error stays one short line
+    name = ZIP.index(b"/data.pkl") - 1                            # the first record's name, in its local header
+    while ZIP[name - 30:name - 26] != b"PK\x03\x04":               # (the archive's top folder is one character)
+        name -= 1
+    length = struct.unpack("<H", ZIP[name - 4:name - 2])[0]
+    blob = ZIP[:name - 4] + struct.pack("<H", length + 1000) + ZIP[name - 2:]   # the name runs into the pickle
+    path = workdir / "m.pth"
+    path.write_bytes(blob)
+    with pytest.raises(CheckpointError, match="BadZipFile") as e:
+        read_torch(path)
+    clean(e.value, path)

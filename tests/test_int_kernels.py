@@ -800,6 +800,22 @@ def test_add_block_path_large(seed, shift, out_dtype, broadcast):
     assert got.dtype == out_dtype and np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("ma, mb, shift, out_dtype", [(INT32_MAX, INT32_MAX, 0, np.int16), (1 << 30, 3 << 28, 31, np.int8),
+                                                      (12345, INT32_MAX, 62, np.int8), (0, 1, 1, np.int16)])
+def test_add_every_int8_pair(ma, mb, shift, out_dtype):
+    # every (a, b) pair once, through reversed (strided) views, and a 0-d pair: against Python ints
+    a = np.repeat(np.arange(-128, 128), 256).astype(np.int8).reshape(256, 1, 1, 256)
+    b = np.tile(np.arange(-128, 128), 256).astype(np.int8).reshape(256, 1, 1, 256)
+    acc = a.astype(object) * ma + b.astype(object) * mb
+    half = (1 << (shift - 1)) if shift else 0
+    lo, hi = _im.int_range(out_dtype)
+    want = np.clip(((acc + half) >> shift).astype(np.int64), lo, hi)
+    got = K.add(a[:, :, :, ::-1], b[:, :, :, ::-1], ma, mb, shift, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and np.array_equal(got, want[:, :, :, ::-1])
+    zero_d = K.add(np.array(-128, np.int8), np.array(127, np.int8), ma, mb, shift, out_dtype=out_dtype)
+    assert zero_d.shape == () and int(zero_d) == int(np.clip((-128 * ma + 127 * mb + half) >> shift, lo, hi))
+
+
 def test_gelu_every_input_and_strided():
     table = np.random.default_rng(2).integers(-128, 128, 256).astype(np.int8)
     x = np.arange(-128, 128, dtype=np.int8)

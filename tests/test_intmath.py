@@ -733,3 +733,49 @@ def test_quantize_multipliers_vectorized_equals_scalar(scales):
 def test_quantize_multipliers_rejects_like_the_scalar(scale):
     with pytest.raises(ValueError, match="quantize_multiplier: scale"):
         im.quantize_multipliers(np.array([0.5, scale, 0.25]))
+
+
+# ---------------------------------------------------------------- requantize in float64 (spec, part 1)
+
+def _edge_values(m: int, shift: int, lo: int, hi: int) -> list[int]:
+    """int32 values whose value * m * 2^-shift + 1/2 lands on, or one step either side of, each integer
+    from lo - 1 to hi + 1 (the ties and the saturation edges), plus the int32 extremes."""
+    vals = {-(1 << 31), (1 << 31) - 1, 0}
+    if m:
+        for k in sorted({lo - 1, lo, lo + 1, -1, 0, 1, hi - 1, hi, hi + 1} | set(range(lo, hi + 2, max(1, (hi - lo) // 64)))):
+            v0 = ((2 * k - 1) << (shift - 1)) // m          # floor of the value at which floor(V) becomes k
+            vals.update(v for v in (v0 - 1, v0, v0 + 1, v0 + 2) if -(1 << 31) <= v < 1 << 31)
+    return sorted(vals)
+
+
+@pytest.mark.parametrize("out_dtype", [np.int8, np.uint8, np.int16, np.uint16])
+@pytest.mark.parametrize("shift", range(32, 47))
+def test_requantize_float64_form_ties_and_edges(out_dtype, shift):
+    lo, hi = im.int_range(out_dtype)
+    bits = 8 * np.dtype(out_dtype).itemsize
+    sh = np.array([shift], np.int64)
+    assert im.float_scale_exact(sh, SINGLE_ROUND, lo, hi, out_dtype) == (shift <= 53 - bits)
+    assert not im.float_scale_exact(sh, DOUBLE_ROUND, lo, hi, out_dtype)
+    rng = np.random.default_rng(shift)
+    for m in [1 << 30, (1 << 31) - 1, 3 << 28, 0, 1, int(rng.integers(1 << 30, 1 << 31))]:
+        v = np.array(_edge_values(m, shift, lo, hi), np.int64)
+        want = [min(max((int(x) * m + (1 << (shift - 1))) >> shift, lo), hi) for x in v]
+        got = im.requantize(v.astype(np.int32), m, shift, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and got.tolist() == want, (m, shift)
+        # per-channel form, as conv2d uses it: a column of multipliers against rows of values
+        mult = np.array([[m], [max(m - 1, 0)]], np.int64)
+        got2 = im.requantize(np.tile(v.astype(np.int32), (2, 1)), mult, np.full((2, 1), shift), out_dtype=out_dtype)
+        want2 = [[min(max((int(x) * int(mm) + (1 << (shift - 1))) >> shift, lo), hi) for x in v] for mm in mult[:, 0]]
+        assert got2.tolist() == want2
+
+
+def test_requantize_float64_form_is_not_exact_beyond_its_shift_bound():
+    # why the bound: at shift 46 with an 8-bit output, W = P + 128.5 in [128, 256) has a float64 step of
+    # 2^-45, so V = 54 - 2^-46 (found by search: value * m = 2^45 - 1 mod 2^46) rounds up to 54. The guard
+    # keeps this shift on the int64 form, which gives 53.
+    shift, m, v = 46, 2103939213, 1789371
+    exact = (v * m + (1 << (shift - 1))) >> shift
+    w = np.float64(v) * np.ldexp(np.float64(m), -shift) + 128.5   # the float64 form's W
+    assert (exact, int(w) - 128) == (53, 54)
+    assert not im.float_scale_exact(np.array([shift]), SINGLE_ROUND, -128, 127, np.int8)
+    assert im.requantize(np.array([v], np.int32), m, shift).tolist() == [53]

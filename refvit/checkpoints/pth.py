@@ -293,7 +293,7 @@ def _read_zip(path: Path, size: int) -> tuple:
                 return zf.read(info)
             except Exception as e:  # BadZipFile (CRC), NotImplementedError (compression), RuntimeError...
                 raise CheckpointError(f"{path}: not a valid PyTorch file: cannot read {prefix + name} "
-                                      f"({type(e).__name__}: {e})") from None
+                                      f"({type(e).__name__}: {_brief(str(e))})") from None
 
         byteorder = "little"
         if prefix + "byteorder" in infos:
