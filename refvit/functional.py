@@ -100,11 +100,18 @@ def gelu(x: np.ndarray) -> np.ndarray:
         return 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """exp(x - max) / sum, normalized by one reciprocal per row; x is not modified."""
+def softmax_parts(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(e, 1 / sum e) with e = exp(x - max) along axis (keepdims); softmax = e * (1 / sum). Attention
+    applies the normalization to e @ v (D wide) rather than to e (N wide). x is not modified."""
     e = np.subtract(x, x.max(axis=axis, keepdims=True))
     np.exp(e, out=e)
-    e *= np.reciprocal(e.sum(axis=axis, keepdims=True))
+    return e, np.reciprocal(e.sum(axis=axis, keepdims=True))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """exp(x - max) / sum, normalized by one reciprocal per row; x is not modified."""
+    e, inv = softmax_parts(x, axis)
+    e *= inv
     return e
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DeiTConfig
-from .functional import gelu, softmax
+from .functional import gelu, softmax_parts
 from .prune import prune_plan, select_float
 
 
@@ -63,14 +63,18 @@ def split_heads(x, num_heads):  # (B, C, 1, N) -> (B, Hh, D, N)
     return x.reshape(B, num_heads, C // num_heads, N)
 
 
-def attention(p, pre, x, cfg: DeiTConfig, trace=None):  # x (B, C, 1, N) -> ((B, C, 1, N), probs (B, Hh, N, N))
+def attention(p, pre, x, cfg: DeiTConfig, trace=None, probs: bool = False):
+    """x (B, C, 1, N) -> (B, C, 1, N) and, with probs, the probabilities (B, Hh, N, N) [query, key] (else None)."""
     B, C, _, N = x.shape
     qkv = _record(trace, pre + "qkv", conv2d(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias")))  # (B, 3C, 1, N)
     q, k, v = (split_heads(t, cfg.num_heads) for t in np.split(qkv, 3, axis=1))  # 3 x (B, Hh, D, N)
     q = q * np.asarray(cfg.head_dim ** -0.5, x.dtype)                            # (B, Hh, D, N), scaled as timm
-    a = softmax(q.transpose(0, 1, 3, 2) @ k, axis=-1)                            # (B, Hh, N, N) [query, key]
-    o = _record(trace, pre + "context", (v @ a.transpose(0, 1, 3, 2)).reshape(B, C, 1, N))  # (B, C, 1, N)
-    return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])), a
+    e, inv = softmax_parts(q.transpose(0, 1, 3, 2) @ k, axis=-1)                 # (B, Hh, N, N) [query, key], (.., N, 1)
+    o = v @ e.transpose(0, 1, 3, 2)                                              # (B, Hh, D, N)
+    o *= inv.transpose(0, 1, 3, 2)                                               # softmax(.) applied: per query n
+    o = _record(trace, pre + "context", o.reshape(B, C, 1, N))                   # (B, C, 1, N)
+    return (_record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])),
+            e * inv if probs else None)
 
 
 def mlp(p, pre, x, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
@@ -90,7 +94,7 @@ def block(p, i, x, cfg: DeiTConfig, trace=None, keep_rate: float | None = None):
     pre = f"blocks.{i}."
     ln = lambda y, name: _record(trace, pre + name, layer_norm_conv(
         y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps))
-    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg, trace)                # (B, C, 1, N), (B, Hh, N, N)
+    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg, trace, keep_rate is not None)  # (B, C, 1, N), (B, Hh, N, N)
     x = _record(trace, pre + "residual1", x + h)
     if keep_rate is not None:
         x = _record(trace, pre + "pruned", select_conv(x, a, keep_rate, cfg.num_prefix_tokens))  # (B, C, 1, N')

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DeiTConfig
-from .functional import gelu, layer_norm, softmax
+from .functional import gelu, layer_norm, softmax_parts
 from .prune import prune_plan, select_float
 
 
@@ -36,14 +36,17 @@ def embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, N, C)
     return np.concatenate([prefix, tokens], axis=1) + p["pos_embed"]               # (B, N, C)
 
 
-def attention(p, pre, x, cfg: DeiTConfig):  # x (B, N, C) -> ((B, N, C), probabilities (B, Hh, N, N))
+def attention(p, pre, x, cfg: DeiTConfig, probs: bool = False):  # x (B, N, C) -> ((B, N, C), (B, Hh, N, N) | None)
+    """The attention and, with probs, its probabilities (token pruning reads them)."""
     B, N, C = x.shape
     Hh, D = cfg.num_heads, cfg.head_dim
     qkv = linear(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias", 0))             # (B, N, 3C)
     q, k, v = qkv.reshape(B, N, 3, Hh, D).transpose(2, 0, 3, 1, 4)                 # 3 x (B, Hh, N, D)
-    a = softmax((q * np.asarray(D ** -0.5, x.dtype)) @ k.transpose(0, 1, 3, 2))    # (B, Hh, N, N), q scaled as timm
-    o = (a @ v).transpose(0, 2, 1, 3).reshape(B, N, C)                             # (B, N, C)
-    return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"]), a
+    e, inv = softmax_parts((q * np.asarray(D ** -0.5, x.dtype)) @ k.transpose(0, 1, 3, 2))  # (B, Hh, N, N), (.., N, 1)
+    o = e @ v                                                                      # (B, Hh, N, D), q scaled as timm
+    o *= inv                                                                       # softmax(.) @ v
+    o = o.transpose(0, 2, 1, 3).reshape(B, N, C)                                   # (B, N, C)
+    return linear(o, p[pre + "proj.weight"], p[pre + "proj.bias"]), (e * inv if probs else None)
 
 
 def mlp(p, pre, x):  # x (B, N, C) -> (B, N, C)
@@ -55,7 +58,7 @@ def block(p, i, x, cfg: DeiTConfig, keep_rate: float | None = None):  # x (B, N,
     """One block; with a keep_rate, the token selection (refvit.prune) after the attention's residual add."""
     pre = f"blocks.{i}."
     ln = lambda y, name: layer_norm(y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps)
-    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg)                        # (B, N, C), (B, Hh, N, N)
+    h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg, keep_rate is not None) # (B, N, C), (B, Hh, N, N)
     x = x + h
     if keep_rate is not None:
         x = select_float(x, a, keep_rate, cfg.num_prefix_tokens)                   # (B, P + k [+ 1], C)

@@ -348,3 +348,16 @@ def test_torch_zip_local_header_name_differs(workdir):
     with pytest.raises(CheckpointError, match="BadZipFile") as e:
         read_torch(path)
     clean(e.value, path)
+
+
+def test_safetensors_bool_bytes_other_than_0_1_refused(workdir):
+    # found by the fuzzer: the safetensors library hands such bytes through as numpy bools (invalid values);
+    # refvit refuses them rather than reading them as True
+    header = json.dumps({"u": {"dtype": "BOOL", "shape": [3], "data_offsets": [0, 3]}}).encode()
+    path = workdir / "b.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes([0, 1, 2]))
+    with pytest.raises(CheckpointError, match="BOOL tensor 'u' holds a byte other than 0 or 1") as e:
+        read_safetensors(path)
+    clean(e.value, path)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes([0, 1, 1]))
+    assert read_safetensors(path)[0]["u"].tolist() == [False, True, True]

@@ -146,6 +146,9 @@ def read_safetensors(path) -> tuple[dict, dict]:
     # One memory map of the data region, one copy per tensor: no second full-size buffer for big files.
     data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,))
             if data_size else np.zeros(0, np.uint8))
+    for name, (dtype, _, begin, end) in entries.items():
+        if dtype == "BOOL" and end > begin and int(np.asarray(data[begin:end]).max()) > 1:
+            raise _invalid(path, f"BOOL tensor {_name(name)} holds a byte other than 0 or 1")
     tensors = {name: _decode(data, *entry) for name, entry in entries.items()}
     del data
     return tensors, dict(metadata)
