@@ -23,9 +23,9 @@ from functools import lru_cache
 import numpy as np
 
 from refvit.intmath import (
-    BLOCK, FLOAT_BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _clip_store, _expand, _sub, _round_shift,
-    _rounding_terms, _scale_float_store, _scale_into, apply_scale, float_scale_exact, int_matmul, int_matmul_exact,
-    int_range, isqrt, requantize, round_half_away_from_zero, rounding_shift_right, saturate, scale_factor,
+    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _clip_store, _expand, _sub, _round_shift, _rounding_terms,
+    _scale_float_into, _scale_into, apply_scale, float_scale_exact, int_matmul, int_matmul_exact, int_range, isqrt,
+    requantize, round_half_away_from_zero, rounding_shift_right, saturate, scale_factor,
 )
 
 INT32_MAX = (1 << 31) - 1
@@ -271,14 +271,8 @@ def conv_requantize(g, shape, bias, multiplier, shift, *, rounding: str, out_dty
         return _nchw(requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding), shape)
     out = np.empty(g.shape, out_dtype)
     if float_scale_exact(s, rounding, lo, hi, out_dtype):         # SINGLE_ROUND, 32 <= s <= 45 (int8): float64
-        factor, bias_f = scale_factor(m, s), bias.astype(np.float64).reshape(cout, 1)
-        scratch = np.empty(min(FLOAT_BLOCK, g.size), np.float64)
-        for idx in _blocks(g.shape, FLOAT_BLOCK):
-            o = out[idx]
-            w = scratch[:o.size].reshape(o.shape)
-            np.add(g[idx], _sub(bias_f, idx), out=w)              # acc = g + bias, exact: |acc| < 2^31
-            _scale_float_store(w, _sub(factor, idx), lo, hi, o)
-        return _nchw(out, shape)
+        _scale_float_into(g, scale_factor(m, s), lo, hi, out, addend=bias.astype(np.float64).reshape(cout, 1))
+        return _nchw(out, shape)                                  # acc = g + bias: |acc| < 2^31 (headroom check)
     rnd, corr = _rounding_terms(s, rounding)
     bias_m = bias.astype(np.int64).reshape(cout, 1) * m           # |bias*m| < 2^62
     add1, add2 = (bias_m + rnd, None) if corr is None else (bias_m, rnd)

@@ -287,6 +287,24 @@ def _scale_float_store(w: np.ndarray, factor, lo: int, hi: int, out: np.ndarray)
         np.bitwise_xor(u, _SIGN_BIT[out.itemsize], out=u)         # u - 2^(bits-1) as the signed pattern
 
 
+def _scale_float_into(value, factor, lo: int, hi: int, out: np.ndarray, addend=None) -> None:
+    """out = saturate(floor((value [+ addend]) * factor + 1/2), [lo, hi]) block by block in float64, where
+    float_scale_exact holds and value [+ addend] are integers below 2^31 (exact as doubles); value, addend
+    and factor broadcast to out's shape. requantize's float64 form; conv2d passes its bias as the addend."""
+    nd = out.ndim
+    vb, fb = _expand(value, nd), _expand(factor, nd)
+    ab = None if addend is None else _expand(addend, nd)
+    scratch = np.empty(min(FLOAT_BLOCK, out.size) if nd else 1, np.float64)
+    for idx in _blocks(out.shape, FLOAT_BLOCK):
+        o = out[idx] if nd else out.reshape(1)
+        w = scratch[:o.size].reshape(o.shape)
+        if ab is None:
+            np.copyto(w, _sub(vb, idx), casting="unsafe")         # exact: integers, |.| < 2^31
+        else:
+            np.add(_sub(vb, idx), _sub(ab, idx), out=w)           # exact: the sum is an integer, |.| < 2^31
+        _scale_float_store(w, _sub(fb, idx), lo, hi, o)
+
+
 def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> None:
     """out = [clip](apply_scale(value, multiplier, shift, rounding)) block by block, arguments already checked.
 
@@ -298,13 +316,7 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
         return
     nd = len(shape)
     if float_scale_exact(shift, rounding, lo, hi, out.dtype):
-        vb, fb = _expand(value, nd), _expand(scale_factor(multiplier, shift), nd)
-        scratch = np.empty(min(FLOAT_BLOCK, out.size) if nd else 1, np.float64)
-        for idx in _blocks(shape, FLOAT_BLOCK):
-            o = out[idx] if out.ndim else out.reshape(1)
-            w = scratch[:o.size].reshape(o.shape)
-            np.copyto(w, _sub(vb, idx), casting="unsafe")      # exact: integers, |.| < 2^31
-            _scale_float_store(w, _sub(fb, idx), lo, hi, o)
+        _scale_float_into(value, scale_factor(multiplier, shift), lo, hi, out)
         return
     rnd, corr = _rounding_terms(shift, rounding)
     vb, mb, sb, rb = (_expand(a, nd) for a in (value, multiplier, shift, rnd))

@@ -292,6 +292,21 @@ def test_fuzz_config_json_values(deit_dirs, layout, data):
             assert ckpt.config.num_heads == stated and "config.json" in ckpt.heads_note
 
 
+@pytest.mark.parametrize("key", ["num_heads", "depth", "embed_dim"])
+def test_config_json_pair_only_for_sizes(deit_dirs, key):
+    # found by the fuzzer: model_args.num_heads = [8, 8] was read as 8 (the (h, w) rule of img_size and
+    # patch_size applied to every integer field); now it is an error naming the field
+    cfg = json.loads(json.dumps(TIMM_JSON))
+    cfg["model_args"][key] = [8, 8]
+    (deit_dirs["timm"] / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"model_args.{key} must be an integer, got \\[8, 8\\]"):
+        load_checkpoint(deit_dirs["timm"])
+    cfg["model_args"]["img_size"] = [CONFIG.img_size] * 2           # sizes still take a square pair
+    cfg["model_args"][key] = TIMM_JSON["model_args"][key]
+    (deit_dirs["timm"] / "config.json").write_text(json.dumps(cfg))
+    assert load_checkpoint(deit_dirs["timm"]).config.img_size == CONFIG.img_size
+
+
 @FUZZ
 @given(data=mutated(json.dumps(TIMM_JSON, indent=1).encode(), 10**9))
 def test_fuzz_config_json_bytes(deit_dirs, data):

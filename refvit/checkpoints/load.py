@@ -164,9 +164,9 @@ class _Stated:
     pretrained_cfg: dict | None = None
 
 
-def _square(path, key: str, v):
-    """An int, or a [n, n] pair (both layouts allow (h, w) sizes; refvit needs square ones)."""
-    if isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
+def _square(path, key: str, v, pair: bool = True):
+    """An int, or (pair: for a size) a [n, n] pair (both layouts allow (h, w) sizes; refvit needs square ones)."""
+    if pair and isinstance(v, list) and len(v) == 2 and v[0] == v[1]:
         v = v[0]
     if not isinstance(v, int) or isinstance(v, bool):
         raise CheckpointError(f"{path}: {key} must be an integer, got {_brief(v)}")
@@ -302,8 +302,8 @@ def _timm_json(path: Path, d: dict) -> _Stated:
             fields["num_classes"] = _field(path, where, "num_classes", key)  # timm ignores a negative default
     for key, v in model_args.items():
         where = f"model_args.{_short(key, 40)}"
-        if key in _TIMM_INT_ARGS:
-            v = _field(path, where, key, _square(path, where, v))
+        if key in _TIMM_INT_ARGS:                       # only the sizes may be (h, w) pairs in timm
+            v = _field(path, where, key, _square(path, where, v, pair=key in ("img_size", "patch_size")))
             if key == "num_heads":
                 heads, note = v, "from config.json (model_args.num_heads)"
             else:
