@@ -24,8 +24,8 @@ import numpy as np
 
 from refvit.intmath import (
     BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _clip_store, _expand, _sub, _round_shift, _rounding_terms,
-    _scale_float_into, _scale_into, apply_scale, float_scale_exact, int_matmul, int_matmul_exact, int_range, isqrt,
-    requantize, round_half_away_from_zero, rounding_shift_right, saturate, scale_factor,
+    _scale_float_into, _scale_into, apply_scale, float_scale_exact, int_matmul_exact, int_range, isqrt, requantize,
+    round_half_away_from_zero, saturate, scale_factor,
 )
 
 INT32_MAX = (1 << 31) - 1
@@ -469,23 +469,22 @@ def require_broadcast(a: np.ndarray, b: np.ndarray, fn: str) -> None:
 
 
 def _add_direct(a: np.ndarray, b: np.ndarray, ma: int, mb: int, shift: int, out_dtype) -> np.ndarray:
-    """The spec's arithmetic of `add`, block by block in int64, on checked arguments."""
+    """The spec's arithmetic of `add`, block by block in int64, on two 1-D int8 arrays of one length (the
+    table builder's; `add` itself gathers from that table)."""
     lo, hi = int_range(out_dtype)
     half = (1 << shift - 1) if shift else 0                       # rounding_shift_right(acc, shift)
     out = np.empty(a.shape, out_dtype)
-    if out.size:
-        bb = _expand(b, a.ndim)
-        ma64, mb64 = np.int64(ma), np.int64(mb)
-        scratch = np.empty((2, min(BLOCK, a.size) if a.ndim else 1), np.int64)
-        for idx in _blocks(a.shape):
-            o = out[idx] if a.ndim else out
-            t, u = (buf[:o.size].reshape(o.shape) for buf in scratch)
-            np.multiply(a[idx], ma64, out=t)                      # acc = a*ma + b*mb, |acc| < 2^39
-            np.multiply(_sub(bb, idx), mb64, out=u)
-            np.add(t, u, out=t)
-            np.add(t, half, out=t)                                # + 2^(shift-1) <= 2^61: stays in int64
-            np.right_shift(t, shift, out=t)
-            _clip_store(t, lo, hi, o)           # saturate
+    ma64, mb64 = np.int64(ma), np.int64(mb)
+    scratch = np.empty((2, min(BLOCK, a.size)), np.int64)
+    for idx in _blocks(a.shape):
+        o = out[idx]
+        t, u = (buf[:o.size] for buf in scratch)
+        np.multiply(a[idx], ma64, out=t)                          # acc = a*ma + b*mb, |acc| < 2^39
+        np.multiply(b[idx], mb64, out=u)
+        np.add(t, u, out=t)
+        np.add(t, half, out=t)                                    # + 2^(shift-1) <= 2^61: stays in int64
+        np.right_shift(t, shift, out=t)
+        _clip_store(t, lo, hi, o)           # saturate
     return out
 
 
