@@ -153,7 +153,8 @@ def bench_gemm() -> dict:
 def bench_model(name: str, log) -> dict:
     cfg = preset(name)
     p, head_mode = random_params(cfg)
-    cp = token_to_conv(p)
+    tp = model_token.cast_params(p)  # both forms prepared as `refvit.models.load_model` prepares them
+    cp = token_to_conv(tp)
     rng = np.random.default_rng(1)
     nb, ni = (int(v) for v in ARGS.calib.split("x"))
     calib = [rng.standard_normal((ni, 3, cfg.img_size, cfg.img_size)).astype(np.float32) for _ in range(nb)]
@@ -168,7 +169,7 @@ def bench_model(name: str, log) -> dict:
     for bs in (int(b) for b in ARGS.batch.split(",")):
         x = rng.standard_normal((bs, 3, cfg.img_size, cfg.img_size)).astype(np.float32)
         xq = int_model.quantize_input(qm, x)
-        fns = {"float_token": lambda: model_token.forward(p, x, cfg),
+        fns = {"float_token": lambda: model_token.forward(tp, x, cfg),
                "float_conv": lambda: model_conv.forward(cp, x, cfg),
                "int": lambda: int_model.forward_int(qm, xq)}
         if run_torch is not None:

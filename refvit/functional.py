@@ -79,7 +79,10 @@ def _gelu_float32_chunk(x, out, z, t, s, zmax, zero):
 def _gelu_float32(x: np.ndarray) -> np.ndarray:
     """GELU in float32, |error| <= 0.75e-7 |x| + float32 rounding, in cache-sized chunks (on whole MLP
     activations the 19 passes would be memory bound)."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    x = np.asarray(x, dtype=np.float32)
+    perm = np.argsort([-s for s in x.strides], kind="stable")  # x's memory order: the conv form's activations
+    xt = np.ascontiguousarray(x.transpose(perm))              # are transposed views; no copy for those
+    flat = xt.reshape(-1)
     out = np.empty_like(flat)
     n0 = min(_CHUNK, flat.size)
     scratch = [np.empty(n0, np.float32) for _ in range(3)] + [np.full(n0, _GELU_ZMAX), np.zeros(n0, np.float32)]
@@ -87,7 +90,7 @@ def _gelu_float32(x: np.ndarray) -> np.ndarray:
         for i in range(0, flat.size, _CHUNK):
             n = min(_CHUNK, flat.size - i)
             _gelu_float32_chunk(flat[i:i + n], out[i:i + n], *(a[:n] for a in scratch))
-    return out.reshape(np.shape(x))
+    return out.reshape(xt.shape).transpose(np.argsort(perm))  # x's shape, in x's memory order
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -100,26 +103,43 @@ def gelu(x: np.ndarray) -> np.ndarray:
         return 0.5 * x64 * (1.0 + erf(x64 / math.sqrt(2.0)))
 
 
-def softmax_parts(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """(e, 1 / sum e) with e = exp(x - max) along axis (keepdims); softmax = e * (1 / sum). Attention
-    applies the normalization to e @ v (D wide) rather than to e (N wide). x is not modified."""
-    e = np.subtract(x, x.max(axis=axis, keepdims=True))
-    np.exp(e, out=e)
-    return e, np.reciprocal(e.sum(axis=axis, keepdims=True))
-
-
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x - max) / sum, normalized by one reciprocal per row; x is not modified."""
-    e, inv = softmax_parts(x, axis)
-    e *= inv
+    e = np.subtract(x, x.max(axis=axis, keepdims=True))
+    np.exp(e, out=e)
+    e *= np.reciprocal(e.sum(axis=axis, keepdims=True))
     return e
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, axis: int = -1) -> np.ndarray:
-    """LayerNorm over one axis with the biased variance, as torch. weight/bias broadcast against x."""
-    d = x - x.mean(axis=axis, keepdims=True)
-    var = np.square(d).mean(axis=axis, keepdims=True)
-    d *= 1.0 / np.sqrt(var + np.asarray(eps, dtype=x.dtype))
+def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs: bool = False):
+    """softmax(q @ k_t) @ v of every image and head, written into `out`; with probs, also returns the
+    probabilities (B, Hh, N, N) [query, key] (token pruning reads them), else None.
+
+    q (B, Hh, N, D) already scaled, k_t (B, Hh, D, N), v (B, Hh, N, D) and out (B, Hh, N, D) may be strided
+    views (BLAS reads them in place). One image at a time, so that its (Hh, N, N) scores stay in cache; the
+    row sums come from a GEMV with a ones vector (a reduction would be another pass over N x N), and the
+    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout."""
+    B, Hh, N, _ = q.shape
+    ones = np.ones(N, q.dtype)
+    p = np.empty((B, Hh, N, N), q.dtype) if probs else None
+    for b in range(B):
+        e = q[b] @ k_t[b]                                 # (Hh, N, N) scores
+        e -= e.max(axis=-1, keepdims=True)
+        np.exp(e, out=e)                                  # e = exp(s - max s)
+        inv = np.reciprocal(e @ ones)[..., None]          # (Hh, N, 1) 1 / row sums
+        np.multiply(e @ v[b], inv, out=out[b])            # (Hh, N, D)
+        if probs:
+            np.multiply(e, inv, out=p[b])
+    return p
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis with the biased variance, as torch; weight, bias (C,). The two means
+    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower)."""
+    u = np.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype)                    # (C,)
+    d = x - (x @ u)[..., None]                                              # x - mean
+    var = np.square(d) @ u                                                  # biased variance
+    d *= np.reciprocal(np.sqrt(var + np.asarray(eps, x.dtype)))[..., None]
     d *= weight
     d += bias
     return d

@@ -12,25 +12,37 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DeiTConfig
-from .functional import gelu, softmax_parts
+from .functional import attend, gelu
 from .prune import prune_plan, select_float
 
 
 def conv2d(x, w, b=None, stride: int = 1):
-    """Conv2d with kernel k == stride (non-overlapping, no padding). x (B, Cin, H, W), w (Cout, Cin, k, k)."""
+    """Conv2d with kernel k == stride (non-overlapping, no padding). x (B, Cin, H, W), w (Cout, Cin, k, k).
+
+    One GEMM over all images and positions (numpy's batched small GEMMs are ~5x slower), with positions as
+    rows: the result is a (B, Cout, Ho, Wo) view of a channels-last (B, Ho, Wo, Cout) array, which the next
+    1x1 conv reads as its (B*N, Cin) matrix without a copy. A weight whose (Cin, Cout) transpose is
+    C-contiguous (token_to_conv of `model_token.cast_params`, as `refvit.models.load_model` prepares them)
+    makes it BLAS's NN GEMM (6-8% faster than NT at 197 rows here)."""
     B, Cin, H, W = x.shape
     Cout, _, k, _ = w.shape
     Ho, Wo = H // k, W // k
-    # One GEMM over all images and positions: numpy's batched small GEMMs are ~5x slower.
-    cols = x.reshape(B, Cin, Ho, k, Wo, k).transpose(1, 3, 5, 0, 2, 4)          # (Cin, k, k, B, Ho, Wo)
-    y = w.reshape(Cout, Cin * k * k) @ cols.reshape(Cin * k * k, B * Ho * Wo)    # (Cout, B*Ho*Wo)
+    cols = x.reshape(B, Cin, Ho, k, Wo, k).transpose(0, 2, 4, 1, 3, 5)          # (B, Ho, Wo, Cin, k, k)
+    y = cols.reshape(B * Ho * Wo, Cin * k * k) @ w.reshape(Cout, Cin * k * k).T  # (B*Ho*Wo, Cout)
     if b is not None:
-        y += b[:, None]
-    return y.reshape(Cout, B, Ho, Wo).transpose(1, 0, 2, 3)                     # (B, Cout, Ho, Wo)
+        y += b
+    return y.reshape(B, Ho, Wo, Cout).transpose(0, 3, 1, 2)                     # (B, Cout, Ho, Wo) view
 
 
-def depthwise_conv1x1(x, w, b):  # x (B, C, H, W), w (C, 1, 1, 1), b (C,): per-channel affine
-    return x * w.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)
+def channels_last(B: int, C: int, N: int, dtype) -> np.ndarray:
+    """An uninitialized (B, C, 1, N) array in channels-last memory, the layout conv2d produces."""
+    return np.empty((B, 1, N, C), dtype).transpose(0, 3, 1, 2)
+
+
+def depthwise_conv1x1(x, w, b, out=None):  # x (B, C, H, W), w (C, 1, 1, 1), b (C,): per-channel affine
+    out = np.multiply(x, w.reshape(1, -1, 1, 1), out=out)
+    out += b.reshape(1, -1, 1, 1)
+    return out
 
 
 def layer_norm_conv(x, w, b, eps):  # x (B, C, 1, N) normalized over C
@@ -38,8 +50,8 @@ def layer_norm_conv(x, w, b, eps):  # x (B, C, 1, N) normalized over C
     mean_w = np.full((1, C, 1, 1), 1.0 / C, dtype=x.dtype)                     # channel-mean as a 1x1 conv
     d = x - conv2d(x, mean_w)                                                    # (B, C, 1, N)
     var = conv2d(d * d, mean_w)                                                  # (B, 1, 1, N)
-    y = d * (1.0 / np.sqrt(var + np.asarray(eps, x.dtype)))                     # rsqrt, multiply
-    return depthwise_conv1x1(y, w, b)
+    d *= 1.0 / np.sqrt(var + np.asarray(eps, x.dtype))                          # rsqrt, multiply
+    return depthwise_conv1x1(d, w, b, out=d)
 
 
 def _record(trace, name, x):
@@ -55,7 +67,9 @@ def embed(p, x, cfg: DeiTConfig, trace=None):  # x (B, 3, H, W) -> (B, C, 1, N)
     tokens = _record(trace, "patch_embed", y.reshape(B, C, 1, cfg.num_patches))  # (B, C, 1, Np)
     prefix = [p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else [])    # each (1, C, 1, 1)
     prefix = np.broadcast_to(np.concatenate(prefix, axis=3), (B, C, 1, len(prefix)))
-    return _record(trace, "embed", np.concatenate([prefix, tokens], axis=3) + p["pos_embed"])  # (B, C, 1, N)
+    x = channels_last(B, C, cfg.num_tokens, y.dtype)                             # (B, C, 1, N)
+    np.add(np.concatenate([prefix, tokens], axis=3), p["pos_embed"], out=x)
+    return _record(trace, "embed", x)
 
 
 def split_heads(x, num_heads):  # (B, C, 1, N) -> (B, Hh, D, N)
@@ -69,12 +83,11 @@ def attention(p, pre, x, cfg: DeiTConfig, trace=None, probs: bool = False):
     qkv = _record(trace, pre + "qkv", conv2d(x, p[pre + "qkv.weight"], p.get(pre + "qkv.bias")))  # (B, 3C, 1, N)
     q, k, v = (split_heads(t, cfg.num_heads) for t in np.split(qkv, 3, axis=1))  # 3 x (B, Hh, D, N)
     q = q * np.asarray(cfg.head_dim ** -0.5, x.dtype)                            # (B, Hh, D, N), scaled as timm
-    e, inv = softmax_parts(q.transpose(0, 1, 3, 2) @ k, axis=-1)                 # (B, Hh, N, N) [query, key], (.., N, 1)
-    o = v @ e.transpose(0, 1, 3, 2)                                              # (B, Hh, D, N)
-    o *= inv.transpose(0, 1, 3, 2)                                               # softmax(.) applied: per query n
-    o = _record(trace, pre + "context", o.reshape(B, C, 1, N))                   # (B, C, 1, N)
-    return (_record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])),
-            e * inv if probs else None)
+    o = channels_last(B, C, N, x.dtype)                                          # (B, C, 1, N)
+    a = attend(q.transpose(0, 1, 3, 2), k, v.transpose(0, 1, 3, 2),              # scores (N, N) [query, key]
+               split_heads(o, cfg.num_heads).transpose(0, 1, 3, 2), probs)       # (B, Hh, N, N) | None
+    o = _record(trace, pre + "context", o)                                       # (B, C, 1, N)
+    return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])), a
 
 
 def mlp(p, pre, x, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)

@@ -162,6 +162,22 @@ def test_converter_round_trip(model):
     assert all(conv[n].ndim == 4 for n in conv if n.endswith(("qkv.weight", "fc1.weight", "pos_embed")))
 
 
+def test_cast_params_layout_changes_no_bit():
+    # cast_params stores the blocks' Linear weights column major (an NN GEMM); the logits and every block's
+    # output are the same bits as with row-major parameters, and the shapes and values are unchanged
+    from refvit.config import preset
+    from refvit.models import random_params
+    cfg = preset("deit_tiny_patch16_224")
+    p = random_params(cfg, "cls", 5)
+    cast = model_token.cast_params(p)
+    assert cast["blocks.0.mlp.fc1.weight"].flags.f_contiguous and not cast["blocks.0.mlp.fc1.weight"].flags.c_contiguous
+    assert all(np.array_equal(cast[n], p[n]) and cast[n].shape == p[n].shape for n in p)
+    x = np.random.default_rng(6).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    t_row, t_col = {}, {}
+    assert np.array_equal(model_token.forward(p, x, cfg, t_row), model_token.forward(cast, x, cfg, t_col))
+    assert all(np.array_equal(t_row[n], t_col[n]) for n in t_row)
+
+
 def test_converter_round_trip_real_checkpoint(peers):
     params = peers["timm_tiny_distilled"].checkpoint.params
     back = conv_to_token(token_to_conv(params))

@@ -32,9 +32,10 @@ def token_to_conv(params: dict) -> dict:
     out = {}
     for name, v in params.items():
         kind = _kind(name)
-        if kind == "linear":
-            v = v[:, :, None, None]                      # (out, in) -> (out, in, 1, 1)
-        elif kind == "norm":
+        if kind == "linear":                             # (out, in) -> (out, in, 1, 1), in v's memory order
+            out[name] = np.asarray(v)[:, :, None, None]  # (refvit.model_token.cast_params lays some out for speed)
+            continue
+        if kind == "norm":
             v = v[:, None, None, None]                   # (C,) -> (C, 1, 1, 1)
         elif kind in ("token", "pos"):
             v = v.transpose(0, 2, 1)[:, :, None, :]      # (1, N, C) -> (1, C, 1, N)
