@@ -401,6 +401,7 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     dbuf = np.empty((rows, n), np.int32)                          # d = top - s in [0, dmax], dmax < 2^31 (checked)
     ebuf = np.empty((rows, n), np.uint16)
     wbuf = np.empty((rows, n), np.float64)
+    ones = np.ones(n)                                             # sigma = e @ ones, a float64 GEMV
     for r0 in range(0, s.shape[0], rows):
         r1 = min(r0 + rows, s.shape[0])
         d, e, w = dbuf[:r1 - r0], ebuf[:r1 - r0], wbuf[:r1 - r0]
@@ -411,14 +412,15 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
             idx = np.empty(d.shape, np.uint8) if kept is None else kept["index"][r0:r1]
             _scale_into(d, np.int64(multiplier), np.int64(shift), rounding, idx, 0, 255)
             np.take(table16, idx, out=e, mode="clip")             # (indices < 256: clip is a no-op)
-        sigma = e.sum(axis=-1, keepdims=True, dtype=np.int64)     # in [2^15, N * 2^15]
-        recip = (1 << SOFTMAX_RECIP_BITS) // sigma                # Q0.25 of 1/sigma_real, in [2^25/N, 2^25]
+        np.copyto(w, e)                                           # exact: integers <= 2^15
+        sigma = (w @ ones).astype(np.int64)[:, None]              # in [2^15, N * 2^15]: every partial sum an
+        recip = (1 << SOFTMAX_RECIP_BITS) // sigma                # integer < 2^31, exact in float64 (spec)
         if kept is not None:                                      # e <= 2^15, sigma < 2^31, recip <= 2^25
             kept["exp"][r0:r1], kept["sum"][r0:r1], kept["recip"][r0:r1] = e, sigma, recip
         # p = rounding_shift_right(e * 127 * recip, 40) = floor(e * (127 * recip * 2^-40) + 1/2), in float64:
         # 127*recip < 2^32 and e*127*recip < 2^47 are exact products, the 2^-40 scaling is exact, and the sum
         # (< 128, lowest bit >= 2^-40: 48 bits) is exact; the cast to int8 truncates = floors a positive value.
-        np.multiply(e, (PROB_ONE * recip).astype(np.float64) * 2.0 ** -SOFTMAX_RECIP_BITS, out=w)
+        w *= (PROB_ONE * recip).astype(np.float64) * 2.0 ** -SOFTMAX_RECIP_BITS
         np.add(w, 0.5, out=w)
         np.copyto(o2[r0:r1], w, casting="unsafe")                 # 0 <= p <= 127: the int8 saturate never clamps
     if kept is not None:                                          # index, exp (..., N); sum, recip (..., 1)
