@@ -176,6 +176,31 @@ def test_cast_params_layout_changes_no_bit():
     t_row, t_col = {}, {}
     assert np.array_equal(model_token.forward(p, x, cfg, t_row), model_token.forward(cast, x, cfg, t_col))
     assert all(np.array_equal(t_row[n], t_col[n]) for n in t_row)
+    # the conv form of the cast parameters (as load_model prepares them): the same bits as row-major ones
+    t_row, t_col = {}, {}
+    assert np.array_equal(model_conv.forward(token_to_conv(p), x, cfg, t_row),
+                          model_conv.forward(token_to_conv(cast), x, cfg, t_col))
+    assert all(np.array_equal(t_row[n], t_col[n]) for n in t_row)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attend_against_a_direct_softmax(dtype):
+    # attend on strided views (as both forms call it) against softmax(q k^T) v written out in float64
+    from refvit.functional import attend
+    rng = np.random.default_rng(11)
+    B, Hh, N, D = 3, 2, 7, 5
+    qkv = (rng.standard_normal((B, N, 3, Hh, D)) * 3).astype(dtype)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)                                          # 3 x (B, Hh, N, D) views
+    s = np.einsum("bhnd,bhmd->bhnm", q.astype(np.float64), k.astype(np.float64))
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    want_p = e / e.sum(axis=-1, keepdims=True)
+    want_o = np.einsum("bhnm,bhmd->bhnd", want_p, v.astype(np.float64))
+    out = np.full((B, N, Hh, D), np.nan, dtype)
+    p = attend(q, k.transpose(0, 1, 3, 2), v, out.transpose(0, 2, 1, 3), probs=True)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    assert p.dtype == dtype and p.shape == (B, Hh, N, N)
+    assert max_err(p, want_p) < tol and max_err(out.transpose(0, 2, 1, 3), want_o) < tol * 10
+    assert attend(q, k.transpose(0, 1, 3, 2), v, np.empty((B, Hh, N, D), dtype)) is None
 
 
 def test_converter_round_trip_real_checkpoint(peers):
@@ -229,3 +254,7 @@ def test_gelu_float32_chunk_boundaries():
     assert np.array_equal(whole[5:9], gelu(x[5:9]))
     assert np.array_equal(gelu(x[::-1]), whole[::-1])
     assert np.array_equal(gelu(x.reshape(-1, 1)[:, 0]), whole)
+    # a transposed view (the conv form's channels-last activations) is read in its memory order, no copy
+    m = x[:3 * (1 << 16)].reshape(3, 1 << 16)
+    out = gelu(m.T)
+    assert out.shape == m.T.shape and out.dtype == np.float32 and np.array_equal(out, whole[:m.size].reshape(m.shape).T)
