@@ -33,7 +33,6 @@ from refvit.models import default_int8_path, load_model  # noqa: E402
 from refvit.preprocess import fmnist_transform  # noqa: E402
 from refvit.prune import parse_prune, prune_plan  # noqa: E402
 from refvit.qfile import load_quantized  # noqa: E402
-from refvit.resolve import with_prune  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 BATCH = 250
@@ -86,7 +85,7 @@ def main() -> None:
     rows = []
     for rate in args.rates.split(","):
         prune = parse_prune(",".join(f"{b}:{rate}" for b in args.stages.split(",")))
-        qm = with_prune(shipped, prune)
+        qm = shipped.with_prune(prune)
         macs = graph_macs(qm.graph, qm.tensors)
         pf, tf = timed_predictions(replace(model, prune=prune).logits, images)
         pi, ti = timed_predictions(lambda x: int_model.logits_int8_model(qm, x)[0], images)

@@ -44,7 +44,7 @@ from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, ap
                             quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
 
 from refvit.checkpoints.convert import token_to_conv
-from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, build_graph, required_constants
+from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, required_constants
 from refvit.models import random_params
 from refvit.quantize import quantize
 
@@ -704,7 +704,7 @@ def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, bloc
                 scheme="refvit-int8", prune=()):
     qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode], scheme)
     if prune:        # token pruning: the same constants, the graph with its selections (refvit.resolve.with_prune)
-        qm = dataclasses.replace(qm, graph=build_graph(qm.config, qm.rounding, qm.scheme, prune=prune))
+        qm = qm.with_prune(prune)
     xq = int_model.quantize_input(qm, calib[:batch])
     trace = int_model.Trace()
     logits = int_model.forward_int(qm, xq, trace)

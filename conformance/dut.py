@@ -1,8 +1,9 @@
 """The device-under-test interface of the conformance suite.
 
-A DUT has one method per integer op of the spec, with the same signature and semantics as refvit's
-function of that name (refvit.intmath / refvit.int_kernels, docs/spec.md Parts 1 and 2; the scheme variants'
-kernels of refvit.int_kernels_variants, Part 4, e.g. `gelu_poly`, `layernorm_int32`). `block` and
+A DUT has one method per integer op variant of refvit's op registry (`refvit.registry`), named after and
+with the same signature and semantics as refvit's kernel of that name (docs/spec.md Parts 2 and 4, "Token
+pruning"; e.g. `conv2d`, `gelu_poly`, `select_tokens`), plus the arithmetic primitives
+`apply_scale` and `requantize` (Part 1). `block` and
 `model` run the case's integer graph (refvit.graph: the op records of refvit's own model) with the DUT's
 per-op methods, so a team that implements only the kernels gets whole blocks and models tested too;
 override them to test a fused implementation. `run_case` is the single entry point of the runner; ExternalCommandDUT overrides
@@ -10,6 +11,7 @@ it to hand each case to an external program (an RTL simulator wrapper, a C model
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 import signal
@@ -20,11 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refvit import int_kernels as K
-from refvit import int_kernels_prune as KP
-from refvit import int_kernels_variants as KV
-from refvit import intmath
-from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, run_graph
+from refvit import intmath, registry
+from refvit.graph import graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
 
 from .casefiles import read_output, write_case
@@ -34,8 +33,26 @@ class DUTError(RuntimeError):
     """The device under test failed to run a case (crashed, timed out, wrote no output)."""
 
 
+def _not_implemented(name: str, row=None, signature=None):
+    """A DUT method stub: raises NotImplementedError; `not_implemented` marks it for the runner (SKIP)."""
+    def method(self, *args, **kwargs):
+        raise NotImplementedError(name)
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = (f"{row.summary} ({row.op}/{row.variant}; docs/spec.md, {row.spec})" if row else None)
+    if signature is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        method.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    method.not_implemented = True
+    return method
+
+
 class DUT:
-    """Base class: implement the ops your device supports; unimplemented ones make their cases ERROR."""
+    """Base class: implement the ops your device supports, one method per kernel name.
+
+    The per-op methods are generated from refvit's op registry (`refvit.registry`: one row per (op,
+    variant), `python -m conformance methods` lists them with their signatures): each has the signature of
+    refvit's kernel of that name and raises NotImplementedError until a subclass defines it (the runner then
+    SKIPs its cases). `apply_scale` and `requantize` (docs/spec.md Part 1) are the arithmetic primitives."""
 
     # -- arithmetic primitives (docs/spec.md, Part 1) ------------------------------------
     def apply_scale(self, value, multiplier, shift, rounding=SINGLE_ROUND):
@@ -46,97 +63,24 @@ class DUT:
         """saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)."""
         raise NotImplementedError("requantize")
 
-    # -- kernels (docs/spec.md, Part 2) ------------------------------------------------
-    def conv2d(self, x, weight, bias, multiplier, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
-        """int8 (B, Cin, H, W), stride = kernel k -> out_dtype (B, Cout, H/k, W/k); per-channel requantize."""
-        raise NotImplementedError("conv2d")
+    apply_scale.not_implemented = requantize.not_implemented = True
 
-    def attention_scores(self, q, k):
-        """int8 (B, Hh, D, N) x2 -> int32 (B, Hh, N, N)."""
-        raise NotImplementedError("attention_scores")
-
-    def softmax(self, scores, multiplier, shift, exp_table, *, rounding=SINGLE_ROUND):
-        """int32 (..., N) -> int8 probabilities at scale 1/127 over the last axis."""
-        raise NotImplementedError("softmax")
-
-    def attention_context(self, p, v, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """int8 p (B, Hh, N, N), v (B, Hh, D, N) -> int8 (B, Hh, D, N)."""
-        raise NotImplementedError("attention_context")
-
-    def add(self, a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8):
-        """saturate(rounding_shift_right(a*multiplier_a + b*multiplier_b, shift)); b broadcasts to a."""
-        raise NotImplementedError("add")
-
-    def layernorm(self, x, eps_int, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """Integer LayerNorm over channels of int8 (B, C, H, W) -> int8."""
-        raise NotImplementedError("layernorm")
-
-    def gelu(self, x, table):
-        """table[x + 128], int8."""
-        raise NotImplementedError("gelu")
-
-    def concat_tokens(self, prefix, patches):
-        """int8 prefix (1, C, 1, P) broadcast over B, patches (B, C, 1, Np) -> (B, C, 1, P + Np)."""
-        raise NotImplementedError("concat_tokens")
-
-    # -- token pruning (docs/spec.md, "Token pruning (HeatViT / EViT selector)") ------------------
-    def select_tokens(self, p, *, keep, num_prefix):
-        """int8 p (B, Hh, N, N) -> int32 (B, keep): positions of the patch tokens with the largest sum over heads
-        of p[:, h, 0, j] (ties: lower position first), ascending."""
-        raise NotImplementedError("select_tokens")
-
-    def prune_tokens(self, x, p, index, *, num_prefix, rounding=SINGLE_ROUND):
-        """x (B, C, 1, N), p, index (B, k) -> (B, C, 1, P + k + 1): prefix, kept tokens, the score-weighted
-        average of the dropped ones (exact quotient, ties by the rounding mode); x itself when k = N - P."""
-        raise NotImplementedError("prune_tokens")
-
-    # -- scheme variants (docs/spec.md, Part 4: refvit/int_kernels_variants.py) --------------------
-    def gelu_poly(self, x, c_b, c_c, c_1, erf_shift, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """I-BERT i-GELU (HeatViT delta folded into c_1 and the rescale): int8 x, any shape -> int8."""
-        raise NotImplementedError("gelu_poly")
-
-    def gelu_shift(self, x, multiplier_in, shift_in, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """I-ViT ShiftGELU x * sigmoid(1.702 x) with exp through shifts: int8 x, any shape -> int8."""
-        raise NotImplementedError("gelu_shift")
-
-    def softmax_poly(self, scores, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """Softmax with I-BERT's i-exp at 2^-14: int32 (..., N) -> int8 probabilities at 1/127."""
-        raise NotImplementedError("softmax_poly")
-
-    def softmax_shift(self, scores, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """Softmax with I-ViT's ShiftExp (Shiftmax) at 2^-14: int32 (..., N) -> int8 probabilities at 1/127."""
-        raise NotImplementedError("softmax_shift")
-
-    def layernorm_int32(self, x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """LayerNorm with every intermediate in 32 bits: int8 or int16 (B, C, H, W) -> int8."""
-        raise NotImplementedError("layernorm_int32")
-
-    def layernorm_wide(self, x, eps_int, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
-        """Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8."""
-        raise NotImplementedError("layernorm_wide")
-
-    def add_wide(self, a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int16):
-        """Part 2's add on int8 or int16 operands, out_dtype int16 or int8; b broadcasts to a."""
-        raise NotImplementedError("add_wide")
-
-    def conv2d_w4(self, x, weight, bias, multiplier, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
-        """conv2d with 4-bit weight codes in [-7, 7] (stored as int8), one requantization per channel."""
-        raise NotImplementedError("conv2d_w4")
-
-    def conv2d_mixed_pot(self, x, weight, bias, multiplier, shift, pot_rows, *, rounding=SINGLE_ROUND,
-                         out_dtype=np.int8):
-        """conv2d whose rows flagged in pot_rows (bool (Cout,)) hold only 0, +-2^k (k <= 6), the rest int8."""
-        raise NotImplementedError("conv2d_mixed_pot")
+    def __getattr__(self, name):
+        """A kernel of a registry row added after this class was made (a team's own variant): a stub."""
+        try:
+            row = registry.by_kernel_name(name)
+        except registry.UnknownOpError:
+            raise AttributeError(name) from None
+        return _not_implemented(name, row).__get__(self)
 
     # -- composites: the case's graph, run with this DUT's per-op methods ------------------------
     def kernel_for(self, op):
         """The method that computes an op record: the DUT's method named after refvit's kernel; pure data
         movement (split_heads, gather_prefix) falls back to refvit's own unless the DUT defines it."""
-        method = getattr(self, op.kernel, None)
-        if method is None and op.op in DATA_MOVEMENT:
-            return KERNELS[(op.op, op.variant)]
-        if method is None:
-            raise NotImplementedError(op.kernel)
+        row = registry.row(op.op, op.variant)
+        method = getattr(self, row.kernel_name)
+        if getattr(method, "not_implemented", False) and row.data_movement:
+            return row.kernel
         return method
 
     def block(self, x, constants, *, graph):
@@ -159,25 +103,62 @@ class DUT:
         return getattr(self, case.op)(*case.inputs.values(), **case.params)
 
 
-# The reference implementation of every per-op method: cases take their expected outputs from it.
-REFERENCE_KERNELS = {
-    "apply_scale": intmath.apply_scale, "requantize": intmath.requantize, "conv2d": K.conv2d,
-    "attention_scores": K.attention_scores, "softmax": K.softmax, "attention_context": K.attention_context,
-    "add": K.add, "layernorm": K.layernorm, "gelu": K.gelu, "concat_tokens": K.concat_tokens,
-    "select_tokens": KP.select_tokens, "prune_tokens": KP.prune_tokens,
-    "gelu_poly": KV.gelu_poly, "gelu_shift": KV.gelu_shift, "softmax_poly": KV.softmax_poly,
-    "softmax_shift": KV.softmax_shift, "layernorm_int32": KV.layernorm_int32, "layernorm_wide": KV.layernorm_wide,
-    "add_wide": KV.add_wide, "conv2d_w4": KV.conv2d_w4, "conv2d_mixed_pot": KV.conv2d_mixed_pot,
-}
-OPS = tuple(REFERENCE_KERNELS) + ("block", "model")
+PRIMITIVES = {"apply_scale": intmath.apply_scale, "requantize": intmath.requantize}
+
+
+def _kernels(data_movement: bool = False) -> dict:
+    """Method name -> refvit's function: the primitives, then every registry row's kernel (pure data
+    movement only when asked: a DUT may define it, and falls back to refvit's when it does not)."""
+    return PRIMITIVES | {r.kernel_name: r.kernel for r in registry.rows() if data_movement or not r.data_movement}
+
+
+for _row in registry.rows():   # the per-op stubs, one per registry row, with the kernel's signature
+    if _row.kernel_name not in DUT.__dict__:
+        setattr(DUT, _row.kernel_name, _not_implemented(_row.kernel_name, _row, inspect.signature(_row.kernel)))
+
+
+class _ReferenceKernels(dict):
+    """The reference implementation of every per-op method (cases take their expected outputs from it),
+    read from the registry when asked, so rows registered later are in it."""
+
+    def _all(self):
+        return _kernels()
+
+    def __getitem__(self, name):
+        return self._all()[name]
+
+    def __contains__(self, name):
+        return name in self._all()
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self):
+        return len(self._all())
+
+    def items(self):
+        return self._all().items()
+
+    def keys(self):
+        return self._all().keys()
+
+
+REFERENCE_KERNELS = _ReferenceKernels()
+OPS = tuple(_kernels()) + ("block", "model")
 
 
 class RefvitDUT(DUT):
-    """refvit itself: every per-op method delegates to refvit; block and model are DUT's compositions."""
+    """refvit itself: every per-op method is refvit's fast kernel; block and model are DUT's compositions."""
+
+    def __getattr__(self, name):
+        try:
+            return REFERENCE_KERNELS[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
-for _op, _fn in REFERENCE_KERNELS.items():   # same signatures by construction
-    setattr(RefvitDUT, _op, staticmethod(_fn))
+for _name, _fn in _kernels(data_movement=True).items():   # same signatures by construction
+    setattr(RefvitDUT, _name, staticmethod(_fn))
 
 
 class ExternalCommandDUT(DUT):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .dumpfmt import DumpFormatError, read_array
+from .errors import UsageError
 from .golden import SCHEMA
 
 OK, WITHIN, MISMATCH, MISSING, BAD_SHAPE, BAD_DTYPE, UNREADABLE = "OK", "WITHIN", "MISMATCH", "MISSING", \
@@ -31,7 +32,7 @@ _KIND_STATUS = {"shape": BAD_SHAPE, "dtype": BAD_DTYPE, "format": UNREADABLE}
 OUTSIDE_OPS, NOT_DUMPED = "outside --ops", "not dumped by the device"
 
 
-class CheckUsageError(ValueError):
+class CheckUsageError(UsageError):
     """A golden or actual folder that cannot be compared at all (missing, no readable manifest, nothing to compare)."""
 
 

@@ -15,32 +15,26 @@ from pathlib import Path
 
 import numpy as np
 
-from . import check, golden, int_model, report
-from .checkpoints import CheckpointError
-from .config import ConfigError
-from .dumpfmt import FORMATS, DumpFormatError, check_formats
+from . import check, golden, int_model, registry as R, report
+from .errors import RefvitError, UsageError
+from .dumpfmt import FORMATS, check_formats
 from .evaluate import evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
-from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme, select_ops
+from .graph import KERNEL_SETS, SCHEME_NOTES, SCHEMES, resolve_scheme, select_ops
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
 from .models import load_model
-from .preprocess import PRESETS, ImageError, PreprocessError
+from .preprocess import PRESETS
 from .qfile import is_quantized_file, save_quantized
-from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
-from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, file_source, resolve_model
+from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE
+from .resolve import DEFAULT_METHOD, Resolved, expand_images, file_source, resolve_model
 
 EXAMPLES = DATA / "examples"
 BATCH = 16  # images per forward pass: bounds memory for long image lists
 
 
-class UsageError(ValueError):
-    """A command line that asks for something impossible (e.g. --top 0)."""
-
-
-USER_ERRORS = (UsageError, CheckpointError, ConfigError, ImageError, PreprocessError, QuantizationError, ResolveError,
-               GraphError, DumpFormatError, check.CheckUsageError, OSError)  # one line, exit code 2
+USER_ERRORS = (RefvitError, OSError)   # one line `refvit: error: ...`, exit code 2 (refvit.errors)
 
 
 def default_model_note() -> str:
@@ -115,7 +109,7 @@ def _check_model_args(args) -> None:
 def resolve_from_args(args, *, int8: bool, form: str = "conv", calib_fallback=None, progress=None,
                       max_images: int = 512) -> Resolved:
     _check_model_args(args)
-    return resolve_model(weights=args.weights, model=getattr(args, "model", None), int8=int8, form=form,
+    r = resolve_model(weights=args.weights, model=getattr(args, "model", None), int8=int8, form=form,
                          preprocess=args.preprocess, num_heads=args.num_heads, arch=args.arch,
                          calib=getattr(args, "calib", None), calib_fallback=calib_fallback,
                          method=getattr(args, "method", DEFAULT_METHOD),
@@ -123,6 +117,13 @@ def resolve_from_args(args, *, int8: bool, form: str = "conv", calib_fallback=No
                          rounding=getattr(args, "rounding", None), max_images=max_images, progress=progress,
                          scheme=resolve_scheme(args.scheme) if getattr(args, "scheme", None) else None,
                          prune=getattr(args, "prune", None))
+    return replace(r, kernels=getattr(args, "kernels", "fast"))
+
+
+def add_kernels_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=tuple(KERNEL_SETS), default="fast",
+                   help="integer kernels: fast (default) or reference (refvit.reference, the spec's plain "
+                        "pseudocode as code: the same bits, slower)")
 
 
 def describe(r: Resolved) -> dict:
@@ -148,6 +149,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
                         "on the fly (calibrated on --calib, else on the images themselves); implied by --model")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes to show (default: 5)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+    add_kernels_arg(p)
 
 
 def top_k(probs: np.ndarray, k: int, names: list) -> list:
@@ -163,7 +165,7 @@ def classify_images(r: Resolved, images: list, k: int, int8: bool) -> list:
         paths = images[start:start + BATCH]
         x = r.images(paths)                                                         # (B, 3, H, W)
         if int8:
-            li, scale = int_model.logits_int8_model(r.qm, x)
+            li, scale = int_model.logits_int8_model(r.qm, x, kernels=r.kernels)
             logits = li * scale
         else:
             logits = r.float_model.logits(x).astype(np.float64)
@@ -330,8 +332,8 @@ def add_golden_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--formats", default="npy", help=f"comma-separated subset of {','.join(FORMATS)} (npy always)")
     p.add_argument("--internals", action="store_true", help="also dump what each op computes inside, as "
-                   "<op>.<internal>: conv and matmul accumulators (acc), LayerNorm's sum, d, sumsq, root, recip, t, "
-                   "acc, softmax's index, exp, sum, recip (docs/spec.md)")
+                   f"<op>.<internal> (docs/spec.md, Internals of the ops): {R.internals_help()}")
+    add_kernels_arg(p)
     p.add_argument("--ops", metavar="GLOB[,GLOB]", help="dump only the matching ops (with the tensors they read and "
                    "the constants they use), e.g. 'blocks.0.*,head'")
     p.add_argument("--hex-width", type=int, metavar="BITS", help="packed hex: BITS per line (a power of two, 8 to "
@@ -377,7 +379,7 @@ def run_golden(args) -> int:
     manifest = write_folder_atomically(args.out, lambda tmp: golden.write_golden(
         r.qm, xq, tmp, formats, input_source, r.source, r.preprocess.to_dict() if images else None,
         internals=args.internals, ops=patterns, hex_width=args.hex_width, c_prefix=args.c_prefix, c_split=args.c_split,
-        float_tensors=floats, float_source=_float_source(args, images), progress=writing))
+        float_tensors=floats, float_source=_float_source(args, images), progress=writing, kernels=args.kernels))
     _end_progress(writing)
     inside = sum(len(op.get("internals", {})) for op in manifest["ops"])
     print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops"
@@ -583,6 +585,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    "'refvit[dask]'), e.g. tcp://10.0.0.1:8786")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_kernels_arg(p)
 
 
 def run_eval(args) -> int:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import RefvitError
 
-class ConfigError(ValueError):
+
+class ConfigError(RefvitError):
     """A configuration that cannot describe a DeiT (bad sizes, inconsistent shapes)."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import refvit
+from refvit.errors import RefvitError
 
 FORMATS = ("npy", "hex", "bin", "h")
 
@@ -26,7 +27,7 @@ C_TYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "
            "int32": "int32_t", "int64": "int64_t"}
 
 
-class DumpFormatError(ValueError):
+class DumpFormatError(RefvitError):
     """A dump file that cannot be decoded as the dtype/shape the manifest states; the message names the file.
 
     kind: 'shape' (wrong element count), 'dtype' (wrong element width) or 'format' (not decodable)."""

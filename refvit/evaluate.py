@@ -130,7 +130,7 @@ def predict_chunk(r: Resolved, data: Dataset, start: int, stop: int) -> tuple:
         if r.float_model is not None:
             pf.append(r.float_model.logits(x).argmax(axis=1))
         if r.qm is not None:
-            pi.append(int_model.logits_int8_model(r.qm, x)[0].argmax(axis=1))      # int16 logits, first max
+            pi.append(int_model.logits_int8_model(r.qm, x, kernels=r.kernels)[0].argmax(axis=1))   # first max
     cat = (lambda p: np.concatenate(p).astype(np.int64) if p else None)
     return cat(pf), cat(pi)
 

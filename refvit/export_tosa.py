@@ -2,7 +2,7 @@
 from the int8 input to the integer logits, constants inline.
 
 One walk over the graph records (refvit.graph): each record becomes the TOSA operator sequence written down
-in docs/spec.md, Part 5, name for name with the emitters below (`EMITTERS[(op, variant)]`). Every
+in docs/spec.md, Part 5, name for name with the emitters below (each registry row's `tosa`). Every
 intermediate is a TOSA integer type (int8, int16, int32, bool): no 64-bit values, so only the records that
 have a 32-bit realization are exported; `check_exportable` names the first one that has none, and why.
 Tensors live in TOSA's channels-last layouts inside the function (tokens (B, 1, N, C), heads (B, N, Hh, D),
@@ -27,8 +27,9 @@ import refvit
 from . import graph as G
 from . import int_kernels as K
 from . import int_kernels_variants as KV
+from . import registry as R
 from .intmath import INT32_MAX, SINGLE_ROUND, apply_scale, int_range
-from .quantize import QuantizedModel
+from .qfile import QuantizedModel
 
 OUTPUTS = ("logits", "all")
 MLIR_TYPES = {"int8": "i8", "int16": "i16", "int32": "i32", "bool": "i1"}
@@ -530,39 +531,20 @@ def _gather_prefix(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
     return em.reshape(em.slice(x, (0, 0, 0, 0), (B, 1, P, C)), (B, 1, 1, P * C)), "nhwc"
 
 
-EMITTERS = {  # (op, variant) -> emitter; docs/spec.md Part 5 has one section per row
-    ("conv2d", "w8"): _conv2d,
-    ("conv2d", "w4"): _conv2d,
-    ("conv2d", "mixed-pot"): _conv2d,
-    ("concat_tokens", "prefix"): _concat_tokens,
-    ("add", "int8"): _add_int8,
-    ("layernorm", "int32"): _layernorm_int32,
-    ("split_heads", "channels"): _split_heads,
-    ("attention_scores", "int32"): _attention_scores,
-    ("softmax", "table"): _softmax_table,
-    ("softmax", "poly"): _softmax_poly,
-    ("softmax", "shift"): _softmax_shift,
-    ("attention_context", "int32"): _attention_context,
-    ("gelu", "table"): _gelu_table,
-    ("gelu", "poly"): _gelu_poly,
-    ("gelu", "shift"): _gelu_shift,
-    ("gather_prefix", "channels"): _gather_prefix,
-}
-NOT_EXPRESSIBLE = {  # why the other kernels have no realization in TOSA's 32-bit integer types
-    ("layernorm", "int64"): "its sum of squares reaches 2^50 and its square root takes a 62-bit value, and TOSA "
-                            "has no 64-bit integer type (layernorm 'int32' has 32-bit intermediates)",
-    ("layernorm", "wide"): "its sum of squares reaches 2^61 (int16 input) and its square root a 62-bit value, and "
-                           "TOSA has no 64-bit integer type (layernorm 'int32' has 32-bit intermediates)",
-    ("add", "int16"): "an int16 operand times a 31-bit multiplier reaches 2^46, and TOSA has no 64-bit integer "
-                      "type (the int8 add is realized exactly in 32 bits)",
-}
+def emitter(op: str, variant: str):
+    """The emitter of (op, variant): its registry row's `tosa` (a function of this module by name, or a
+    function), or a TosaExportError with the row's `no_tosa` reason."""
+    row = R.row(op, variant)
+    if row.tosa is None:
+        raise TosaExportError(row.no_tosa)
+    return row.tosa if callable(row.tosa) else globals()[row.tosa]
 
 
 def check_exportable(graph, scheme: str = "") -> None:
     """Raise TosaExportError naming the first record that TOSA cannot express, and why."""
     for op in graph:
-        if (op.op, op.variant) not in EMITTERS:
-            why = NOT_EXPRESSIBLE.get((op.op, op.variant), "no TOSA realization is written down for it")
+        if R.row(op.op, op.variant).tosa is None:
+            why = R.row(op.op, op.variant).no_tosa
             raise TosaExportError(f"{'scheme ' + scheme + ': ' if scheme else ''}op {op.name!r} ({op.op} variant "
                                   f"{op.variant!r}, kernel {op.kernel}) cannot be written in TOSA: {why}; "
                                   f"quantize with --scheme tosa-int32")
@@ -614,7 +596,7 @@ def export_tosa(qm: QuantizedModel, batch: int = 1, outputs: str = "logits") -> 
         em.loc = op.name
         c = {arg: (name, np.asarray(qm.tensors[name])) for arg, name in op.constants.items()}
         args = [env[t][0] for t in op.inputs.values()]
-        v, kind = EMITTERS[(op.op, op.variant)](em, op, ctx, *args, c)
+        v, kind = emitter(op.op, op.variant)(em, op, ctx, *args, c)
         if v.dtype != op.dtype:
             raise AssertionError(f"{op.name}: emitted {v.dtype}, the record says {op.dtype}")
         env[op.name] = (v, kind)

@@ -7,7 +7,7 @@
 in the formats of refvit.dumpfmt. docs/golden-format.md describes the manifest (schema version 2).
 
 Options (each adds to the manifest only when used: a dump without them is what it always was):
-    internals      what each kernel computes inside its op (refvit.graph.INTERNALS), named `<op>.<internal>`
+    internals      what each kernel computes inside its op (its registry row's internals), named `<op>.<internal>`
     ops            shell patterns: only the matching ops (outputs, internals), the tensors they read and the
                    constants they use
     hex_width      packed hex lines (dumpfmt.hex_lines); c_prefix, c_split: C identifiers, one .c + one .h
@@ -24,8 +24,9 @@ import refvit
 from . import int_model
 from .dumpfmt import (HEX_DIGITS, DumpFormatError, c_identifier, check_c_prefix, check_formats, hex_lanes, jsonable,
                       manifest_json, read_array, sha256_bytes, write_array, write_c_pair)
-from .graph import INTERNALS, KERNELS, select_ops
-from .quantize import QuantizedModel
+from . import registry as R
+from .graph import select_ops
+from .qfile import QuantizedModel
 
 SCHEMA = "refvit-golden"
 SCHEMA_VERSION = 2
@@ -35,8 +36,12 @@ HEX_PACKING = ("hex_width bits per line: lanes = floor(hex_width / element bits)
                "in lane i % lanes, lane 0 the least significant (rightmost) digits; the last line's unused lanes 0")
 C_SPLIT_STEM = "golden"          # c_split: <prefix>golden.c (the data) and <prefix>golden.h (extern declarations)
 PROGRESS_STEPS = 10              # progress reports per dump (plus the last)
-# constants whose values go into the manifest too (small integers a team reads by eye)
-_VALUE_SUFFIXES = (".multiplier", ".shift", ".multiplier_a", ".multiplier_b", ".eps_int")
+
+
+def states_value(name: str, arr: np.ndarray) -> bool:
+    """Constants whose values go into the manifest too (numbers a team reads by eye): real scales, scalars,
+    and every rescale (multiplier*, shift*) argument of a registry row, per channel too."""
+    return arr.dtype.kind == "f" or arr.ndim == 0 or name.endswith(R.rescale_constant_suffixes() + (".eps_int",))
 
 
 def seed_input(seed: int, shape) -> np.ndarray:
@@ -102,18 +107,20 @@ def _ticker(progress, total: int):
 def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), input_source: dict | None = None,
                  model_source: dict | None = None, preprocess: dict | None = None, *, internals: bool = False,
                  ops=None, hex_width: int | None = None, c_prefix: str = "", c_split: bool = False,
-                 float_tensors: dict | None = None, float_source: dict | None = None, progress=None) -> dict:
+                 float_tensors: dict | None = None, float_source: dict | None = None, progress=None,
+                 kernels: str = "fast") -> dict:
     """Run the integer model on int8 input xq (B, C, H, W) with a trace; dump everything; return the manifest.
 
-    internals: also each kernel's internals (graph.INTERNALS); ops: shell patterns selecting ops; hex_width:
+    internals: also each kernel's internals (refvit.registry rows); ops: shell patterns selecting ops; hex_width:
     bits per packed hex line; c_prefix: before every C identifier; c_split: one .c with the data and one .h
     with extern declarations instead of a header per array; float_tensors: {tensor name: float array} written
-    as float/<name>.npy (float32), float_source: what they are; progress(n, total, unit) as files are written."""
+    as float/<name>.npy (float32), float_source: what they are; progress(n, total, unit) as files are written;
+    kernels: "fast" or "reference" (refvit.reference: the same bytes, slower)."""
     formats = check_formats(formats)
     check_c_prefix(c_prefix)
     out = Path(out_dir)
     trace = int_model.Trace()
-    logits = int_model.forward_int(qm, xq, trace, internals=internals)
+    logits = int_model.forward_int(qm, xq, trace, internals=internals, kernels=kernels)
     patterns = None if ops is None else tuple(ops)
     selected, names, const_names = select_dump(qm, trace, patterns)
     floats = {n: np.asarray(float_tensors[n], np.float32) for n in names if n in (float_tensors or {})}
@@ -140,7 +147,7 @@ def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), 
     for name in const_names:
         arr = np.asarray(qm.tensors[name])
         entry = {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape)} | arrays.write("constants", name, arr)
-        if arr.dtype.kind == "f" or name.endswith(_VALUE_SUFFIXES):
+        if states_value(name, arr):
             entry["value"] = jsonable(arr)
         constants[name] = entry
         written += 1
@@ -215,7 +222,8 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "refvit_version": refvit.__version__,
         "model": {"config": qm.config.to_dict(), "head_mode": qm.head_mode, "source": model_source or {}},
         "quantization": {"scheme": qm.scheme.name, "scheme_choices": qm.scheme.to_dict(), "rounding": qm.rounding,
-                         "calibration": jsonable(qm.calibration)},
+                         "calibration": jsonable(qm.calibration),
+                         **({"prune": qm.metadata()["prune"]} if qm.prune_stages() else {})},
         "input": {"tensor": "input", "dtype": xq.dtype.name, "shape": list(xq.shape),
                   "scale": float(qm.tensors["input.scale"]), "sha256_int8": sha256_bytes(input_bytes),
                   "source": input_source or {"kind": "array"}, "preprocess": preprocess},
@@ -232,14 +240,14 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
 def _op_entry(op, index: int, trace, internals: bool) -> dict:
     """The graph's record as it is, with its position `index` (and, with internals, {internal: tensor})."""
     entry = {"index": index, **op.to_dict()}
-    if internals and (op.op, op.variant) in INTERNALS:
+    if internals and R.row(op.op, op.variant).internals:
         entry["internals"] = dict(trace.internals.get(op.name, {}))
     return entry
 
 
 def _internals_summary(trace) -> dict:
     """Which kernels of this graph expose internals, and which have none (their output is all they compute)."""
-    kinds = dict.fromkeys((op.op, op.variant) for op in trace.ops)
-    return {"kernels": {KERNELS[k].__name__: list(INTERNALS[k]) for k in kinds if k in INTERNALS},
-            "not_available": [KERNELS[k].__name__ for k in kinds if k not in INTERNALS],
+    rows = [R.row(*k) for k in dict.fromkeys((op.op, op.variant) for op in trace.ops)]
+    return {"kernels": {r.kernel_name: list(r.internals) for r in rows if r.internals},
+            "not_available": [r.kernel_name for r in rows if not r.internals],
             "spec": "docs/spec.md, Internals of the ops (golden --internals)"}

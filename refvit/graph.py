@@ -7,8 +7,8 @@ else is derived from the records: the constants a model needs (`required_constan
 manifest's op list (`Op.to_dict`), the conformance suite's block and model cases, and the quantizer's
 calibration walk (the float conv form records its tensors under the same names).
 
-Adding an op: a kernel in `int_kernels.py`, a section in docs/spec.md, a row in `KERNELS`, and a line in
-the builder (plus its constants in `quantize.py`).
+Adding an op: a kernel, a reference kernel, a section in docs/spec.md, a row in `refvit.registry`, and a
+line in the builder (docs/architecture.md, "Where to add an op or a variant").
 """
 from __future__ import annotations
 
@@ -17,12 +17,11 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from . import int_kernels as K
-from . import int_kernels_prune as KP
-from . import int_kernels_variants as KV
+from . import registry as R
 from .config import DeiTConfig, named_or_json
 from .intmath import ROUNDING_MODES, SINGLE_ROUND
 from .prune import prune_plan
+from .registry import OUTPUT, GraphError, UnknownOpError
 
 # Layouts (the letters of docs/spec.md): B images, C width, N tokens, Hh heads, D head width, K classes.
 IMAGE = "NCHW (B,C,H,W)"
@@ -33,10 +32,6 @@ PREFIX = "NCHW (B,P*C,1,1)"
 LOGITS = "NCHW (B,K,1,1)"
 KEPT = "(B,k) [kept token positions, ascending]"
 BATCH = "B"                     # the batch dimension in a record's shape
-
-
-class GraphError(ValueError):
-    """A graph record that cannot be built, read or executed (unknown op, missing tensor, bad shape)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,94 +109,25 @@ class Op:
                       "attrs": dict(d["attrs"])})
 
 
-# ---------------------------------------------------------------------------------------------
-# data movement (no arithmetic)
-# ---------------------------------------------------------------------------------------------
-
-def split_qkv(qkv: np.ndarray, *, part: int, num_heads: int) -> np.ndarray:
-    """(B, 3C, 1, N) -> q (part 0), k (1) or v (2) as (B, Hh, D, N): a channel slice, then split_heads."""
-    C = qkv.shape[1] // 3
-    return K.split_heads(qkv[:, part * C:(part + 1) * C], num_heads)          # (B, Hh, D, N)
-
-
-def gather_prefix(x: np.ndarray, *, num_prefix: int) -> np.ndarray:
-    """(B, C, 1, N) -> (B, P*C, 1, 1): the cls [and dist] token columns stacked along channels."""
-    B, C = x.shape[:2]
-    return np.ascontiguousarray(x[:, :, 0, :num_prefix].transpose(0, 2, 1)).reshape(B, num_prefix * C, 1, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# the kernels an op record can name
-# ---------------------------------------------------------------------------------------------
-
-KERNELS = {  # (op, variant) -> reference function; its __name__ is the DUT method that computes it
-    ("conv2d", "w8"): K.conv2d,
-    ("conv2d", "w4"): KV.conv2d_w4,
-    ("conv2d", "mixed-pot"): KV.conv2d_mixed_pot,
-    ("layernorm", "int64"): K.layernorm,
-    ("layernorm", "int32"): KV.layernorm_int32,
-    ("layernorm", "wide"): KV.layernorm_wide,
-    ("split_heads", "channels"): split_qkv,
-    ("attention_scores", "int32"): K.attention_scores,
-    ("softmax", "table"): K.softmax,
-    ("softmax", "poly"): KV.softmax_poly,
-    ("softmax", "shift"): KV.softmax_shift,
-    ("attention_context", "int32"): K.attention_context,
-    ("add", "int8"): K.add,
-    ("add", "int16"): KV.add_wide,
-    ("gelu", "table"): K.gelu,
-    ("gelu", "poly"): KV.gelu_poly,
-    ("gelu", "shift"): KV.gelu_shift,
-    ("concat_tokens", "prefix"): K.concat_tokens,
-    ("gather_prefix", "channels"): gather_prefix,
-    ("token_select", "cls_attention"): KP.select_tokens,
-    ("token_prune", "package"): KP.prune_tokens,
-}
-# the constants each variant takes besides the op's own (argument names; the builder prefixes the op name)
-VARIANT_CONSTANTS = {
-    ("conv2d", "mixed-pot"): ("pot_rows",),
-    ("layernorm", "int32"): ("eps_shift",),
-    ("gelu", "poly"): ("c_b", "c_c", "c_1", "erf_shift", "multiplier", "shift"),
-    ("gelu", "shift"): ("multiplier_in", "shift_in", "multiplier", "shift"),
-}
-DATA_MOVEMENT = ("split_heads", "gather_prefix")   # refvit's own function serves a DUT that lacks them
-
-# What a kernel computes inside an op (`golden --internals`; docs/spec.md "Internals of the ops"): (op, variant)
-# -> {internal: layout} that the kernel fills in its `internals` dict when given one. OUTPUT: as many elements
-# as the op's output, in its order: reshaped to the record's shape and layout (a conv's acc, the merged-head
-# context acc). Kernels not listed here have no internals (their output is their only value, or a table's).
-OUTPUT = None
-PER_TOKEN = "NCHW (B,1,1,N) per token"
-PER_ROW = "(B,Hh,N,1) per query row"
-_LN_INTERNALS = {"sum": PER_TOKEN, "d": OUTPUT, "sumsq": PER_TOKEN, "root": PER_TOKEN, "recip": PER_TOKEN,
-                 "t": OUTPUT, "acc": OUTPUT}
-_SOFTMAX_TAIL = {"exp": OUTPUT, "sum": PER_ROW, "recip": PER_ROW}
-INTERNALS = {
-    ("conv2d", "w8"): {"acc": OUTPUT},
-    ("conv2d", "w4"): {"acc": OUTPUT},
-    ("conv2d", "mixed-pot"): {"acc": OUTPUT},
-    ("attention_context", "int32"): {"acc": OUTPUT},
-    ("layernorm", "int64"): _LN_INTERNALS,
-    ("layernorm", "wide"): _LN_INTERNALS,
-    ("layernorm", "int32"): {"sum": PER_TOKEN, "d": OUTPUT, "shift": PER_TOKEN, "ds": OUTPUT, "sumsq": PER_TOKEN,
-                             "root": PER_TOKEN, "recip": PER_TOKEN, "t": OUTPUT, "acc": OUTPUT},
-    ("softmax", "table"): {"index": OUTPUT, **_SOFTMAX_TAIL},
-    ("softmax", "poly"): {"diff": OUTPUT, **_SOFTMAX_TAIL},
-    ("softmax", "shift"): {"diff": OUTPUT, **_SOFTMAX_TAIL},
-}
-
-
 def kernel_name(op: str, variant: str) -> str:
-    try:
-        return KERNELS[(op, variant)].__name__
-    except KeyError:
-        raise GraphError(f"unknown op {op!r} variant {variant!r}; known: "
-                         f"{', '.join(f'{o}/{v}' for o, v in KERNELS)}") from None
+    """The name of the function that computes (op, variant) (an UnknownOpError for an unknown pair)."""
+    return R.row(op, variant).kernel_name
+
+
+def check_rounding(rounding: str) -> str:
+    """The one check of a rounding mode name."""
+    if rounding not in ROUNDING_MODES:
+        raise GraphError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
+    return rounding
 
 
 # ---------------------------------------------------------------------------------------------
 # the builder
 # ---------------------------------------------------------------------------------------------
+
+SCHEME_FIELDS = {"conv": "conv2d", "layernorm": "layernorm", "softmax": "softmax", "gelu": "gelu",
+                 "residual": "add"}   # scheme field -> the op whose variant it picks
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -221,11 +147,10 @@ class Scheme:
     gelu_delta: float = 1.0
 
     def __post_init__(self):
-        for op, variant in (("conv2d", self.conv), ("layernorm", self.layernorm), ("softmax", self.softmax),
-                            ("gelu", self.gelu), ("add", self.residual)):
-            if (op, variant) not in KERNELS:
-                known = [v for o, v in KERNELS if o == op]
-                raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {known}")
+        for fld, op in SCHEME_FIELDS.items():
+            variant = getattr(self, fld)
+            if variant not in R.variants(op):
+                raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {R.variants(op)}")
         if self.residual == "int16" and self.layernorm == "int64":
             raise GraphError(f"scheme {self.name!r}: an int16 residual stream needs a LayerNorm that reads int16 "
                              f"(layernorm 'wide' or 'int32')")
@@ -237,6 +162,10 @@ class Scheme:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def options(self) -> dict:
+        """The quantizer options (what the offline constants read besides the scales)."""
+        return {"pot_fraction": self.pot_fraction, "gelu_delta": self.gelu_delta}
+
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
         if not isinstance(d, dict):
@@ -245,6 +174,20 @@ class Scheme:
         if unknown:
             raise GraphError(f"unknown scheme keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+
+def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
+    """The scheme a graph's records describe: each field's variant as its records have it (the block convs
+    for `conv`: the patch embedding and the head stay w8), plus the quantizer options the constants were made
+    with. The records are the truth; a scheme is their summary."""
+    choices = {}
+    for fld, op in SCHEME_FIELDS.items():
+        found = {r.variant for r in graph if r.op == op and (fld != "conv" or r.name.startswith("blocks."))}
+        if len(found) > 1:
+            raise GraphError(f"the graph mixes {op} variants {sorted(found)}; a scheme has one")
+        if found:
+            choices[fld] = found.pop()
+    return Scheme(name=name, **choices, **(options or {}))
 
 
 DEFAULT_SCHEME = Scheme()
@@ -295,52 +238,48 @@ class _Builder:
         """The residual stream's dtype (the adds' outputs)."""
         return "int16" if self.scheme.residual == "int16" else "int8"
 
-    def add(self, name, op, variant, inputs, constants=(), attrs=None, *, shape, dtype="int8", layout=TOKENS,
+    def add(self, name, op, variant, inputs, attrs=None, constants=None, *, shape, dtype="int8", layout=TOKENS,
             scale="", weight_scale=None, calibrate=None):
-        """Append a record. constants: {argument: constant name}, or argument names that get the op's name
-        as prefix. scale "" is the op's own calibrated scale `<name>.scale`."""
-        consts = constants if isinstance(constants, dict) else {c: f"{name}.{c}" for c in constants}
+        """Append a record of (op, variant): its constants named by the registry row (constants: {argument:
+        name} overrides), `rounding` when the kernel takes one. scale "" is the op's own calibrated scale
+        `<name>.scale`."""
+        row, given = R.row(op, variant), dict(constants or {})
+        consts = {a: given.get(a) or row.constant_name(name, a) for a in row.positional_args
+                  if a in given or a in row.constant_args}                                   # kernel argument order
+        given_attrs = ({"rounding": self.rounding} if row.takes_rounding else {}) | (attrs or {})
+        attrs = {a: given_attrs[a] for a in row.attrs if a in given_attrs}                   # kernel keyword order
         own = scale == ""
-        self.ops.append(Op(name, op, variant, dict(inputs), consts, dict(attrs or {}), dtype, tuple(shape), layout,
+        self.ops.append(Op(name, op, variant, dict(inputs), consts, attrs, dtype, tuple(shape), layout,
                            f"{name}.scale" if own else scale, weight_scale, own if calibrate is None else calibrate))
         return name
 
     def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
              variant=None):
-        shape = (BATCH, cout, 1, spatial or self.tokens)
-        variant = variant or self.scheme.conv
-        consts = ("weight", "bias", "multiplier", "shift") + VARIANT_CONSTANTS.get(("conv2d", variant), ())
-        return self.add(name, "conv2d", variant, {"x": x}, consts, {"rounding": self.rounding, "out_dtype": dtype},
-                        shape=shape, dtype=dtype, layout=layout, scale=scale, weight_scale=f"{name}.weight_scale",
-                        calibrate=calibrate)
+        return self.add(name, "conv2d", variant or self.scheme.conv, {"x": x}, {"out_dtype": dtype},
+                        shape=(BATCH, cout, 1, spatial or self.tokens), dtype=dtype, layout=layout, scale=scale,
+                        weight_scale=f"{name}.weight_scale", calibrate=calibrate)
 
     def layernorm(self, name, x):
-        v = self.scheme.layernorm
-        consts = {"eps_int": f"{name}.eps_int", **{c: f"{name}.{c}" for c in VARIANT_CONSTANTS.get(("layernorm", v), ())},
-                  "gamma": f"{name}.weight", "bias": f"{name}.bias", "multiplier": f"{name}.multiplier",
-                  "shift": f"{name}.shift"}
-        return self.add(name, "layernorm", v, {"x": x}, consts, {"rounding": self.rounding},
+        return self.add(name, "layernorm", self.scheme.layernorm, {"x": x},
                         shape=(BATCH, self.cfg.embed_dim, 1, self.tokens), weight_scale=f"{name}.weight_scale")
 
     def residual(self, name, a, b, b_constant=False):
         """a + b at the residual stream's width; b a tensor, or (b_constant) a constant's name."""
         v = self.scheme.residual
-        consts = {c: f"{name}.{c}" for c in ("multiplier_a", "multiplier_b", "shift")}
-        attrs = {"out_dtype": "int16"} if v == "int16" else {}
         return self.add(name, "add", v, {"a": a} if b_constant else {"a": a, "b": b},
-                        ({"b": b} | consts) if b_constant else consts, attrs, dtype=self.stream_dtype,
-                        shape=(BATCH, self.cfg.embed_dim, 1, self.tokens))
+                        {"out_dtype": "int16"} if v == "int16" else {}, {"b": b} if b_constant else None,
+                        dtype=self.stream_dtype, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens))
 
     def select(self, b, x, p, stage) -> str:
         """Token pruning in block prefix b (docs/spec.md, "Token pruning"): `select`, the kept positions (B, k)
         from the probabilities p, then `pruned`, the tokens x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])."""
         P = self.cfg.num_prefix_tokens
-        index = self.add(b + "select", "token_select", "cls_attention", {"p": p}, (),
+        index = self.add(b + "select", "token_select", "cls_attention", {"p": p},
                          {"keep": stage.keep, "num_prefix": P}, shape=(BATCH, stage.keep), dtype="int32",
                          layout=KEPT, scale=None, calibrate=False)                   # (B, k) int32
         self.tokens = P + stage.patches_out
-        return self.add(b + "pruned", "token_prune", "package", {"x": x, "p": p, "index": index}, (),
-                        {"num_prefix": P, "rounding": self.rounding}, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens),
+        return self.add(b + "pruned", "token_prune", "package", {"x": x, "p": p, "index": index},
+                        {"num_prefix": P}, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens),
                         dtype=self.stream_dtype, scale=f"{x}.scale", calibrate=False)  # (B, C, 1, N'), x's scale
 
 
@@ -350,28 +289,21 @@ def _block(g: _Builder, i: int, x: str) -> str:
     C, N, Hh, D = cfg.embed_dim, g.tokens, cfg.num_heads, cfg.head_dim
     h = g.layernorm(b + "norm1", x)                                                 # (B, C, 1, N)
     qkv = g.conv(b + "attn.qkv", h, 3 * C, scale=None)                              # (B, 3C, 1, N), 3 scales
-    q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv}, (),
+    q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv},
                      {"part": j, "num_heads": Hh}, shape=(BATCH, Hh, D, N), layout=HEADS)
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
-    s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, (), shape=(BATCH, Hh, N, N),
+    s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
-    table = {"exp_table": "exp_table"} if g.scheme.softmax == "table" else {}
-    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s},
-              {"multiplier": b + "attn.softmax.multiplier", "shift": b + "attn.softmax.shift", **table},
-              {"rounding": g.rounding}, shape=(BATCH, Hh, N, N), layout=SCORES,
+    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N), layout=SCORES,
               scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
-    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, ("multiplier", "shift"),
-              {"rounding": g.rounding}, shape=(BATCH, C, 1, N))                     # (B, C, 1, N) = merged heads
+    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, shape=(BATCH, C, 1, N)) # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
     if i in g.stages:
         x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N')
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N')
-    gv = g.scheme.gelu
-    h = g.add(b + "mlp.gelu", "gelu", gv, {"x": h}, VARIANT_CONSTANTS.get(("gelu", gv), ("table",)),
-              {} if gv == "table" else {"rounding": g.rounding},
-              shape=(BATCH, cfg.hidden_dim, 1, g.tokens))                           # (B, 4C, 1, N')
+    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h}, shape=(BATCH, cfg.hidden_dim, 1, g.tokens)) # (B, 4C, 1, N')
     h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N')
     return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N')
 
@@ -381,18 +313,15 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
 
     prune: token pruning stages ((block, keep_rate), ... or 'BLOCK:KEEP,...', refvit.prune): each adds the
     records `blocks.i.select` and `blocks.i.pruned` after `blocks.i.residual1`; every shape stays static."""
-    if rounding not in ROUNDING_MODES:
-        raise GraphError(f"unknown rounding mode {rounding!r}; choose from {ROUNDING_MODES}")
-    g = _Builder(cfg, rounding, scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
+    g = _Builder(cfg, check_rounding(rounding), scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
     t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
-    t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, {"prefix": "prefix_tokens"},
-              shape=(BATCH, C, 1, N), scale="patch_embed.scale")                    # (B, C, 1, N)
+    t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, shape=(BATCH, C, 1, N), scale="patch_embed.scale") # (B, C, 1, N)
     x = g.residual("embed", t, "pos_embed", b_constant=True)                        # (B, C, 1, N)
     for i in range(cfg.depth):
         x = _block(g, i, x)
     x = g.layernorm("norm", x)                                                      # (B, C, 1, N')
-    h = g.add("head_input", "gather_prefix", "channels", {"x": x}, (), {"num_prefix": P},
+    h = g.add("head_input", "gather_prefix", "channels", {"x": x}, {"num_prefix": P},
               shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
     g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True,
            variant="w8")
@@ -467,19 +396,38 @@ class Trace:
     internals: dict = field(default_factory=dict)  # op name -> {internal: tensor name} (run_graph(internals=True))
 
 
+def fast_kernels(op: Op):
+    """The default: each record's fast kernel (tested equal to its reference kernel)."""
+    return R.row(op.op, op.variant).kernel
+
+
 def reference_kernels(op: Op):
-    return KERNELS[(op.op, op.variant)]
+    """The normative plain kernels of refvit.reference (docs/spec.md's pseudocode as code)."""
+    row = R.row(op.op, op.variant)
+    if row.reference is None:
+        raise UnknownOpError(f"op {op.op}/{op.variant} has no reference kernel")
+    return row.reference
 
 
-def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None, kernels=reference_kernels,
+KERNEL_SETS = {"fast": fast_kernels, "reference": reference_kernels}   # `--kernels`
+
+
+def kernel_set(name: str):
+    try:
+        return KERNEL_SETS[name]
+    except KeyError:
+        raise GraphError(f"unknown kernel set {name!r}; choose from {sorted(KERNEL_SETS)}") from None
+
+
+def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None, kernels=fast_kernels,
               input_layout: str = IMAGE, internals: bool = False) -> np.ndarray:
     """Execute the records in order on input x; returns the last op's output.
 
     Each op calls its kernel with its inputs and constants as keyword arguments and its attrs; the output
     is reshaped (row-major, same bytes) to the record's shape and checked against its dtype. `kernels`
     maps a record to the function that computes it (refvit's by default; a DUT's methods in conformance).
-    internals (with a trace): the kernels listed in INTERNALS also get an `internals` dict; what they put
-    in it is traced as `<op>.<internal>`, just before the op's output."""
+    internals (with a trace): the kernels whose registry row lists internals also get an `internals` dict;
+    what they put in it is traced as `<op>.<internal>`, just before the op's output."""
     env = {"input": x}
     last_use = {t: i for i, op in enumerate(graph) for t in op.inputs.values()}   # free tensors when done
     if trace is not None:
@@ -492,7 +440,7 @@ def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None,
         except KeyError as e:
             raise GraphError(f"op {op.name!r} needs constant {e.args[0]!r}, which the model lacks") from None
         attrs = {k: (np.dtype(v) if k == "out_dtype" else v) for k, v in op.attrs.items()}
-        kept = {} if internals and trace is not None and (op.op, op.variant) in INTERNALS else None
+        kept = {} if internals and trace is not None and R.row(op.op, op.variant).internals else None
         out = np.asarray(kernels(op)(**args, **attrs, **({} if kept is None else {"internals": kept})))
         want = op.shape_for(batch)
         if out.dtype != np.dtype(op.dtype) or out.size != int(np.prod(want)):
@@ -506,23 +454,23 @@ def run_graph(graph, constants: dict, x: np.ndarray, trace: Trace | None = None,
         if trace is not None:
             trace.ops.append(op)
             if kept is not None:
-                _trace_internals(trace, op, kept, out)
+                _trace_internals(trace, op, kept, out, constants)
             trace.tensors[op.name], trace.layouts[op.name] = out, op.layout
     return out
 
 
-def _trace_internals(trace: Trace, op: Op, kept: dict, out: np.ndarray) -> None:
-    """Record a kernel's internals as `<op>.<internal>` in INTERNALS order (OUTPUT ones in the output's shape)."""
-    layouts = INTERNALS[(op.op, op.variant)]
+def _trace_internals(trace: Trace, op: Op, kept: dict, out: np.ndarray, constants: dict) -> None:
+    """Record a kernel's internals as `<op>.<internal>` in its row's order (OUTPUT ones in the output's shape)."""
+    layouts = R.row(op.op, op.variant).internals
     unknown = sorted(set(kept) - set(layouts))
     if unknown:
-        raise GraphError(f"op {op.name!r} ({op.kernel}) reported internals {unknown} that INTERNALS does not list")
+        raise GraphError(f"op {op.name!r} ({op.kernel}) reported internals {unknown} that its registry row does not list")
     names = trace.internals.setdefault(op.name, {})
     for internal, layout in layouts.items():
         if internal in kept:
             arr, name = np.asarray(kept[internal]), f"{op.name}.{internal}"
-            if name in trace.tensors:
-                raise GraphError(f"internal {name!r} of op {op.name!r} has the name of another tensor")
+            if name in trace.tensors or name in constants:
+                raise GraphError(f"internal {name!r} of op {op.name!r} has the name of another tensor or constant")
             if layout is OUTPUT:
                 arr, layout = arr.reshape(out.shape), op.layout                        # same elements, same order
             trace.tensors[name], trace.layouts[name], names[internal] = arr, layout, name

@@ -392,7 +392,7 @@ def layernorm_int32_normalize(x, eps_int, eps_shift, internals: dict | None = No
     inv = (1 << LN32_RECIP_BITS) // r                              # [2^15, 2^30]
     t = rounding_shift_right(d_s * inv, LN32_T_SHIFT)              # |d_s * inv| <= 2^30: |t| <= 2^16
     if internals is not None:                                      # every value below fits int32
-        kept = {"sum": total, "d": d, "shift": k, "ds": d_s, "sumsq": q - eps_s, "root": r, "recip": inv, "t": t}
+        kept = {"sum": total, "d": d, "k": k, "ds": d_s, "sumsq": q - eps_s, "root": r, "recip": inv, "t": t}
         internals.update({name: v.astype(np.int32) for name, v in kept.items()})
     return t.astype(np.int32)
 

@@ -19,16 +19,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import named_or_json
+from .errors import RefvitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageError(ValueError):
+class ImageError(RefvitError):
     """An input image that cannot be read or converted."""
 
 
-class PreprocessError(ValueError):
+class PreprocessError(RefvitError):
     """A preprocessing description that cannot be applied (unknown preset, bad value in a JSON file)."""
 
 

@@ -14,8 +14,8 @@ import re
 import numpy as np
 
 from . import int_model, model_conv
-from .quantize import QuantizedModel, observe
-from .resolve import recorded_prune
+from .qfile import QuantizedModel
+from .quantize import observe
 
 PLOT_EXTRA = "pip install 'refvit[plot]'"
 BAR_DB = 2.0                     # the text table's bar: one character per 2 dB
@@ -38,7 +38,7 @@ def float_tensors(qm: QuantizedModel, params_conv: dict, x: np.ndarray) -> dict:
     graph's names (quantize.observe), in the integer tensor's shape where the element counts agree."""
     x = np.asarray(x, np.float32)
     trace: dict = {}
-    model_conv.forward(params_conv, x, qm.config, trace, prune=recorded_prune(qm))   # the same token selections
+    model_conv.forward(params_conv, x, qm.config, trace, prune=qm.prune)   # the same token selections
     shapes = {"input": x.shape} | {op.name: op.shape_for(x.shape[0]) for op in qm.graph}
     out = {}
     for name, f in observe(qm.graph, trace).items():

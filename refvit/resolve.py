@@ -12,21 +12,23 @@ import numpy as np
 
 from .checkpoints import CheckpointError
 from .config import DeiTConfig
-from .graph import Scheme, build_graph
+from .graph import Scheme
 from .intmath import SINGLE_ROUND
 from .labels import class_names, default_model_info
 from .models import Model, default_int8_path, load_model
 from .preprocess import PRESETS, ImageError, Preprocess, PreprocessError, resolve_preprocess
-from .prune import format_prune, parse_prune, prune_plan
+from .prune import parse_prune, prune_plan
 from .qfile import is_quantized_file, load_quantized
-from .quantize import DEFAULT_PERCENTILE, QuantizedModel, quantize
+from .errors import RefvitError
+from .qfile import QuantizedModel
+from .quantize import DEFAULT_PERCENTILE, quantize
 
 DEFAULT_METHOD = "percentile"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CALIB_BATCH = 32
 
 
-class ResolveError(ValueError):
+class ResolveError(RefvitError):
     """What the user named cannot be made into a model (conflicting options, a quantized file given as weights)."""
 
 
@@ -40,6 +42,7 @@ class Resolved:
     float_model: Model | None = None # the float weights (None for a quantized file used alone)
     qm: QuantizedModel | None = None # the integer model (None unless asked for, or a quantized file)
     notes: list = field(default_factory=list)   # what was assumed or done on the way, for the user
+    kernels: str = "fast"            # the integer kernels: fast (default) or reference (refvit.graph.KERNEL_SETS)
 
     @property
     def is_default(self) -> bool:
@@ -105,32 +108,12 @@ def _recorded_preprocess(qm: QuantizedModel) -> tuple[Preprocess, bool]:
     return pp, pp.kind == "grayscale-pad" and qm.config.num_classes == len(default_model_info()["classes"])
 
 
-def recorded_prune(qm: QuantizedModel) -> tuple:
-    """The token pruning a quantized model records (its calibration's 'prune'), () for none."""
-    rec = qm.calibration.get("prune") or {}
-    return parse_prune([(s["block"], s["keep_rate"]) for s in rec.get("stages", [])])
-
-
-def with_prune(qm: QuantizedModel, prune) -> QuantizedModel:
-    """The integer model with token pruning `prune` (refvit.prune; () none): the same constants (a selection
-    needs none, pruned tokens keep the residual stream's scale), the graph built with the selections, and the
-    setting with its static token counts recorded in calibration['prune'] (so in the file and the manifest)."""
-    stages = prune_plan(prune, qm.config.depth, qm.config.num_patches)
-    calibration = {k: v for k, v in qm.calibration.items() if k != "prune"}
-    if stages:
-        calibration["prune"] = {"setting": format_prune(prune), "static_shapes": True,
-                                "stages": [s.to_dict() for s in stages]}
-    graph = build_graph(qm.config, qm.rounding, qm.scheme, prune=parse_prune(prune))
-    return QuantizedModel(qm.config, qm.head_mode, qm.rounding, calibration, qm.tensors, graph, qm.scheme)
-
-
 def _finish_int(qm: QuantizedModel, rounding: str | None, prune) -> QuantizedModel:
-    """--rounding and --prune on an integer model: the constants stay, the graph is rebuilt (a rounding change
-    keeps the recorded pruning unless `prune` replaces it; prune None keeps the model's own graph)."""
+    """--rounding and --prune on an integer model: the constants stay; a rounding change rewrites the records
+    (their pruning is kept), `prune` builds the graph again with that pruning (None: the records' own)."""
     if rounding and rounding != qm.rounding:
-        prune = recorded_prune(qm) if prune is None else prune
         qm = qm.with_rounding(rounding)
-    return qm if prune is None else with_prune(qm, prune)
+    return qm if prune is None else qm.with_prune(parse_prune(prune))
 
 
 def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "token", preprocess=None,
@@ -196,4 +179,4 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
 
 
 __all__ = ["DEFAULT_METHOD", "Resolved", "ResolveError", "resolve_model", "calibration_batches", "expand_images",
-           "file_source", "PreprocessError", "recorded_prune", "with_prune"]
+           "file_source", "PreprocessError"]

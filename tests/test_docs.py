@@ -5,7 +5,7 @@
    kernel's argument order), attrs, output dtype and shape, layout, scale, calibrate, weight_scale.
 2. Every relative link of docs/*.md and README.md points to an existing file, and every #anchor to a
    heading of its page (GitHub's heading ids).
-3. The docs mention every kernel of `refvit.graph.KERNELS`: its op type and its function's name.
+3. The docs mention every kernel of the op registry (`refvit.registry`): its op type and its function's name.
 4. The versions the docs quote are the code's (golden manifest schema, quantized file format).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 
 from refvit import golden, qfile
 from refvit.config import DeiTConfig
-from refvit.graph import KERNELS, block_graph, build_graph
+from refvit import registry as R
+from refvit.graph import block_graph, build_graph
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,8 +253,8 @@ def all_docs_text() -> str:
 
 def test_docs_mention_every_kernel():
     text = all_docs_text()
-    missing = sorted({f"{op}/{variant}: `{name}`" for (op, variant), fn in KERNELS.items()
-                      for name in (op, fn.__name__) if f"`{name}`" not in text})
+    missing = sorted({f"{r.op}/{r.variant}: `{name}`" for r in R.rows()
+                      for name in (r.op, r.kernel_name) if f"`{name}`" not in text})
     assert not missing, f"docs/*.md never mention (as `code`): {missing}"
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from refvit import graph as G
+from refvit import registry as R
 from refvit import int_model as im
 from refvit.checkpoints import CheckpointError, read_safetensors, write_safetensors
 from refvit.checkpoints.convert import token_to_conv
@@ -37,7 +38,7 @@ def test_records_round_trip_and_read_in_order():
     for op in graph:
         assert set(op.inputs.values()) <= seen, op.name
         seen.add(op.name)
-        assert G.KERNELS[(op.op, op.variant)].__name__ == op.kernel
+        assert R.row(op.op, op.variant).kernel.__name__ == op.kernel
     assert [op.name for op in graph][-3:] == ["norm", "head_input", "head"]
     assert len(graph) == 3 + 15 * CFG.depth + 3     # patch_embed, tokens, embed; 15 per block; norm, head_input, head
 
@@ -83,12 +84,12 @@ def test_a_dut_style_kernel_table_runs_the_same_graph(small):
 
     def kernels(op):
         calls.append(op.kernel)
-        return G.KERNELS[(op.op, op.variant)]
+        return R.row(op.op, op.variant).kernel
     assert np.array_equal(G.run_graph(qm.graph, qm.tensors, xq, kernels=kernels), ref)
     assert len(calls) == len(qm.graph)
 
     def broken(op):
-        fn = G.KERNELS[(op.op, op.variant)]
+        fn = R.row(op.op, op.variant).kernel
         if op.op != "gelu":
             return fn
         return lambda x, table: np.roll(fn(x, table), 1)
@@ -176,11 +177,14 @@ def test_preprocess_option_is_recorded_and_used(tmp_path, capsys):
 # ---------------------------------------------------------------- the layers of the code
 
 LAYERS = [  # lower index = lower layer; a module may import its own layer (no cycle) or lower ones
-    ["refvit", "refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
+    ["refvit", "refvit.errors"],
+    ["refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
     ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_prune", "refvit.model_token",
-     "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*"],
+     "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*", "refvit.constants"],
+    ["refvit.registry"],
     ["refvit.graph"],
-    ["refvit.quantize", "refvit.int_model", "refvit.qfile"],
+    ["refvit.qfile"],
+    ["refvit.quantize", "refvit.int_model"],
     ["refvit.models", "refvit.resolve", "refvit.golden", "refvit.check", "refvit.evaluate", "refvit.report",
      "refvit.export_tosa",
      "conformance*"],

@@ -24,7 +24,7 @@ from refvit.models import default_int8_path, random_params
 from refvit.preprocess import PRESETS, open_image
 from refvit.prune import PruneError, keep_count, parse_prune, prune_plan, select_float
 from refvit.qfile import load_quantized, save_quantized
-from refvit.resolve import resolve_model, with_prune
+from refvit.resolve import resolve_model
 
 FMNIST = DeiTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10, distilled=True)
 STAGES = "1:0.7,3:0.5"
@@ -225,7 +225,7 @@ def _tensors(d):
 def test_keep_rate_one_gives_the_unpruned_bits(shipped, tmp_path):
     xq = golden.seed_input(7, (2, 3, 32, 32))
     golden.write_golden(shipped, xq, tmp_path / "plain")
-    golden.write_golden(with_prune(shipped, "0:1.0,2:1.0,5:1.0"), xq, tmp_path / "one")
+    golden.write_golden(shipped.with_prune("0:1.0,2:1.0,5:1.0"), xq, tmp_path / "one")
     plain, _ = _tensors(tmp_path / "plain")
     one, m = _tensors(tmp_path / "one")
     assert set(one) - set(plain) == {f"blocks.{i}.{t}" for i in (0, 2, 5) for t in ("select", "pruned")}
@@ -233,11 +233,11 @@ def test_keep_rate_one_gives_the_unpruned_bits(shipped, tmp_path):
         assert arr.dtype == one[name].dtype and np.array_equal(arr, one[name]), name
     assert np.array_equal(one["blocks.2.select"], np.tile(np.arange(2, 66, dtype=np.int32), (2, 1)))
     assert np.array_equal(one["blocks.2.pruned"], plain["blocks.2.residual1"])
-    assert m["quantization"]["calibration"]["prune"]["static_shapes"] is True
+    assert m["quantization"]["prune"]["static_shapes"] is True
 
 
 def test_golden_check_and_a_changed_kept_index(shipped, tmp_path, capsys):
-    qm = with_prune(shipped, STAGES)
+    qm = shipped.with_prune(STAGES)
     golden.write_golden(qm, golden.seed_input(3, (2, 3, 32, 32)), tmp_path / "g")
     assert compare_dumps(tmp_path / "g", tmp_path / "g").ok
     shutil.copytree(tmp_path / "g", tmp_path / "dev")
@@ -257,7 +257,7 @@ def test_golden_check_and_a_changed_kept_index(shipped, tmp_path, capsys):
 def test_integer_model_runs_pruned_with_less_work_and_sane_logits(shipped):
     x = np.stack([PRESETS["fmnist"](open_image(f)) for f in sorted(EXAMPLES.glob("*.png"))])  # (6, 3, 32, 32)
     full = int_model.logits_int8_model(shipped, x)[0]
-    pruned = int_model.logits_int8_model(with_prune(shipped, "1:0.9,3:0.9,5:0.9"), x)[0]
+    pruned = int_model.logits_int8_model(shipped.with_prune("1:0.9,3:0.9,5:0.9"), x)[0]
     assert pruned.shape == full.shape and not np.array_equal(pruned, full)
     assert (pruned.argmax(1) == full.argmax(1)).mean() >= 0.8           # mild pruning keeps most decisions
 
@@ -268,13 +268,17 @@ def test_quantize_records_the_setting_and_rounding_keeps_it(tmp_path, capsys):
     out = tmp_path / "q.safetensors"
     assert main(["quantize", "--calib", str(EXAMPLES), "--prune", STAGES, "--out", str(out), "--quiet"]) == 0
     qm = load_quantized(out)
-    assert qm.calibration["prune"]["setting"] == STAGES
+    plan = prune_plan(STAGES, qm.config.depth, qm.config.num_patches)
+    assert [(s["block"], s["keep"]) for s in qm.prune_stages()] == [(s.block, s.keep) for s in plan]
+    assert qm.metadata()["prune"]["stages"] == qm.prune_stages() and "prune" not in qm.calibration
+    assert [(s.block, s.keep) for s in prune_plan(qm.prune, qm.config.depth, qm.config.num_patches)] == \
+        [(s.block, s.keep) for s in plan]                                    # the records' pruning, as a setting
     assert [op.name for op in qm.graph if op.op == "token_select"] == ["blocks.1.select", "blocks.3.select"]
     r = resolve_model(model=out, rounding=DOUBLE_ROUND)                  # the graph is rebuilt: pruning stays
     assert [op.attrs["rounding"] for op in r.qm.graph if op.op == "token_prune"] == [DOUBLE_ROUND] * 2
     assert not any(op.op == "token_select" for op in resolve_model(model=out, prune="none").qm.graph)
-    save_quantized(with_prune(qm, "2:0.5"), tmp_path / "r.safetensors")
-    assert load_quantized(tmp_path / "r.safetensors").calibration["prune"]["stages"][0]["keep"] == 32
+    save_quantized(qm.with_prune("2:0.5"), tmp_path / "r.safetensors")
+    assert load_quantized(tmp_path / "r.safetensors").prune_stages()[0]["keep"] == 32
     for argv in (["classify", "--prune", STAGES], ["classify", "--int8", "--prune", STAGES, "--json"],
                  ["classify", "--model", str(out), str(sorted(EXAMPLES.glob("*.png"))[0])]):
         assert main(argv) == 0

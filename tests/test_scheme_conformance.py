@@ -37,7 +37,8 @@ from conformance.dut import REFERENCE_KERNELS
 from refvit import int_kernels as K
 from refvit import int_kernels_variants as KV
 from refvit import int_model
-from refvit.graph import KERNELS, SCHEMES, GraphError
+from refvit import registry as R
+from refvit.graph import SCHEMES, GraphError
 from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, SINGLE_ROUND, quantize_multiplier, round_half_away_from_zero,
                             saturate)
 
@@ -195,8 +196,8 @@ def test_families_are_the_graphs_variants():
     assert len(PAIRS) == 4 * 3 * 2 + 2
     quick_ops = {s.op for s in select("quick")}
     for op, (field, variants) in FAMILIES.items():
-        assert {v for o, v in KERNELS if o == op} == set(variants), op
-        assert all(KERNELS[(op, v)].__name__ == kernel and kernel in quick_ops for v, kernel in variants.items())
+        assert set(R.variants(op)) == set(variants), op
+        assert all(R.row(op, v).kernel_name == kernel and kernel in quick_ops for v, kernel in variants.items())
 
 
 @pytest.mark.parametrize("family, req, impl", PAIRS, ids=[f"{f}-{r}-as-{i}" for f, r, i in PAIRS])
