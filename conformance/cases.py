@@ -38,7 +38,7 @@ import numpy as np
 
 from refvit import int_kernels as K
 from refvit import int_kernels_variants as KV
-from refvit import int_model
+from refvit import int_model, registry
 from refvit.config import DeiTConfig
 from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, apply_scale, int_range,
                             quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
@@ -1151,12 +1151,26 @@ def _scheme_model_specs():
 # the registry
 # ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
+def _registry_specs():
+    """The cases of op registry rows that bring their own (`OpVariant.cases`: a variant registered outside
+    refvit): (name, inputs, params, note, quick) each, expected outputs from the row's kernel."""
+    for row in registry.rows():
+        for name, inputs, params, note, quick in (row.cases() if row.cases else ()):
+            yield name, row.kernel_name, quick, functools.partial(_kernel_case, op=row.kernel_name, inputs=inputs,
+                                                                  params=params, note=note)
+
+
 def all_specs() -> tuple:
+    """Every case spec (cached; rows registered or removed later make a new list)."""
+    return _all_specs(registry.generation())
+
+
+@functools.lru_cache(maxsize=4)
+def _all_specs(generation: int) -> tuple:
     specs = []
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
-                   _conv_variant_specs, _scheme_model_specs, _prune_specs):
+                   _conv_variant_specs, _scheme_model_specs, _prune_specs, _registry_specs):
         for name, op, quick, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name)))
     names = [s.name for s in specs]
@@ -1182,13 +1196,18 @@ def _readonly(value):
     return value
 
 
-@functools.lru_cache(maxsize=None)
 def get_case(name: str) -> Case:
     """Build (once) the case with this name. Its arrays are read-only copies: the case is cached, and a DUT
     that writes into its inputs must not change what later runs of it (or of other DUTs) see or expect."""
+    return _get_case(name, registry.generation())
+
+
+@functools.lru_cache(maxsize=None)
+def _get_case(name: str, generation: int) -> Case:
     for spec in all_specs():
         if spec.name == name:
             case = spec.build()
             return dataclasses.replace(case, inputs=_readonly(case.inputs),
                                        expected=_readonly(np.asarray(case.expected)))
     raise KeyError(f"no conformance case named {name!r}; see `python -m conformance list --set full`")
+get_case.cache_clear = _get_case.cache_clear   # the cache of built cases (tests)

@@ -71,7 +71,7 @@ class DUT:
             row = registry.by_kernel_name(name)
         except registry.UnknownOpError:
             raise AttributeError(name) from None
-        return _not_implemented(name, row).__get__(self)
+        return _not_implemented(name, row, inspect.signature(row.kernel)).__get__(self)
 
     # -- composites: the case's graph, run with this DUT's per-op methods ------------------------
     def kernel_for(self, op):

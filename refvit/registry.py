@@ -190,6 +190,18 @@ def by_kernel_name(name: str) -> OpVariant:
     raise UnknownOpError(f"no registered op variant has the kernel {name!r}")
 
 
+def markdown_table() -> str:
+    """The rows as the Markdown table of docs/spec.md Part 3 ("The op registry"; tests/test_docs.py keeps the
+    spec's copy equal to this)."""
+    lines = ["| op | variant | kernel (DUT method) | tensor inputs | constants | attrs | internals | TOSA | "
+             "specified in |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in _ROWS.values():
+        lines.append(f"| `{r.op}` | `{r.variant}` | `{r.kernel_name}` | {', '.join(r.inputs)} | "
+                     f"{', '.join(r.constant_args) or '—'} | {', '.join(r.attrs) or '—'} | "
+                     f"{', '.join(r.internals) or '—'} | {'yes' if r.tosa else 'no'} | {r.spec} |")
+    return "\n".join(lines)
+
+
 def internals_help() -> str:
     """What `golden --internals` dumps, by kernel (the CLI help text)."""
     return "; ".join(f"{r.kernel_name}: {', '.join(r.internals)}" for r in _ROWS.values() if r.internals)
