@@ -256,3 +256,18 @@ def test_records_keep_kernel_argument_order_through_files(small_models, tmp_path
         assert list(op.inputs) + list(op.constants) == sorted(order, key=lambda a: (a not in op.inputs,
                                                                                      order.index(a))), op.name
         assert list(op.attrs) == [a for a in r.attrs if a in op.attrs], op.name
+
+
+def test_architecture_where_to_add_a_variant_is_what_this_file_does():
+    """docs/architecture.md lists four steps; this file's toy variant takes exactly those: a kernel, a
+    reference kernel, a spec section (its row's `spec`), and one registry row, with no other module edited."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text[text.index("## Where to add an op or a variant"):text.index("## Where to add a command")]
+    steps = [line for line in section.splitlines() if line[:3] in {f"{i}. " for i in range(1, 10)}]
+    assert [s.split("**")[1] for s in steps] == ["The kernel", "The reference kernel", "The spec section",
+                                                 "The registry row"]
+    for path in ("refvit/registry.py", "refvit/constants.py", "refvit/export_tosa.py", "tests/test_registry.py"):
+        assert f"`{path}`" in section and (root / path).exists(), path
+    assert TOY.kernel is gelu_relu_table and TOY.reference is gelu_relu_table_plain and TOY.spec
