@@ -271,3 +271,15 @@ def test_architecture_where_to_add_a_variant_is_what_this_file_does():
     for path in ("refvit/registry.py", "refvit/constants.py", "refvit/export_tosa.py", "tests/test_registry.py"):
         assert f"`{path}`" in section and (root / path).exists(), path
     assert TOY.kernel is gelu_relu_table and TOY.reference is gelu_relu_table_plain and TOY.spec
+
+
+def test_internals_and_constants_have_distinct_c_identifiers(small_models, tmp_path, capsys):
+    """docs/spec.md's defect 1: layernorm_int32's internal `k` once shared `blocks.i.normX.shift` with the
+    constant; golden with internals and C output in one file (--c-split) must work for every scheme."""
+    for qm in small_models:
+        save_quantized(qm, tmp_path / f"{qm.scheme.name}.safetensors")
+        out = tmp_path / f"g_{qm.scheme.name}"
+        assert main(["golden", "--model", str(tmp_path / f"{qm.scheme.name}.safetensors"), "--seed", "1",
+                     "--internals", "--formats", "npy,h", "--c-split", "--out", str(out), "--quiet"]) == 0, \
+            capsys.readouterr().err
+        assert (out / "golden.h").exists()
