@@ -632,3 +632,18 @@ def test_reference_imports_only_numpy_math_and_intmath_constants():
                 else:
                     assert node.module in ("__future__", "numpy", "math") or node.module.startswith("refvit.reference"), \
                         (f.name, node.module)
+
+
+def test_spec_points_to_every_reference_kernel():
+    """docs/spec.md's `Reference kernel: ...` lines name existing functions, and every REFERENCE_KERNELS entry."""
+    import importlib
+    import re
+    spec = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text(encoding="utf-8")
+    named = set()
+    for line in spec.splitlines():
+        if line.startswith("Reference kernel: "):
+            for path in re.findall(r"`refvit\.reference\.(\w+)\.(\w+)`", line):
+                module = importlib.import_module(f"refvit.reference.{path[0]}")
+                assert callable(getattr(module, path[1], None)), path
+                named.add(getattr(module, path[1]))
+    assert set(REFERENCE_KERNELS.values()) <= named
