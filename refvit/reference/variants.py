@@ -238,11 +238,17 @@ def layernorm_int32(x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, ro
     return layernorm_tail(t, gamma, bias, multiplier, shift, rounding, internals, "layernorm_int32")
 
 
+def layernorm_wide_normalize(x, eps_int, internals: dict | None = None) -> np.ndarray:
+    """docs/spec.md, Part 4, layernorm_wide_normalize, layernorm_wide: Part 2's layernorm_normalize on int8 or
+    int16 x (C <= 4096 for int8, C <= 1290 for int16) -> int32 (B, C, H, W)."""
+    return layernorm_normalize(x, eps_int, internals, fn="layernorm_wide", max_channels=LN_WIDE_MAX_CHANNELS)
+
+
 def layernorm_wide(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,
                    internals: dict | None = None) -> np.ndarray:
-    """docs/spec.md, Part 4, layernorm_wide_normalize, layernorm_wide: Part 2's layernorm on int8 or int16 x
-    (C <= 4096 for int8, C <= 1290 for int16)."""
-    t = layernorm_normalize(x, eps_int, internals, fn="layernorm_wide", max_channels=LN_WIDE_MAX_CHANNELS)
+    """docs/spec.md, Part 4, layernorm_wide_normalize, layernorm_wide: Part 2's layernorm on int8 or int16 x:
+    t = layernorm_wide_normalize(x, eps_int), then Part 2's tail (acc = t * gamma[c] + bias[c]; requantize)."""
+    t = layernorm_wide_normalize(x, eps_int, internals)
     return layernorm_tail(t, gamma, bias, multiplier, shift, rounding, internals, "layernorm_wide")
 
 
