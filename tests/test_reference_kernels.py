@@ -558,6 +558,8 @@ def test_rejected_inputs_are_rejected_by_both():
         (("conv2d", "mixed-pot"), (x, np.full((1, 2, 1, 1), 3, np.int8), bias, [1 << 30], [31], np.array([True])), {}),
         (("conv2d", "w8"), (x + 100, w + 100, np.array([60000], np.int32), [1 << 30], [16]), {}),  # acc >= 2^15
         (("softmax", "table"), (np.array([INT32_MIN, INT32_MAX], np.int32), 1, 40, K.make_exp_table()), {}),
+        (("softmax", "table"), (np.array([INT32_MIN, INT32_MAX], np.int32), -5, 40, K.make_exp_table()), {}),  # order
+        (("softmax", "table"), (np.array([0, 9], np.int32), 1 << 30, 4, K.make_exp_table()), {}),    # d >= 2^(shift-1)
         (("softmax", "poly"), (np.array([INT32_MIN, INT32_MAX], np.int32), 1, 40), {}),
         (("attention_context", "int32"), (np.full((1, 1, 1, 1), -1, np.int8), np.zeros((1, 1, 1, 1), np.int8), 1, 30), {}),
         (("add", "int8"), (np.zeros(3, np.int8), np.zeros(2, np.int8), 1, 1, 1), {}),

@@ -14,9 +14,9 @@ import numpy as np
 from refvit.intmath import DOUBLE_ROUND, ROUNDING_MODES, SINGLE_ROUND, int_range
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
-INT64_MAX = (1 << 63) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-__all__ = ["SINGLE_ROUND", "DOUBLE_ROUND", "INT32_MIN", "INT32_MAX", "require", "int64", "saturate",
+__all__ = ["SINGLE_ROUND", "DOUBLE_ROUND", "INT32_MIN", "INT32_MAX", "INT64_MIN", "INT64_MAX", "require", "int64", "saturate",
            "rounding_shift_right", "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot",
            "apply_scale", "requantize", "isqrt", "digit_by_digit_sqrt", "round_half_away"]
 

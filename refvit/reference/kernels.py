@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from refvit.reference.arith import (
-    INT32_MAX, SINGLE_ROUND, apply_scale, int64, isqrt, requantize, require, round_half_away, rounding_shift_right,
+    INT32_MAX, INT64_MAX, INT64_MIN, SINGLE_ROUND, apply_scale, int64, isqrt, requantize, require, round_half_away, rounding_shift_right,
     saturate,
 )
 
@@ -172,11 +172,12 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     array_arg(exp_table, fn, "exp_table", (np.uint16, np.int32), 1)
     require(exp_table.shape == (256,) and in_range(exp_table, 0, EXP_ONE) and int(exp_table[0]) == EXP_ONE, fn,
             "exp_table must be (256,) in [0, 2^15] with exp_table[0] = 2^15")
-    multiplier, shift = scalar_arg(multiplier, fn, "multiplier", 0, INT32_MAX), scalar_arg(shift, fn, "shift", 2, 62)
+    multiplier, shift = scalar_arg(multiplier, fn, "multiplier", INT64_MIN, INT64_MAX), scalar_arg(shift, fn, "shift",
+                                                                                                  INT64_MIN, INT64_MAX)
     m = s.max(axis=-1, keepdims=True)                                  # (..., 1)
     d = m - s                                                          # (..., N)
-    require(d <= INT32_MAX, fn, "score difference max - s does not fit int32", OverflowError)
-    idx = saturate(apply_scale(d, multiplier, shift, rounding), np.uint8)   # (..., N)
+    require(d <= INT32_MAX, fn, "score difference max - s does not fit int32", OverflowError)   # before apply_scale's
+    idx = saturate(apply_scale(d, multiplier, shift, rounding), np.uint8)   # (..., N); apply_scale checks its domain
     e = exp_table.astype(np.int64)[idx]                                # (..., N), [0, 2^15]
     p, sigma, recip = softmax_output(e)
     if internals is not None:
