@@ -172,8 +172,8 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     array_arg(exp_table, fn, "exp_table", (np.uint16, np.int32), 1)
     require(exp_table.shape == (256,) and in_range(exp_table, 0, EXP_ONE) and int(exp_table[0]) == EXP_ONE, fn,
             "exp_table must be (256,) in [0, 2^15] with exp_table[0] = 2^15")
-    multiplier, shift = scalar_arg(multiplier, fn, "multiplier", INT64_MIN, INT64_MAX), scalar_arg(shift, fn, "shift",
-                                                                                                  INT64_MIN, INT64_MAX)
+    multiplier = scalar_arg(multiplier, fn, "multiplier", INT64_MIN, INT64_MAX)   # ranges: apply_scale's checks,
+    shift = scalar_arg(shift, fn, "shift", INT64_MIN, INT64_MAX)                  # after the OverflowError below
     m = s.max(axis=-1, keepdims=True)                                  # (..., 1)
     d = m - s                                                          # (..., N)
     require(d <= INT32_MAX, fn, "score difference max - s does not fit int32", OverflowError)   # before apply_scale's
