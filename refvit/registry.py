@@ -1,7 +1,7 @@
 """The op registry: one row per (op, variant) of the integer graph, holding everything that is true of it.
 
 A row names the fast kernel (the default; its `__name__` is the conformance DUT's method), the reference
-kernel (`refvit.reference`, the spec's pseudocode as code), which kernel arguments are tensors (the rest are
+kernel (`refvit.reference`, the spec's pseudocode as code, normative; the fast one is tested equal to it), which kernel arguments are tensors (the rest are
 constants), how its offline constants are made from the scales (`refvit.constants`), its output scale rule
 when that scale is not calibrated, what the kernel computes inside (`golden --internals`), its TOSA emitter
 or the reason it has none, and its spec section. Everything else reads the rows: the graph builder and the
@@ -26,6 +26,9 @@ from . import int_kernels as K
 from . import int_kernels_prune as KP
 from . import int_kernels_variants as KV
 from .errors import RefvitError
+from .reference import kernels as RK
+from .reference import prune as RP
+from .reference import variants as RV
 
 # Layouts of internals (docs/spec.md "Internals of the ops"). OUTPUT: as many elements as the op's output, in
 # its order, reshaped to the record's shape and layout (a conv's acc, the merged-head context acc).
@@ -58,10 +61,10 @@ class OpVariant:
     op: str
     variant: str
     kernel: Callable
+    reference: Callable
     inputs: tuple
     summary: str
     spec: str
-    reference: Callable | None = None
     constants: Callable | None = None
     scale: Callable | None = None
     constant_names: dict = field(default_factory=dict)
@@ -116,10 +119,10 @@ class OpVariant:
         missing = [a for a in self.inputs if a not in names]
         if missing:
             fail(f"inputs {missing} are not arguments of {self.kernel_name}")
-        if self.reference is not None:
-            ref = [p.name for p in inspect.signature(self.reference).parameters.values() if p.name != "internals"]
-            if ref != names:
-                fail(f"reference kernel {self.reference.__name__}{ref} and kernel {self.kernel_name}{names} differ")
+        ref = [p.name for p in inspect.signature(self.reference).parameters.values() if p.name != "internals"]
+        if ref != names:
+            fail(f"reference kernel {getattr(self.reference, '__name__', self.reference)}{ref} and kernel "
+                 f"{self.kernel_name}{names} differ")
         if (self.tosa is None) == (self.no_tosa is None):
             fail("give exactly one of tosa (an emitter) and no_tosa (why there is none)")
         if self.internals and "internals" not in inspect.signature(self.kernel).parameters:
@@ -241,80 +244,80 @@ _SOFTMAX_TAIL = {"exp": OUTPUT, "sum": PER_ROW, "recip": PER_ROW}
 _NO_64 = "and TOSA has no 64-bit integer type"
 
 for _row in (
-    OpVariant("conv2d", "w8", K.conv2d, ("x",), _CONV, "Part 2, conv2d",
+    OpVariant("conv2d", "w8", K.conv2d, RK.conv2d, ("x",), _CONV, "Part 2, conv2d",
               constants=C.conv_constants, internals={"acc": OUTPUT}, tosa="_conv2d"),
-    OpVariant("conv2d", "w4", KV.conv2d_w4, ("x",),
+    OpVariant("conv2d", "w4", KV.conv2d_w4, RV.conv2d_w4, ("x",),
               "conv2d with 4-bit weight codes in [-7, 7] (stored as int8), one requantization per channel",
               "Part 4, conv2d_w4", constants=C.conv_w4_constants, internals={"acc": OUTPUT}, tosa="_conv2d"),
-    OpVariant("conv2d", "mixed-pot", KV.conv2d_mixed_pot, ("x",),
+    OpVariant("conv2d", "mixed-pot", KV.conv2d_mixed_pot, RV.conv2d_mixed_pot, ("x",),
               "conv2d whose rows flagged in pot_rows (bool (Cout,)) hold only 0, +-2^k (k <= 6), the rest int8",
               "Part 4, conv2d_mixed_pot", constants=C.conv_mixed_pot_constants, internals={"acc": OUTPUT},
               tosa="_conv2d", quantizer_options=("pot_fraction",)),
-    OpVariant("layernorm", "int64", K.layernorm, ("x",), "Integer LayerNorm over channels of int8 (B, C, H, W) -> int8",
+    OpVariant("layernorm", "int64", K.layernorm, RK.layernorm, ("x",), "Integer LayerNorm over channels of int8 (B, C, H, W) -> int8",
               "Part 2, layernorm", constants=C.layernorm_constants, constant_names={"gamma": "{name}.weight"},
               internals=_LN, no_tosa="its sum of squares reaches 2^50 and its square root takes a 62-bit value, "
               + _NO_64 + " (layernorm 'int32' has 32-bit intermediates)"),
-    OpVariant("layernorm", "int32", KV.layernorm_int32, ("x",),
+    OpVariant("layernorm", "int32", KV.layernorm_int32, RV.layernorm_int32, ("x",),
               "LayerNorm with every intermediate in 32 bits: int8 or int16 (B, C, H, W) -> int8",
               "Part 4, layernorm_int32", constants=C.layernorm_int32_constants,
               constant_names={"gamma": "{name}.weight"},
               internals={"sum": PER_TOKEN, "d": OUTPUT, "k": PER_TOKEN, "ds": OUTPUT, "sumsq": PER_TOKEN,
                          "root": PER_TOKEN, "recip": PER_TOKEN, "t": OUTPUT, "acc": OUTPUT},
               tosa="_layernorm_int32"),
-    OpVariant("layernorm", "wide", KV.layernorm_wide, ("x",), "Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8",
+    OpVariant("layernorm", "wide", KV.layernorm_wide, RV.layernorm_wide, ("x",), "Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8",
               "Part 4, layernorm_wide", constants=C.layernorm_constants, constant_names={"gamma": "{name}.weight"},
               internals=_LN, no_tosa="its sum of squares reaches 2^61 (int16 input) and its square root a 62-bit "
               "value, " + _NO_64 + " (layernorm 'int32' has 32-bit intermediates)"),
-    OpVariant("split_heads", "channels", split_qkv, ("qkv",),
+    OpVariant("split_heads", "channels", split_qkv, RK.split_qkv, ("qkv",),
               "(B, 3C, 1, N) -> q, k or v (part 0, 1, 2) as (B, Hh, D, N)", "Part 3, split_heads",
               scale=None, tosa="_split_heads", data_movement=True),
-    OpVariant("attention_scores", "int32", K.attention_scores, ("q", "k"), "int8 (B, Hh, D, N) x2 -> int32 (B, Hh, N, N)",
+    OpVariant("attention_scores", "int32", K.attention_scores, RK.attention_scores, ("q", "k"), "int8 (B, Hh, D, N) x2 -> int32 (B, Hh, N, N)",
               "Part 2, attention_scores", scale=C.scale_of_product, tosa="_attention_scores"),
-    OpVariant("softmax", "table", K.softmax, ("scores",),
+    OpVariant("softmax", "table", K.softmax, RK.softmax, ("scores",),
               "int32 (..., N) -> int8 probabilities at scale 1/127 over the last axis", "Part 2, softmax",
               constants=C.softmax_table_constants, scale=C.scale_of_probabilities,
               constant_names={"exp_table": "exp_table"},
               internals={"index": OUTPUT, **_SOFTMAX_TAIL}, tosa="_softmax_table"),
-    OpVariant("softmax", "poly", KV.softmax_poly, ("scores",),
+    OpVariant("softmax", "poly", KV.softmax_poly, RV.softmax_poly, ("scores",),
               "Softmax with I-BERT's i-exp at 2^-14: int32 (..., N) -> int8 probabilities at 1/127",
               "Part 4, softmax_poly", constants=C.softmax_exp_constants, scale=C.scale_of_probabilities,
               internals={"diff": OUTPUT, **_SOFTMAX_TAIL}, tosa="_softmax_poly"),
-    OpVariant("softmax", "shift", KV.softmax_shift, ("scores",),
+    OpVariant("softmax", "shift", KV.softmax_shift, RV.softmax_shift, ("scores",),
               "Softmax with I-ViT's ShiftExp (Shiftmax) at 2^-14: int32 (..., N) -> int8 probabilities at 1/127",
               "Part 4, softmax_shift", constants=C.softmax_exp_constants, scale=C.scale_of_probabilities,
               internals={"diff": OUTPUT, **_SOFTMAX_TAIL}, tosa="_softmax_shift"),
-    OpVariant("attention_context", "int32", K.attention_context, ("p", "v"),
+    OpVariant("attention_context", "int32", K.attention_context, RK.attention_context, ("p", "v"),
               "int8 p (B, Hh, N, N), v (B, Hh, D, N) -> int8 (B, Hh, D, N)", "Part 2, attention_context",
               constants=C.context_constants, internals={"acc": OUTPUT}, tosa="_attention_context"),
-    OpVariant("add", "int8", K.add, ("a", "b"),
+    OpVariant("add", "int8", K.add, RK.add, ("a", "b"),
               "saturate(rounding_shift_right(a*multiplier_a + b*multiplier_b, shift)); b broadcasts to a",
               "Part 2, add", constants=C.add_constants, tosa="_add_int8"),
-    OpVariant("add", "int16", KV.add_wide, ("a", "b"),
+    OpVariant("add", "int16", KV.add_wide, RV.add_wide, ("a", "b"),
               "Part 2's add on int8 or int16 operands, out_dtype int16 or int8; b broadcasts to a",
               "Part 4, add_wide", constants=C.add_constants,
               no_tosa="an int16 operand times a 31-bit multiplier reaches 2^46, " + _NO_64
               + " (the int8 add is realized exactly in 32 bits)"),
-    OpVariant("gelu", "table", K.gelu, ("x",), "table[x + 128], int8", "Part 2, gelu",
+    OpVariant("gelu", "table", K.gelu, RK.gelu, ("x",), "table[x + 128], int8", "Part 2, gelu",
               constants=C.gelu_table_constants, tosa="_gelu_table"),
-    OpVariant("gelu", "poly", KV.gelu_poly, ("x",),
+    OpVariant("gelu", "poly", KV.gelu_poly, RV.gelu_poly, ("x",),
               "I-BERT i-GELU (HeatViT delta folded into c_1 and the rescale): int8 x, any shape -> int8",
               "Part 4, gelu_poly", constants=C.gelu_poly_constants, tosa="_gelu_poly",
               quantizer_options=("gelu_delta",)),
-    OpVariant("gelu", "shift", KV.gelu_shift, ("x",),
+    OpVariant("gelu", "shift", KV.gelu_shift, RV.gelu_shift, ("x",),
               "I-ViT ShiftGELU x * sigmoid(1.702 x) with exp through shifts: int8 x, any shape -> int8",
               "Part 4, gelu_shift", constants=C.gelu_shift_constants, tosa="_gelu_shift"),
-    OpVariant("concat_tokens", "prefix", K.concat_tokens, ("patches",),
+    OpVariant("concat_tokens", "prefix", K.concat_tokens, RK.concat_tokens, ("patches",),
               "int8 prefix (1, C, 1, P) broadcast over B, patches (B, C, 1, Np) -> (B, C, 1, P + Np)",
               "Part 2, concat_tokens", constants=C.concat_constants, scale=C.scale_of_first_input,
               constant_names={"prefix": "prefix_tokens"}, tosa="_concat_tokens"),
-    OpVariant("gather_prefix", "channels", gather_prefix, ("x",),
+    OpVariant("gather_prefix", "channels", gather_prefix, RK.gather_prefix, ("x",),
               "(B, C, 1, N) -> (B, P*C, 1, 1): the prefix token columns stacked along channels",
               "Part 3, gather_prefix", scale=C.scale_of_first_input, tosa="_gather_prefix", data_movement=True),
-    OpVariant("token_select", "cls_attention", KP.select_tokens, ("p",),
+    OpVariant("token_select", "cls_attention", KP.select_tokens, RP.select_tokens, ("p",),
               "int8 p (B, Hh, N, N) -> int32 (B, keep): positions of the patch tokens with the largest sum over "
               "heads of p[:, h, 0, j] (ties: lower position first), ascending", "Token pruning, select_tokens",
               no_tosa="token pruning is not exported (a data-dependent gather)"),
-    OpVariant("token_prune", "package", KP.prune_tokens, ("x", "p", "index"),
+    OpVariant("token_prune", "package", KP.prune_tokens, RP.prune_tokens, ("x", "p", "index"),
               "x (B, C, 1, N), p, index (B, k) -> (B, C, 1, P + k + 1): prefix, kept tokens, the score-weighted "
               "average of the dropped ones (exact quotient, ties by the rounding mode)", "Token pruning, prune_tokens",
               scale=C.scale_of_x, no_tosa="token pruning is not exported (a data-dependent gather)"),

@@ -1,8 +1,6 @@
-"""refvit.int_kernels against independent references written here (Python ints / int64 einsum).
-
-The references follow docs/spec.md (Part 2) and do not call intmath's scaling code: rescaling
-is re-derived here from its definition (TOSA apply_scale_32 for SINGLE_ROUND, TFLite
-MultiplyByQuantizedMultiplier for DOUBLE_ROUND) in exact Python integers.
+"""refvit.int_kernels against the shipped reference kernels (refvit.reference: docs/spec.md's Part 2 pseudocode in
+plain int64, rescaling by TOSA apply_scale_32 / TFLite's two roundings, no intmath scaling code), the spec's worked
+examples and direct Python-int formulas.
 """
 from __future__ import annotations
 
@@ -15,6 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from refvit import int_kernels as K
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND, quantize_add_multipliers, quantize_multiplier
+from refvit.reference import arith as R
+from refvit.reference import kernels as RK
 
 ROUNDINGS = (SINGLE_ROUND, DOUBLE_ROUND)
 FILLS = ("random", "min", "max", "extreme")
@@ -22,66 +22,24 @@ SETTINGS = settings(max_examples=100, deadline=None)
 INT32_MAX = (1 << 31) - 1
 
 
+# the references: the shipped reference kernels (refvit.reference)
 # ---------------------------------------------------------------------------------------------
-# independent references (exact Python integers)
-# ---------------------------------------------------------------------------------------------
-
-def _apply_scale_one(value, multiplier, shift, rounding):
-    v, m, s = int(value), int(multiplier), int(shift)
-    if rounding == SINGLE_ROUND:                       # round(v*m / 2^s), ties up
-        return (v * m + (1 << (s - 1))) >> s
-    high = ((v << max(31 - s, 0)) * m + (1 << 30)) >> 31   # round(v*2^left*m / 2^31), ties up
-    right = max(s - 31, 0)
-    if right == 0:
-        return high
-    mag = (abs(high) + (1 << (right - 1))) >> right    # round(high / 2^right), ties away from zero
-    return mag if high >= 0 else -mag
-
-
-_ref_apply_scale = np.frompyfunc(_apply_scale_one, 4, 1)
-
 
 def ref_requantize(acc, multiplier, shift, rounding, lo=-128, hi=127):
-    return np.clip(_ref_apply_scale(acc, multiplier, shift, rounding), lo, hi).astype(np.int64)
+    """requantize to any range [lo, hi]: the reference apply_scale, then the clamp."""
+    return np.clip(R.apply_scale(acc, multiplier, shift, rounding), lo, hi)
 
 
-def ref_conv_acc(x, w, bias):
-    b, cin, h, wd = x.shape
-    k = w.shape[2]
-    xr = x.astype(np.int64).reshape(b, cin, h // k, k, wd // k, k)
-    return np.einsum("bciujv,ocuv->boij", xr, w.astype(np.int64)) + bias.astype(np.int64)[None, :, None, None]
-
-
-def ref_softmax_row(row, multiplier, shift, table, rounding):
-    s = [int(v) for v in row]
-    top = max(s)
-    e = [int(table[min(_apply_scale_one(top - v, multiplier, shift, rounding), 255)]) for v in s]
-    recip = (1 << 40) // sum(e)
-    return [min((ei * 127 * recip + (1 << 39)) >> 40, 127) for ei in e]
+ref_conv_acc = RK.conv2d_accumulate
+ref_layernorm_t = RK.layernorm_normalize
 
 
 def ref_softmax(scores, multiplier, shift, table, rounding):
-    rows = scores.reshape(-1, scores.shape[-1])
-    return np.array([ref_softmax_row(r, multiplier, shift, table, rounding) for r in rows],
-                    dtype=np.int64).reshape(scores.shape)
-
-
-def ref_layernorm_t(x, eps_int):
-    b, c, h, w = x.shape
-    t = np.zeros(x.shape, dtype=np.int64)
-    for bi, hi, wi in np.ndindex(b, h, w):
-        xs = [int(v) for v in x[bi, :, hi, wi]]
-        total = sum(xs)
-        d = [c * v - total for v in xs]
-        inv = (1 << 40) // math.isqrt(sum(v * v for v in d) + eps_int)
-        t[bi, :, hi, wi] = [(dc * inv + (1 << 23)) >> 24 for dc in d]
-    return t
+    return RK.softmax(scores, multiplier, shift, table, rounding=rounding)
 
 
 def ref_layernorm(x, eps_int, gamma, bias, mult, shift, rounding):
-    per_channel = lambda v: np.asarray(v, dtype=np.int64)[None, :, None, None]  # noqa: E731
-    acc = ref_layernorm_t(x, eps_int) * per_channel(gamma) + per_channel(bias)
-    return ref_requantize(acc, per_channel(mult), per_channel(shift), rounding)
+    return RK.layernorm(x, eps_int, gamma, bias, mult, shift, rounding=rounding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,9 +240,7 @@ def test_add_matches_reference(seed, fill, shape, broadcast, ratios, out_dtype):
     ma, mb, shift = quantize_add_multipliers(ratios[0], ratios[1], 1.0)
     out = K.add(a, b, ma, mb, shift, out_dtype=out_dtype)
     lo, hi = np.iinfo(out_dtype).min, np.iinfo(out_dtype).max
-    ab = a.astype(object) * ma + np.broadcast_to(b, shape).astype(object) * mb
-    ref = np.clip((ab + (1 << (shift - 1))) >> shift, lo, hi).astype(np.int64)
-    assert out.dtype == out_dtype and np.array_equal(out, ref)
+    assert out.dtype == out_dtype and np.array_equal(out, RK.add(a, b, ma, mb, shift, out_dtype=out_dtype))
     # sanity: the real sum at scale 1, within rounding of the multipliers (unsaturated entries)
     real = a * ratios[0] + np.broadcast_to(b, shape) * ratios[1]
     inside = (real > lo + 1) & (real < hi - 1)
@@ -734,7 +690,7 @@ def test_softmax_table_path_equals_reference(rounding, mult, shift, span, note):
 def test_softmax_table_boundary_and_custom_tables():
     """d at c - 1, c, c + 1 for c the first d of index 255; tables that are not monotone; int32 tables."""
     mult, shift = quantize_multiplier(0.128)
-    c = next(d for d in range(1 << 20) if _apply_scale_one(d, mult, shift, SINGLE_ROUND) >= 255)
+    c = int(np.argmax(R.apply_scale(np.arange(1 << 20), mult, shift, SINGLE_ROUND) >= 255))
     row = np.array([0, -(c - 1), -c, -(c + 1), -(c + 1000), -1, -2], np.int32)
     rng = np.random.default_rng(3)
     for table in (K.make_exp_table(), K.make_exp_table().astype(np.int32),
@@ -792,10 +748,7 @@ def test_add_block_path_large(seed, shift, out_dtype, broadcast):
     a[0, 0, 0, :2] = [-128, 127]
     b = int8_array(rng, (1, 200, 1, 197) if broadcast else a.shape, "extreme")
     ma, mb = int(rng.integers(0, 1 << 31)), INT32_MAX
-    acc = a.astype(object) * ma + np.broadcast_to(b, a.shape).astype(object) * mb
-    half = (1 << (shift - 1)) if shift else 0
-    lo, hi = _im.int_range(out_dtype)
-    want = np.clip(((acc + half) >> shift).astype(np.int64), lo, hi)
+    want = RK.add(a, b, ma, mb, shift, out_dtype=out_dtype)
     got = K.add(a, b, ma, mb, shift, out_dtype=out_dtype)
     assert got.dtype == out_dtype and np.array_equal(got, want)
 
@@ -806,10 +759,9 @@ def test_add_every_int8_pair(ma, mb, shift, out_dtype):
     # every (a, b) pair once, through reversed (strided) views, and a 0-d pair: against Python ints
     a = np.repeat(np.arange(-128, 128), 256).astype(np.int8).reshape(256, 1, 1, 256)
     b = np.tile(np.arange(-128, 128), 256).astype(np.int8).reshape(256, 1, 1, 256)
-    acc = a.astype(object) * ma + b.astype(object) * mb
+    want = RK.add(a, b, ma, mb, shift, out_dtype=out_dtype)
     half = (1 << (shift - 1)) if shift else 0
     lo, hi = _im.int_range(out_dtype)
-    want = np.clip(((acc + half) >> shift).astype(np.int64), lo, hi)
     got = K.add(a[:, :, :, ::-1], b[:, :, :, ::-1], ma, mb, shift, out_dtype=out_dtype)
     assert got.dtype == out_dtype and np.array_equal(got, want[:, :, :, ::-1])
     zero_d = K.add(np.array(-128, np.int8), np.array(127, np.int8), ma, mb, shift, out_dtype=out_dtype)

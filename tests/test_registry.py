@@ -65,8 +65,8 @@ def relu_cases():
            {}, "", False)
 
 
-TOY = OpVariant("gelu", "relu-table", gelu_relu_table, ("x",), "ReLU as a 256-entry table (test toy)",
-                "tests/test_registry.py", reference=gelu_relu_table_plain, constants=relu_table_constants,
+TOY = OpVariant("gelu", "relu-table", gelu_relu_table, gelu_relu_table_plain, ("x",),
+                "ReLU as a 256-entry table (test toy)", "tests/test_registry.py", constants=relu_table_constants,
                 internals={"index": OUTPUT}, tosa="_gelu_table", cases=relu_cases)
 
 
@@ -154,7 +154,8 @@ def test_toy_variant_exports_to_tosa_or_says_why(toy_model):
                   scheme=tosa_scheme)
     mlir = export_tosa(qm).to_mlir()                                               # the row names _gelu_table
     assert "tosa.table" in mlir and 'loc("blocks.0.mlp.gelu")' in mlir
-    no = OpVariant("gelu", "relu-none", gelu_relu_table, ("x",), "a toy without TOSA", "tests", no_tosa="toy reason",
+    no = OpVariant("gelu", "relu-none", gelu_relu_table, gelu_relu_table_plain, ("x",), "a toy without TOSA", "tests",
+                   no_tosa="toy reason",
                    constants=relu_table_constants)
     with R.registered(no):
         qm = qm.with_graph(build_graph(CFG, qm.rounding, Scheme("t", layernorm="int32", softmax="poly",
@@ -195,11 +196,11 @@ def test_register_refuses_bad_rows():
     with pytest.raises(UnknownOpError, match="registered already"):
         R.register(R.row("gelu", "table"))
     with pytest.raises(UnknownOpError, match="exactly one of tosa"):
-        R.register(OpVariant("gelu", "x", gelu_relu_table, ("x",), "", "s"))
+        R.register(OpVariant("gelu", "x", gelu_relu_table, gelu_relu_table_plain, ("x",), "", "s"))
     with pytest.raises(UnknownOpError, match="not arguments"):
-        R.register(OpVariant("gelu", "x", gelu_relu_table, ("y",), "", "s", no_tosa="n"))
+        R.register(OpVariant("gelu", "x", gelu_relu_table, gelu_relu_table_plain, ("y",), "", "s", no_tosa="n"))
     with pytest.raises(UnknownOpError, match="differ"):
-        R.register(OpVariant("gelu", "x", gelu_relu_table, ("x",), "", "s", no_tosa="n", reference=lambda x: x))
+        R.register(OpVariant("gelu", "x", gelu_relu_table, lambda x: x, ("x",), "", "s", no_tosa="n"))
     assert ("gelu", "x") not in {r.key for r in R.rows()}
 
 

@@ -4,6 +4,8 @@ The references follow docs/spec.md Part 4 and re-derive every rounding from its 
 and >> are floor, Fraction for round-half-up), without calling intmath's scaling code: apply_scale is
 TOSA apply_scale_32 (SINGLE_ROUND) / TFLite MultiplyByQuantizedMultiplier (DOUBLE_ROUND) written out.
 The references also assert the width claims of the spec (e.g. every LayerNorm-int32 intermediate in int32).
+Where a reference would only restate the pseudocode (the wide LayerNorm, Part 2's LayerNorm tail, the w4 and
+mixed-PoT convs), the shipped reference kernels (refvit.reference) serve instead.
 Accuracy tests compare each approximation with its float function and print the measured maximum error
 (`python -m pytest -q -s tests/test_scheme_kernels.py`).
 """
@@ -20,6 +22,8 @@ from hypothesis import example, given, settings, strategies as st
 from refvit import int_kernels as K
 from refvit import int_kernels_variants as V
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND, quantize_add_multipliers, quantize_multiplier
+from refvit.reference import kernels as RK
+from refvit.reference import variants as RV
 
 ROUNDINGS = (SINGLE_ROUND, DOUBLE_ROUND)
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -136,14 +140,6 @@ def ref_ln32_t(col, eps_int, eps_shift):
     return t
 
 
-def ref_ln_wide_t(col, eps_int):
-    c = len(col)
-    total = sum(col)
-    d = [c * v - total for v in col]
-    inv = (1 << 40) // math.isqrt(sum(v * v for v in d) + eps_int)
-    return [rhu(Fraction(v * inv, 1 << 24)) for v in d]
-
-
 def per_position(x, fn, *args):
     b, c, h, w = x.shape
     out = np.zeros(x.shape, np.int64)
@@ -153,12 +149,8 @@ def per_position(x, fn, *args):
 
 
 def ref_tail(t, gamma, bias, mult, shift, rounding):
-    out = np.zeros(t.shape, np.int64)
-    for idx in np.ndindex(*t.shape):
-        c = idx[1]
-        acc = int(t[idx]) * int(gamma[c]) + int(bias[c])
-        out[idx] = clip(ref_apply_scale(acc, int(mult[c]), int(shift[c]), rounding), -128, 127)
-    return out
+    """Part 2's layernorm tail (acc = t * gamma[c] + bias[c]; requantize): the shipped reference's."""
+    return RK.layernorm_tail(t, gamma, bias, mult, shift, rounding, None, "layernorm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,7 +611,7 @@ def test_add_wide_equals_add_on_int8():
 @given(x=st.one_of(ln_inputs(np.int8), ln_inputs(np.int16)), eps_int=st.sampled_from([1, 7, 1 << 40, 1 << 61]))
 @example(x=np.array([-32768, 32767] * 20, np.int16).reshape(1, 40, 1, 1), eps_int=1 << 61)
 def test_layernorm_wide_matches_reference(x, eps_int):
-    assert V.layernorm_wide_normalize(x, eps_int).tolist() == per_position(x, ref_ln_wide_t, eps_int).tolist()
+    assert V.layernorm_wide_normalize(x, eps_int).tolist() == RV.layernorm_wide_normalize(x, eps_int).tolist()
     if x.dtype == np.int8:
         assert V.layernorm_wide_normalize(x, eps_int).tolist() == K.layernorm_normalize(x, eps_int).tolist()
 
@@ -633,14 +625,14 @@ def test_layernorm_wide_full_matches_reference(x, rounding, data):
     bias = data.draw(int_arrays(np.int32, (c,), -lim, lim))
     mult = data.draw(int_arrays(np.int32, (c,), 0, INT32_MAX))
     shift = data.draw(int_arrays(np.int8, (c,), 32, 62))
-    want = ref_tail(per_position(x, ref_ln_wide_t, 3), gamma, bias, mult, shift, rounding)
+    want = RV.layernorm_wide(x, 3, gamma, bias, mult, shift, rounding=rounding)
     assert V.layernorm_wide(x, 3, gamma, bias, mult, shift, rounding=rounding).tolist() == want.tolist()
 
 
 def test_layernorm_wide_int16_bounds():
     c = 1290                                                            # the int16 maximum: C^3 65535^2 / 4 <= 2^61
     x = np.array([-32768, 32767] * (c // 2), np.int16).reshape(1, c, 1, 1)
-    assert V.layernorm_wide_normalize(x, 1 << 61).tolist() == per_position(x, ref_ln_wide_t, 1 << 61).tolist()
+    assert V.layernorm_wide_normalize(x, 1 << 61).tolist() == RV.layernorm_wide_normalize(x, 1 << 61).tolist()
     d = [c * v - int(x.sum()) for v in x.ravel().tolist()]
     assert sum(v * v for v in d) + (1 << 61) < 1 << 62
     with pytest.raises(ValueError, match=r"layernorm_wide: C = 1291"):
@@ -656,17 +648,6 @@ def test_layernorm_wide_int16_bounds():
 # weights: w4 and mixed power-of-two
 # =============================================================================================
 
-def ref_conv(x, w, bias, mult, shift, rounding, lo=-128, hi=127):
-    b, cin, h, wd = x.shape
-    k = w.shape[2]
-    xr = x.astype(np.int64).reshape(b, cin, h // k, k, wd // k, k)
-    acc = np.einsum("bciujv,ocuv->boij", xr, w.astype(np.int64)) + bias.astype(np.int64)[None, :, None, None]
-    out = np.zeros(acc.shape, np.int64)
-    for idx in np.ndindex(*acc.shape):
-        out[idx] = clip(ref_apply_scale(int(acc[idx]), int(mult[idx[1]]), int(shift[idx[1]]), rounding), lo, hi)
-    return out
-
-
 @SETTINGS
 @given(k=st.sampled_from([1, 2]), cin=st.integers(1, 6), cout=st.integers(1, 4), rounding=roundings, data=st.data())
 def test_conv2d_w4_matches_reference(k, cin, cout, rounding, data):
@@ -677,7 +658,7 @@ def test_conv2d_w4_matches_reference(k, cin, cout, rounding, data):
     mult = data.draw(int_arrays(np.int32, (cout,), 0, INT32_MAX))
     shift = data.draw(int_arrays(np.int8, (cout,), 32, 62))
     got = V.conv2d_w4(x, w, bias, mult, shift, rounding=rounding)
-    assert got.tolist() == ref_conv(x, w, bias, mult, shift, rounding).tolist()
+    assert got.tolist() == RV.conv2d_w4(x, w, bias, mult, shift, rounding=rounding).tolist()
 
 
 def test_conv2d_w4_bounds():
@@ -764,7 +745,7 @@ def test_conv2d_mixed_pot():
     m, s = np.full(6, 1 << 30, np.int32), np.full(6, 40, np.int8)
     for rounding in ROUNDINGS:
         got = V.conv2d_mixed_pot(x, codes, bias, m, s, pot, rounding=rounding)
-        assert got.tolist() == ref_conv(x, codes, bias, m, s, rounding).tolist()
+        assert got.tolist() == RV.conv2d_mixed_pot(x, codes, bias, m, s, pot, rounding=rounding).tolist()
     bad = codes.copy()
     bad[np.flatnonzero(pot)[0], 0, 0, 0] = 3
     with pytest.raises(ValueError, match="conv2d_mixed_pot: weight rows flagged"):
