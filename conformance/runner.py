@@ -46,8 +46,11 @@ class Result:
     status: str
     message: str = ""
     seconds: float = 0.0
+    kind: str = ""          # FAIL: the comparison's status (MISMATCH, BAD DTYPE, BAD SHAPE); ERROR: what failed
 
     def line(self) -> str:
+        if self.status == SKIP:
+            return f"SKIP  {self.case} ({self.op}, not implemented by the DUT)"
         return f"{self.status:5s} {self.case} ({self.op}, {self.seconds:.2f} s)" + \
             (f"\n      {self.message}" if self.message else "")
 
@@ -193,14 +196,14 @@ def run_case(dut, case: Case) -> Result:
         actual = call_dut(dut, case)
     except Exception as e:   # the DUT's own failure, whatever it is, is this case's ERROR
         return Result(case.name, case.op, ERROR, f"ERROR {where}: DUT raised {type(e).__name__}: {e}",
-                      time.perf_counter() - t0)
+                      time.perf_counter() - t0, type(e).__name__)
     seconds = time.perf_counter() - t0
     if actual is None:
-        return Result(case.name, case.op, ERROR, f"ERROR {where}: DUT produced no output", seconds)
+        return Result(case.name, case.op, ERROR, f"ERROR {where}: DUT produced no output", seconds, "no output")
     diff = compare_arrays(case.expected, actual)
     if diff.ok:
         return Result(case.name, case.op, PASS, "", seconds)
-    return Result(case.name, case.op, FAIL, failure_message(case, diff), seconds)
+    return Result(case.name, case.op, FAIL, failure_message(case, diff), seconds, diff.status)
 
 
 def run_cases(dut, specs, on_result=None) -> list:
@@ -209,14 +212,14 @@ def run_cases(dut, specs, on_result=None) -> list:
     results = []
     for spec in specs:
         if spec.op not in COMPOSITES and missing_methods(dut, spec):
-            result = Result(spec.name, spec.op, SKIP, f"SKIP {spec.op} [{spec.name}]: "
-                                                      f"{skip_reason(dut, spec, [spec.op])}")
+            result = Result(spec.name, spec.op, SKIP,
+                            f"SKIP {spec.op} [{spec.name}]: {skip_reason(dut, spec, [spec.op])}")
         else:
             try:
                 case = get_case(spec.name)
             except Exception as e:   # a case that cannot be built is the suite's bug: report, keep going
                 result = Result(spec.name, spec.op, ERROR,
-                                f"ERROR {spec.op} [{spec.name}]: case build failed: {e!r}")
+                                f"ERROR {spec.op} [{spec.name}]: case build failed: {e!r}", kind="case build")
             else:
                 result = run_case(dut, case)
         results.append(result)
@@ -242,6 +245,29 @@ def summarize(results) -> str:
     if n[SKIP]:
         line += f"; skipped, not implemented by the DUT: {', '.join(skipped_methods(results))}"
     return line
+
+
+def junit_xml(results, suite: str = "conformance") -> str:
+    """JUnit XML for CI dashboards: one <testsuite>, one <testcase> per case (classname `conformance.<op>`,
+    name = the case), with a <failure> (FAIL), <error> (ERROR) or <skipped> (SKIP) element carrying the
+    message; counts and seconds on the suite."""
+    import xml.etree.ElementTree as ET
+    n = {s: sum(r.status == s for r in results) for s in STATUSES}
+    total = sum(r.seconds for r in results)
+    root = ET.Element("testsuites", name=suite, tests=str(len(results)), failures=str(n[FAIL]),
+                      errors=str(n[ERROR]), skipped=str(n[SKIP]), time=f"{total:.3f}")
+    node = ET.SubElement(root, "testsuite", name=suite, tests=str(len(results)), failures=str(n[FAIL]),
+                         errors=str(n[ERROR]), skipped=str(n[SKIP]), time=f"{total:.3f}")
+    child = {FAIL: "failure", ERROR: "error", SKIP: "skipped"}
+    for r in results:
+        case = ET.SubElement(node, "testcase", classname=f"conformance.{r.op}", name=r.case, time=f"{r.seconds:.3f}")
+        if r.status in child:
+            element = ET.SubElement(case, child[r.status], message=r.message)
+            if r.status != SKIP:
+                element.set("type", r.kind or r.status)
+                element.text = r.message
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

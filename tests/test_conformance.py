@@ -256,12 +256,136 @@ def test_errors_are_reported_not_raised():
     class NoOutput(RefvitDUT):
         def gelu(self, x, table):
             return None
-    r = conformance.run_case(DUT(), get_case("gelu_sweep_all256"))
-    assert r.status == "ERROR" and "DUT raised NotImplementedError" in r.message
+
+    class Refuses(RefvitDUT):      # implemented (overridden), but raises: its cases are ERROR, not SKIP
+        def gelu(self, x, table):
+            raise NotImplementedError("only table sizes of 512")
+    r = conformance.run_case(Refuses(), get_case("gelu_sweep_all256"))
+    assert r.status == "ERROR" and "DUT raised NotImplementedError: only table sizes of 512" in r.message
     r = conformance.run_case(NoOutput(), get_case("gelu_sweep_all256"))
     assert r.status == "ERROR" and "produced no output" in r.message
-    with pytest.raises(AssertionError, match=r"ERROR gelu \[gelu_sweep_all256\]"):
-        conformance.check(DUT(), "gelu_sweep_all256")
+    with pytest.raises(AssertionError, match=r"ERROR gelu \[gelu_sweep_all256\]: DUT produced no output"):
+        conformance.check(NoOutput(), "gelu_sweep_all256")
+
+
+# ---------------------------------------------------------------- what a DUT implements: SKIP, not ERROR
+
+class Partial(DUT):
+    """Two ops in plain Python ints (TOSA apply_scale_32), nothing else."""
+    def apply_scale(self, value, multiplier, shift, rounding=SINGLE_ROUND):
+        v, m, s = np.broadcast_arrays(value, multiplier, shift)
+        out = [(a * b + (1 << (c - 1)) + ((1 << 30) if a >= 0 else -(1 << 30)) * (rounding == DOUBLE_ROUND and c > 31))
+               >> c for a, b, c in zip(v.reshape(-1).tolist(), m.reshape(-1).tolist(), s.reshape(-1).tolist())]
+        return np.array(out, np.int64).reshape(v.shape)
+
+    def requantize(self, value, multiplier, shift, out_dtype=np.int8, rounding=SINGLE_ROUND):
+        info = np.iinfo(np.dtype(out_dtype))
+        return np.clip(self.apply_scale(value, multiplier, shift, rounding), info.min, info.max).astype(out_dtype)
+
+
+def test_unimplemented_ops_are_skip_with_the_reason():
+    specs = select("quick")
+    results = run_cases(Partial(), specs)
+    mine = [s.name for s in specs if s.op in ("apply_scale", "requantize")]
+    assert [r.case for r in results if r.status == PASS] == mine
+    skipped = [r for r in results if r.status == conformance.SKIP]
+    assert len(skipped) == len(specs) - len(mine) and not [r for r in results if r.status in (FAIL, "ERROR")]
+    by_name = {r.case: r for r in skipped}
+    assert by_name["gelu_sweep_all256"].message == "SKIP gelu [gelu_sweep_all256]: Partial does not implement gelu"
+    block = by_name["block_c48_h3_n18_b2_single"].message      # a block: every per-op method its graph calls
+    graph_ops = {op["op"] for op in get_case("block_c48_h3_n18_b2_single").params["graph"]}
+    assert {"layernorm", "conv2d", "softmax", "gelu", "add"} <= graph_ops
+    assert all(m in block for m in ("layernorm", "conv2d", "softmax", "gelu", "add")) and "requantize" not in block
+    assert "class Mine(Partial, conformance.RefvitDUT)" in block
+    summary = conformance.summarize(results)
+    assert summary.startswith(f"{len(mine)} passed, 0 failed, 0 errors, {len(skipped)} skipped ({len(specs)} cases)")
+    assert "not implemented by the DUT: conv2d, attention_scores, softmax" in summary and "apply_scale" not in summary
+
+
+def test_refvit_fallback_runs_blocks_and_models():
+    class Mine(Partial, RefvitDUT):
+        pass
+    specs = select("quick", ops=["block", "model", "requantize"])
+    results = run_cases(Mine(), specs)
+    assert [r.status for r in results] == [PASS] * len(specs) and len(specs) >= 20
+
+
+def test_implements_is_decided_by_the_method_not_by_calling_it():
+    class Instance(DUT):
+        pass
+    dut = Instance()
+    dut.gelu = lambda x, table: K.gelu(x, table)          # an instance attribute counts too
+    assert conformance.implements(dut, "gelu") and not conformance.implements(dut, "softmax")
+    assert conformance.implements(Partial, "requantize") and not conformance.implements(Partial, "conv2d")
+    per_op = [op for op in conformance.OPS if op not in ("block", "model")]    # those two: DUT's compositions
+    assert all(conformance.implements(RefvitDUT, op) for op in per_op)
+    assert not conformance.implements(RefvitDUT, "block")
+    assert conformance.missing_methods(ExternalCommandDUT("true"), get_case("gelu_sweep_all256")) == []
+    assert conformance.missing_methods(Partial(), get_case("gelu_sweep_all256")) == ["gelu"]
+
+
+# ---------------------------------------------------------------- CaseSpec fields and filters
+
+def test_spec_rounding_and_params_are_the_built_cases():
+    """Every quick case's spec declares exactly the keyword parameters its built case carries; block and model
+    specs the rounding mode of every record of their graph."""
+    for spec in select("quick"):
+        case = get_case(spec.name)
+        if spec.op in ("block", "model"):
+            modes = {op["attrs"]["rounding"] for op in case.params["graph"] if "rounding" in op["attrs"]}
+            assert modes == {spec.rounding} and spec.params["scheme"] in spec.name + "refvit-int8", spec.name
+        else:
+            assert dict(spec.params) == case.params and spec.rounding == case.params.get("rounding"), spec.name
+
+
+def test_select_by_op_and_rounding():
+    quick = select("quick")
+    double = select("quick", rounding="double")
+    assert double == select("quick", rounding=DOUBLE_ROUND) and 0 < len(double) < len(quick)
+    assert [s.name for s in double] == [s.name for s in quick if get_case(s.name).params.get("rounding") in
+                                        (None, DOUBLE_ROUND) and not (s.op in ("block", "model") and
+                                                                      s.rounding == SINGLE_ROUND)]
+    assert {s.op for s in select("quick", ops="softmax")} == {"softmax"}
+    both = select("quick", ops=["gelu", "add"], rounding="single")
+    assert {s.op for s in both} == {"gelu", "add"} and len(both) == sum(s.op in ("gelu", "add") for s in quick)
+    with pytest.raises(ValueError, match="unknown op 'softmaxx'"):
+        select("quick", ops=["softmaxx"])
+    with pytest.raises(ValueError, match="unknown rounding mode"):
+        select("quick", rounding="half_even")
+
+
+# ---------------------------------------------------------------- check(): tracebacks and messages
+
+def test_check_lets_the_dut_exception_through():
+    class Crashing(RefvitDUT):
+        def gelu(self, x, table):
+            raise ZeroDivisionError("device fell over")
+    with pytest.raises(ZeroDivisionError, match="device fell over") as info:
+        conformance.check(Crashing(), "gelu_sweep_all256")
+    assert info.traceback[-1].name == "gelu"                  # raised where the DUT raised it
+    conformance.check(RefvitDUT(), "gelu_sweep_all256")       # passes: returns None
+    with pytest.raises(pytest.skip.Exception, match="Partial does not implement gelu"):
+        conformance.check(Partial(), "gelu_sweep_all256")
+
+
+def test_mismatch_message_names_the_inputs_there_and_the_note():
+    case = get_case("requantize_ties_int8_single")
+    with pytest.raises(AssertionError) as info:
+        conformance.check(HalfToEvenDUT(), case)
+    msg = str(info.value)
+    actual = HalfToEvenDUT().requantize(*case.inputs.values(), **case.params)
+    i = int(np.argmax(actual != case.expected))
+    v, m, s = (int(case.inputs[k][i]) for k in ("value", "multiplier", "shift"))
+    assert f"inputs there: value={v}, multiplier={m}, shift={s}" in msg
+    assert (v * m) % (1 << s) == 1 << (s - 1)                 # independently: that element is a tie
+    assert f"largest difference {int(np.abs(actual.astype(int) - case.expected.astype(int)).max())}" in msg
+    assert msg.endswith("; case note: ties, saturated to int8")
+    conv = get_case("conv1x1_ties_cin1_cout4_n64_shift33_single")
+    msg = conformance.run_case(AlwaysDoubleRoundDUT(), conv).message
+    out = AlwaysDoubleRoundDUT().conv2d(*conv.inputs.values(), **conv.params)
+    c = int(np.argwhere(out != conv.expected)[0][1])           # the channel of the first mismatch
+    assert f"bias[{c}]=4, multiplier[{c}]={1 << 30}, shift[{c}]=33" in msg
+    assert msg.endswith("case note: every output is a rounding tie")
 
 
 def test_a_dut_cannot_change_the_cases():
