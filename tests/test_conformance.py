@@ -1,5 +1,6 @@
 """The conformance suite: refvit passes its own cases; deliberately broken DUTs fail with a precise message."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -568,3 +569,97 @@ def test_cli_dut_that_cannot_be_created_is_a_clean_error(tmp_path, monkeypatch, 
     for m in ("conf_ctor_dut", "conf_import_dut"):
         sys.modules.pop(m, None)
     assert conformance_main(["run", "--cmd", "true", "--timeout", "0"]) == 2
+
+
+# ---------------------------------------------------------------- the command line as a CI citizen
+
+JUNIT_DUT = """import numpy as np
+from conformance import DUT, RefvitDUT
+from refvit import int_kernels as K
+class Mixed(DUT):
+    attention_scores = staticmethod(K.attention_scores)
+    def gelu(self, x, table):
+        if x.shape[1] == 256:
+            raise RuntimeError("sweep unsupported")
+        return (K.gelu(x, table).astype(np.int16) + 1).clip(-128, 127).astype(np.int8)
+"""
+
+
+def test_cli_junit_skip_and_reference(tmp_path):
+    import xml.etree.ElementTree as ET
+    (tmp_path / "junit_dut.py").write_text(JUNIT_DUT)
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "conformance", "run", "--filter", "_", "--ops", "gelu,attention_scores",
+           "--ops", "softmax", "--rounding", "single"]
+    proc = subprocess.run(run + ["--dut", "junit_dut:Mixed", "--junit", "out.xml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    specs = [s for s in select("quick") if s.op in ("gelu", "attention_scores", "softmax")
+             and get_case(s.name).params.get("rounding", SINGLE_ROUND) == SINGLE_ROUND]
+    want = {s.name: ("skipped" if s.op == "softmax" else "error" if s.name.startswith("gelu") and "sweep" in s.name
+                     else "failure" if s.op == "gelu" else None) for s in specs}
+    suite = ET.parse(tmp_path / "out.xml").getroot().find("testsuite")
+    got = {}
+    for tc in suite.findall("testcase"):
+        kids = list(tc)
+        assert len(kids) <= 1 and tc.get("classname") == f"conformance.{get_case(tc.get('name')).op}"
+        got[tc.get("name")] = kids[0].tag if kids else None
+        if kids and kids[0].tag == "failure":
+            assert kids[0].get("type") == "MISMATCH" and "largest difference 1" in kids[0].text
+        if kids and kids[0].tag == "error":
+            assert "RuntimeError: sweep unsupported" in kids[0].get("message")
+        if kids and kids[0].tag == "skipped":
+            assert kids[0].get("message").endswith("Mixed does not implement softmax")
+    assert got == want
+    counts = {k: list(want.values()).count(v) for k, v in (("failures", "failure"), ("errors", "error"),
+                                                           ("skipped", "skipped"))}
+    assert {k: int(suite.get(k)) for k in counts} == counts and int(suite.get("tests")) == len(want)
+    n_pass = list(want.values()).count(None)
+    assert (f"{n_pass} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped "
+            f"({len(want)} cases); skipped, not implemented by the DUT: softmax") in proc.stdout
+    ref = subprocess.run(run + ["--dut", "reference"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ref.returncode == 0 and f"{len(want)} passed, 0 failed, 0 errors, 0 skipped" in ref.stdout, ref.stderr
+    nothing = subprocess.run([sys.executable, "-m", "conformance", "run", "--ops", "softmax", "--dut",
+                              "junit_dut:Mixed"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert nothing.returncode == 1 and "no case ran" in nothing.stderr
+
+
+def test_cli_run_without_a_dut_says_what_to_pass(capsys):
+    assert conformance_main(["run", "--filter", "gelu_sweep"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dut module:Class" in err and "--dut reference" in err and "--cmd" in err
+    assert conformance_main(["list", "--rounding", "half"]) == 2
+    assert "unknown rounding mode 'half'" in capsys.readouterr().err
+
+
+def test_cli_list_into_a_closed_pipe_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "conformance", "list", "--set", "full"], cwd=REPO,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()                         # the reader is gone before the first line (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == ""
+
+
+def test_cli_write_leaves_no_stale_cases(tmp_path, capsys):
+    out = tmp_path / "cases"
+    assert conformance_main(["write", str(out), "--filter", "gelu_sweep"]) == 0
+    assert conformance_main(["write", str(out), "--filter", "concat_tokens"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    names = [c["name"] for c in index["cases"]]
+    assert names == [s.name for s in select("quick") if "concat_tokens" in s.name]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["index.json"])      # gelu_* is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["cases"]                              # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask                                  # not private
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert conformance_main(["write", str(mine), "--filter", "gelu_sweep"]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert conformance_main(["write", str(empty), "--filter", "gelu_sweep"]) == 0
+    assert (empty / "gelu_sweep_all256" / "case.json").is_file()
