@@ -663,3 +663,11 @@ def test_cli_write_leaves_no_stale_cases(tmp_path, capsys):
     empty.mkdir()
     assert conformance_main(["write", str(empty), "--filter", "gelu_sweep"]) == 0
     assert (empty / "gelu_sweep_all256" / "case.json").is_file()
+
+
+def test_the_documented_fail_message_is_the_runners():
+    """docs/golden-format.md quotes the half-to-even adapter's message: it is what the runner says today."""
+    import re
+    text = (REPO / "docs" / "golden-format.md").read_text()
+    quoted = re.search(r"`(FAIL requantize \[requantize_ties_int8_single\]: [^`]*)`", text).group(1)
+    assert conformance.run_case(HalfToEvenDUT(), get_case("requantize_ties_int8_single")).message == quoted
