@@ -21,6 +21,8 @@ designed constants for ties, saturation and the edges of each domain; and a bloc
 that a neighbouring variant fails each variant's cases.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
+Each family declares, per case, its rounding mode and the DUT method's keyword parameters (CaseSpec.rounding,
+CaseSpec.params): `select` filters on them, and tests/test_conformance.py checks them against the built cases.
 
 Case arrays are read-only (get_case): a DUT that writes into its inputs gets an ERROR, not later cases
 with changed inputs or expectations.

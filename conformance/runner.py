@@ -47,6 +47,7 @@ class Result:
     message: str = ""
     seconds: float = 0.0
     kind: str = ""          # FAIL: the comparison's status (MISMATCH, BAD DTYPE, BAD SHAPE); ERROR: what failed
+    missing: tuple = ()     # SKIP: the methods the DUT lacks
 
     def line(self) -> str:
         if self.status == SKIP:
@@ -191,7 +192,8 @@ def run_case(dut, case: Case) -> Result:
     where = f"{case.op} [{case.name}]"
     missing = missing_methods(dut, case)
     if missing:
-        return Result(case.name, case.op, SKIP, f"SKIP {where}: {skip_reason(dut, case, missing)}")
+        return Result(case.name, case.op, SKIP, f"SKIP {where}: {skip_reason(dut, case, missing)}",
+                      missing=tuple(missing))
     try:
         actual = call_dut(dut, case)
     except Exception as e:   # the DUT's own failure, whatever it is, is this case's ERROR
@@ -213,7 +215,7 @@ def run_cases(dut, specs, on_result=None) -> list:
     for spec in specs:
         if spec.op not in COMPOSITES and missing_methods(dut, spec):
             result = Result(spec.name, spec.op, SKIP,
-                            f"SKIP {spec.op} [{spec.name}]: {skip_reason(dut, spec, [spec.op])}")
+                            f"SKIP {spec.op} [{spec.name}]: {skip_reason(dut, spec, [spec.op])}", missing=(spec.op,))
         else:
             try:
                 case = get_case(spec.name)
@@ -229,13 +231,8 @@ def run_cases(dut, specs, on_result=None) -> list:
 
 
 def skipped_methods(results) -> list:
-    """The methods the skipped cases needed, in first-seen order (from their SKIP messages' reasons)."""
-    return list(dict.fromkeys(m for r in results if r.status == SKIP for m in _reason_methods(r.message)))
-
-
-def _reason_methods(message: str) -> list:
-    body = message.split(" does not implement ", 1)[1]
-    return body.split(", which", 1)[0].split(", ")
+    """The methods the skipped cases needed, in first-seen order."""
+    return list(dict.fromkeys(m for r in results if r.status == SKIP for m in r.missing))
 
 
 def summarize(results) -> str:
@@ -279,9 +276,9 @@ def check(dut, case) -> None:
 
     case: a Case or a case name. A mismatch (dtype, shape or values) raises AssertionError with the FAIL
     message (first element, largest difference, inputs there, case note); the DUT's own exception propagates
-    as it is, with its traceback (pytest reports ERROR... as a failure of the test, not a rewritten
-    assertion); a case needing a method the DUT does not implement is skipped (pytest.skip, with the reason).
-    The suite's own frames are hidden from pytest's tracebacks."""
+    as it is, with its own traceback (not rewritten into an assertion); a case needing a method the DUT does
+    not implement is skipped (pytest.skip, with the reason). The suite's own frames are hidden from pytest's
+    tracebacks (__tracebackhide__)."""
     __tracebackhide__ = True
     case = get_case(case) if isinstance(case, str) else case
     missing = missing_methods(dut, case)
