@@ -29,7 +29,7 @@ import numpy as np
 
 from refvit.check import CheckUsageError, Diff, compare_arrays, load_manifest
 from refvit.dumpfmt import read_array
-from refvit.graph import DATA_MOVEMENT, KERNELS, graph_from_dicts, op_from_manifest
+from refvit.graph import graph_from_dicts, op_from_manifest
 
 from .cases import Case, get_case, select
 from .dut import DUT
@@ -64,13 +64,19 @@ def _dut_class(dut) -> type:
     return dut if isinstance(dut, type) else type(dut)
 
 
+def _is_stub(fn) -> bool:
+    """fn (a function or a bound method) is one of conformance.DUT's method stubs."""
+    func = getattr(fn, "__func__", fn)
+    return bool(getattr(func, "not_implemented", False)) or func is getattr(DUT, getattr(func, "__name__", ""), None)
+
+
 def implements(dut, method: str) -> bool:
     """The DUT (a class or an instance) has its own `method`: it is defined and is not conformance.DUT's stub
     (decided by the function the class resolves, never by calling it)."""
     if not isinstance(dut, type) and method in getattr(dut, "__dict__", {}):
         return True
     found = getattr(_dut_class(dut), method, None)
-    return callable(found) and found is not getattr(DUT, method, None)
+    return callable(found) and not _is_stub(found)
 
 
 def runs_whole_cases(dut) -> bool:
@@ -78,22 +84,23 @@ def runs_whole_cases(dut) -> bool:
     return implements(dut, "run_case") or not issubclass(_dut_class(dut), DUT)
 
 
-def graph_methods(graph) -> list:
-    """The DUT methods a graph's records call (refvit.graph.Op.kernel), in first-use order, pure data
-    movement left out (refvit's own serves a DUT that lacks it)."""
-    ops = graph_from_dicts(list(graph))
-    return list(dict.fromkeys(op.kernel for op in ops if op.op not in DATA_MOVEMENT))
+def method_for(dut, op):
+    """What computes an op record on this DUT (DUT.kernel_for: its method named Op.kernel, or refvit's own for
+    pure data movement it lacks), or None when that is still conformance.DUT's stub. dut: class or instance."""
+    fn = DUT.kernel_for(dut, op)
+    return None if _is_stub(fn) else fn
 
 
 def missing_methods(dut, case) -> list:
     """The methods `case` (a Case or a CaseSpec) needs that the DUT does not implement: its op; for block and
-    model cases that the DUT does not override, every per-op method of the case's graph. [] when it runs."""
+    model cases that the DUT does not override, every per-op method their graph calls (pure data movement
+    excepted: refvit's serves), in first-use order. [] when the DUT can run the case."""
     if runs_whole_cases(dut) or implements(dut, case.op):
         return []
     if case.op not in COMPOSITES:
         return [case.op]
-    graph = (case if isinstance(case, Case) else get_case(case.name)).params["graph"]
-    return [m for m in graph_methods(graph) if not implements(dut, m)]
+    graph = graph_from_dicts(list((case if isinstance(case, Case) else get_case(case.name)).params["graph"]))
+    return list(dict.fromkeys(op.kernel for op in graph if method_for(dut, op) is None))
 
 
 def skip_reason(dut, case, missing: list) -> str:
@@ -357,16 +364,12 @@ def run_golden_op(golden_dir, name: str, dut_or_fn, *, atol: int = 0) -> Diff:
     method for the op's (op, variant): `Op.kernel`; pure data movement falls back to refvit's) or a function
     taking the kernel's keyword arguments. The result is reshaped (row-major, same elements) to the record's
     shape when the element count agrees, then compared (refvit.check.compare_arrays; `Diff.ok`). The DUT's
-    exceptions propagate; a DUT that does not implement the method raises NotImplementedError before running."""
+    exceptions propagate; a DUT that does not implement the method raises NotImplementedError before running.
+    Anything that is not a conformance.DUT is called as the function."""
     __tracebackhide__ = True
     op, args, expected = golden_op_arguments(golden_dir, name)
-    if callable(dut_or_fn) and not isinstance(dut_or_fn, DUT) and not hasattr(dut_or_fn, op.kernel):
-        fn = dut_or_fn
-    elif implements(dut_or_fn, op.kernel):
-        fn = getattr(dut_or_fn, op.kernel)
-    elif op.op in DATA_MOVEMENT:
-        fn = KERNELS[(op.op, op.variant)]
-    else:
+    fn = method_for(dut_or_fn, op) if isinstance(dut_or_fn, DUT) else dut_or_fn
+    if fn is None:
         raise NotImplementedError(f"{_dut_class(dut_or_fn).__name__} does not implement {op.kernel}, the method "
                                   f"of op {name!r} ({op.op}, {op.variant})")
     actual = np.asarray(fn(**_readonly_view(args)))
