@@ -21,6 +21,8 @@ designed constants for ties, saturation and the edges of each domain; and a bloc
 that a neighbouring variant fails each variant's cases.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
+Each family declares, per case, its rounding mode and the DUT method's keyword parameters (CaseSpec.rounding,
+CaseSpec.params): `select` filters on them, and tests/test_conformance.py checks them against the built cases.
 
 Case arrays are read-only (get_case): a DUT that writes into its inputs gets an ERROR, not later cases
 with changed inputs or expectations.
@@ -32,7 +34,8 @@ import functools
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -48,7 +51,7 @@ from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, required_cons
 from refvit.models import random_params
 from refvit.quantize import quantize
 
-from .dut import REFERENCE_KERNELS
+from .dut import REFERENCE_KERNELS, kernel_set
 
 SETS = ("quick", "full")
 _MODES = {"single": SINGLE_ROUND, "double": DOUBLE_ROUND}
@@ -66,15 +69,30 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseSpec:
+    """A case before it is built: what a filter needs (op, rounding, parameters) without building its arrays.
+
+    rounding: the rounding mode the case's op runs with (SINGLE_ROUND or DOUBLE_ROUND; block and model: every
+    record's), None for ops that take none (attention_scores, add, gelu, ...).
+    params: the keyword parameters the DUT method receives, as the built case carries them in Case.params
+    (rounding, out_dtype, keep, num_prefix); block and model cases: rounding and the scheme's name (their
+    Case.params hold the graph instead). Read-only."""
     name: str
     op: str
     quick: bool
     build: Callable = field(repr=False, compare=False)
+    rounding: str | None = None
+    params: Mapping = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+def _p(mode: str | None = None, **params) -> dict:
+    """A spec's parameters: the rounding mode by its short name (single / double), then the DUT method's other
+    keyword parameters as its case will carry them."""
+    return ({"rounding": _MODES[mode]} if mode else {}) | params
+
 
 def _rng(name: str, stream: str = "") -> np.random.Generator:
     """Seeded by the name without its rounding suffix: a _single/_double pair shares its data."""
@@ -149,20 +167,23 @@ def _scale_case(name, op, value, mult, shift, mode, out_dtype="int8", note=""):
 
 def _scale_specs():
     for mode in _MODES:
-        yield f"apply_scale_ties_shift2to62_{mode}", "apply_scale", True, lambda n, m=mode: _scale_case(
+        yield f"apply_scale_ties_shift2to62_{mode}", "apply_scale", True, _p(mode), lambda n, m=mode: _scale_case(
             n, "apply_scale", *_tie_triples(_rng(n), range(2, 63)), m, note="every value*multiplier is a tie")
-        yield f"apply_scale_random_{mode}", "apply_scale", True, lambda n, m=mode: _scale_case(
+        yield f"apply_scale_random_{mode}", "apply_scale", True, _p(mode), lambda n, m=mode: _scale_case(
             n, "apply_scale", *_random_triples(_rng(n), 4096), m)
-        yield f"requantize_ties_int8_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+        yield f"requantize_ties_int8_{mode}", "requantize", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _scale_case(
             n, "requantize", *_tie_triples(_rng(n), range(2, 63), 8), m, note="ties, saturated to int8")
         for s in (2, 62):
-            yield f"requantize_shift{s}_{mode}", "requantize", True, lambda n, m=mode, s=s: _scale_case(
-                n, "requantize", *_random_triples(_rng(n), 1024, [s]), m)
-        yield f"requantize_saturate_int8_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+            yield f"requantize_shift{s}_{mode}", "requantize", True, _p(mode, out_dtype="int8"), \
+                lambda n, m=mode, s=s: _scale_case(n, "requantize", *_random_triples(_rng(n), 1024, [s]), m)
+        yield f"requantize_saturate_int8_{mode}", "requantize", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _scale_case(
             n, "requantize", *_saturating_triples(_rng(n)), m, note="outputs far beyond int8")
-        yield f"requantize_saturate_int16_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
-            n, "requantize", *_saturating_triples(_rng(n)), m, "int16")
-        yield f"requantize_maxacc_{mode}", "requantize", True, lambda n, m=mode: _scale_case(
+        yield f"requantize_saturate_int16_{mode}", "requantize", True, _p(mode, out_dtype="int16"), \
+            lambda n, m=mode: _scale_case(n, "requantize", *_saturating_triples(_rng(n)), m, "int16")
+        yield f"requantize_maxacc_{mode}", "requantize", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _scale_case(
             n, "requantize", *_maxacc_triples(), m, note="int32 extremes at shifts 32..62")
 
 
@@ -253,23 +274,31 @@ def _conv_allmax(name, cin, cout, n, mode):
 
 def _conv_specs():
     for mode in _MODES:
-        yield f"conv1x1_cin192_cout576_n197_{mode}", "conv2d", True, lambda n, m=mode: _conv1x1(n, 192, 576, 197, m)
-        yield f"patchconv_k16_cin3_cout192_img224_{mode}", "conv2d", True, lambda n, m=mode: _patch_conv(
-            n, 16, 224, 192, m)
-        yield f"conv1x1_maxacc_cin3072_cout8_n4_{mode}", "conv2d", True, lambda n, m=mode: _conv_maxacc(
-            n, 3072, 8, m)
-        yield f"conv1x1_ties_cin1_cout4_n64_shift33_{mode}", "conv2d", True, lambda n, m=mode: _conv_ties(n, m)
-        yield f"conv1x1_saturate_cin64_cout32_n16_{mode}", "conv2d", True, lambda n, m=mode: _conv_saturate(n, m)
-        yield f"conv1x1_cin768_cout3072_n197_{mode}", "conv2d", False, lambda n, m=mode: _conv1x1(n, 768, 3072, 197, m)
-        yield f"conv1x1_cin3072_cout768_n197_{mode}", "conv2d", False, lambda n, m=mode: _conv1x1(n, 3072, 768, 197, m)
-    yield "patchconv_k4_cin3_cout192_img32_single", "conv2d", True, lambda n: _patch_conv(n, 4, 32, 192, "single")
-    yield "patchconv_k16_cin3_cout768_img384_single", "conv2d", False, lambda n: _patch_conv(n, 16, 384, 768, "single")
+        yield f"conv1x1_cin192_cout576_n197_{mode}", "conv2d", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv1x1(n, 192, 576, 197, m)
+        yield f"patchconv_k16_cin3_cout192_img224_{mode}", "conv2d", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _patch_conv(n, 16, 224, 192, m)
+        yield f"conv1x1_maxacc_cin3072_cout8_n4_{mode}", "conv2d", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv_maxacc(n, 3072, 8, m)
+        yield f"conv1x1_ties_cin1_cout4_n64_shift33_{mode}", "conv2d", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv_ties(n, m)
+        yield f"conv1x1_saturate_cin64_cout32_n16_{mode}", "conv2d", True, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv_saturate(n, m)
+        yield f"conv1x1_cin768_cout3072_n197_{mode}", "conv2d", False, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv1x1(n, 768, 3072, 197, m)
+        yield f"conv1x1_cin3072_cout768_n197_{mode}", "conv2d", False, _p(mode, out_dtype="int8"), \
+            lambda n, m=mode: _conv1x1(n, 3072, 768, 197, m)
+    yield "patchconv_k4_cin3_cout192_img32_single", "conv2d", True, _p("single", out_dtype="int8"), \
+        lambda n: _patch_conv(n, 4, 32, 192, "single")
+    yield "patchconv_k16_cin3_cout768_img384_single", "conv2d", False, _p("single", out_dtype="int8"), \
+        lambda n: _patch_conv(n, 16, 384, 768, "single")
     for fill, tag in ((-128, "allneg128"), (127, "all127")):
-        yield f"conv1x1_{tag}_cin192_cout64_n16_single", "conv2d", True, lambda n, f=fill: _conv1x1(
-            n, 192, 64, 16, "single", fill=f)
-    yield "conv1x1_head_int16_cin384_cout1000_n1_b4_single", "conv2d", True, lambda n: _conv1x1(
-        n, 384, 1000, 1, "single", batch=4, out_dtype="int16")
-    yield "conv1x1_allmax_cin3071_cout4_n4_single", "conv2d", True, lambda n: _conv_allmax(n, 3071, 4, 4, "single")
+        yield f"conv1x1_{tag}_cin192_cout64_n16_single", "conv2d", True, _p("single", out_dtype="int8"), \
+            lambda n, f=fill: _conv1x1(n, 192, 64, 16, "single", fill=f)
+    yield "conv1x1_head_int16_cin384_cout1000_n1_b4_single", "conv2d", True, _p("single", out_dtype="int16"), \
+        lambda n: _conv1x1(n, 384, 1000, 1, "single", batch=4, out_dtype="int16")
+    yield "conv1x1_allmax_cin3071_cout4_n4_single", "conv2d", True, _p("single", out_dtype="int8"), \
+        lambda n: _conv_allmax(n, 3071, 4, 4, "single")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,42 +499,49 @@ def _context_ties(name, heads, d, n, mode, shift=33):
 
 
 def _attention_specs():
-    yield "attention_scores_h3_d64_n197", "attention_scores", True, lambda n: _scores_case(n, 3, 64, 197)
-    yield "attention_scores_extremes_h2_d64_n8", "attention_scores", True, lambda n: _scores_case(
+    yield "attention_scores_h3_d64_n197", "attention_scores", True, _p(), lambda n: _scores_case(n, 3, 64, 197)
+    yield "attention_scores_extremes_h2_d64_n8", "attention_scores", True, _p(), lambda n: _scores_case(
         n, 2, 64, 8, extremes=True)
-    yield "attention_scores_h12_d64_n577", "attention_scores", False, lambda n: _scores_case(n, 12, 64, 577)
+    yield "attention_scores_h12_d64_n577", "attention_scores", False, _p(), lambda n: _scores_case(n, 12, 64, 577)
     for mode in _MODES:
         for kind in ("random", "ties", "equal", "saturated_index", "extreme_scores"):
-            yield f"softmax_n197_{kind}_{mode}", "softmax", True, lambda n, k=kind, m=mode: _softmax_kind(n, k, 197, m)
-        yield f"attention_context_h3_d64_n197_{mode}", "attention_context", True, lambda n, m=mode: _context_case(
-            n, 3, 64, 197, m)
-    yield "softmax_n1_random_single", "softmax", True, lambda n: _softmax_kind(n, "random", 1, "single")
+            yield f"softmax_n197_{kind}_{mode}", "softmax", True, _p(mode), \
+                lambda n, k=kind, m=mode: _softmax_kind(n, k, 197, m)
+        yield f"attention_context_h3_d64_n197_{mode}", "attention_context", True, _p(mode), \
+            lambda n, m=mode: _context_case(n, 3, 64, 197, m)
+    yield "softmax_n1_random_single", "softmax", True, _p("single"), lambda n: _softmax_kind(n, "random", 1, "single")
     for mode in _MODES:
-        yield f"softmax_n197_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_random_table(n, 197, m)
-        yield f"softmax_n64_shift33_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift33(n, 64, m)
-        yield f"softmax_n32_shift40_randomtable_{mode}", "softmax", True, lambda n, m=mode: _softmax_shift40(
+        yield f"softmax_n197_randomtable_{mode}", "softmax", True, _p(mode), \
+            lambda n, m=mode: _softmax_random_table(n, 197, m)
+        yield f"softmax_n64_shift33_randomtable_{mode}", "softmax", True, _p(mode), \
+            lambda n, m=mode: _softmax_shift33(n, 64, m)
+        yield f"softmax_n32_shift40_randomtable_{mode}", "softmax", True, _p(mode), lambda n, m=mode: _softmax_shift40(
             n, 32, m)
-        yield f"softmax_n32_shift48_directindex_randomtable_{mode}", "softmax", True, lambda n, m=mode: \
+        yield f"softmax_n32_shift48_directindex_randomtable_{mode}", "softmax", True, _p(mode), lambda n, m=mode: \
             _softmax_direct(n, 32, m)
-    yield "softmax_n197_randomtable_int32_single", "softmax", True, lambda n: _softmax_random_table(
+    yield "softmax_n197_randomtable_int32_single", "softmax", True, _p("single"), lambda n: _softmax_random_table(
         n, 197, "single", np.int32)
-    yield "softmax_n16_recip_ties_designedtable_single", "softmax", True, lambda n: _softmax_recip_ties(n, 16)
-    yield "softmax_n65535_equal_random_single", "softmax", True, lambda n: _softmax_longest(n, K.MAX_TOKENS)
-    yield "softmax_n577_equal_single", "softmax", False, lambda n: _softmax_kind(n, "equal", 577, "single")
-    yield "softmax_n577_random_double", "softmax", False, lambda n: _softmax_kind(n, "random", 577, "double")
-    yield "attention_context_maxacc_h1_d64_n197_single", "attention_context", True, lambda n: _context_case(
-        n, 1, 64, 197, "single", "maxacc")
-    yield "attention_context_saturate_h3_d64_n197_single", "attention_context", True, lambda n: _context_case(
-        n, 3, 64, 197, "single", "saturate")
-    yield "attention_context_h12_d64_n577_single", "attention_context", False, lambda n: _context_case(
+    yield "softmax_n16_recip_ties_designedtable_single", "softmax", True, _p("single"), \
+        lambda n: _softmax_recip_ties(n, 16)
+    yield "softmax_n65535_equal_random_single", "softmax", True, _p("single"), \
+        lambda n: _softmax_longest(n, K.MAX_TOKENS)
+    yield "softmax_n577_equal_single", "softmax", False, _p("single"), \
+        lambda n: _softmax_kind(n, "equal", 577, "single")
+    yield "softmax_n577_random_double", "softmax", False, _p("double"), \
+        lambda n: _softmax_kind(n, "random", 577, "double")
+    yield "attention_context_maxacc_h1_d64_n197_single", "attention_context", True, _p("single"), \
+        lambda n: _context_case(n, 1, 64, 197, "single", "maxacc")
+    yield "attention_context_saturate_h3_d64_n197_single", "attention_context", True, _p("single"), \
+        lambda n: _context_case(n, 3, 64, 197, "single", "saturate")
+    yield "attention_context_h12_d64_n577_single", "attention_context", False, _p("single"), lambda n: _context_case(
         n, 12, 64, 577, "single")
     for mode in _MODES:
-        yield f"attention_context_ties_h2_d8_n16_shift33_{mode}", "attention_context", True, \
+        yield f"attention_context_ties_h2_d8_n16_shift33_{mode}", "attention_context", True, _p(mode), \
             lambda n, m=mode: _context_ties(n, 2, 8, 16, m)
-    yield "attention_context_h3_d64_n197_shift31_single", "attention_context", True, lambda n: _context_case(
-        n, 3, 64, 197, "single", shift=31)
-    yield "attention_context_ties_h2_d8_n16_shift31_single", "attention_context", True, lambda n: _context_ties(
-        n, 2, 8, 16, "single", 31)
+    yield "attention_context_h3_d64_n197_shift31_single", "attention_context", True, _p("single"), \
+        lambda n: _context_case(n, 3, 64, 197, "single", shift=31)
+    yield "attention_context_ties_h2_d8_n16_shift31_single", "attention_context", True, _p("single"), \
+        lambda n: _context_ties(n, 2, 8, 16, "single", 31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,52 +664,57 @@ def _concat_case(name, p, c, n, b):
 
 def _elementwise_specs():
     for kind in ("random", "pos_broadcast", "ties_shift8", "shift2", "shift62", "saturate", "extremes"):
-        yield f"add_{kind}_c192_n197", "add", True, lambda n, k=kind: _add_kind(n, k)
-    yield "gelu_sweep_all256", "gelu", True, lambda n: _gelu_case(n, True)
-    yield "gelu_c768_n197", "gelu", True, lambda n: _gelu_case(n, False)
+        yield f"add_{kind}_c192_n197", "add", True, _p(out_dtype="int8"), lambda n, k=kind: _add_kind(n, k)
+    yield "gelu_sweep_all256", "gelu", True, _p(), lambda n: _gelu_case(n, True)
+    yield "gelu_c768_n197", "gelu", True, _p(), lambda n: _gelu_case(n, False)
     for mode in _MODES:
-        yield f"layernorm_c192_n197_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_case(n, 192, 197, m)
-        yield f"layernorm_alternating_c768_n8_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_case(
+        yield f"layernorm_c192_n197_{mode}", "layernorm", True, _p(mode), \
+            lambda n, m=mode: _layernorm_case(n, 192, 197, m)
+        yield f"layernorm_alternating_c768_n8_{mode}", "layernorm", True, _p(mode), lambda n, m=mode: _layernorm_case(
             n, 768, 8, m, "alternating")
     for kind in ("constant_rows", "allneg128", "all127"):
-        yield f"layernorm_{kind}_c192_n16_single", "layernorm", True, lambda n, k=kind: _layernorm_case(
+        yield f"layernorm_{kind}_c192_n16_single", "layernorm", True, _p("single"), lambda n, k=kind: _layernorm_case(
             n, 192, 16, "single", k)
-    yield "layernorm_c768_n577_single", "layernorm", False, lambda n: _layernorm_case(n, 768, 577, "single")
-    yield "layernorm_alternating_c4096_n2_double", "layernorm", False, lambda n: _layernorm_case(
+    yield "layernorm_c768_n577_single", "layernorm", False, _p("single"), \
+        lambda n: _layernorm_case(n, 768, 577, "single")
+    yield "layernorm_alternating_c4096_n2_double", "layernorm", False, _p("double"), lambda n: _layernorm_case(
         n, 4096, 2, "double", "alternating")
-    yield "gelu_randomtable_sweep_all256", "gelu", True, lambda n: _gelu_case(n, True, True)
-    yield "gelu_randomtable_c768_n197", "gelu", True, lambda n: _gelu_case(n, False, True)
+    yield "gelu_randomtable_sweep_all256", "gelu", True, _p(), lambda n: _gelu_case(n, True, True)
+    yield "gelu_randomtable_c768_n197", "gelu", True, _p(), lambda n: _gelu_case(n, False, True)
     for mode in _MODES:
         # q = 2^34 exactly: a perfect square, r = 2^17, inv = 2^23 exact; d odd: every t = d / 2 is a tie
-        yield f"layernorm_ties_r131072_c192_n16_{mode}", "layernorm", True, lambda n, m=mode: \
+        yield f"layernorm_ties_r131072_c192_n16_{mode}", "layernorm", True, _p(mode), lambda n, m=mode: \
             _layernorm_two_level(n, 192, 16, 97, lambda r: r * r, 1 << 17, m, "q = r^2, every t a tie")
-        yield f"layernorm_epsmax_c4096_n8_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_domain_edge(
-            n, K.MAX_LN_CHANNELS, 8, K.MAX_LN_EPS_INT, m)
-        yield f"layernorm_eps2p50_c192_n197_{mode}", "layernorm", True, lambda n, m=mode: _layernorm_big_eps(
+        yield f"layernorm_epsmax_c4096_n8_{mode}", "layernorm", True, _p(mode), \
+            lambda n, m=mode: _layernorm_domain_edge(n, K.MAX_LN_CHANNELS, 8, K.MAX_LN_EPS_INT, m)
+        yield f"layernorm_eps2p50_c192_n197_{mode}", "layernorm", True, _p(mode), lambda n, m=mode: _layernorm_big_eps(
             n, 192, 197, 1 << 50, m)
-    yield "layernorm_eps2p50_c192_n197_shift31_single", "layernorm", True, lambda n: _layernorm_big_eps(
+    yield "layernorm_eps2p50_c192_n197_shift31_single", "layernorm", True, _p("single"), lambda n: _layernorm_big_eps(
         n, 192, 197, 1 << 50, "single", 31)
     # q = r^2 - 1, isqrt = r - 1. r = 2^17: inv = 2^23 + 64, just below the ties for d < 0, above for d > 0;
     # r = 67109 (not a power of two): t(r - 1) != t(r) for d = -64
-    yield "layernorm_squareminus1_r131072_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+    yield "layernorm_squareminus1_r131072_c192_n16_single", "layernorm", True, _p("single"), \
+        lambda n: _layernorm_two_level(
         n, 192, 16, 97, lambda r: r * r - 1, 1 << 17, "single", "q = r^2 - 1, t next to ties")
-    yield "layernorm_squareminus1_r67109_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+    yield "layernorm_squareminus1_r67109_c192_n16_single", "layernorm", True, _p("single"), \
+        lambda n: _layernorm_two_level(
         n, 192, 16, 64, lambda r: r * r - 1, 67109, "single", "q = r^2 - 1, t(r - 1) != t(r)")
     # r = ceil(2^40 / 1026) (q > 2^53): float64 sqrt(r^2 - 1) rounds to r (float32: r + 7) but isqrt is r - 1,
     # and inv = 2^40 // (r - 1) = 1026 where r would give 1025: t moves
-    yield "layernorm_squareminus1_r1071648761_c4096_n4_single", "layernorm", True, lambda n: _layernorm_two_level(
+    yield "layernorm_squareminus1_r1071648761_c4096_n4_single", "layernorm", True, _p("single"), \
+        lambda n: _layernorm_two_level(
         n, 4096, 4, 68, lambda r: r * r - 1, 1071648761, "single", "q = r^2 - 1 above 2^53", step=128)
     # sum_c d^2 = 300 * 3796 * 4096, just above 2^32: needs a 33-bit accumulator
-    yield "layernorm_sumsq_above2p32_c4096_n4_single", "layernorm", True, lambda n: _layernorm_case(
+    yield "layernorm_sumsq_above2p32_c4096_n4_single", "layernorm", True, _p("single"), lambda n: _layernorm_case(
         n, 4096, 4, "single", x=_two_level(_rng(n, "/x"), 4096, 4, 300))
     # r = 3 * 2^17: 2^40 / r = 2^23 / 3 has fraction 2/3; d = -3, 189: d * inv just inside a tie
-    yield "layernorm_recip_r393216_c192_n16_single", "layernorm", True, lambda n: _layernorm_two_level(
+    yield "layernorm_recip_r393216_c192_n16_single", "layernorm", True, _p("single"), lambda n: _layernorm_two_level(
         n, 192, 16, 3, lambda r: r * r + r, 3 << 17, "single", "floor(2^40 / r) vs a rounded reciprocal")
-    yield "layernorm_onemax_c4096_n4_single", "layernorm", True, lambda n: _layernorm_case(
+    yield "layernorm_onemax_c4096_n4_single", "layernorm", True, _p("single"), lambda n: _layernorm_case(
         n, K.MAX_LN_CHANNELS, 4, "single", "onemax")
-    yield "layernorm_c1_n16_single", "layernorm", True, lambda n: _layernorm_case(n, 1, 16, "single")
-    yield "concat_tokens_p1_c192_n196_b1", "concat_tokens", True, lambda n: _concat_case(n, 1, 192, 196, 1)
-    yield "concat_tokens_p2_c48_n16_b3", "concat_tokens", True, lambda n: _concat_case(n, 2, 48, 16, 3)
+    yield "layernorm_c1_n16_single", "layernorm", True, _p("single"), lambda n: _layernorm_case(n, 1, 16, "single")
+    yield "concat_tokens_p1_c192_n196_b1", "concat_tokens", True, _p(), lambda n: _concat_case(n, 1, 192, 196, 1)
+    yield "concat_tokens_p2_c48_n16_b3", "concat_tokens", True, _p(), lambda n: _concat_case(n, 2, 48, 16, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,17 +763,19 @@ def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, bloc
 
 def _composite_specs():
     for mode in _MODES:
-        yield f"block_c48_h3_n18_b2_{mode}", "block", True, lambda n, m=mode: _model_case(
-            n, 48, 1, 3, 32, 8, 2, m, True)
-        yield f"model_c48_d2_h3_img32_p8_b2_{mode}", "model", True, lambda n, m=mode: _model_case(
-            n, 48, 2, 3, 32, 8, 2, m, False)
-    yield "block_c192_h3_n198_b1_single", "block", False, lambda n: _model_case(n, 192, 1, 3, 224, 16, 1,
+        yield f"block_c48_h3_n18_b2_{mode}", "block", True, _p(mode, scheme="refvit-int8"), \
+            lambda n, m=mode: _model_case(n, 48, 1, 3, 32, 8, 2, m, True)
+        yield f"model_c48_d2_h3_img32_p8_b2_{mode}", "model", True, _p(mode, scheme="refvit-int8"), \
+            lambda n, m=mode: _model_case(n, 48, 2, 3, 32, 8, 2, m, False)
+    yield "block_c192_h3_n198_b1_single", "block", False, _p("single", scheme="refvit-int8"), \
+        lambda n: _model_case(n, 192, 1, 3, 224, 16, 1,
                                                                                  "single", True)
-    yield "model_c192_d2_h3_img224_p16_b1_double", "model", False, lambda n: _model_case(n, 192, 2, 3, 224, 16, 1,
+    yield "model_c192_d2_h3_img224_p16_b1_double", "model", False, _p("double", scheme="refvit-int8"), \
+        lambda n: _model_case(n, 192, 2, 3, 224, 16, 1,
                                                                                           "double", False)
     # a plain head (cls token only, not distilled) and depth above 2
-    yield "model_c48_d3_h3_img32_p8_b2_plainhead_single", "model", True, lambda n: _model_case(
-        n, 48, 3, 3, 32, 8, 2, "single", False, distilled=False)
+    yield "model_c48_d3_h3_img32_p8_b2_plainhead_single", "model", True, _p("single", scheme="refvit-int8"), \
+        lambda n: _model_case(n, 48, 3, 3, 32, 8, 2, "single", False, distilled=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,8 +827,9 @@ def _prune_specs():
                                         ("allzero", 3, 18, 1, 5, 2), ("random", 3, 66, 2, 1, 2),
                                         ("random", 3, 18, 2, 16, 2), ("max", 12, 50, 1, 20, 1)):
         yield f"select_tokens_{kind}_h{h}_n{n}_p{prefix}_k{keep}_b{b}", "select_tokens", True, \
+            _p(keep=keep, num_prefix=prefix), \
             lambda nm, a=(kind, h, n, prefix, keep, b): _select_case(nm, *a)
-    yield "select_tokens_random_h12_n197_p1_k138_b2", "select_tokens", False, \
+    yield "select_tokens_random_h12_n197_p1_k138_b2", "select_tokens", False, _p(keep=138, num_prefix=1), \
         lambda nm: _select_case(nm, "random", 12, 197, 1, 138, 2)
     for mode in _MODES:
         for kind, c, h, n, prefix, keep, b in (("random", 192, 3, 66, 2, 45, 2), ("pair", 16, 3, 18, 1, 15, 2),
@@ -793,16 +837,18 @@ def _prune_specs():
                                                ("random", 48, 3, 66, 2, 1, 2), ("random", 48, 3, 18, 2, 16, 2),
                                                ("extremes", 16, 12, 34, 1, 3, 1)):
             yield f"prune_tokens_{kind}_c{c}_h{h}_n{n}_p{prefix}_k{keep}_b{b}_{mode}", "prune_tokens", True, \
+                _p(mode, num_prefix=prefix), \
                 lambda nm, a=(kind, c, h, n, prefix, keep, b), m=mode: _prune_case(nm, *a, m)
-        yield f"prune_tokens_int16_c32_h3_n18_p1_k9_b2_{mode}", "prune_tokens", True, \
+        yield f"prune_tokens_int16_c32_h3_n18_p1_k9_b2_{mode}", "prune_tokens", True, _p(mode, num_prefix=1), \
             lambda nm, m=mode: _prune_case(nm, "random", 32, 3, 18, 1, 9, 2, m, np.int16)
         # the selector inside a block and a model: DUT.block / DUT.model run the pruned graph with its methods
-        yield f"block_c48_h3_n18_b2_prune0k0p5_{mode}", "block", True, lambda nm, m=mode: _model_case(
-            nm, 48, 1, 3, 32, 8, 2, m, True, prune=((0, 0.5),))
-        yield f"model_c48_d2_h3_img32_p8_b2_prune0k0p5_1k0p7_{mode}", "model", True, lambda nm, m=mode: _model_case(
-            nm, 48, 2, 3, 32, 8, 2, m, False, prune=((0, 0.5), (1, 0.7)))
-    yield "model_c192_d3_h3_img224_p16_b1_prune0k0p7_2k0p5_single", "model", False, lambda nm: _model_case(
-        nm, 192, 3, 3, 224, 16, 1, "single", False, prune=((0, 0.7), (2, 0.5)))
+        yield f"block_c48_h3_n18_b2_prune0k0p5_{mode}", "block", True, _p(mode, scheme="refvit-int8"), \
+            lambda nm, m=mode: _model_case(nm, 48, 1, 3, 32, 8, 2, m, True, prune=((0, 0.5),))
+        yield f"model_c48_d2_h3_img32_p8_b2_prune0k0p5_1k0p7_{mode}", "model", True, _p(mode, scheme="refvit-int8"), \
+            lambda nm, m=mode: _model_case(nm, 48, 2, 3, 32, 8, 2, m, False, prune=((0, 0.5), (1, 0.7)))
+    yield "model_c192_d3_h3_img224_p16_b1_prune0k0p7_2k0p5_single", "model", False, \
+        _p("single", scheme="refvit-int8"), \
+        lambda nm: _model_case(nm, 192, 3, 3, 224, 16, 1, "single", False, prune=((0, 0.7), (2, 0.5)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,22 +887,22 @@ def _gelu_variant_specs():
     for op, build in GELU_VARIANT_BUILDERS.items():
         for i, (s_in, s_out) in enumerate(GELU_VARIANT_SCALES):
             for mode in _MODES if i == 0 else ("single",):
-                yield f"{op}_all256_{scales_tag(s_in, s_out)}_{mode}", op, True, \
+                yield f"{op}_all256_{scales_tag(s_in, s_out)}_{mode}", op, True, _p(mode), \
                     lambda n, o=op, b=build, si=s_in, so=s_out, m=mode: _gelu_variant_case(n, o, m, b(si, so))
-        yield f"{op}_b2_c96_n33_{scales_tag(0.05, 0.05)}_single", op, True, lambda n, o=op, b=build: \
+        yield f"{op}_b2_c96_n33_{scales_tag(0.05, 0.05)}_single", op, True, _p("single"), lambda n, o=op, b=build: \
             _gelu_variant_case(n, o, "single", b(0.05, 0.05), _i8(_rng(n), (2, 96, 1, 33)))
     # HeatViT's delta: c_1 != c_c (a DUT that mixes them up fails)
-    yield f"gelu_poly_delta0.5_all256_{scales_tag(0.05, 0.05)}_single", "gelu_poly", True, lambda n: \
+    yield f"gelu_poly_delta0.5_all256_{scales_tag(0.05, 0.05)}_single", "gelu_poly", True, _p("single"), lambda n: \
         _gelu_variant_case(n, "gelu_poly", "single", KV.gelu_poly_constants(0.05, 0.05, 0.5), note="delta = 0.5")
     for mode in _MODES:
         # designed: erf_shift 2 floors negative y, h = -7 for x <= -8 gives acc = -7|x|, a tie at /4 for
         # |x| = 2 (mod 4) (negative: the two modes differ), x >= 16 saturates
-        yield f"gelu_poly_designed_cb8_cc50_c1_19_k2_shift32_{mode}", "gelu_poly", True, lambda n, m=mode: \
+        yield f"gelu_poly_designed_cb8_cc50_c1_19_k2_shift32_{mode}", "gelu_poly", True, _p(mode), lambda n, m=mode: \
             _gelu_variant_case(n, "gelu_poly", m, {"c_b": 8, "c_c": 50, "c_1": 19, "erf_shift": 2,
                                                    "multiplier": 1 << 30, "shift": 32}, note="ties and saturation")
         # multiplier_in 0: w = 0, sig = 16383 for every x; out = x * 16383 / 2^15 lies just below a tie for odd x,
         # which DOUBLE_ROUND's first rounding (at 2^31) turns into one: the modes differ at x = 1
-        yield f"gelu_shift_min0_shift45_{mode}", "gelu_shift", True, lambda n, m=mode: _gelu_variant_case(
+        yield f"gelu_shift_min0_shift45_{mode}", "gelu_shift", True, _p(mode), lambda n, m=mode: _gelu_variant_case(
             n, "gelu_shift", m, {"multiplier_in": 0, "shift_in": 20, "multiplier": 1 << 30, "shift": 45},
             note="sigmoid 1/2 everywhere; double rounding")
 
@@ -924,16 +970,16 @@ def _softmax_variant_kind(name, op, kind, n, mode):
 def _softmax_variant_specs():
     for op in SOFTMAX_VARIANTS:
         for mode in _MODES:
-            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, lambda nm, o=op, m=mode: _softmax_variant_kind(
-                nm, o, "random_sqk0.01", 197, m)
-            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, lambda nm, o=op, m=mode: \
+            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, _p(mode), \
+                lambda nm, o=op, m=mode: _softmax_variant_kind(nm, o, "random_sqk0.01", 197, m)
+            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: \
                 _softmax_variant_kind(nm, o, "shift33_randommult", 16384, m)
         for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
                         ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
-            yield f"{op}_n{n}_{kind}_single", op, True, lambda nm, o=op, k=kind, n=n: \
+            yield f"{op}_n{n}_{kind}_single", op, True, _p("single"), lambda nm, o=op, k=kind, n=n: \
                 _softmax_variant_kind(nm, o, k, n, "single")
-        yield f"{op}_sweep_n2_shift30_single", op, True, lambda nm, o=op: _softmax_sweep(nm, o)
-        yield f"{op}_n577_random_sqk0.01_double", op, False, lambda nm, o=op: _softmax_variant_kind(
+        yield f"{op}_sweep_n2_shift30_single", op, True, _p("single"), lambda nm, o=op: _softmax_sweep(nm, o)
+        yield f"{op}_n577_random_sqk0.01_double", op, False, _p("double"), lambda nm, o=op: _softmax_variant_kind(
             nm, o, "random_sqk0.01", 577, "double")
 
 
@@ -1002,31 +1048,32 @@ def _layernorm_variant_specs():
     for op in ("layernorm_int32", "layernorm_wide"):
         cmax = LN_VARIANT_MAX_C16[op]
         for mode in _MODES:
-            yield f"{op}_int8_c192_n64_{mode}", op, True, lambda nm, o=op, m=mode: _ln_variant_case(
+            yield f"{op}_int8_c192_n64_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: _ln_variant_case(
                 nm, o, "random", 192, 64, np.int8, m)
-            yield f"{op}_int16_residual_c768_n32_{mode}", op, True, lambda nm, o=op, m=mode: _ln_variant_case(
+            yield f"{op}_int16_residual_c768_n32_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: _ln_variant_case(
                 nm, o, "residual", 768, 32, np.int16, m)
         for kind, c, n in (("alternating", cmax, 4), ("onemax", cmax, 4), ("constant_rows", 768, 16),
                            ("random", 1, 16)):
-            yield f"{op}_int16_{kind}_c{c}_n{n}_single", op, True, lambda nm, o=op, k=kind, c=c, n=n: \
+            yield f"{op}_int16_{kind}_c{c}_n{n}_single", op, True, _p("single"), lambda nm, o=op, k=kind, c=c, n=n: \
                 _ln_variant_case(nm, o, k, c, n, np.int16, "single")
-        yield f"{op}_int8_alternating_c4096_n2_single", op, True, lambda nm, o=op: _ln_variant_case(
+        yield f"{op}_int8_alternating_c4096_n2_single", op, True, _p("single"), lambda nm, o=op: _ln_variant_case(
             nm, o, "alternating", 4096, 2, np.int8, "single")
         # eps 1e-3 at s_x 2e-4: int32 eps_shift 8 (eps_s matters where k > 8), wide eps_int ~ 1.1e13
-        yield f"{op}_int16_eps1e-3_sx2e-4_c768_n32_single", op, True, lambda nm, o=op: _ln_variant_case(
+        yield f"{op}_int16_eps1e-3_sx2e-4_c768_n32_single", op, True, _p("single"), lambda nm, o=op: _ln_variant_case(
             nm, o, "residual", 768, 32, np.int16, "single", eps=1e-3, s_x=2e-4)
-        yield f"{op}_int16_residual_c768_n577_double", op, False, lambda nm, o=op: _ln_variant_case(
+        yield f"{op}_int16_residual_c768_n577_double", op, False, _p("double"), lambda nm, o=op: _ln_variant_case(
             nm, o, "residual", 768, 577, np.int16, "double")
     for mode in _MODES:
-        yield f"layernorm_int32_preshift_ties_c192_n16_{mode}", "layernorm_int32", True, lambda nm, m=mode: \
+        yield f"layernorm_int32_preshift_ties_c192_n16_{mode}", "layernorm_int32", True, _p(mode), lambda nm, m=mode: \
             _ln32_preshift_ties(nm, 192, 16, m)
         # int16 two-level rows, step 256: d = 95 * 256 or -97 * 256, q = 2^50 = (2^25)^2, every t = d 2^16 / r a tie
-        yield f"layernorm_wide_int16_ties_r33554432_c192_n16_step256_{mode}", "layernorm_wide", True, \
+        yield f"layernorm_wide_int16_ties_r33554432_c192_n16_step256_{mode}", "layernorm_wide", True, _p(mode), \
             lambda nm, m=mode: _layernorm_two_level(nm, 192, 16, 97, lambda r: r * r, 1 << 25, m, "q = r^2, t ties",
                                                     step=256, op="layernorm_wide", dtype=np.int16)
     # isqrt32 at q = r^2 and r^2 - 1 above 2^28 (k = 0): t(r - 1) != t(r) for both levels of d
     for tag, q_of_r in (("square", lambda r: r * r), ("squareminus1", lambda r: r * r - 1)):
-        yield f"layernorm_int32_{tag}_r23046_c32_n16_single", "layernorm_int32", True, lambda nm, f=q_of_r: \
+        yield f"layernorm_int32_{tag}_r23046_c32_n16_single", "layernorm_int32", True, _p("single"), \
+            lambda nm, f=q_of_r: \
             _layernorm_two_level(nm, 32, 16, 16, f, 23046, "single", "isqrt32 at its boundary",
                                  op="layernorm_int32", eps_shift=0)
 
@@ -1069,11 +1116,16 @@ def _add_wide_kind(name, kind):
     raise ValueError(kind)
 
 
+ADD_WIDE_INT8_OUT = ("out_int8", "i8i8_out_int8")   # the add_wide kinds whose output is int8 (the rest: int16)
+
+
 def _add_wide_specs():
     for kind in ("residual_i16i8", "pos_i8i8_b2", "i16i16", "saturate", "ties_shift8", "shift0", "shift62",
                  "out_int8", "i8i8_out_int8", "extremes_i16i8", "extremes_i16i16"):
         size = {"extremes_i16i8": "n24", "extremes_i16i16": "n36"}.get(kind, "c192_n64")
-        yield f"add_wide_{kind}_{size}", "add_wide", True, lambda nm, k=kind: _add_wide_kind(nm, k)
+        yield f"add_wide_{kind}_{size}", "add_wide", True, \
+            _p(out_dtype="int8" if kind in ADD_WIDE_INT8_OUT else "int16"), \
+            lambda nm, k=kind: _add_wide_kind(nm, k)
 
 
 CONV_VARIANTS = {"conv2d_w4": "w4", "conv2d_mixed_pot": "mixedpot_frac0.5"}   # op -> name tag
@@ -1108,31 +1160,37 @@ def _conv_variant_specs():
     for op, tag in CONV_VARIANTS.items():
         pot = op == "conv2d_mixed_pot"
         for mode in _MODES:
-            yield f"conv_{tag}_1x1_cin192_cout576_n32_{mode}", op, True, lambda nm, o=op, m=mode: _conv_variant(
-                nm, o, (1, 192, 1, 32), 576, 1, m)
-            yield f"conv_{tag}_patch_k4_cin3_cout48_img32_{mode}", op, True, lambda nm, o=op, m=mode: \
+            yield f"conv_{tag}_1x1_cin192_cout576_n32_{mode}", op, True, _p(mode, out_dtype="int8"), \
+                lambda nm, o=op, m=mode: _conv_variant(nm, o, (1, 192, 1, 32), 576, 1, m)
+            yield f"conv_{tag}_patch_k4_cin3_cout48_img32_{mode}", op, True, _p(mode, out_dtype="int8"), \
+                lambda nm, o=op, m=mode: \
                 _conv_variant(nm, o, (1, 3, 32, 32), 48, 4, m)
-            yield f"conv_{tag}_1x1_ties_cin1_cout4_n64_shift33_{mode}", op, True, lambda nm, o=op, m=mode, p=pot: \
+            yield f"conv_{tag}_1x1_ties_cin1_cout4_n64_shift33_{mode}", op, True, _p(mode, out_dtype="int8"), \
+                lambda nm, o=op, m=mode, p=pot: \
                 _conv_ties(nm, m, op=o, extra=_alternate_rows(4) if p else None)
             # w4: +-7 with the w4 headroom reaches +-(2^31 - 1); mixed-pot: PoT rows +-64, int8 rows +-127
-            yield f"conv_{tag}_1x1_maxacc_cin3072_cout8_n4_{mode}", op, True, lambda nm, o=op, m=mode, p=pot: \
+            yield f"conv_{tag}_1x1_maxacc_cin3072_cout8_n4_{mode}", op, True, _p(mode, out_dtype="int8"), \
+                lambda nm, o=op, m=mode, p=pot: \
                 _conv_maxacc(nm, 3072, 8, m, np.where(np.arange(8) % 2 == 0, 64, 127) if p else KV.W4_MAX,
                              K.SYM_PRODUCT_MAX if p else KV.W4_PRODUCT_MAX, o, _alternate_rows(8) if p else None)
-        yield f"conv_{tag}_1x1_saturate_cin64_cout32_n16_single", op, True, lambda nm, o=op: _conv_variant(
-            nm, o, (1, 64, 1, 16), 32, 1, "single", saturate=True)
+        yield f"conv_{tag}_1x1_saturate_cin64_cout32_n16_single", op, True, _p("single", out_dtype="int8"), \
+            lambda nm, o=op: _conv_variant(nm, o, (1, 64, 1, 16), 32, 1, "single", saturate=True)
         for fill, ftag in ((-128, "allneg128"), (127, "all127")):
-            yield f"conv_{tag}_1x1_{ftag}_cin192_cout64_n16_single", op, True, lambda nm, o=op, f=fill: \
+            yield f"conv_{tag}_1x1_{ftag}_cin192_cout64_n16_single", op, True, _p("single", out_dtype="int8"), \
+                lambda nm, o=op, f=fill: \
                 _conv_variant(nm, o, (1, 192, 1, 16), 64, 1, "single", fill=f)
-        yield f"conv_{tag}_1x1_head_int16_cin384_cout10_n1_b4_single", op, True, lambda nm, o=op: _conv_variant(
-            nm, o, (4, 384, 1, 1), 10, 1, "single", out_dtype="int16")
-        yield f"conv_{tag}_1x1_cin768_cout3072_n197_single", op, False, lambda nm, o=op: _conv_variant(
-            nm, o, (1, 768, 1, 197), 3072, 1, "single")
+        yield f"conv_{tag}_1x1_head_int16_cin384_cout10_n1_b4_single", op, True, _p("single", out_dtype="int16"), \
+            lambda nm, o=op: _conv_variant(nm, o, (4, 384, 1, 1), 10, 1, "single", out_dtype="int16")
+        yield f"conv_{tag}_1x1_cin768_cout3072_n197_single", op, False, _p("single", out_dtype="int8"), \
+            lambda nm, o=op: _conv_variant(nm, o, (1, 768, 1, 197), 3072, 1, "single")
     for frac in (0, 1):
-        yield f"conv_mixedpot_frac{frac}_1x1_cin64_cout32_n16_single", "conv2d_mixed_pot", True, lambda nm, f=frac: \
+        yield f"conv_mixedpot_frac{frac}_1x1_cin64_cout32_n16_single", "conv2d_mixed_pot", True, \
+            _p("single", out_dtype="int8"), \
+            lambda nm, f=frac: \
             _conv_variant(nm, "conv2d_mixed_pot", (1, 64, 1, 16), 32, 1, "single", fraction=f)
     # the largest Cin*k*k of conv2d_w4 (2^20): acc = +-(2^31 - 1) with weights +-7
-    yield "conv_w4_1x1_maxacc_cin1048576_cout2_n1_single", "conv2d_w4", False, lambda nm: _conv_maxacc(
-        nm, 1 << 20, 2, "single", KV.W4_MAX, KV.W4_PRODUCT_MAX, "conv2d_w4", n=1)
+    yield "conv_w4_1x1_maxacc_cin1048576_cout2_n1_single", "conv2d_w4", False, _p("single", out_dtype="int8"), \
+        lambda nm: _conv_maxacc(nm, 1 << 20, 2, "single", KV.W4_MAX, KV.W4_PRODUCT_MAX, "conv2d_w4", n=1)
 
 
 SCHEME_MODEL_CASES = tuple(s for s in SCHEMES if s != "refvit-int8")   # the default has its own cases above
@@ -1140,10 +1198,11 @@ SCHEME_MODEL_CASES = tuple(s for s in SCHEMES if s != "refvit-int8")   # the def
 
 def _scheme_model_specs():
     for scheme in SCHEME_MODEL_CASES:
-        yield f"block_{scheme}_c48_h3_n18_b2_single", "block", True, lambda n, s=scheme: _model_case(
-            n, 48, 1, 3, 32, 8, 2, "single", True, scheme=s)
+        yield f"block_{scheme}_c48_h3_n18_b2_single", "block", True, _p("single", scheme=scheme), \
+            lambda n, s=scheme: _model_case(n, 48, 1, 3, 32, 8, 2, "single", True, scheme=s)
         for mode in _MODES:
-            yield f"model_{scheme}_c48_d2_h3_img32_p8_b2_{mode}", "model", True, lambda n, s=scheme, m=mode: \
+            yield f"model_{scheme}_c48_d2_h3_img32_p8_b2_{mode}", "model", True, _p(mode, scheme=scheme), \
+                lambda n, s=scheme, m=mode: \
                 _model_case(n, 48, 2, 3, 32, 8, 2, m, False, scheme=s)
 
 
@@ -1156,8 +1215,8 @@ def _registry_specs():
     refvit): (name, inputs, params, note, quick) each, expected outputs from the row's kernel."""
     for row in registry.rows():
         for name, inputs, params, note, quick in (row.cases() if row.cases else ()):
-            yield name, row.kernel_name, quick, functools.partial(_kernel_case, op=row.kernel_name, inputs=inputs,
-                                                                  params=params, note=note)
+            yield name, row.kernel_name, quick, dict(params), functools.partial(
+                _kernel_case, op=row.kernel_name, inputs=inputs, params=params, note=note)
 
 
 def all_specs() -> tuple:
@@ -1171,18 +1230,39 @@ def _all_specs(generation: int) -> tuple:
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
                    _conv_variant_specs, _scheme_model_specs, _prune_specs, _registry_specs):
-        for name, op, quick, builder in family():
-            specs.append(CaseSpec(name, op, quick, functools.partial(builder, name)))
+        for name, op, quick, params, builder in family():
+            specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
+                                  MappingProxyType(params)))
     names = [s.name for s in specs]
     assert len(set(names)) == len(names), "duplicate case names"
     return tuple(specs)
 
 
-def select(set_name: str = "quick", filter: str | None = None) -> list:
-    """The CaseSpecs of a set ('quick' or 'full'), optionally only names containing `filter`."""
+ROUNDINGS = tuple(_MODES.values())      # SINGLE_ROUND, DOUBLE_ROUND
+
+
+def rounding_mode(name: str) -> str:
+    """SINGLE_ROUND / DOUBLE_ROUND from itself or its short name (single, double), any case."""
+    mode = _MODES.get(name.lower(), name.upper())
+    if mode not in ROUNDINGS:
+        raise ValueError(f"unknown rounding mode {name!r}; choose from {', '.join(ROUNDINGS)} (or single, double)")
+    return mode
+
+
+def select(set_name: str = "quick", filter: str | None = None, *, ops=None, rounding: str | None = None) -> list:
+    """The CaseSpecs of a set ('quick' or 'full'), in suite order, narrowed by any of:
+    filter: a substring of the name; ops: an op name or a collection of them (the CaseSpec's op field);
+    rounding: SINGLE_ROUND or DOUBLE_ROUND (or single / double): drops the cases that run with the other mode
+    (the CaseSpec's rounding field), keeps those whose op takes no rounding mode."""
     if set_name not in SETS:
         raise ValueError(f"unknown case set {set_name!r}; choose from {SETS}")
-    return [s for s in all_specs() if (s.quick or set_name == "full") and (not filter or filter in s.name)]
+    wanted_ops = None if ops is None else {ops} if isinstance(ops, str) else set(ops)
+    known = {s.op for s in all_specs()}
+    if wanted_ops is not None and wanted_ops - known:
+        raise ValueError(f"unknown op {sorted(wanted_ops - known)[0]!r}; ops with cases: {', '.join(sorted(known))}")
+    mode = None if rounding is None else rounding_mode(rounding)
+    return [s for s in all_specs() if (s.quick or set_name == "full") and (not filter or filter in s.name)
+            and (wanted_ops is None or s.op in wanted_ops) and (mode is None or s.rounding in (None, mode))]
 
 
 def _readonly(value):
@@ -1199,11 +1279,11 @@ def _readonly(value):
 def get_case(name: str) -> Case:
     """Build (once) the case with this name. Its arrays are read-only copies: the case is cached, and a DUT
     that writes into its inputs must not change what later runs of it (or of other DUTs) see or expect."""
-    return _get_case(name, registry.generation())
+    return _get_case(name, registry.generation(), kernel_set())
 
 
 @functools.lru_cache(maxsize=None)
-def _get_case(name: str, generation: int) -> Case:
+def _get_case(name: str, generation: int, kernels: str) -> Case:
     for spec in all_specs():
         if spec.name == name:
             case = spec.build()

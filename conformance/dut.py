@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from refvit import intmath, registry
+from refvit.reference import arith as reference_arith
 from refvit.graph import graph_from_dicts, run_graph
 from refvit.intmath import SINGLE_ROUND
 
@@ -103,13 +104,31 @@ class DUT:
         return getattr(self, case.op)(*case.inputs.values(), **case.params)
 
 
-PRIMITIVES = {"apply_scale": intmath.apply_scale, "requantize": intmath.requantize}
+PRIMITIVES = {"fast": {"apply_scale": intmath.apply_scale, "requantize": intmath.requantize},
+              "reference": {"apply_scale": reference_arith.apply_scale, "requantize": reference_arith.requantize}}
+KERNEL_SETS = tuple(PRIMITIVES)
+_KERNEL_SET = ["fast"]
+
+
+def use_kernels(name: str) -> None:
+    """Which of refvit's kernels give the cases' expected outputs and RefvitDUT's methods: 'fast' (default)
+    or 'reference' (refvit.reference, the spec's plain pseudocode as code; the same bits, slower)."""
+    if name not in KERNEL_SETS:
+        raise ValueError(f"unknown kernel set {name!r}; choose from {', '.join(KERNEL_SETS)}")
+    _KERNEL_SET[0] = name
+
+
+def kernel_set() -> str:
+    return _KERNEL_SET[0]
 
 
 def _kernels(data_movement: bool = False) -> dict:
-    """Method name -> refvit's function: the primitives, then every registry row's kernel (pure data
-    movement only when asked: a DUT may define it, and falls back to refvit's when it does not)."""
-    return PRIMITIVES | {r.kernel_name: r.kernel for r in registry.rows() if data_movement or not r.data_movement}
+    """Method name -> refvit's function of the kernel set in use: the primitives, then every registry row's
+    kernel (pure data movement only when asked: a DUT may define it, and falls back to refvit's when it does
+    not)."""
+    ref = _KERNEL_SET[0] == "reference"
+    return PRIMITIVES[_KERNEL_SET[0]] | {r.kernel_name: r.reference if ref else r.kernel for r in registry.rows()
+                                         if data_movement or not r.data_movement}
 
 
 for _row in registry.rows():   # the per-op stubs, one per registry row, with the kernel's signature
@@ -147,18 +166,29 @@ REFERENCE_KERNELS = _ReferenceKernels()
 OPS = tuple(_kernels()) + ("block", "model")
 
 
+class _RefvitKernel:
+    """A RefvitDUT method: refvit's function of that name in the kernel set in use (`use_kernels`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        return _kernels(data_movement=True)[self.name]
+
+
 class RefvitDUT(DUT):
-    """refvit itself: every per-op method is refvit's fast kernel; block and model are DUT's compositions."""
+    """refvit itself: every per-op method is refvit's kernel (fast, or reference after
+    `use_kernels('reference')`); block and model are DUT's compositions."""
 
     def __getattr__(self, name):
         try:
-            return REFERENCE_KERNELS[name]
+            return _kernels(data_movement=True)[name]
         except KeyError:
             raise AttributeError(name) from None
 
 
-for _name, _fn in _kernels(data_movement=True).items():   # same signatures by construction
-    setattr(RefvitDUT, _name, staticmethod(_fn))
+for _name in _kernels(data_movement=True):   # same signatures by construction
+    setattr(RefvitDUT, _name, _RefvitKernel(_name))
 
 
 class ExternalCommandDUT(DUT):

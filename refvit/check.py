@@ -42,6 +42,11 @@ class CheckUsageError(UsageError):
 
 @dataclass(frozen=True)
 class Diff:
+    """The result of comparing one array with its expected value (`compare_arrays`; public API).
+
+    `ok` is True for OK and WITHIN (every difference within atol); `describe()` is one line for a person;
+    `to_dict()` the JSON form of `check --json`. index / expected / actual: the first differing element in
+    row-major order (set when values were compared and differ)."""
     status: str                  # OK | WITHIN | BAD DTYPE | BAD SHAPE | MISMATCH (| MISSING | UNREADABLE)
     detail: str = ""
     mismatches: int = 0          # differing elements (WITHIN: all of them within atol)
@@ -50,6 +55,11 @@ class Diff:
     expected: int | None = None
     actual: int | None = None
     max_abs_diff: int | None = None   # largest |expected - actual| (OK: 0; None when values were not compared)
+
+    @property
+    def ok(self) -> bool:
+        """The arrays agree: equal (OK), or every difference within atol (WITHIN)."""
+        return self.status in PASSING
 
     def describe(self) -> str:
         if self.status not in (MISMATCH, WITHIN):
@@ -74,8 +84,11 @@ def _max_abs_diff(expected: np.ndarray, actual: np.ndarray, differ: np.ndarray) 
 
 
 def compare_arrays(expected: np.ndarray, actual, atol: int = 0) -> Diff:
-    """dtype, then shape, then integer values (vectorized): OK when equal, WITHIN when every difference is at
-    most `atol` (integers, LSB), else MISMATCH; reports the first differing element and the largest difference."""
+    """Compare a device's array with the expected one, exactly (public API; `check` and the conformance runner
+    use it): dtype first (BAD DTYPE), then shape (BAD SHAPE), then integer values (vectorized): OK when equal,
+    WITHIN when every difference is at most `atol` (integers, LSB), else MISMATCH. The Diff names the first
+    differing element (row-major), both values there, the count of differing elements and the largest
+    difference; `Diff.ok` says whether it passes. No file is read: for arrays in memory."""
     if not isinstance(actual, np.ndarray):
         actual = np.asarray(actual)
     if actual.dtype.name != expected.dtype.name:

@@ -328,12 +328,28 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     return tuple(g.ops)
 
 
-def graph_from_dicts(records) -> tuple:
-    """Op records as stored in a quantized file or a golden manifest -> a graph (each record checked)."""
+MANIFEST_FIELDS = ("index", "internals")   # what a golden manifest's op entry adds to the record
+
+
+def op_from_manifest(entry: dict) -> Op:
+    """A golden manifest's op entry (docs/golden-format.md) -> its Op: the record as it is, without the fields
+    the manifest adds (`index`, its position in the graph; `internals`, its internal tensors); checked as
+    Op.from_dict checks a record. A plain record reads the same."""
+    if not isinstance(entry, dict):
+        raise GraphError(f"bad op record {str(entry)[:120]}: not an object")
+    return Op.from_dict({k: v for k, v in entry.items() if k not in MANIFEST_FIELDS})
+
+
+def graph_from_dicts(records, *, open_inputs: bool = False) -> tuple:
+    """Op records as stored in a quantized file, a golden manifest (op_from_manifest) or a conformance case ->
+    a graph (each record checked). open_inputs: a part of a graph, such as a `golden --ops` subset: a tensor
+    that no record writes is an input of the part (fed from outside), not an error; a tensor read before
+    the record that writes it still is."""
     if not isinstance(records, list) or not records:
         raise GraphError("a graph is a non-empty list of op records")
-    ops = tuple(Op.from_dict(r) for r in records)
-    seen = {"input"}
+    ops = tuple(op_from_manifest(r) for r in records)
+    seen = {"input"} | ({t for op in ops for t in op.inputs.values()} - {op.name for op in ops} if open_inputs
+                        else set())
     for op in ops:
         kernel_name(op.op, op.variant)
         missing = [t for t in op.inputs.values() if t not in seen]

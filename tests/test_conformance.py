@@ -1,5 +1,6 @@
 """The conformance suite: refvit passes its own cases; deliberately broken DUTs fail with a precise message."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,12 +257,136 @@ def test_errors_are_reported_not_raised():
     class NoOutput(RefvitDUT):
         def gelu(self, x, table):
             return None
-    r = conformance.run_case(DUT(), get_case("gelu_sweep_all256"))
-    assert r.status == "ERROR" and "DUT raised NotImplementedError" in r.message
+
+    class Refuses(RefvitDUT):      # implemented (overridden), but raises: its cases are ERROR, not SKIP
+        def gelu(self, x, table):
+            raise NotImplementedError("only table sizes of 512")
+    r = conformance.run_case(Refuses(), get_case("gelu_sweep_all256"))
+    assert r.status == "ERROR" and "DUT raised NotImplementedError: only table sizes of 512" in r.message
     r = conformance.run_case(NoOutput(), get_case("gelu_sweep_all256"))
     assert r.status == "ERROR" and "produced no output" in r.message
-    with pytest.raises(AssertionError, match=r"ERROR gelu \[gelu_sweep_all256\]"):
-        conformance.check(DUT(), "gelu_sweep_all256")
+    with pytest.raises(AssertionError, match=r"ERROR gelu \[gelu_sweep_all256\]: DUT produced no output"):
+        conformance.check(NoOutput(), "gelu_sweep_all256")
+
+
+# ---------------------------------------------------------------- what a DUT implements: SKIP, not ERROR
+
+class Partial(DUT):
+    """Two ops in plain Python ints (TOSA apply_scale_32), nothing else."""
+    def apply_scale(self, value, multiplier, shift, rounding=SINGLE_ROUND):
+        v, m, s = np.broadcast_arrays(value, multiplier, shift)
+        out = [(a * b + (1 << (c - 1)) + ((1 << 30) if a >= 0 else -(1 << 30)) * (rounding == DOUBLE_ROUND and c > 31))
+               >> c for a, b, c in zip(v.reshape(-1).tolist(), m.reshape(-1).tolist(), s.reshape(-1).tolist())]
+        return np.array(out, np.int64).reshape(v.shape)
+
+    def requantize(self, value, multiplier, shift, out_dtype=np.int8, rounding=SINGLE_ROUND):
+        info = np.iinfo(np.dtype(out_dtype))
+        return np.clip(self.apply_scale(value, multiplier, shift, rounding), info.min, info.max).astype(out_dtype)
+
+
+def test_unimplemented_ops_are_skip_with_the_reason():
+    specs = select("quick")
+    results = run_cases(Partial(), specs)
+    mine = [s.name for s in specs if s.op in ("apply_scale", "requantize")]
+    assert [r.case for r in results if r.status == PASS] == mine
+    skipped = [r for r in results if r.status == conformance.SKIP]
+    assert len(skipped) == len(specs) - len(mine) and not [r for r in results if r.status in (FAIL, "ERROR")]
+    by_name = {r.case: r for r in skipped}
+    assert by_name["gelu_sweep_all256"].message == "SKIP gelu [gelu_sweep_all256]: Partial does not implement gelu"
+    block = by_name["block_c48_h3_n18_b2_single"].message      # a block: every per-op method its graph calls
+    graph_ops = {op["op"] for op in get_case("block_c48_h3_n18_b2_single").params["graph"]}
+    assert {"layernorm", "conv2d", "softmax", "gelu", "add"} <= graph_ops
+    assert all(m in block for m in ("layernorm", "conv2d", "softmax", "gelu", "add")) and "requantize" not in block
+    assert "class Mine(Partial, conformance.RefvitDUT)" in block
+    summary = conformance.summarize(results)
+    assert summary.startswith(f"{len(mine)} passed, 0 failed, 0 errors, {len(skipped)} skipped ({len(specs)} cases)")
+    assert "not implemented by the DUT: conv2d, attention_scores, softmax" in summary and "apply_scale" not in summary
+
+
+def test_refvit_fallback_runs_blocks_and_models():
+    class Mine(Partial, RefvitDUT):
+        pass
+    specs = select("quick", ops=["block", "model", "requantize"])
+    results = run_cases(Mine(), specs)
+    assert [r.status for r in results] == [PASS] * len(specs) and len(specs) >= 20
+
+
+def test_implements_is_decided_by_the_method_not_by_calling_it():
+    class Instance(DUT):
+        pass
+    dut = Instance()
+    dut.gelu = lambda x, table: K.gelu(x, table)          # an instance attribute counts too
+    assert conformance.implements(dut, "gelu") and not conformance.implements(dut, "softmax")
+    assert conformance.implements(Partial, "requantize") and not conformance.implements(Partial, "conv2d")
+    per_op = [op for op in conformance.OPS if op not in ("block", "model")]    # those two: DUT's compositions
+    assert all(conformance.implements(RefvitDUT, op) for op in per_op)
+    assert not conformance.implements(RefvitDUT, "block")
+    assert conformance.missing_methods(ExternalCommandDUT("true"), get_case("gelu_sweep_all256")) == []
+    assert conformance.missing_methods(Partial(), get_case("gelu_sweep_all256")) == ["gelu"]
+
+
+# ---------------------------------------------------------------- CaseSpec fields and filters
+
+def test_spec_rounding_and_params_are_the_built_cases():
+    """Every quick case's spec declares exactly the keyword parameters its built case carries; block and model
+    specs the rounding mode of every record of their graph."""
+    for spec in select("quick"):
+        case = get_case(spec.name)
+        if spec.op in ("block", "model"):
+            modes = {op["attrs"]["rounding"] for op in case.params["graph"] if "rounding" in op["attrs"]}
+            assert modes == {spec.rounding} and spec.params["scheme"] in spec.name + "refvit-int8", spec.name
+        else:
+            assert dict(spec.params) == case.params and spec.rounding == case.params.get("rounding"), spec.name
+
+
+def test_select_by_op_and_rounding():
+    quick = select("quick")
+    double = select("quick", rounding="double")
+    assert double == select("quick", rounding=DOUBLE_ROUND) and 0 < len(double) < len(quick)
+    assert [s.name for s in double] == [s.name for s in quick if get_case(s.name).params.get("rounding") in
+                                        (None, DOUBLE_ROUND) and not (s.op in ("block", "model") and
+                                                                      s.rounding == SINGLE_ROUND)]
+    assert {s.op for s in select("quick", ops="softmax")} == {"softmax"}
+    both = select("quick", ops=["gelu", "add"], rounding="single")
+    assert {s.op for s in both} == {"gelu", "add"} and len(both) == sum(s.op in ("gelu", "add") for s in quick)
+    with pytest.raises(ValueError, match="unknown op 'softmaxx'"):
+        select("quick", ops=["softmaxx"])
+    with pytest.raises(ValueError, match="unknown rounding mode"):
+        select("quick", rounding="half_even")
+
+
+# ---------------------------------------------------------------- check(): tracebacks and messages
+
+def test_check_lets_the_dut_exception_through():
+    class Crashing(RefvitDUT):
+        def gelu(self, x, table):
+            raise ZeroDivisionError("device fell over")
+    with pytest.raises(ZeroDivisionError, match="device fell over") as info:
+        conformance.check(Crashing(), "gelu_sweep_all256")
+    assert info.traceback[-1].name == "gelu"                  # raised where the DUT raised it
+    conformance.check(RefvitDUT(), "gelu_sweep_all256")       # passes: returns None
+    with pytest.raises(pytest.skip.Exception, match="Partial does not implement gelu"):
+        conformance.check(Partial(), "gelu_sweep_all256")
+
+
+def test_mismatch_message_names_the_inputs_there_and_the_note():
+    case = get_case("requantize_ties_int8_single")
+    with pytest.raises(AssertionError) as info:
+        conformance.check(HalfToEvenDUT(), case)
+    msg = str(info.value)
+    actual = HalfToEvenDUT().requantize(*case.inputs.values(), **case.params)
+    i = int(np.argmax(actual != case.expected))
+    v, m, s = (int(case.inputs[k][i]) for k in ("value", "multiplier", "shift"))
+    assert f"inputs there: value={v}, multiplier={m}, shift={s}" in msg
+    assert (v * m) % (1 << s) == 1 << (s - 1)                 # independently: that element is a tie
+    assert f"largest difference {int(np.abs(actual.astype(int) - case.expected.astype(int)).max())}" in msg
+    assert msg.endswith("; case note: ties, saturated to int8")
+    conv = get_case("conv1x1_ties_cin1_cout4_n64_shift33_single")
+    msg = conformance.run_case(AlwaysDoubleRoundDUT(), conv).message
+    out = AlwaysDoubleRoundDUT().conv2d(*conv.inputs.values(), **conv.params)
+    c = int(np.argwhere(out != conv.expected)[0][1])           # the channel of the first mismatch
+    assert f"bias[{c}]=4, multiplier[{c}]={1 << 30}, shift[{c}]=33" in msg
+    assert msg.endswith("case note: every output is a rounding tie")
 
 
 def test_a_dut_cannot_change_the_cases():
@@ -444,3 +569,105 @@ def test_cli_dut_that_cannot_be_created_is_a_clean_error(tmp_path, monkeypatch, 
     for m in ("conf_ctor_dut", "conf_import_dut"):
         sys.modules.pop(m, None)
     assert conformance_main(["run", "--cmd", "true", "--timeout", "0"]) == 2
+
+
+# ---------------------------------------------------------------- the command line as a CI citizen
+
+JUNIT_DUT = """import numpy as np
+from conformance import DUT, RefvitDUT
+from refvit import int_kernels as K
+class Mixed(DUT):
+    attention_scores = staticmethod(K.attention_scores)
+    def gelu(self, x, table):
+        if x.shape[1] == 256:
+            raise RuntimeError("sweep unsupported")
+        return (K.gelu(x, table).astype(np.int16) + 1).clip(-128, 127).astype(np.int8)
+"""
+
+
+def test_cli_junit_skip_and_reference(tmp_path):
+    import xml.etree.ElementTree as ET
+    (tmp_path / "junit_dut.py").write_text(JUNIT_DUT)
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "conformance", "run", "--filter", "_", "--ops", "gelu,attention_scores",
+           "--ops", "softmax", "--rounding", "single"]
+    proc = subprocess.run(run + ["--dut", "junit_dut:Mixed", "--junit", "out.xml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    specs = [s for s in select("quick") if s.op in ("gelu", "attention_scores", "softmax")
+             and get_case(s.name).params.get("rounding", SINGLE_ROUND) == SINGLE_ROUND]
+    want = {s.name: ("skipped" if s.op == "softmax" else "error" if s.name.startswith("gelu") and "sweep" in s.name
+                     else "failure" if s.op == "gelu" else None) for s in specs}
+    suite = ET.parse(tmp_path / "out.xml").getroot().find("testsuite")
+    got = {}
+    for tc in suite.findall("testcase"):
+        kids = list(tc)
+        assert len(kids) <= 1 and tc.get("classname") == f"conformance.{get_case(tc.get('name')).op}"
+        got[tc.get("name")] = kids[0].tag if kids else None
+        if kids and kids[0].tag == "failure":
+            assert kids[0].get("type") == "MISMATCH" and "largest difference 1" in kids[0].text
+        if kids and kids[0].tag == "error":
+            assert "RuntimeError: sweep unsupported" in kids[0].get("message")
+        if kids and kids[0].tag == "skipped":
+            assert kids[0].get("message").endswith("Mixed does not implement softmax")
+    assert got == want
+    counts = {k: list(want.values()).count(v) for k, v in (("failures", "failure"), ("errors", "error"),
+                                                           ("skipped", "skipped"))}
+    assert {k: int(suite.get(k)) for k in counts} == counts and int(suite.get("tests")) == len(want)
+    n_pass = list(want.values()).count(None)
+    assert (f"{n_pass} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped "
+            f"({len(want)} cases); skipped, not implemented by the DUT: softmax") in proc.stdout
+    ref = subprocess.run(run + ["--dut", "reference"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ref.returncode == 0 and f"{len(want)} passed, 0 failed, 0 errors, 0 skipped" in ref.stdout, ref.stderr
+    nothing = subprocess.run([sys.executable, "-m", "conformance", "run", "--ops", "softmax", "--dut",
+                              "junit_dut:Mixed"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert nothing.returncode == 1 and "no case ran" in nothing.stderr
+
+
+def test_cli_run_without_a_dut_says_what_to_pass(capsys):
+    assert conformance_main(["run", "--filter", "gelu_sweep"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dut module:Class" in err and "--dut reference" in err and "--cmd" in err
+    assert conformance_main(["list", "--rounding", "half"]) == 2
+    assert "unknown rounding mode 'half'" in capsys.readouterr().err
+
+
+def test_cli_list_into_a_closed_pipe_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "conformance", "list", "--set", "full"], cwd=REPO,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()                         # the reader is gone before the first line (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and err == ""
+
+
+def test_cli_write_leaves_no_stale_cases(tmp_path, capsys):
+    out = tmp_path / "cases"
+    assert conformance_main(["write", str(out), "--filter", "gelu_sweep"]) == 0
+    assert conformance_main(["write", str(out), "--filter", "concat_tokens"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    names = [c["name"] for c in index["cases"]]
+    assert names == [s.name for s in select("quick") if "concat_tokens" in s.name]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["index.json"])      # gelu_* is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["cases"]                              # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask                                  # not private
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert conformance_main(["write", str(mine), "--filter", "gelu_sweep"]) == 2
+    assert "refusing to replace it" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert conformance_main(["write", str(empty), "--filter", "gelu_sweep"]) == 0
+    assert (empty / "gelu_sweep_all256" / "case.json").is_file()
+
+
+def test_the_documented_fail_message_is_the_runners():
+    """docs/golden-format.md quotes the half-to-even adapter's message: it is what the runner says today."""
+    import re
+    text = (REPO / "docs" / "golden-format.md").read_text()
+    quoted = re.search(r"`(FAIL requantize \[requantize_ties_int8_single\]: [^`]*)`", text).group(1)
+    assert conformance.run_case(HalfToEvenDUT(), get_case("requantize_ties_int8_single")).message == quoted

@@ -650,3 +650,21 @@ def test_spec_points_to_every_reference_kernel():
                 assert callable(getattr(module, path[1], None)), path
                 named.add(getattr(module, path[1]))
     assert {r.reference for r in R.rows()} <= named
+
+
+def test_conformance_expected_outputs_are_the_same_with_the_reference_kernels():
+    """`python -m conformance run --kernels reference`: every quick case's expected output, computed with the
+    reference kernels, equals the default (fast) one; and refvit's own DUT passes them all."""
+    import conformance
+    from conformance.dut import kernel_set, use_kernels
+    from conformance.runner import PASS, run_cases
+    specs = [s for s in conformance.select("quick") if s.op not in ("block", "model")]
+    fast = {s.name: conformance.get_case(s.name).expected for s in specs}
+    try:
+        use_kernels("reference")
+        assert kernel_set() == "reference"
+        for s in specs:
+            assert_same(conformance.get_case(s.name).expected, fast[s.name], s.name)
+        assert all(r.status == PASS for r in run_cases(conformance.RefvitDUT(), specs))
+    finally:
+        use_kernels("fast")
