@@ -2,7 +2,6 @@
 the shipped model's golden bits, one model resolution, and the layers of the code."""
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 from pathlib import Path
@@ -171,77 +170,6 @@ def test_preprocess_option_is_recorded_and_used(tmp_path, capsys):
     assert m["input"]["preprocess"]["mean"] == [0.5, 0.5, 0.5] and m["input"]["preprocess"]["name"] == "pp.json"
     assert main(["classify", "--preprocess", "imagenet2"]) == 2
     assert capsys.readouterr().err.startswith("refvit: error: unknown preprocessing 'imagenet2'")
-
-
-# ---------------------------------------------------------------- the layers of the code
-
-LAYERS = [  # lower index = lower layer; a module may import its own layer (no cycle) or lower ones
-    ["refvit", "refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
-    ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_prune", "refvit.model_token",
-     "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*"],
-    ["refvit.graph"],
-    ["refvit.quantize", "refvit.int_model", "refvit.qfile"],
-    ["refvit.models", "refvit.resolve", "refvit.golden", "refvit.check", "refvit.evaluate", "refvit.report",
-     "refvit.export_tosa",
-     "conformance*"],
-    ["refvit.cli", "refvit.__main__"],
-]
-
-
-def _rank(module: str) -> int:
-    for i, layer in enumerate(LAYERS):
-        if any(module == m or (m.endswith("*") and module.startswith(m[:-1])) for m in layer):
-            return i
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
-
-
-def _imports() -> dict:
-    mods = {}
-    for pkg in ("refvit", "conformance"):
-        for f in (ROOT / pkg).rglob("*.py"):
-            parts = f.relative_to(ROOT).with_suffix("").parts
-            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
-    edges = {}
-    for name, f in mods.items():
-        here = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
-        found = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = here.split(".")[:len(here.split(".")) - node.level + 1] if node.level else []
-                target = ".".join(base + ([node.module] if node.module else []))
-                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in mods]
-                found |= set(subs) if subs else {target}
-            elif isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-        edges[name] = {m for m in found if m in mods and m != name}
-    return edges
-
-
-def test_imports_go_downward_and_have_no_cycle():
-    edges = _imports()
-    for a, targets in edges.items():
-        for b in targets:
-            assert _rank(b) <= _rank(a), f"{a} (layer {_rank(a)}) imports {b} (layer {_rank(b)})"
-    state = {}
-
-    def visit(n, path):
-        state[n] = "open"
-        for m in edges.get(n, ()):
-            assert state.get(m) != "open", "import cycle: " + " -> ".join(path + [m])
-            if m not in state:
-                visit(m, path + [m])
-        state[n] = "done"
-    for n in edges:
-        if n not in state:
-            visit(n, [n])
-
-
-def test_no_test_imports_another_test_file():
-    for f in (ROOT / "tests").glob("test_*.py"):
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert not any(n.split(".")[0].startswith("test_") for n in names), f"{f.name} imports {names}"
 
 
 @pytest.mark.parametrize("damage, message", [
