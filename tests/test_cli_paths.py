@@ -1,13 +1,11 @@
 """Output paths and pipes: --out replaces only a regular file, atomically; a closed pipe ends quietly."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from refvit.cli import main
 

@@ -11,7 +11,6 @@ from PIL import Image
 
 import refvit
 from refvit import dumpfmt, golden
-from refvit import int_model as im
 from refvit.checkpoints import write_safetensors
 from refvit.cli import main
 from refvit.config import DeiTConfig

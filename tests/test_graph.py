@@ -1,32 +1,24 @@
-"""The integer graph as data: records, what is derived from them, compatibility of the quantized file,
-the shipped model's golden bits, one model resolution, and the layers of the code."""
+"""The integer graph as data: the op records and their JSON form (graph_from_dicts), the interpreter
+(run_graph, its trace and kernel tables) and block_graph. (The quantizer: test_quantize.py; the quantized file:
+test_qfile.py; the golden bits: test_golden.py; the layers of the code: test_layers.py.)"""
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from refvit import graph as G
 from refvit import int_model as im
-from refvit.checkpoints import CheckpointError, read_safetensors, write_safetensors
-from refvit.checkpoints.convert import token_to_conv
-from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
-from refvit.models import default_int8_path, random_params
-from refvit.qfile import load_quantized, save_quantized
-from refvit.quantize import quantize
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = DeiTConfig(img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=2, num_classes=5, distilled=False)
 
 
 @pytest.fixture(scope="module")
-def small():
-    x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    return quantize(token_to_conv(random_params(CFG, "cls", 1)), CFG, [x], head_mode="cls"), x
+def small(tiny):
+    """The tiny quantized model (tests/conftest.py) and three float images."""
+    return tiny.qm, tiny.x[:3]
 
 
 def test_records_round_trip_and_read_in_order():
@@ -51,17 +43,6 @@ def test_graph_from_dicts_rejects_bad_records():
         G.graph_from_dicts(good[1:])
     with pytest.raises(G.GraphError, match="written twice"):
         G.graph_from_dicts(good + [good[-1]])
-
-
-def test_required_constants_are_exactly_what_the_quantizer_makes(small):
-    qm, _ = small
-    integer = {k for k, v in qm.tensors.items() if np.asarray(v).dtype.kind in "iu"}
-    needed = set(G.required_constants(qm.graph))
-    assert integer == needed - set(G.BOUNDARY_CONSTANTS)
-    assert set(G.BOUNDARY_CONSTANTS) <= set(qm.tensors)
-    # every op's reporting scale names a float constant of the model, except the fused qkv output
-    for op in qm.graph:
-        assert op.scale is None and op.name.endswith("attn.qkv") or qm.tensors[op.scale].dtype == np.float64
 
 
 def test_interpreter_frees_tensors_but_trace_keeps_all(small):
@@ -104,41 +85,3 @@ def test_block_graph_is_relative_and_runs_alone(small):
               if c not in G.BOUNDARY_CONSTANTS}
     out = G.run_graph(blk, consts, tr.tensors["blocks.0.residual2"], input_layout=G.TOKENS)
     assert np.array_equal(out, tr.tensors["blocks.1.residual2"])
-
-
-def test_version_1_file_loads_and_other_versions_are_refused(small, tmp_path):
-    qm, x = small
-    path = save_quantized(qm, tmp_path / "v2.safetensors")
-    tensors, meta = read_safetensors(path)
-    m = json.loads(meta["refvit"])
-    assert m["format_version"] == 2 and len(m["graph"]) == len(qm.graph)
-    v1 = {k: v for k, v in m.items() if k not in ("graph", "scheme_choices")} | {"format_version": 1}
-    write_safetensors(tmp_path / "v1.safetensors", tensors, {"refvit": json.dumps(v1)})
-    old = load_quantized(tmp_path / "v1.safetensors")
-    assert old.graph == qm.graph
-    assert np.array_equal(im.logits_int8_model(old, x)[0], im.logits_int8_model(qm, x)[0])
-    write_safetensors(tmp_path / "v3.safetensors", tensors, {"refvit": json.dumps(m | {"format_version": 3})})
-    with pytest.raises(CheckpointError, match="format_version 3"):
-        load_quantized(tmp_path / "v3.safetensors")
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda t, m: t.update({"blocks.0.mlp.fc1.multiplier": -t["blocks.0.mlp.fc1.multiplier"]}), "multiplier"),
-    (lambda t, m: t.update({"blocks.1.attn.softmax.shift": np.array(70, np.int8)}), "shift"),
-    (lambda t, m: t.update({"blocks.0.attn.proj.weight": t["blocks.0.attn.proj.weight"].astype(np.int16)}), "int8"),
-    (lambda t, m: t.update({"blocks.0.norm2.bias": t["blocks.0.norm2.bias"][:-1]}), "bias"),
-    (lambda t, m: t.update({"input.scale": np.array(float("nan"))}), "input.scale"),
-    (lambda t, m: m.update({"head_mode": "mean"}), "head_mode"),
-    (lambda t, m: m["config"].update({"num_classes": 6}), "classes"),
-])
-def test_quantized_file_constants_are_checked_at_load(small, tmp_path, capsys, damage, message):
-    qm, _ = small
-    t, meta = read_safetensors(save_quantized(qm, tmp_path / "q.safetensors"))
-    m = json.loads(meta["refvit"])
-    damage(t, m)
-    write_safetensors(tmp_path / "bad.safetensors", t, {"refvit": json.dumps(m)})
-    with pytest.raises(CheckpointError, match=message):
-        load_quantized(tmp_path / "bad.safetensors")
-    assert main(["classify", "--model", str(tmp_path / "bad.safetensors"), str(sorted(EXAMPLES.glob("*.png"))[0])]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("refvit: error: ") and len(err.strip().splitlines()) == 1 and "bad.safetensors" in err
