@@ -66,7 +66,7 @@ def documented_layers(text: str) -> tuple[list, dict]:
 
 
 LAYERS, ROWS = documented_layers(ARCHITECTURE.read_text())
-PACKAGES = sorted({m.split(".")[0].rstrip("*") for layer in LAYERS for m in layer})
+PACKAGES = sorted({m.split(".")[0].rstrip("*") for layer in LAYERS for m in layer})   # the folders scanned
 
 
 def _matches(module: str, entry: str) -> bool:
@@ -118,11 +118,11 @@ def _bare_packages(edges: dict) -> set:
 
 def test_the_page_gives_the_layers():
     assert "refvit.intmath" in LAYERS[0] and "refvit.prune" in LAYERS[0]          # the "(lowest row)" note
-    assert LAYERS[-1] == ["refvit.cli", "refvit.__main__"]
+    assert "refvit.cli" in LAYERS[-1] and "refvit.graph" in LAYERS[ROWS["graph + interpreter"]]
     assert ROWS["graph + interpreter"] < ROWS["quantizer, quantized file, integer model"] < ROWS["applications"]
     assert "refvit.model_conv" in LAYERS[ROWS["integer arithmetic"]]
     assert "refvit.checkpoints*" in LAYERS[ROWS["integer arithmetic"]] and "conformance*" in LAYERS[ROWS["applications"]]
-    assert PACKAGES[:2] == ["conformance", "refvit"]
+    assert {"conformance", "refvit"} <= set(PACKAGES)                         # the packages scanned
 
 
 def test_the_parser_sees_a_changed_table():

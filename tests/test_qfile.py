@@ -49,7 +49,11 @@ def test_round_trip_keeps_the_metadata_and_the_records(tiny, saved):
     assert back.scheme == qm.scheme and back.graph == qm.graph
     assert m["format"] == "refvit-int8" and m["format_version"] == FORMAT_VERSION == 2
     assert m["graph"] == [json.loads(json.dumps(op.to_dict())) for op in qm.graph]
-    assert list(m["graph"][0]["inputs"]) == list(qm.graph[0].inputs)         # argument order, not sorted
+    by = {op["name"]: op for op in m["graph"]}                              # keys in argument order, not sorted
+    assert list(by["blocks.0.attn.scores"]["inputs"]) == ["q", "k"]
+    assert list(by["blocks.0.attn.softmax"]["constants"]) == ["multiplier", "shift", "exp_table"]
+    softmax = next(op for op in back.graph if op.name == "blocks.0.attn.softmax")
+    assert list(softmax.constants) == ["multiplier", "shift", "exp_table"]
     # the writer stores 0-d arrays as (1,); the file names them and loading restores the 0-d shape
     zero_d = sorted(k for k, v in qm.tensors.items() if np.ndim(v) == 0)
     assert "input.scale" in zero_d and m["scalars"] == zero_d
