@@ -109,10 +109,12 @@ def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
     return s
 
 
-def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, graph, *, head_mode: str,
+def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mode: str, graph=None,
                    calibration: dict | None = None, scheme: G.Scheme = G.DEFAULT_SCHEME) -> QuantizedModel:
     """Turn conv-form float parameters and calibrated activation ranges into a QuantizedModel: one walk over
-    the graph, each record's constants by its registry row from the scales of its inputs and output."""
+    the graph (default: the scheme's, SINGLE_ROUND), each record's constants by its registry row from the
+    scales of its inputs and output."""
+    graph = graph or G.build_graph(cfg, SINGLE_ROUND, scheme)
     p = {k: np.asarray(v, np.float64) for k, v in params_conv.items()}
     s = tensor_scales(graph, cfg, ranges, p)
     ctx = C.Context(cfg, p, s, {op.name: op for op in graph}, scheme.options())
@@ -150,5 +152,5 @@ def quantize(params_conv: dict, cfg: DeiTConfig, calib_batches, *, head_mode: st
         calibration["preprocess"] = preprocess
     if method == "percentile":
         calibration["percentile"] = percentile
-    return quantize_model(params_conv, cfg, ranges, graph, head_mode=head_mode, calibration=calibration,
+    return quantize_model(params_conv, cfg, ranges, head_mode=head_mode, graph=graph, calibration=calibration,
                           scheme=scheme)

@@ -1,7 +1,11 @@
-"""Shared test data (../shared, beside the repository): its path, a skip when it is absent, and the peers.
+"""Shared test data (../shared, beside the repository): its path, a skip when it is absent, and the peers;
+and the one tiny quantized model of the tests.
 
 `@pytest.mark.shared` or the `shared` fixture skip a test, with the reason, when the folder is missing.
 The `peer` fixture runs a test once per peer checkpoint (timm and Hugging Face), loaded once per session.
+`tiny` is the tiny quantized DeiT (TINY_CONFIG) most tests run; `make_tiny` builds (once per session) a
+variation of it: another config, scheme, rounding, calibration method or weights seed; `tiny_golden` is a
+golden dump of `tiny` (with or without internals).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import os
 # an explicit setting in the environment wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from functools import cached_property
 from pathlib import Path
 
@@ -111,3 +115,93 @@ def peer_inputs(shared) -> np.ndarray:
 def imagenet_photos(shared) -> list:
     """The 20 photos the peers' inputs come from, sorted by file name (the order of `inputs`)."""
     return sorted((SHARED / "images" / "imagenet").glob("*.jpg"))
+
+
+# ---------------------------------------------------------------- the tiny quantized model
+
+def tiny_config():
+    """A distilled DeiT small enough to quantize in a blink: 32x32 images, 8x8 patches (16 + 2 tokens),
+    width 48, 3 heads, 2 blocks, 7 classes."""
+    from refvit.config import DeiTConfig
+    return DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
+
+
+@dataclass(eq=False)
+class Tiny:
+    """A quantized random DeiT and what it was made from."""
+    config: object
+    params: dict          # float32 weights, token form (refvit.models.random_params)
+    conv: dict            # the same, conv form (what the quantizer reads)
+    x: np.ndarray         # float32 (IMAGES, 3, H, W) images; calibrated on two batches, x[:3] and x[3:]
+    qm: object            # refvit.quantize.QuantizedModel
+    options: dict = field(default_factory=dict)   # the quantize() keyword arguments
+
+    @property
+    def head_mode(self) -> str:
+        return self.qm.head_mode
+
+    def xq(self, n: int = 2) -> np.ndarray:
+        """The first n images as the integer model's int8 input."""
+        from refvit.int_model import quantize_input
+        return quantize_input(self.qm, self.x[:n])
+
+
+IMAGES = 6
+
+
+def _make_tiny(config=None, *, seed: int = 0, image_seed: int = 1, head_mode: str | None = None,
+               **options) -> Tiny:
+    """Random weights (seed), IMAGES standard-normal images (image_seed), quantized with `options`
+    (method, rounding, scheme, percentile; the quantizer's defaults otherwise)."""
+    from refvit.checkpoints.convert import token_to_conv
+    from refvit.models import random_params
+    from refvit.quantize import quantize
+    cfg = config or tiny_config()
+    head_mode = head_mode or ("mean" if cfg.distilled else "cls")
+    params = random_params(cfg, head_mode, seed)
+    conv = token_to_conv(params)
+    x = np.random.default_rng(image_seed).standard_normal((IMAGES, cfg.in_chans, cfg.img_size, cfg.img_size))
+    x = x.astype(np.float32)
+    qm = quantize(conv, cfg, [x[:3], x[3:]], head_mode=head_mode, **options)
+    return Tiny(cfg, params, conv, x, qm, options)
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """make_tiny(config=None, *, seed=0, image_seed=1, head_mode=None, **quantize options) -> Tiny, built once
+    per session for each distinct set of arguments."""
+    cache = {}
+
+    def make(config=None, **kwargs) -> Tiny:
+        key = repr((config, sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = _make_tiny(config, **kwargs)
+        return cache[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny(make_tiny) -> Tiny:
+    """The tiny quantized model (tiny_config(), seed 0, the quantizer's defaults)."""
+    return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def tiny_golden(tiny, tmp_path_factory):
+    """tiny_golden(internals=False) -> (folder, manifest, trace, logits): `write_golden` of `tiny` on its first two
+    images in all four formats, written once per session each; treat the folder as read-only."""
+    from refvit import golden
+    from refvit import int_model as im
+    cache = {}
+
+    def dump(internals: bool = False):
+        if internals not in cache:
+            out = tmp_path_factory.mktemp("golden_internals" if internals else "golden")
+            xq = tiny.xq()
+            manifest = golden.write_golden(tiny.qm, xq, out, ("npy", "hex", "bin", "h"),
+                                           {"kind": "array", "note": "test"}, internals=internals)
+            trace = im.Trace()
+            logits = im.forward_int(tiny.qm, xq, trace)
+            cache[internals] = out, manifest, trace, logits
+        return cache[internals]
+    return dump

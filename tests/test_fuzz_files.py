@@ -13,12 +13,9 @@ from hypothesis import strategies as st
 
 from refvit import int_model
 from refvit.checkpoints import CheckpointError, read_safetensors, write_safetensors
-from refvit.checkpoints.convert import token_to_conv
 from refvit.cli import main
 from refvit.config import DeiTConfig
-from refvit.models import random_params
 from refvit.qfile import load_quantized, save_quantized
-from refvit.quantize import quantize
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -47,9 +44,9 @@ def _set(doc, path, value):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
-    qm = quantize(token_to_conv(random_params(CFG, "cls", 0)), CFG, [x], head_mode="cls")
+def model(make_tiny, tmp_path_factory):
+    """A one-block variation of the tiny model (tests/conftest.py): quick to load, 60 times per fuzzer."""
+    qm = make_tiny(CFG).qm
     folder = tmp_path_factory.mktemp("fuzz")
     return qm, save_quantized(qm, folder / "q.safetensors"), folder
 

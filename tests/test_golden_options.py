@@ -17,16 +17,15 @@ from PIL import Image
 from refvit import dumpfmt, golden, report
 from refvit import int_model as im
 from refvit.checkpoints import write_safetensors
-from refvit.checkpoints.convert import token_to_conv
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.graph import Scheme
 from refvit.models import random_params
 from refvit.preprocess import PRESETS
 from refvit.qfile import save_quantized
-from refvit.quantize import quantize
 
-CFG = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7, distilled=True)
+from goldenfiles import copy_tensors
+
 TINY = DeiTConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000)
 
 
@@ -44,12 +43,9 @@ def manifest_of(folder):
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def small():
-    """A tiny quantized DeiT, its float weights (token and conv form) and a float batch."""
-    params = random_params(CFG, "mean", 3)
-    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    qm = quantize(token_to_conv(params), CFG, [x], head_mode="mean")
-    return qm, params, x
+def small(tiny):
+    """The tiny quantized DeiT (tests/conftest.py), its float weights (token form) and a float batch of two."""
+    return tiny.qm, tiny.params, tiny.x[:2]
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +63,10 @@ def files(small, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inside(small, tmp_path_factory):
+def inside(tiny, tiny_golden):
     """A golden dump with internals of the tiny model on its own input (all formats)."""
-    qm, _, x = small
-    out = tmp_path_factory.mktemp("inside")
-    xq = im.quantize_input(qm, x)
-    manifest = golden.write_golden(qm, xq, out, ("npy", "hex", "bin", "h"), internals=True)
-    return out, manifest, xq
+    out, manifest, _, _ = tiny_golden(internals=True)
+    return out, manifest, tiny.xq()
 
 
 def load(folder, manifest, name):
@@ -165,9 +158,9 @@ def test_internals_leave_every_output_unchanged_and_come_before_the_output(insid
 
 @pytest.mark.parametrize("scheme", [Scheme("ibert", layernorm="int32", softmax="poly", gelu="poly"),
                                     Scheme("ivit-w4", conv="w4", softmax="shift", gelu="shift")])
-def test_scheme_variants_expose_internals_with_the_same_relations(small, scheme, tmp_path):
-    qm0, params, x = small
-    qm = quantize(token_to_conv(params), CFG, [x], head_mode="mean", scheme=scheme)
+def test_scheme_variants_expose_internals_with_the_same_relations(small, make_tiny, scheme, tmp_path):
+    x = small[2]
+    qm = make_tiny(scheme=scheme).qm
     xq = im.quantize_input(qm, x)
     m = golden.write_golden(qm, xq, tmp_path / "g", internals=True)
     plain = im.forward_int(qm, xq)
@@ -212,89 +205,6 @@ def test_ops_subset_dumps_the_ops_their_inputs_and_constants_only(small, tmp_pat
     assert on_disk == {f"{t}.{f}" for t in expected for f in ("npy", "hex")}
     assert m["selection"] == {"ops": ["blocks.1.attn.*", "head"], "ops_dumped": len(want),
                               "ops_in_graph": len(qm.graph)}
-
-
-def copy_tensors(golden_dir, device, names=None, fmt="npy"):
-    device.mkdir(parents=True, exist_ok=True)
-    for f in (golden_dir / "tensors").glob(f"*.{fmt}"):
-        if names is None or f.name[:-len(fmt) - 1] in names:
-            shutil.copy(f, device / f.name)
-
-
-def bump(device, name, index, by):
-    a = np.load(device / f"{name}.npy")
-    a[index] = a[index] + by
-    np.save(device / f"{name}.npy", a)
-    return a
-
-
-def test_check_ops_present_and_the_summary_line(inside, tmp_path, capsys):
-    out, m, _ = inside
-    device = tmp_path / "dev"
-    copy_tensors(out, device)
-    bump(device, "blocks.0.mlp.fc1.acc", (0, 3, 0, 2), 1)             # the MAC array, before requantization
-    code, text, _ = run(capsys, "check", out, device)
-    assert code == 1
-    assert "first divergent op: [14] blocks.0.mlp.fc1 (conv2d), tensor blocks.0.mlp.fc1.acc (internal acc)" in text
-    code, text, _ = run(capsys, "check", out, device, "--ops", "blocks.1.*,head")
-    assert code == 0
-    last = text.splitlines()[-1]
-    n_sel = sum(1 + len(op.get("internals", {})) for op in m["ops"]
-                if op["name"].startswith("blocks.1.") or op["name"] == "head")
-    assert last.startswith(f"summary: {n_sel} OK of {n_sel} tensors compared; not compared: ") and last.endswith("PASS")
-    assert f"{len(m['tensors']) - 1 - n_sel} outside --ops" in last             # every tensor but the input
-    for f in device.glob("blocks.1.*"):                                       # the device dumped no block 1
-        f.unlink()
-    code, text, _ = run(capsys, "check", out, device, "--present", "--ops", "blocks.1.*,head")
-    assert code == 0
-    assert "not compared (not dumped by the device): blocks.1.norm1.sum," in text
-    code, text, _ = run(capsys, "check", out, device, "--ops", "blocks.1.norm1")
-    assert code == 1 and "MISSING (no blocks.1.norm1.sum.npy/.hex/.bin in" in text
-    code, _, err = run(capsys, "check", out, device, "--ops", "nothing.*")
-    assert code == 2 and "matches --ops nothing.*" in err
-    code, _, err = run(capsys, "check", out, tmp_path / "empty_dir_missing")
-    assert code == 2
-
-
-def test_check_json_atol_and_the_file_read(inside, tmp_path, capsys):
-    out, m, _ = inside
-    device = tmp_path / "dev"
-    copy_tensors(out, device)
-    good = np.load(out / "tensors" / "blocks.0.attn.softmax.npy")
-    bump(device, "blocks.0.attn.softmax", (1, 2, 3, 4), 1 if good[1, 2, 3, 4] < 127 else -1)
-    code, text, _ = run(capsys, "check", out, device, "--atol", "1")
-    assert code == 0
-    assert "blocks.0.attn.softmax (softmax): WITHIN 1 LSB (1 of" in text and "summary: " in text.splitlines()[-1]
-    assert "WITHIN 1 LSB" in text.splitlines()[-1] and text.splitlines()[-1].endswith("PASS")
-    assert "[  0] patch_embed (conv2d) -> patch_embed.acc: OK (patch_embed.acc.npy)" in text
-    acc = bump(device, "blocks.1.mlp.fc2.acc", (1, 5, 0, 0), -7)
-    code, text, _ = run(capsys, "check", out, device, "--atol", "1", "--json")
-    assert code == 1
-    rep = json.loads(text)
-    rows = {r["tensor"]: r for r in rep["results"]}
-    r = rows["blocks.1.mlp.fc2.acc"]
-    assert (r["status"], r["differ"], r["max_abs_diff"], r["file"], r["internal"]) == \
-        ("MISMATCH", 1, 7, "blocks.1.mlp.fc2.acc.npy", "acc")
-    assert r["first"] == {"index": [1, 5, 0, 0], "expected": int(acc[1, 5, 0, 0]) + 7, "actual": int(acc[1, 5, 0, 0])}
-    w = rows["blocks.0.attn.softmax"]
-    assert (w["status"], w["differ"], w["max_abs_diff"]) == ("WITHIN", 1, 1)
-    assert rows["head"]["status"] == "OK" and rows["head"]["max_abs_diff"] == 0 and rows["head"]["first"] is None
-    assert rep["first_divergence"]["tensor"] == "blocks.0.attn.softmax" and rep["ok"] is False
-    assert rep["counts"] == {"OK": len(rows) - 2, "WITHIN": 1, "MISMATCH": 1}
-    assert run(capsys, "check", out, device, "--atol", "-1")[0] == 2
-
-
-def test_check_format_is_never_replaced_by_another(inside, tmp_path, capsys):
-    out, m, _ = inside
-    device = tmp_path / "dev"
-    copy_tensors(out, device, fmt="npy")
-    copy_tensors(out, device, {"head"}, fmt="hex")
-    code, text, _ = run(capsys, "check", out, device, "--format", "hex", "--present")
-    assert code == 0 and "[ 35] head (conv2d): OK (head.hex)" in text
-    code, text, _ = run(capsys, "check", out, device, "--format", "hex")
-    assert code == 1 and "patch_embed (conv2d): MISSING (no patch_embed.hex in" in text
-    code, text, _ = run(capsys, "check", out, device)
-    assert code == 0 and "head (conv2d): OK (head.npy)" in text
 
 
 # ---------------------------------------------------------------- inputs

@@ -2,7 +2,7 @@
 round-trips bit for bit with its graph and scheme; every op record names the variant its scheme chooses (the
 block convs only for w4 / mixed-pot: the patch embedding and the head stay w8); the int16 residual stream is
 what every LayerNorm reads; the golden manifest records the scheme; `quantize --scheme FILE.json` works from
-the command line and a bad scheme is a one-line error. (The default scheme's golden bits: tests/test_graph.py.)
+the command line and a bad scheme is a one-line error. (The default scheme's golden bits: tests/test_golden.py.)
 """
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ import numpy as np
 import pytest
 
 from refvit import int_model
-from refvit.checkpoints.convert import token_to_conv
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.golden import write_golden
 from refvit.graph import SCHEMES
-from refvit.models import random_params
 from refvit.qfile import load_quantized, save_quantized
-from refvit.quantize import quantize
 
 CFG = DeiTConfig(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5, distilled=True)
 
@@ -43,13 +40,11 @@ BLOCK_CONVS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 @pytest.fixture(scope="module")
-def models():
-    """Every named scheme's quantization of one random float model, and its float calibration batch."""
-    rng = np.random.default_rng(8)
-    params = token_to_conv(random_params(CFG, "mean", rng))
-    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
-    return {name: quantize(params, CFG, [x], head_mode="mean", method="max", scheme=SCHEMES[name])
-            for name in EXPECTED}, x
+def models(make_tiny):
+    """Every named scheme's quantization of one random float model (a variation of the tiny model of
+    tests/conftest.py), and two of its float calibration images."""
+    tiny = {name: make_tiny(CFG, method="max", scheme=SCHEMES[name]) for name in EXPECTED}
+    return {name: t.qm for name, t in tiny.items()}, tiny["refvit-int8"].x[:2]
 
 
 def _block_conv(name: str) -> bool:
