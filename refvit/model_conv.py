@@ -5,7 +5,7 @@ Every Linear is a 1x1 Conv2d (weight (out, in, 1, 1)), the patch embedding is a 
 P, LayerNorm is rebuilt from conv-friendly ops (channel mean as a 1x1 conv with weight 1/C, subtract,
 square, 1x1 mean conv, add eps, rsqrt, multiply, then gamma/beta as a depthwise 1x1 conv), and
 attention splits heads along C. Parameters keep timm's names, in the shapes made by
-`refvit.checkpoints.convert.token_to_conv`; the same weights, no retraining. Activations are (B, C, H, W)
+`weights_tools.convert.token_to_conv`; the same weights, no retraining. Activations are (B, C, H, W)
 arrays held channels-last in memory (conv2d's output layout): a matter of speed, never of values.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from . import model_conv, model_token
-from .checkpoints import expected_shapes, load_checkpoint
-from .checkpoints.convert import token_to_conv
+from weights_tools import expected_shapes, load_checkpoint
+from weights_tools.convert import token_to_conv
 from .config import ConfigError, DeiTConfig
 from .labels import DATA, class_names, default_model_info
 from .preprocess import PRESETS, Preprocess, from_pretrained_cfg
@@ -60,7 +60,7 @@ class Model:
 
 def load_model(path=None, form: str = "token", dtype=np.float32, *, preprocess: Preprocess | None = None,
                num_heads: int | None = None, arch: str | None = None) -> Model:
-    """Load a DeiT checkpoint (a file or a directory, see refvit.checkpoints.load_checkpoint); path None is
+    """Load a DeiT checkpoint (a file or a directory, see weights_tools.load_checkpoint); path None is
     the embedded Fashion-MNIST model. `form` picks the token or the NCHW-conv computation. Preprocessing:
     `preprocess`, else the checkpoint's timm pretrained_cfg, else the ImageNet eval transform (the embedded
     model: the Fashion-MNIST pipeline)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import CheckpointError
+from weights_tools import CheckpointError
 from .config import DeiTConfig
 from .graph import Scheme, build_graph
 from .intmath import SINGLE_ROUND

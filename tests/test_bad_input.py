@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from ckptfiles import TIMM_TINY, random_params, timm_config_json, tiny, write_dir
-from refvit.checkpoints import to_hf_names, write_safetensors
+from weights_tools import to_hf_names, write_safetensors
 from refvit.cli import main
 from refvit.preprocess import MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, ImageError, open_image
 

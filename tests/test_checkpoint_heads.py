@@ -12,8 +12,8 @@ import pytest
 
 from ckptfiles import CUSTOM_CONFIG, CUSTOM_DIR, CUSTOM_NPZ, random_params, timm_config_json, tiny, write_dir
 from refvit import model_token
-from refvit.checkpoints import CheckpointError, load_checkpoint
-from refvit.config import PRESETS, TIMM_ARCHS, ConfigError, preset
+from weights_tools import CheckpointError, load_checkpoint
+from weights_tools.config import PRESETS, TIMM_ARCHS, ConfigError, preset
 
 LOGITS_TOL = 1e-4  # float32, vs timm's logits
 
@@ -137,7 +137,7 @@ def test_config_json_heads_and_the_overrides(tmp_path):
 
 
 def test_hf_config_json_heads(tmp_path):
-    from refvit.checkpoints import to_hf_names
+    from weights_tools import to_hf_names
     config = tiny(embed_dim=96, num_heads=3, distilled=True, ln_eps=1e-12)
     hf = {"model_type": "deit", "image_size": 8, "patch_size": 4, "num_channels": 3, "hidden_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 192, "qkv_bias": True,

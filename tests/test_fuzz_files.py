@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refvit import int_model
-from refvit.checkpoints import CheckpointError, read_safetensors, write_safetensors
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools import CheckpointError, read_safetensors, write_safetensors
+from weights_tools.convert import token_to_conv
 from refvit.cli import main
 from refvit.config import DeiTConfig
 from refvit.models import random_params

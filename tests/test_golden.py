@@ -11,8 +11,8 @@ from PIL import Image
 import refvit
 from refvit import check, dumpfmt, golden
 from refvit import int_model as im
-from refvit.checkpoints import write_safetensors
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools import write_safetensors
+from weights_tools.convert import token_to_conv
 from refvit.cli import main
 from refvit.config import DeiTConfig
 from refvit.models import random_params

@@ -176,6 +176,7 @@ def test_preprocess_option_is_recorded_and_used(tmp_path, capsys):
 # ---------------------------------------------------------------- the layers of the code
 
 LAYERS = [  # lower index = lower layer; a module may import its own layer (no cycle) or lower ones
+    ["weights_tools*"],  # the weight importer: imports nothing of refvit (test below)
     ["refvit", "refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
     ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_prune", "refvit.model_token",
      "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*"],
@@ -197,7 +198,7 @@ def _rank(module: str) -> int:
 
 def _imports() -> dict:
     mods = {}
-    for pkg in ("refvit", "conformance"):
+    for pkg in ("weights_tools", "refvit", "conformance"):
         for f in (ROOT / pkg).rglob("*.py"):
             parts = f.relative_to(ROOT).with_suffix("").parts
             mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
@@ -234,6 +235,14 @@ def test_imports_go_downward_and_have_no_cycle():
     for n in edges:
         if n not in state:
             visit(n, [n])
+
+
+def test_weights_tools_imports_nothing_of_refvit():
+    edges = _imports()
+    assert any(m.startswith("weights_tools") for m in edges["refvit.models"])  # refvit imports weights_tools
+    for a, targets in edges.items():
+        if a.split(".")[0] == "weights_tools":
+            assert not {b for b in targets if b.split(".")[0] != "weights_tools"}, a
 
 
 def test_no_test_imports_another_test_file():

@@ -12,8 +12,8 @@ from refvit import intmath, model_conv
 from refvit.config import DeiTConfig
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND
 from refvit.quantize import QuantizationError, activation_ranges, quantize
-from refvit.checkpoints import CheckpointError
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools import CheckpointError
+from weights_tools.convert import token_to_conv
 from refvit.qfile import load_quantized, save_quantized
 from refvit.models import random_params
 
@@ -115,13 +115,13 @@ def test_quantized_file_round_trip_is_bit_identical(tiny, tmp_path):
 
 def test_quantized_file_errors_name_the_problem(tiny, tmp_path):
     _, _, qm = tiny
-    from refvit.checkpoints import write_safetensors
+    from weights_tools import write_safetensors
     plain = tmp_path / "float.safetensors"
     write_safetensors(plain, {"a": np.zeros(2, np.float32)})
     with pytest.raises(CheckpointError, match="not a refvit quantized model"):
         load_quantized(plain)
     path = save_quantized(qm, tmp_path / "q.safetensors")
-    from refvit.checkpoints import read_safetensors
+    from weights_tools import read_safetensors
     t, meta = read_safetensors(path)
     del t["blocks.1.mlp.gelu.table"]
     write_safetensors(tmp_path / "cut.safetensors", t, meta)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from refvit import int_model
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools.convert import token_to_conv
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.golden import write_golden

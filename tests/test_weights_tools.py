@@ -1,4 +1,4 @@
-"""refvit.checkpoints: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
+"""weights_tools: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
 import json
 import math
 import struct
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file  # the reference reader our own parser is checked against
 
-from refvit.config import DeiTConfig, preset
-from refvit.checkpoints import (
+from weights_tools.config import DeiTConfig, preset
+from weights_tools import (
     CheckpointError, expected_shapes, hf_to_timm, load_checkpoint, read_safetensors, to_hf_names,
     write_safetensors,
 )
@@ -305,7 +305,7 @@ def test_write_read_round_trip_per_dtype(tmp_path, dtype):
 
 
 def test_metadata_alone_reads_the_header_only(tmp_path):
-    from refvit.checkpoints import read_safetensors_metadata
+    from weights_tools import read_safetensors_metadata
     path = tmp_path / "m.safetensors"
     write_safetensors(path, {"a": np.zeros((3, 4), np.float32)}, {"refvit": "{}"})
     assert read_safetensors_metadata(path) == {"refvit": "{}"}

@@ -1,7 +1,7 @@
 """load_checkpoint: a DeiT checkpoint (.safetensors or torch.save file; timm or Hugging Face names; with or
 without a config.json) -> timm-named float32 params, a config, and how its number of heads was decided.
 
-Files are recognised by their content: torch's zip and legacy formats (refvit.checkpoints.pth), else
+Files are recognised by their content: torch's zip and legacy formats (weights_tools.pth), else
 safetensors. A directory holds model.safetensors or pytorch_model.bin, and maybe config.json in one of two
 layouts: Hugging Face transformers' (`model_type` "deit", `hidden_size`, `num_attention_heads`, ...) or
 timm's hub layout as `timm.models._hub.save_for_hf` writes it (`architecture`, `model_args`,
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refvit.config import (
+from .config import (
     HEADS_BY_WIDTH, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS, PRESETS, ConfigError, DeiTConfig, check_field, infer_config, preset,
     preset_for_width,
 )
@@ -195,7 +195,7 @@ def _hf_json(path: Path, d: dict, has_head: bool) -> _Stated:
         hidden = _square(path, "intermediate_size", d["intermediate_size"])
         if not 1 <= hidden <= MAX_HIDDEN_DIM:
             raise CheckpointError(f"{path}: intermediate_size must be in [1, {MAX_HIDDEN_DIM}] (MAX_HIDDEN_DIM in "
-                                  f"refvit.config), got {_brief(hidden)}")
+                                  f"weights_tools.config), got {_brief(hidden)}")
         if "embed_dim" in fields:
             fields["mlp_ratio"] = _field(path, "intermediate_size", "mlp_ratio", hidden / fields["embed_dim"])
         else:
