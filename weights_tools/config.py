@@ -66,7 +66,7 @@ def check_field(name: str, v):
             raise ConfigError(f"{name} must be in [{low}, {high}] ({_BOUND_NAMES[name]} in weights_tools.config), "
                               f"got {_short(v)}")
         return int(v)
-    if name in ("qkv_bias", "distilled"):
+    if name in ("qkv_bias", "distilled", "layer_scale", "no_embed_class"):
         if not _is_bool(v):
             raise ConfigError(f"{name} must be true or false, got {_short(v)}")
         return bool(v)
@@ -94,6 +94,8 @@ class DeiTConfig:
     ln_eps: float = 1e-6          # timm; Hugging Face DeiT uses 1e-12
     num_classes: int = 1000
     distilled: bool = False
+    layer_scale: bool = False     # DeiT-III: blocks.i.ls1.gamma, ls2.gamma scale each branch before its add
+    no_embed_class: bool = False  # DeiT-III: pos_embed (1, Np, C) on the patches only, before the prefix tokens
 
     def __post_init__(self):
         """Types first, then each field against its bound, then the relations: nothing is derived from a
@@ -130,6 +132,10 @@ class DeiTConfig:
         return self.num_patches + self.num_prefix_tokens
 
     @property
+    def num_pos_tokens(self) -> int:  # the position embedding's tokens
+        return self.num_patches if self.no_embed_class else self.num_tokens
+
+    @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
@@ -141,7 +147,18 @@ class DeiTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields; the DeiT-III ones only when set, so a DeiT's dict is what it always was."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in _OPTIONAL_FIELDS or v}
+
+    @property
+    def family(self) -> str:
+        """For people: 'DeiT-III' (layer scale, position embedding without the class token), 'DeiT
+        (distilled)', or 'DeiT / ViT' (the plain architecture both share)."""
+        if self.layer_scale or self.no_embed_class:
+            return "DeiT-III" if self.layer_scale and self.no_embed_class else "ViT with " + " and ".join(
+                n for n, on in (("layer scale", self.layer_scale), ("no_embed_class", self.no_embed_class)) if on)
+        return "DeiT (distilled)" if self.distilled else "DeiT / ViT"
 
     @classmethod
     def from_dict(cls, d: dict) -> "DeiTConfig":
@@ -152,6 +169,9 @@ class DeiTConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(map(str, unknown))}")
         return cls(**d)
+
+
+_OPTIONAL_FIELDS = ("layer_scale", "no_embed_class")
 
 
 # ---------------------------------------------------------------- presets and timm architecture names
@@ -177,19 +197,53 @@ TIMM_ARCHS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patc
               "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
               "deit_base_distilled_patch16_224", "deit_base_distilled_patch16_384")
 
+# DeiT-III (timm/models/deit.py `deit3_*`, the official release's `deit_*_patch16_LS`): layer scale and
+# no_embed_class; size -> (patch, width, depth, heads) and its image sizes.
+DEIT3_SIZES = {"small": (16, 384, 12, 6, (224, 384)), "medium": (16, 512, 12, 8, (224,)),
+               "base": (16, 768, 12, 12, (224, 384)), "large": (16, 1024, 24, 16, (224, 384)),
+               "huge": (14, 1280, 32, 16, (224,))}
+DEIT3_ARCHS = {f"deit3_{size}_patch{p}_{img}": DeiTConfig(img_size=img, patch_size=p, embed_dim=c, depth=d, num_heads=h,
+                                                           layer_scale=True, no_embed_class=True)
+               for size, (p, c, d, h, imgs) in DEIT3_SIZES.items() for img in imgs}
+# timm's plain ViTs (timm/models/vision_transformer.py: class token, token pooling, no layer scale): the same
+# network as a non-distilled DeiT. size -> (width, depth, heads); (patch, img) pairs timm defines.
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+             "huge": (1280, 32, 16)}
+_VIT_NAMES = {"tiny": ((16, 224), (16, 384)), "small": ((16, 224), (16, 384), (32, 224), (32, 384), (8, 224)),
+              "base": ((16, 224), (16, 384), (32, 224), (32, 384), (8, 224)),
+              "large": ((16, 224), (16, 384), (32, 224), (32, 384)), "huge": ((14, 224),)}
+VIT_ARCHS = {f"vit_{size}_patch{p}_{img}": DeiTConfig(img_size=img, patch_size=p, embed_dim=VIT_SIZES[size][0],
+                                                       depth=VIT_SIZES[size][1], num_heads=VIT_SIZES[size][2])
+             for size, pairs in _VIT_NAMES.items() for p, img in pairs}
+ARCHS: dict = {**PRESETS, **DEIT3_ARCHS, **VIT_ARCHS}   # every architecture name `preset` knows
+
+# Markers in timm architecture names of ViT variants refvit does not compute -> the feature, for the message.
+UNSUPPORTED_NAME_MARKERS = (("_gap", "global average pooling (fc_norm)"), ("_reg", "register tokens"),
+                            ("siglip", "attention pooling without a class token"), ("_clip", "a pre-norm (norm_pre)"),
+                            ("_rpn", "no class token (residual post-norm, average pooling)"),
+                            ("relpos", "relative position"), ("_rope", "rotary (relative) position"),
+                            ("_ncls", "no class token"), ("_xp_", "parallel blocks"), ("_18x2", "parallel blocks"),
+                            ("_parallel", "parallel blocks"), ("_dinov2", "a DINOv2 head"), ("_mae", "global average pooling"))
+
 
 def preset(name: str) -> DeiTConfig:
-    """A named DeiT config: a PRESETS name or a timm architecture name, with or without timm's pretrained
-    tag ('deit_small_patch16_224.fb_in1k')."""
+    """A named DeiT config: a PRESETS name or a timm architecture name (DeiT, DeiT-III `deit3_*`, plain ViT
+    `vit_*`), with or without timm's pretrained tag ('deit_small_patch16_224.fb_in1k')."""
     if not isinstance(name, str):
         raise ConfigError(f"a preset name is a string, got {type(name).__name__}")
     base = name.split(".", 1)[0]
-    if base in PRESETS:
-        return PRESETS[base]
-    if base.startswith("deit3_"):
-        raise ConfigError(f"{name!r} is a DeiT III model (LayerScale, no position embedding on the class token), "
-                          "which refvit does not implement; known: " + ", ".join(sorted(PRESETS)))
-    raise ConfigError(f"unknown preset {name[:100]!r}; known: {', '.join(sorted(PRESETS))}")
+    if base in ARCHS:
+        return ARCHS[base]
+    feature = unsupported_feature(base)
+    if feature:
+        raise ConfigError(f"{name[:100]!r} is a ViT with {feature}, which refvit does not compute")
+    raise ConfigError(f"unknown preset {name[:100]!r}; known: {', '.join(sorted(PRESETS))}, the timm DeiT-III "
+                      "deit3_* and plain ViT vit_{tiny,small,base,large,huge}_patchP_IMG names")
+
+
+def unsupported_feature(arch: str) -> str:
+    """The feature a timm architecture name says refvit does not compute ('' if none is known)."""
+    return next((feature for marker, feature in UNSUPPORTED_NAME_MARKERS if marker in arch), "")
 
 
 def preset_for_width(width: int) -> str | None:
@@ -228,12 +282,14 @@ def infer_config(shapes: dict, ln_eps: float = 1e-6, num_heads: int | None = Non
     distilled = "dist_token" in shapes
     n_tokens = _shape(shapes, "pos_embed", 3, "(1, tokens, width)")[1]
     n_patches = n_tokens - (2 if distilled else 1)
+    no_embed_class = not _is_square(n_patches) and _is_square(n_tokens)   # DeiT-III: patches only
+    n_patches = n_tokens if no_embed_class else n_patches
     if n_patches <= 0 or n_patches > MAX_NUM_PATCHES:
         raise ConfigError(f"'pos_embed' has {n_tokens} tokens: the patch grid must hold 1 to {MAX_NUM_PATCHES} "
                           "patches (MAX_NUM_PATCHES in weights_tools.config)")
     grid = math.isqrt(n_patches)
     if grid * grid != n_patches:
-        raise ConfigError(f"'pos_embed' has {n_tokens} tokens, which is not a square grid plus prefix tokens")
+        raise ConfigError(f"'pos_embed' has {n_tokens} tokens, which is not a square grid (plus prefix tokens)")
     depth = 0
     while f"blocks.{depth}.attn.qkv.weight" in shapes:
         depth += 1
@@ -247,5 +303,10 @@ def infer_config(shapes: dict, ln_eps: float = 1e-6, num_heads: int | None = Non
         img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=c, depth=depth,
         num_heads=num_heads, mlp_ratio=hidden / c, qkv_bias="blocks.0.attn.qkv.bias" in shapes,
         ln_eps=ln_eps, num_classes=num_classes, distilled=distilled,
+        layer_scale="blocks.0.ls1.gamma" in shapes, no_embed_class=no_embed_class,
     )
+
+
+def _is_square(n: int) -> bool:
+    return n >= 1 and math.isqrt(n) ** 2 == n
 
