@@ -453,8 +453,8 @@ def test_hf_config_json_unreadable_or_wrong(tmp_path):
     directory = write_hf_dir(tmp_path / "hf", to_hf_names(small_params()), None)
     (directory / "config.json").write_text("{ not json")
     raises_naming(directory / "config.json", "cannot read as JSON", lambda _: load_checkpoint(directory))
-    (directory / "config.json").write_text(json.dumps({"model_type": "vit"}))
-    raises_naming(directory / "config.json", "model_type is 'vit', not 'deit'", lambda _: load_checkpoint(directory))
+    (directory / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    raises_naming(directory / "config.json", "model_type is 'swin', not 'deit' or 'vit'", lambda _: load_checkpoint(directory))
     (directory / "config.json").write_text(json.dumps({"hidden_size": "8"}))
     raises_naming(directory / "config.json", "hidden_size must be an integer, got '8'",
                   lambda _: load_checkpoint(directory))

@@ -409,7 +409,7 @@ def _config(stated: _Stated, shapes: dict, source: str, has_head: bool, ln_eps, 
         if not has_head:
             fields["num_classes"] = 0
     if not set(_SHAPE_FIELDS) <= fields.keys() or hidden is not None:
-        inferred = _infer(shapes, ln_eps=1.0, num_heads=1).to_dict()
+        inferred = dataclasses.asdict(_infer(shapes, ln_eps=1.0, num_heads=1))
         fields = {k: inferred[k] for k in _SHAPE_FIELDS} | fields
     if hidden is not None:
         fields["mlp_ratio"] = check_field("mlp_ratio", hidden / fields["embed_dim"])
