@@ -458,7 +458,8 @@ def from_hf_processor(d: dict, name: str = "preprocessor_config.json") -> Prepro
 
 
 def read_hf_processor(path) -> Preprocess:
-    """Read a preprocessor_config.json (bounded) -> Preprocess; PreprocessError names the file."""
+    """Read a preprocessor_config.json (bounded) -> Preprocess named after the file (not its folder: quantized
+    files and manifests record the name); PreprocessError names the path."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -470,7 +471,7 @@ def read_hf_processor(path) -> Preprocess:
         if isinstance(e, PreprocessError):
             raise
         raise PreprocessError(f"cannot read {path}: {str(e)[:200]}") from None
-    return from_hf_processor(d, name=str(path))
+    return replace(from_hf_processor(d, name=str(path)), name=path.name)   # errors name the path, records the file
 
 
 def from_pretrained_cfg(cfg: dict) -> Preprocess:

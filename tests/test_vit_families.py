@@ -387,3 +387,23 @@ def test_iree_runs_deit3_bit_exact(deit3_int):
                           input_type="tosa", extra_args=["--iree-llvmcpu-target-cpu=generic"])
     out = getattr(ir.load_vm_flatbuffer(vmfb, driver="local-sync"), "deit3")(x)
     assert np.array_equal(np.asarray(out).reshape(1, -1), int_model.forward_int(qm, x))
+
+
+@pytest.mark.shared
+def test_hf_pipeline_is_recorded_in_the_quantized_file_and_used_from_it(tmp_path, capsys):
+    from refvit.qfile import load_quantized
+    from refvit.resolve import resolve_model
+    cfg = DeiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=4, ln_eps=1e-12)
+    d = tmp_path / "hf"
+    d.mkdir()
+    write_safetensors(d / "model.safetensors", to_hf_names(random_params(cfg, rng=16), prefix="vit."))
+    (d / "config.json").write_text(json.dumps({"model_type": "vit", "num_attention_heads": 2, "layer_norm_eps": 1e-12}))
+    (d / "preprocessor_config.json").write_text(json.dumps(VIT_PROCESSOR))
+    image = str(photos(["imagenet_00_243.jpg"])[0])
+    assert main(["quantize", "--weights", str(d), "--calib", image, "--out", str(tmp_path / "q.safetensors"),
+                 "--quiet"]) == 0
+    recorded = load_quantized(tmp_path / "q.safetensors").calibration["preprocess"]
+    assert recorded["kind"] == "hf" and recorded["name"] == "preprocessor_config.json"
+    assert recorded["hf"]["size"] == [32, 32] and recorded["interpolation"] == "bilinear"
+    r = resolve_model(model=tmp_path / "q.safetensors")
+    assert r.preprocess == from_hf_processor(VIT_PROCESSOR) and r.preprocess.kind == "hf"
