@@ -6,11 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from weights_tools.config import (  # noqa: F401  (re-exported)
-    HEADS_BY_WIDTH, MAX_DEPTH, MAX_EMBED_DIM, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS, MAX_LN_EPS,
-    MAX_NUM_CLASSES, MAX_NUM_HEADS, MAX_NUM_PATCHES, MAX_PATCH_SIZE, PRESETS, TIMM_ARCHS, WIDTHS, ConfigError,
-    DeiTConfig, check_field, infer_config, preset, preset_for_width,
+from weights_tools.config import (
+    ARCHS, DEIT3_ARCHS, HEADS_BY_WIDTH, MAX_DEPTH, MAX_EMBED_DIM, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS,
+    MAX_LN_EPS, MAX_NUM_CLASSES, MAX_NUM_HEADS, MAX_NUM_PATCHES, MAX_PATCH_SIZE, PRESETS, TIMM_ARCHS, VIT_ARCHS,
+    WIDTHS, ConfigError, DeiTConfig, check_field, infer_config, preset, preset_for_width, unsupported_feature,
 )
+
+__all__ = [  # the re-exported configuration, and named_or_json
+    "ARCHS", "DEIT3_ARCHS", "HEADS_BY_WIDTH", "MAX_DEPTH", "MAX_EMBED_DIM", "MAX_HIDDEN_DIM", "MAX_IMG_SIZE",
+    "MAX_IN_CHANS", "MAX_LN_EPS", "MAX_NUM_CLASSES", "MAX_NUM_HEADS", "MAX_NUM_PATCHES", "MAX_PATCH_SIZE", "PRESETS",
+    "TIMM_ARCHS", "VIT_ARCHS", "WIDTHS", "ConfigError", "DeiTConfig", "check_field", "infer_config", "preset",
+    "preset_for_width", "unsupported_feature", "named_or_json",
+]
 
 
 def named_or_json(spec, presets: dict, what: str, error=ConfigError):
