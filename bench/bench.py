@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 from refvit import int_model, model_conv, model_token, models  # noqa: E402
-from refvit.checkpoints.convert import token_to_conv  # noqa: E402
+from weights_tools.convert import token_to_conv  # noqa: E402
 from refvit.config import preset  # noqa: E402
 from refvit.intmath import int_matmul  # noqa: E402
 from refvit.qfile import load_quantized, save_quantized  # noqa: E402

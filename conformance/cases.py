@@ -46,7 +46,7 @@ from refvit.config import DeiTConfig
 from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, apply_scale, int_range,
                             quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
 
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools.convert import token_to_conv
 from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, required_constants
 from refvit.models import random_params
 from refvit.quantize import quantize

@@ -298,6 +298,7 @@ def run_info(args) -> int:
     print(f"file:        {r.source['path']}" + ("  (embedded default)" if r.is_default else ""))
     if r.float_model is not None:
         fm = r.float_model
+        print(f"family:      {fm.family}")
         print(f"naming:      {fm.source} ({'timm' if fm.source == 'timm' else 'Hugging Face'} parameter names)")
         print(f"parameters:  {sum(a.size for a in fm.params.values()):,} in {len(fm.params)} tensors")
         if fm.heads_note:

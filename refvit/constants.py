@@ -102,12 +102,22 @@ def head_weights(params_conv: dict, cfg: DeiTConfig) -> tuple[np.ndarray, np.nda
     return np.concatenate([w, pad], axis=1), b
 
 
+LAYER_SCALES = {"attn.proj": "ls1.gamma", "mlp.fc2": "ls2.gamma"}   # a block's conv -> the layer scale after it
+
+
 def float_conv(op, p: dict, cfg: DeiTConfig) -> tuple:
-    """The float (weight, bias) a conv record quantizes: its checkpoint parameters by the record's name."""
+    """The float (weight, bias) a conv record quantizes: its checkpoint parameters by the record's name. A
+    DeiT-III layer scale is folded into the conv before it (attn.proj: ls1, mlp.fc2: ls2): w' = gamma w,
+    b' = gamma b per output channel, exactly the float branch (docs/spec.md, "Layer scale")."""
     if op.name == "head":
         return head_weights(p, cfg)
     key = "patch_embed.proj" if op.name == "patch_embed" else op.name
-    return p[f"{key}.weight"], p.get(f"{key}.bias")
+    w, b = p[f"{key}.weight"], p.get(f"{key}.bias")                          # (Cout, Cin, k, k), (Cout,)
+    block, _, conv = op.name.partition(".")[2].partition(".")                 # 'blocks.3.attn.proj' -> '3', 'attn.proj'
+    gamma = p.get(f"blocks.{block}.{LAYER_SCALES[conv]}") if conv in LAYER_SCALES else None
+    if gamma is not None:                                                     # gamma (Cout,)
+        w, b = gamma[:, None, None, None] * w, (None if b is None else gamma * b)  # (Cout, Cin, 1, 1), (Cout,)
+    return w, b
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,12 +263,13 @@ class _Builder:
         return self.add(name, "layernorm", self.scheme.layernorm, {"x": x},
                         shape=(BATCH, self.cfg.embed_dim, 1, self.tokens), weight_scale=f"{name}.weight_scale")
 
-    def residual(self, name, a, b, b_constant=False):
-        """a + b at the residual stream's width; b a tensor, or (b_constant) a constant's name."""
+    def residual(self, name, a, b, b_constant=False, out_dtype=None):
+        """a + b at the residual stream's width (or out_dtype); b a tensor, or (b_constant) a constant's name."""
         v = self.scheme.residual
+        out_dtype = out_dtype or self.stream_dtype
         return self.add(name, "add", v, {"a": a} if b_constant else {"a": a, "b": b},
-                        {"out_dtype": "int16"} if v == "int16" else {}, {"b": b} if b_constant else None,
-                        dtype=self.stream_dtype, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens))
+                        {"out_dtype": out_dtype} if v == "int16" else {}, {"b": b} if b_constant else None,
+                        dtype=out_dtype, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens))
 
     def select(self, b, x, p, stage) -> str:
         """Token pruning in block prefix b (docs/spec.md, "Token pruning"): `select`, the kept positions (B, k)
@@ -316,8 +317,16 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     g = _Builder(cfg, check_rounding(rounding), scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
     t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
-    t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, shape=(BATCH, C, 1, N), scale="patch_embed.scale") # (B, C, 1, N)
-    x = g.residual("embed", t, "pos_embed", b_constant=True)                        # (B, C, 1, N)
+    if cfg.no_embed_class:   # DeiT-III: pos_embed on the patches (int8, what concat_tokens takes), then the prefix
+        g.tokens = Np
+        t = g.residual("embed", t, "pos_embed", b_constant=True, out_dtype="int8")  # (B, C, 1, Np)
+        g.tokens = N
+        x = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, shape=(BATCH, C, 1, N),
+                  scale="embed.scale")                                              # (B, C, 1, N)
+    else:
+        t = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, shape=(BATCH, C, 1, N),
+                  scale="patch_embed.scale")                                        # (B, C, 1, N)
+        x = g.residual("embed", t, "pos_embed", b_constant=True)                    # (B, C, 1, N)
     for i in range(cfg.depth):
         x = _block(g, i, x)
     x = g.layernorm("norm", x)                                                      # (B, C, 1, N')

@@ -5,8 +5,12 @@ Every Linear is a 1x1 Conv2d (weight (out, in, 1, 1)), the patch embedding is a 
 P, LayerNorm is rebuilt from conv-friendly ops (channel mean as a 1x1 conv with weight 1/C, subtract,
 square, 1x1 mean conv, add eps, rsqrt, multiply, then gamma/beta as a depthwise 1x1 conv), and
 attention splits heads along C. Parameters keep timm's names, in the shapes made by
-`refvit.checkpoints.convert.token_to_conv`; the same weights, no retraining. Activations are (B, C, H, W)
+`weights_tools.convert.token_to_conv`; the same weights, no retraining. Activations are (B, C, H, W)
 arrays held channels-last in memory (conv2d's output layout): a matter of speed, never of values.
+
+DeiT-III as in model_token: the layer scale (C,) multiplies each branch per channel, and the trace records
+`blocks.i.attn.proj` / `blocks.i.mlp.fc2` after it (the integer model folds it into those convs, docs/spec.md);
+with no_embed_class the position embedding is added to the patches, recorded as `embed`, before the prefix.
 """
 from __future__ import annotations
 
@@ -69,8 +73,16 @@ def embed(p, x, cfg: DeiTConfig, trace=None):  # x (B, 3, H, W) -> (B, C, 1, N)
     prefix = [p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else [])    # each (1, C, 1, 1)
     prefix = np.broadcast_to(np.concatenate(prefix, axis=3), (B, C, 1, len(prefix)))
     x = channels_last(B, C, cfg.num_tokens, y.dtype)                             # (B, C, 1, N)
+    if cfg.no_embed_class:                                                       # DeiT-III: patches only
+        tokens = _record(trace, "embed", tokens + p["pos_embed"])                # (B, C, 1, Np)
+        x[...] = np.concatenate([prefix, tokens], axis=3)                        # (B, C, 1, N)
+        return _record(trace, "tokens", x)
     np.add(np.concatenate([prefix, tokens], axis=3), p["pos_embed"], out=x)
     return _record(trace, "embed", x)
+
+
+def layer_scale(p, name, h):  # h (B, C, 1, N) -> h * gamma per channel (timm's LayerScale); h without one
+    return h * p[name].reshape(1, -1, 1, 1) if name in p else h
 
 
 def split_heads(x, num_heads):  # (B, C, 1, N) -> (B, Hh, D, N)
@@ -88,13 +100,15 @@ def attention(p, pre, x, cfg: DeiTConfig, trace=None, probs: bool = False):
     a = attend(q.transpose(0, 1, 3, 2), k, v.transpose(0, 1, 3, 2),              # scores (N, N) [query, key]
                split_heads(o, cfg.num_heads).transpose(0, 1, 3, 2), probs)       # (B, Hh, N, N) | None
     o = _record(trace, pre + "context", o)                                       # (B, C, 1, N)
-    return _record(trace, pre + "proj", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"])), a
+    h = layer_scale(p, pre[:-len("attn.")] + "ls1.gamma", conv2d(o, p[pre + "proj.weight"], p[pre + "proj.bias"]))
+    return _record(trace, pre + "proj", h), a                                     # (B, C, 1, N)
 
 
 def mlp(p, pre, x, trace=None):  # x (B, C, 1, N) -> (B, C, 1, N)
     h = _record(trace, pre + "fc1", conv2d(x, p[pre + "fc1.weight"], p[pre + "fc1.bias"]))  # (B, 4C, 1, N)
     h = _record(trace, pre + "gelu", gelu(h))
-    return _record(trace, pre + "fc2", conv2d(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"]))
+    h = layer_scale(p, pre[:-len("mlp.")] + "ls2.gamma", conv2d(h, p[pre + "fc2.weight"], p[pre + "fc2.bias"]))
+    return _record(trace, pre + "fc2", h)                                          # (B, C, 1, N)
 
 
 def select_conv(x, attn, keep_rate: float, num_prefix: int):  # x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])

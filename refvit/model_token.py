@@ -1,5 +1,10 @@
 """Float DeiT in the token form (B, N, C), as timm's VisionTransformer / VisionTransformerDistilled.
 
+DeiT-III (timm's `deit3_*`) as timm computes it: with `config.layer_scale` each branch is multiplied by its
+layer scale (`blocks.i.ls1.gamma` after the attention, `ls2.gamma` after the MLP) before its residual add;
+with `config.no_embed_class` the position embedding (1, Np, C) is added to the patch tokens before the
+prefix tokens are prepended.
+
 Pure functions over a dict of parameters keyed by timm's checkpoint names. Linear weights are
 (out, in) as in the checkpoint. A dist token in the sequence comes from `config.distilled`; the
 logits are the cls head alone, or the mean of head(cls) and head_dist(dist) when the parameters
@@ -33,7 +38,13 @@ def embed(p, x, cfg: DeiTConfig):  # x (B, 3, H, W) -> (B, N, C)
     B, C = tokens.shape[0], cfg.embed_dim
     prefix = [p["cls_token"]] + ([p["dist_token"]] if cfg.distilled else [])
     prefix = np.broadcast_to(np.concatenate(prefix, axis=1), (B, len(prefix), C))  # (B, 1|2, C)
+    if cfg.no_embed_class:                                                         # DeiT-III: patches only
+        return np.concatenate([prefix, tokens + p["pos_embed"]], axis=1)           # (B, N, C)
     return np.concatenate([prefix, tokens], axis=1) + p["pos_embed"]               # (B, N, C)
+
+
+def layer_scale(p, name, h):  # h (B, N, C) -> h * gamma (C,), as timm's LayerScale; h itself without one
+    return h * p[name] if name in p else h
 
 
 def attention(p, pre, x, cfg: DeiTConfig, probs: bool = False):  # x (B, N, C) -> ((B, N, C), (B, Hh, N, N) | None)
@@ -58,10 +69,10 @@ def block(p, i, x, cfg: DeiTConfig, keep_rate: float | None = None):  # x (B, N,
     pre = f"blocks.{i}."
     ln = lambda y, name: layer_norm(y, p[pre + name + ".weight"], p[pre + name + ".bias"], cfg.ln_eps)
     h, a = attention(p, pre + "attn.", ln(x, "norm1"), cfg, keep_rate is not None) # (B, N, C), (B, Hh, N, N)
-    x = x + h
+    x = x + layer_scale(p, pre + "ls1.gamma", h)
     if keep_rate is not None:
         x = select_float(x, a, keep_rate, cfg.num_prefix_tokens)                   # (B, P + k [+ 1], C)
-    return x + mlp(p, pre + "mlp.", ln(x, "norm2"))
+    return x + layer_scale(p, pre + "ls2.gamma", mlp(p, pre + "mlp.", ln(x, "norm2")))
 
 
 def head(p, x):  # x (B, N, C) final-normed -> logits (B, K)

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from . import model_conv, model_token
-from .checkpoints import expected_shapes, load_checkpoint
-from .checkpoints.convert import token_to_conv
+from weights_tools import expected_shapes, load_checkpoint
+from weights_tools.convert import token_to_conv
 from .config import ConfigError, DeiTConfig
 from .labels import DATA, class_names, default_model_info
-from .preprocess import PRESETS, Preprocess, from_pretrained_cfg
+from .preprocess import PRESETS, Preprocess, from_pretrained_cfg, read_hf_processor
+
+HF_PROCESSOR_JSON = "preprocessor_config.json"   # a Hugging Face image processor, beside the weights
 
 FORMS = {"token": model_token.forward, "conv": model_conv.forward}
 
@@ -39,6 +41,8 @@ class Model:
     class_names: list
     heads_note: str = ""         # how the number of heads was decided
     prune: tuple = ()            # token pruning stages ((block, keep_rate), ...), refvit.prune; () none
+    family: str = ""             # e.g. 'DeiT-III, timm deit3_small_patch16_224' (weights_tools Checkpoint.family)
+    preprocess_note: str = ""    # why the default preprocessing is what it is, when a file was passed over
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) images (already preprocessed) -> (B, num_classes) logits in the params' dtype."""
@@ -60,10 +64,12 @@ class Model:
 
 def load_model(path=None, form: str = "token", dtype=np.float32, *, preprocess: Preprocess | None = None,
                num_heads: int | None = None, arch: str | None = None) -> Model:
-    """Load a DeiT checkpoint (a file or a directory, see refvit.checkpoints.load_checkpoint); path None is
+    """Load a DeiT checkpoint (a file or a directory, see weights_tools.load_checkpoint); path None is
     the embedded Fashion-MNIST model. `form` picks the token or the NCHW-conv computation. Preprocessing:
-    `preprocess`, else the checkpoint's timm pretrained_cfg, else the ImageNet eval transform (the embedded
-    model: the Fashion-MNIST pipeline)."""
+    `preprocess`, else the checkpoint's timm pretrained_cfg, else a Hugging Face preprocessor_config.json
+    beside the weights, else the ImageNet eval transform (the embedded model: the Fashion-MNIST pipeline).
+    With both a pretrained_cfg and a preprocessor_config.json, the pretrained_cfg wins (said in
+    preprocess_note)."""
     if form not in FORMS:
         raise ConfigError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     is_default = path is None
@@ -71,17 +77,29 @@ def load_model(path=None, form: str = "token", dtype=np.float32, *, preprocess: 
         card = default_model_info()["config"]
         ckpt = load_checkpoint(default_model_path(), num_heads=card["num_heads"], ln_eps=card["ln_eps"])
         ckpt = replace(ckpt, heads_note="from the model card")
-        default_pp = PRESETS["fmnist"]
+        default_pp, note = PRESETS["fmnist"], ""
     else:
         ckpt = load_checkpoint(path, num_heads=num_heads, arch=arch)
-        pcfg = getattr(ckpt, "pretrained_cfg", None)
-        default_pp = from_pretrained_cfg(pcfg) if pcfg else PRESETS["imagenet"]
+        default_pp, note = _checkpoint_preprocess(ckpt) if preprocess is None else (None, "")
     params = model_token.cast_params(ckpt.params, dtype)
     return Model(config=ckpt.config, params=token_to_conv(params) if form == "conv" else params, form=form,
                  head_mode=ckpt.head_mode, source=ckpt.source, path=ckpt.path, is_default=is_default,
                  preprocess=(preprocess or default_pp).for_model(ckpt.config.img_size),
                  class_names=class_names(ckpt.config.num_classes, is_default),
-                 heads_note=getattr(ckpt, "heads_note", ""))
+                 heads_note=getattr(ckpt, "heads_note", ""), family=ckpt.family, preprocess_note=note)
+
+
+def _checkpoint_preprocess(ckpt) -> tuple:
+    """The checkpoint's own preprocessing -> (Preprocess, note): timm's pretrained_cfg, else the Hugging Face
+    preprocessor_config.json beside the weights, else ImageNet's eval transform."""
+    processor = ckpt.path.parent / HF_PROCESSOR_JSON
+    if ckpt.pretrained_cfg:
+        note = (f"{processor} not used: the timm pretrained_cfg of config.json decides the preprocessing (pass "
+                f"--preprocess {processor} to use it)") if processor.is_file() else ""
+        return from_pretrained_cfg(ckpt.pretrained_cfg), note
+    if processor.is_file():
+        return read_hf_processor(processor), ""
+    return PRESETS["imagenet"], ""
 
 
 def random_params(cfg: DeiTConfig, head_mode: str = "cls", rng=0, weight_gain: float = 1.0) -> dict:

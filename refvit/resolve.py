@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoints import CheckpointError
+from weights_tools import CheckpointError
 from .config import DeiTConfig
 from .graph import Scheme
 from .intmath import SINGLE_ROUND
@@ -151,6 +151,7 @@ def resolve_model(*, weights=None, model=None, int8: bool = False, form: str = "
         fm = replace(fm, prune=parse_prune(prune))
     source = file_source("default" if fm.is_default else "float", fm.path)
     notes = [fm.heads_note] if fm.heads_note.startswith("assumed") else []
+    notes += [fm.preprocess_note] if fm.preprocess_note else []
     qm = None
     if int8:
         asks_more = calib is not None or pp is not None or method != DEFAULT_METHOD or scheme is not None \

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from refvit import models
-from refvit.checkpoints import expected_shapes, write_safetensors
+from weights_tools import expected_shapes, write_safetensors
 from refvit.config import DeiTConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -89,7 +89,7 @@ class Peer:
 
     @cached_property
     def checkpoint(self):
-        from refvit.checkpoints import load_checkpoint
+        from weights_tools import load_checkpoint
         return load_checkpoint(self.weights)
 
 

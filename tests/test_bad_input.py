@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from ckptfiles import TIMM_TINY, random_params, timm_config_json, tiny, write_dir
-from refvit.checkpoints import to_hf_names, write_safetensors
+from weights_tools import to_hf_names, write_safetensors
 from refvit.cli import main
 from refvit.preprocess import MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_ENV, ImageError, open_image
 
@@ -227,7 +227,9 @@ ABSURD = {  # name -> (layout, config.json, expected fragment)
     "timm_mean_strings": ("timm", timm_json(pretrained={"mean": ["a"]}), "pretrained_cfg.mean must be a list of finite"),
     "timm_model_args_list": ("timm", timm_json() | {"model_args": [1]}, "model_args must be an object, got list"),
     "timm_arch_number": ("timm", timm_json(architecture=3), "architecture must be a timm model name, got 3"),
-    "timm_layer_scale": ("timm", timm_json({"init_values": 0.1}), "model_args.init_values = 0.1 is not supported"),
+    "timm_layer_scale": ("timm", timm_json({"init_values": 0.1}), "missing: blocks.0.ls1.gamma, blocks.0.ls2.gamma"),
+    "timm_no_class_token": ("timm", timm_json({"class_token": False}),
+                            "model_args.class_token = False is not supported: it means no class token"),
     "hf_depth_1e9": ("hf", hf_json(num_hidden_layers=10**9), "num_hidden_layers: depth must be in [1, 256]"),
     "hf_width_0": ("hf", hf_json(hidden_size=0), "hidden_size: embed_dim must be in [1, 8192]"),
     "hf_heads_not_dividing": ("hf", hf_json(num_attention_heads=3), "embed_dim 128 is not divisible by num_heads 3"),

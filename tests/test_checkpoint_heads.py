@@ -12,8 +12,8 @@ import pytest
 
 from ckptfiles import CUSTOM_CONFIG, CUSTOM_DIR, CUSTOM_NPZ, random_params, timm_config_json, tiny, write_dir
 from refvit import model_token
-from refvit.checkpoints import CheckpointError, load_checkpoint
-from refvit.config import PRESETS, TIMM_ARCHS, ConfigError, preset
+from weights_tools import CheckpointError, load_checkpoint
+from weights_tools.config import PRESETS, TIMM_ARCHS, ConfigError, preset
 
 LOGITS_TOL = 1e-4  # float32, vs timm's logits
 
@@ -114,8 +114,9 @@ def test_arch_fixes_the_heads(tmp_path):
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"arch": "deit_base_patch16_224"}, "--arch deit_base_patch16_224 is a width-768 model, the checkpoint's width is 384"),
     ({"arch": "deit_small_patch16_224", "num_heads": 4}, r"--num-heads 4 and --arch deit_small_patch16_224 \(6 heads\) disagree"),
-    ({"arch": "vit_small_patch16_224"}, "unknown preset 'vit_small_patch16_224'; known: deit_base_distilled_patch16_224"),
-    ({"arch": "deit3_small_patch16_224"}, "DeiT III model .* which refvit does not implement"),
+    ({"arch": "resnet50"}, "unknown preset 'resnet50'; known: deit_base_distilled_patch16_224"),
+    ({"arch": "vit_base_patch16_reg4_gap_256"}, "is a ViT with global average pooling .*, which refvit does not compute"),
+    ({"arch": "vit_large_patch16_224"}, "--arch vit_large_patch16_224 is a width-1024 model"),
     ({"num_heads": 5}, r"embed_dim 384 is not divisible by num_heads 5 \(heads from --num-heads\)"),
     ({"num_heads": 0}, r"num_heads must be in \[1, 64\]"),
     ({"num_heads": 2.0}, "num_heads must be an integer, got 2.0"),
@@ -137,7 +138,7 @@ def test_config_json_heads_and_the_overrides(tmp_path):
 
 
 def test_hf_config_json_heads(tmp_path):
-    from refvit.checkpoints import to_hf_names
+    from weights_tools import to_hf_names
     config = tiny(embed_dim=96, num_heads=3, distilled=True, ln_eps=1e-12)
     hf = {"model_type": "deit", "image_size": 8, "patch_size": 4, "num_channels": 3, "hidden_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 3, "intermediate_size": 192, "qkv_bias": True,
@@ -201,7 +202,7 @@ def test_fixed_input_size_gives_img_size(tmp_path):
 @pytest.mark.parametrize("args, ok", [
     ({"drop_path_rate": 0.1, "drop_rate": 0.0, "weight_init": "jax"}, True),   # training-only
     ({"class_token": True, "no_embed_class": False, "fc_norm": None, "reg_tokens": 0}, True),  # DeiT's values
-    ({"init_values": 1e-5}, False),       # LayerScale (DeiT III)
+    ({"class_token": False}, False),      # no class token
     ({"global_pool": "avg"}, False),      # mean-pooled head
     ({"reg_tokens": 4}, False),           # register tokens
     ({"act_layer": "relu"}, False),       # unknown: might change the network

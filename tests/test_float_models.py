@@ -13,8 +13,8 @@ from refvit.config import DeiTConfig
 from refvit.functional import erf, gelu
 from refvit.models import default_model_path, load_model
 from refvit.preprocess import fmnist_transform
-from refvit.checkpoints import expected_shapes
-from refvit.checkpoints.convert import conv_to_token, token_to_conv
+from weights_tools import expected_shapes
+from weights_tools.convert import conv_to_token, token_to_conv
 
 LOGITS_TOL = 1e-4   # float32, against the peers
 TRACE_TOL = 2e-5    # float32 activations of magnitude ~4; measured ~3e-6

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refvit import int_model
-from refvit.checkpoints import CheckpointError, read_safetensors, write_safetensors
+from weights_tools import CheckpointError, read_safetensors, write_safetensors
 from refvit.cli import main
 from refvit.config import DeiTConfig
 from refvit.qfile import load_quantized, save_quantized

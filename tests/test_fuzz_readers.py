@@ -19,7 +19,7 @@ from safetensors.numpy import save
 
 import torchfile as tf
 from ckptfiles import random_params, timm_config_json, tiny, write_dir
-from refvit.checkpoints import CheckpointError, expected_shapes, load_checkpoint, read_safetensors, read_torch
+from weights_tools import CheckpointError, expected_shapes, load_checkpoint, read_safetensors, read_torch
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FUZZ_JSON = settings(FUZZ, max_examples=120)  # structured edits: slower to generate
@@ -261,7 +261,7 @@ config_values = json_values | st.integers(-1, 300) | st.sampled_from(
 
 @pytest.fixture(scope="module")
 def deit_dirs(workdir):
-    from refvit.checkpoints import to_hf_names
+    from weights_tools import to_hf_names
     return {"timm": write_dir(workdir / "timm_dir", PARAMS),
             "hf": write_dir(workdir / "hf_dir", to_hf_names(random_params(HF_CONFIG)))}
 

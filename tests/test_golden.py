@@ -11,7 +11,7 @@ from PIL import Image
 
 import refvit
 from refvit import dumpfmt, golden
-from refvit.checkpoints import write_safetensors
+from weights_tools import write_safetensors
 from refvit.cli import main
 from refvit.config import DeiTConfig
 from refvit.models import random_params

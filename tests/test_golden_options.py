@@ -16,7 +16,7 @@ from PIL import Image
 
 from refvit import dumpfmt, golden, report
 from refvit import int_model as im
-from refvit.checkpoints import write_safetensors
+from weights_tools import write_safetensors
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.graph import Scheme

@@ -10,10 +10,9 @@ from refvit import int_kernels as K
 from refvit import int_model as im
 from refvit import model_conv
 from refvit.config import DeiTConfig
-from refvit.graph import GraphError
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND
 from refvit.quantize import quantize
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools.convert import token_to_conv
 from refvit.models import random_params
 
 

@@ -20,7 +20,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # column may import the rows up to it, and the rows from it up may import the column.
 SIDE_COLUMNS = {
     "Float model": "integer arithmetic, errors",             # "depend on nothing but NumPy and the config"
-    "Checkpoints, below the model layer": "integer arithmetic, errors",  # "depend only on the config"
+    "Weight importer, the lowest layer": "weight importer",  # "imports NumPy and safetensors only, never refvit"
     "Conformance": "applications",                          # "beside refvit ... uses its public API only"
 }
 
@@ -117,13 +117,13 @@ def _bare_packages(edges: dict) -> set:
 # ---------------------------------------------------------------- the page itself
 
 def test_the_page_gives_the_layers():
-    assert "refvit.intmath" in LAYERS[0] and "refvit.prune" in LAYERS[0]          # the "(lowest row)" note
+    assert "weights_tools*" in LAYERS[0] and "refvit.prune" in LAYERS[1]
     assert "refvit.cli" in LAYERS[-1] and "refvit.graph" in LAYERS[ROWS["graph + interpreter"]]
     assert ROWS["op registry"] < ROWS["graph + interpreter"] < ROWS["quantized model and file"] < \
         ROWS["quantizer, integer model"] < ROWS["applications"]
     assert "refvit.registry" in LAYERS[ROWS["op registry"]] and "refvit.reference*" in LAYERS[ROWS["op registry"] - 1]
     assert "refvit.model_conv" in LAYERS[ROWS["integer arithmetic, errors"]]
-    assert "refvit.checkpoints*" in LAYERS[ROWS["integer arithmetic, errors"]]
+    assert "refvit.checkpoints*" in LAYERS[ROWS["weight importer"]] and "refvit.intmath" in LAYERS[1]
     assert "conformance*" in LAYERS[ROWS["applications"]]
     assert {"conformance", "refvit"} <= set(PACKAGES)                         # the packages scanned
 

@@ -14,7 +14,7 @@ import pytest
 from conformance.cases import get_case
 from refvit import golden, int_model, model_conv, model_token
 from refvit.check import compare_dumps
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools.convert import token_to_conv
 from refvit.cli import EXAMPLES, main
 from refvit.config import DeiTConfig
 from refvit.graph import build_graph

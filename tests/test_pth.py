@@ -1,4 +1,4 @@
-"""PyTorch checkpoints read without torch (refvit.checkpoints.pth): the files torch itself wrote
+"""PyTorch checkpoints read without torch (weights_tools.pth): the files torch itself wrote
 (../shared/peer/pth/, pytorch_model.bin) give the parameters and logits of the safetensors files of the
 same weights, bit for bit; every dtype, stride and layout torch can write (written here by tests/torchfile.py,
 which emits torch's byte layouts); and pickles that would run code are refused without running it."""
@@ -22,7 +22,7 @@ import torchfile as tf
 from ckptfiles import (CUSTOM_CONFIG, CUSTOM_DIR, CUSTOM_LEGACY_PTH, CUSTOM_NPZ, TIMM_TINY, TIMM_TINY_PTH,
                        random_params, tiny)
 from refvit import model_token
-from refvit.checkpoints import CheckpointError, load_checkpoint, read_torch
+from weights_tools import CheckpointError, load_checkpoint, read_torch
 
 
 def assert_same(a: dict, b: dict):
@@ -397,7 +397,7 @@ def test_memo_bomb_under_a_memory_limit(tmp_path):
     address-space limit the reader still ends with the clean error."""
     path = tf.save_zip(tmp_path / "m.pth", data_pkl=b"\x80\x02N" + b"r" + struct.pack("<I", 2**31) + b".")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30));"
-            "from refvit.checkpoints import read_torch, CheckpointError\n"
+            "from weights_tools import read_torch, CheckpointError\n"
             "try: read_torch(sys.argv[1])\n"
             "except CheckpointError as e: print('clean:', e)")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,

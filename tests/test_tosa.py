@@ -23,7 +23,7 @@ from refvit import int_model
 from refvit import export_tosa as E
 from refvit.cli import main
 from refvit.config import DeiTConfig
-from refvit.checkpoints.convert import token_to_conv
+from weights_tools.convert import token_to_conv
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND, quantize_multiplier
 from refvit.models import load_model, random_params
 from refvit.preprocess import fmnist_transform

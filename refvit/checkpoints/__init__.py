@@ -1,15 +1,11 @@
-"""refvit.checkpoints: read DeiT checkpoints (.safetensors or torch.save files, timm or Hugging Face names, with
-Hugging Face's or timm's config.json) into timm-named float32 arrays. Below the model layer: imports
-refvit.config, numpy and safetensors only."""
+"""refvit.checkpoints: a thin re-export of `weights_tools` (the checkpoint readers and writers moved there,
+below refvit). Kept so `from refvit.checkpoints import X` and `refvit.checkpoints.<module>` (e.g.
+`refvit.checkpoints.safetensors_io`, `refvit.checkpoints.convert`) keep working: the submodule names are
+aliases of weights_tools' own modules, not copies. New code imports weights_tools."""
+import sys
 
-from .errors import CheckpointError
-from .load import HEAD_MODES, Checkpoint, expected_shapes, load_checkpoint, read_tensors
-from .names import detect_naming, hf_names_for, hf_to_timm, to_hf_names
-from .pth import read_torch
-from .safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
+from weights_tools import *  # noqa: F401,F403  (re-exported)
+from weights_tools import __all__, convert, errors, load, names, pth, safetensors_io  # noqa: F401
 
-__all__ = [
-    "CheckpointError", "read_safetensors", "read_safetensors_metadata", "write_safetensors",
-    "detect_naming", "hf_names_for", "hf_to_timm", "to_hf_names",
-    "HEAD_MODES", "Checkpoint", "expected_shapes", "load_checkpoint", "read_tensors", "read_torch",
-]
+for _module in (convert, errors, load, names, pth, safetensors_io):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module

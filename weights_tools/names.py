@@ -1,4 +1,7 @@
-"""Hugging Face DeiT <-> timm parameter names: one table, read in both directions.
+"""Hugging Face DeiT / ViT <-> timm parameter names: one table, read in both directions.
+
+Hugging Face's ViT (`ViTForImageClassification`, backbone prefix `vit.`) names its tensors as DeiT does
+(prefix `deit.`), without the distillation token; its classifier is `classifier` as in DeiTForImageClassification.
 
 HF keeps q, k and v as three Linear layers; timm has one `qkv` Linear whose rows are [q; k; v]. So a table
 row maps one timm name to the HF names whose tensors are concatenated along dim 0 to make it.
@@ -12,6 +15,8 @@ import numpy as np
 from .errors import CheckpointError
 
 HF_PREFIX = "deit."  # the backbone prefix in DeiTForImageClassification[WithTeacher]; DeiTModel has none
+HF_VIT_PREFIX = "vit."  # ViTForImageClassification's; ViTModel has none
+HF_PREFIXES = (HF_PREFIX, HF_VIT_PREFIX)
 
 _QKV = tuple(f"encoder.layer.{{i}}.attention.attention.{x}.{{p}}" for x in ("query", "key", "value"))
 
@@ -34,7 +39,7 @@ _HEADS_SINGLE = (("head.{p}", ("classifier.{p}",)),)
 _HEADS_TEACHER = (("head.{p}", ("cls_classifier.{p}",)), ("head_dist.{p}", ("distillation_classifier.{p}",)))
 
 # DeiTModel's pooler, tanh(dense(cls)), has no timm counterpart and plays no part in classification.
-_DROPPED_HF = re.compile(r"(deit\.)?pooler\.dense\.(weight|bias)")
+_DROPPED_HF = re.compile(r"(deit\.|vit\.)?pooler\.dense\.(weight|bias)")
 
 
 def _regex(template: str) -> re.Pattern:
@@ -54,10 +59,35 @@ _HF_RULES = [(_regex(hf), timm, k, len(hfs), prefixed)
              for timm, hfs in table for k, hf in enumerate(hfs)]
 
 
+def _unprefixed(name: str) -> str:
+    for prefix in HF_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def hf_prefix_of(names) -> str:
+    """The HF backbone prefix the names use: 'deit.', 'vit.' or '' (DeiTModel / ViTModel)."""
+    return next((p for p in HF_PREFIXES if any(n.startswith(p) for n in names)), "")
+
+
+# The official DeiT-III release (facebookresearch/deit models_v2.py) names the layer scales gamma_1, gamma_2;
+# timm's checkpoint filter renames them ls1.gamma, ls2.gamma, and so does `official_to_timm`.
+_OFFICIAL_GAMMA = re.compile(r"(blocks\.\d+\.)gamma_([12])")
+
+
+def official_to_timm(tensors: dict) -> dict:
+    """The official DeiT-III names (blocks.i.gamma_1 / gamma_2) -> timm's (blocks.i.ls1.gamma / ls2.gamma)."""
+    out = {}
+    for name, v in tensors.items():
+        _put(out, _OFFICIAL_GAMMA.sub(r"\1ls\2.gamma", name), v, name)
+    return out
+
+
 def _match_hf(name: str):
     """HF name -> (timm name, part index, number of parts), or None if it is not an HF DeiT name."""
     for regex, timm, k, n, prefixed in _HF_RULES:
-        m = regex.fullmatch(name.removeprefix(HF_PREFIX) if prefixed else name)
+        m = regex.fullmatch(_unprefixed(name) if prefixed else name)
         if m:
             return timm.format(**m.groupdict()), k, n
     return None
@@ -101,7 +131,7 @@ def _concat(timm_name: str, hf_names: list, tensors: dict) -> np.ndarray:
 
 
 def hf_to_timm(tensors: dict) -> dict:
-    """Rename HF DeiT tensors (with or without the 'deit.' prefix) to timm names, concatenating q, k, v
+    """Rename HF DeiT / ViT tensors (with or without the 'deit.' / 'vit.' prefix) to timm names, concatenating q, k, v
     into qkv. Names that are not HF DeiT names, and q/k/v sets with a part missing, pass through unchanged
     so validation reports them as unexpected. The DeiTModel pooler is dropped."""
     groups = {}  # timm name -> HF name per part

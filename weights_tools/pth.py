@@ -425,5 +425,5 @@ def read_torch(path) -> tuple[dict, str]:
     total = sum(t.numel * max(4, t.storage.type.out.itemsize) for t in tensors.values())
     if total > MAX_EXPANSION * size:
         raise CheckpointError(f"{path}: not a valid PyTorch file: its tensors would take {total} bytes, more than "
-                              f"{MAX_EXPANSION}x the file's {size} (MAX_EXPANSION in refvit.checkpoints.pth)")
+                              f"{MAX_EXPANSION}x the file's {size} (MAX_EXPANSION in weights_tools.pth)")
     return {name: _decode(t) for name, t in tensors.items()}, kind

@@ -1,9 +1,9 @@
 """load_checkpoint: a DeiT checkpoint (.safetensors or torch.save file; timm or Hugging Face names; with or
 without a config.json) -> timm-named float32 params, a config, and how its number of heads was decided.
 
-Files are recognised by their content: torch's zip and legacy formats (refvit.checkpoints.pth), else
+Files are recognised by their content: torch's zip and legacy formats (weights_tools.pth), else
 safetensors. A directory holds model.safetensors or pytorch_model.bin, and maybe config.json in one of two
-layouts: Hugging Face transformers' (`model_type` "deit", `hidden_size`, `num_attention_heads`, ...) or
+layouts: Hugging Face transformers' (`model_type` "deit" or "vit", `hidden_size`, `num_attention_heads`, ...) or
 timm's hub layout as `timm.models._hub.save_for_hf` writes it (`architecture`, `model_args`,
 `pretrained_cfg`), read as timm reads it: the architecture's defaults, then pretrained_cfg's input size and
 classes, the top-level num_classes, then model_args.
@@ -15,6 +15,7 @@ a CheckpointError saying how to pass them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -25,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from refvit.config import (
-    HEADS_BY_WIDTH, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS, PRESETS, ConfigError, DeiTConfig, check_field, infer_config, preset,
-    preset_for_width,
+from .config import (
+    ARCHS, HEADS_BY_WIDTH, MAX_HIDDEN_DIM, MAX_IMG_SIZE, MAX_IN_CHANS, ConfigError, DeiTConfig, check_field, infer_config,
+    preset, preset_for_width, unsupported_feature,
 )
 
 from .errors import CheckpointError
-from .names import HF_PREFIX, detect_naming, hf_names_for, hf_to_timm
+from .names import detect_naming, hf_names_for, hf_prefix_of, hf_to_timm, official_to_timm
 from .pth import read_torch, torch_format
 from .safetensors_io import read_safetensors
 
@@ -40,6 +41,7 @@ from .safetensors_io import read_safetensors
 HEAD_MODES = ("cls", "mean")
 TIMM_LN_EPS = 1e-6
 HF_LN_EPS = 1e-12
+HF_MODEL_TYPES = ("deit", "vit")   # config.json model_type: DeiT (with a distillation token), ViT (without)
 MAX_CONFIG_JSON_BYTES = 16 * 2**20   # config.json (Hugging Face's with 1000 labels is 46 kB)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # looked for in a directory, in this order
 _BLOCK_INDEX = re.compile(r"blocks\.(\d{1,9})\.")
@@ -57,6 +59,17 @@ class Checkpoint:
     pretrained_cfg: dict | None = None  # timm's pretrained_cfg from config.json (checked, otherwise raw)
     arch: str | None = None             # --arch, else config.json's timm architecture
     file_format: str = "safetensors"    # 'safetensors' | 'torch-zip' | 'torch-legacy'
+    names_prefix: str = ""              # HF checkpoints: the backbone prefix ('deit.', 'vit.' or '')
+
+    @property
+    def family(self) -> str:
+        """The model family, for people: the config's (DeiT, DeiT-III, ...) and where its names come from."""
+        arch = (self.arch or "").split(".", 1)[0]
+        if self.source == "hf":
+            where = {"deit.": "Hugging Face DeiT", "vit.": "Hugging Face ViT"}.get(self.names_prefix, "Hugging Face")
+        else:
+            where = f"timm {arch}" if arch else "timm names"
+        return f"{self.config.family}, {where}"
 
 
 def _linear(name: str, n_out: int, n_in: int, bias: bool = True) -> dict:
@@ -76,13 +89,15 @@ def expected_shapes(config: DeiTConfig, head_mode: str = "cls") -> dict:
                           "it needs a distilled config with num_classes > 0")
     c, p = config.embed_dim, config.patch_size
     shapes = {"cls_token": (1, 1, c), **({"dist_token": (1, 1, c)} if config.distilled else {}),
-              "pos_embed": (1, config.num_tokens, c), "patch_embed.proj.weight": (c, config.in_chans, p, p),
+              "pos_embed": (1, config.num_pos_tokens, c), "patch_embed.proj.weight": (c, config.in_chans, p, p),
               "patch_embed.proj.bias": (c,)}
     for i in range(config.depth):
         b = f"blocks.{i}"
         shapes |= _norm(f"{b}.norm1", c) | _linear(f"{b}.attn.qkv", 3 * c, c, config.qkv_bias)
         shapes |= _linear(f"{b}.attn.proj", c, c) | _norm(f"{b}.norm2", c)
         shapes |= _linear(f"{b}.mlp.fc1", config.hidden_dim, c) | _linear(f"{b}.mlp.fc2", c, config.hidden_dim)
+        if config.layer_scale:
+            shapes |= {f"{b}.ls1.gamma": (c,), f"{b}.ls2.gamma": (c,)}
     shapes |= _norm("norm", c)
     if config.num_classes:
         shapes |= _linear("head", config.num_classes, c)
@@ -149,8 +164,9 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot read as JSON (nested too deeply)") from None
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got a {type(d).__name__}")
-    if d.get("model_type", "deit") != "deit":
-        raise CheckpointError(f"{path}: model_type is {_brief(d['model_type'])}, not 'deit'")
+    if d.get("model_type", "deit") not in HF_MODEL_TYPES:
+        raise CheckpointError(f"{path}: model_type is {_brief(d['model_type'])}, not 'deit' or 'vit' (refvit computes "
+                              "DeiT and the plain ViT)")
     return d
 
 
@@ -162,6 +178,7 @@ class _Stated:
     heads_note: str = ""
     arch: str | None = None
     pretrained_cfg: dict | None = None
+    model_type: str | None = None   # Hugging Face's: 'deit' or 'vit'
 
 
 def _square(path, key: str, v, pair: bool = True):
@@ -195,7 +212,7 @@ def _hf_json(path: Path, d: dict, has_head: bool) -> _Stated:
         hidden = _square(path, "intermediate_size", d["intermediate_size"])
         if not 1 <= hidden <= MAX_HIDDEN_DIM:
             raise CheckpointError(f"{path}: intermediate_size must be in [1, {MAX_HIDDEN_DIM}] (MAX_HIDDEN_DIM in "
-                                  f"refvit.config), got {_brief(hidden)}")
+                                  f"weights_tools.config), got {_brief(hidden)}")
         if "embed_dim" in fields:
             fields["mlp_ratio"] = _field(path, "intermediate_size", "mlp_ratio", hidden / fields["embed_dim"])
         else:
@@ -212,7 +229,8 @@ def _hf_json(path: Path, d: dict, has_head: bool) -> _Stated:
     elif has_head and "num_labels" in d:
         fields["num_classes"] = _field(path, "num_labels", "num_classes", _square(path, "num_labels", d["num_labels"]))
     heads = fields.pop("num_heads", None)
-    return _Stated(fields, heads, "from config.json (num_attention_heads)" if heads is not None else "")
+    return _Stated(fields, heads, "from config.json (num_attention_heads)" if heads is not None else "",
+                   model_type=d.get("model_type"))
 
 
 # ---------------------------------------------------------------- timm's config.json (save_for_hf)
@@ -221,10 +239,13 @@ _TIMM_INT_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "n
 # model_args that do not change the eval-mode network (dropout rates, init, dynamic sizes at the native size)
 _TIMM_IGNORED_ARGS = {"drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
                       "drop_path_rate", "weight_init", "fix_init", "dynamic_img_size", "dynamic_img_pad"}
-# model_args that would change the network: accepted only with their DeiT values
-_TIMM_DEIT_ARGS = {"class_token": (True,), "global_pool": ("token",), "no_embed_class": (False,), "reg_tokens": (0,),
-                   "pre_norm": (False,), "fc_norm": (None, False), "init_values": (None,), "qk_norm": (False,),
-                   "final_norm": (True,), "proj_bias": (True,)}
+# model_args that would change the network: accepted only with the values refvit computes; -> the feature
+_TIMM_DEIT_ARGS = {"class_token": ((True,), "no class token"), "global_pool": (("token",), "global average pooling"),
+                   "reg_tokens": ((0,), "register tokens"), "pre_norm": ((False,), "a pre-norm (norm_pre)"),
+                   "fc_norm": ((None, False), "fc_norm (a norm after pooling)"),
+                   "qk_norm": ((False,), "query/key normalisation"), "final_norm": ((True,), "no final norm"),
+                   "proj_bias": ((True,), "projections without bias")}
+# model_args that are DeiTConfig fields under another name: init_values (a number: layer scale), no_embed_class
 
 
 def _number(v) -> bool:
@@ -285,12 +306,12 @@ def _timm_json(path: Path, d: dict) -> _Stated:
 
     fields, heads, note = {}, None, ""
     name = arch.split(".", 1)[0]
-    if name in PRESETS or name.startswith("deit3_"):
-        try:
-            arch_cfg = preset(name)
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: architecture: {e}") from None
-        fields = {k: v for k, v in arch_cfg.to_dict().items() if k not in ("num_heads", "ln_eps")}
+    if unsupported_feature(name) and name not in ARCHS:
+        raise CheckpointError(f"{path}: architecture {_short(arch, 60)} is a ViT with {unsupported_feature(name)}, "
+                              "which refvit does not compute")
+    if name in ARCHS:
+        arch_cfg = ARCHS[name]
+        fields = {k: v for k, v in dataclasses.asdict(arch_cfg).items() if k not in ("num_heads", "ln_eps")}
         heads, note = arch_cfg.num_heads, f"from config.json (architecture {_short(arch, 60)})"
     if pcfg.get("input_size") is not None:
         fields["in_chans"] = pcfg["input_size"][0]
@@ -308,12 +329,17 @@ def _timm_json(path: Path, d: dict) -> _Stated:
                 heads, note = v, "from config.json (model_args.num_heads)"
             else:
                 fields[key] = v
-        elif key in ("mlp_ratio", "qkv_bias"):
+        elif key in ("mlp_ratio", "qkv_bias", "no_embed_class"):
             fields[key] = _field(path, where, key, v)
+        elif key == "init_values":                      # timm's LayerScale: a number, or None for none
+            if v is not None and not _number(v):
+                raise CheckpointError(f"{path}: {where} must be a number or null, got {_brief(v)}")
+            fields["layer_scale"] = v is not None
         elif key in _TIMM_DEIT_ARGS:
-            if not any(v is a or (type(v) is type(a) and v == a) for a in _TIMM_DEIT_ARGS[key]):
-                raise CheckpointError(f"{path}: {where} = {_brief(v)} is not supported: refvit implements DeiT "
-                                      f"({key} {' or '.join(map(json.dumps, _TIMM_DEIT_ARGS[key]))})")
+            values, feature = _TIMM_DEIT_ARGS[key]
+            if not any(v is a or (type(v) is type(a) and v == a) for a in values):
+                raise CheckpointError(f"{path}: {where} = {_brief(v)} is not supported: it means {feature}, which "
+                                      f"refvit does not compute ({key} {' or '.join(map(json.dumps, values))})")
         elif key not in _TIMM_IGNORED_ARGS:
             raise CheckpointError(f"{path}: {where} is not understood by refvit (it may change the network; refvit "
                                   "implements DeiT)")
@@ -323,7 +349,7 @@ def _timm_json(path: Path, d: dict) -> _Stated:
 # ---------------------------------------------------------------- config and heads
 
 _SHAPE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "qkv_bias", "num_classes",
-                 "distilled")
+                 "distilled", "layer_scale", "no_embed_class")
 
 
 def _infer(shapes: dict, *, ln_eps: float, num_heads) -> DeiTConfig:
@@ -368,18 +394,22 @@ def _resolve_heads(width: int, num_heads, arch, stated: _Stated) -> tuple:
                   "beside the weights")
 
 
-def _config(stated: _Stated, shapes: dict, source: str, has_head: bool, ln_eps) -> dict:
+def _config(stated: _Stated, shapes: dict, source: str, has_head: bool, ln_eps, hf_prefix: str = "") -> dict:
     """DeiTConfig fields but num_heads: what config.json states, the rest from the tensor shapes, so a
     config.json that disagrees with the tensors shows up as misshapen parameters. Every HF DeiT has a
-    distillation token (even DeiTForImageClassification, which reads logits from the cls token only)."""
+    distillation token (even DeiTForImageClassification, which reads logits from the cls token only); no
+    HF ViT has one; without a config.json or a backbone prefix the tensors tell."""
     fields = dict(stated.fields)
     hidden = fields.pop("intermediate_size", None)
     if source == "hf":
-        fields["distilled"] = True
+        kind = stated.model_type or {"deit.": "deit", "vit.": "vit"}.get(hf_prefix)
+        if kind is not None:
+            fields["distilled"] = kind == "deit"
+        fields |= {"layer_scale": False, "no_embed_class": False}   # neither exists in transformers' DeiT / ViT
         if not has_head:
             fields["num_classes"] = 0
     if not set(_SHAPE_FIELDS) <= fields.keys() or hidden is not None:
-        inferred = _infer(shapes, ln_eps=1.0, num_heads=1).to_dict()
+        inferred = dataclasses.asdict(_infer(shapes, ln_eps=1.0, num_heads=1))
         fields = {k: inferred[k] for k in _SHAPE_FIELDS} | fields
     if hidden is not None:
         fields["mlp_ratio"] = check_field("mlp_ratio", hidden / fields["embed_dim"])
@@ -407,7 +437,7 @@ def _mismatches(params: dict, expected: dict, hf_prefix) -> list:
     def named(n):
         if hf_prefix is None:
             return n
-        return f"{n} (HF {' + '.join(hf_names_for(n, teacher=teacher, prefix=hf_prefix))})"
+        return f"{n} (HF {' + '.join(hf_names_for(n, teacher=teacher, prefix=hf_prefix) or (n,))})"
 
     found = {
         "missing": [named(n) for n in expected if n not in params],
@@ -442,6 +472,30 @@ def _describe(config: DeiTConfig, head_mode: str) -> str:
             f"head_mode {head_mode!r}")
 
 
+# Tensors (timm names) of ViT variants refvit does not compute -> the feature they mean.
+_UNSUPPORTED_TENSORS = (
+    (re.compile(r"fc_norm\."), "it has fc_norm (global average pooling)"),
+    (re.compile(r"reg_token"), "it has register tokens (reg_token)"),
+    (re.compile(r".*(relative_position|rel_pos)"), "it has a relative position embedding"),
+    (re.compile(r"(head\.)?pre_logits\."), "it has a pre-logits layer"),
+    (re.compile(r"norm_pre\."), "it has a pre-norm (norm_pre)"),
+    (re.compile(r".*\.(q_norm|k_norm)\."), "it has query/key normalisation"),
+    (re.compile(r"attn_pool\."), "it has attention pooling (a MAP head)"),
+)
+
+
+def unsupported_tensors(params: dict) -> str:
+    """'' or what a ViT variant's tensors show that refvit does not compute (named for the message)."""
+    for regex, feature in _UNSUPPORTED_TENSORS:
+        hit = next((n for n in params if regex.match(n)), None)
+        if hit is not None:
+            return f"{feature}: tensor {_short(hit, 80)!r}"
+    if "cls_token" not in params and "pos_embed" in params and "blocks.0.attn.qkv.weight" in params \
+            and not any(n.startswith("head_dist") or n == "dist_token" for n in params):
+        return "it has no class token (no cls_token: its head pools the patch tokens)"
+    return ""
+
+
 def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = None,
                     ln_eps: float | None = None) -> Checkpoint:
     """Load a DeiT from a .safetensors, .pth, .pt or .bin file, or a directory holding model.safetensors or
@@ -456,7 +510,11 @@ def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = No
     tensors, file_format = read_tensors(file)
     with _about(file):
         source = detect_naming(tensors)
-        params = hf_to_timm(tensors) if source == "hf" else tensors
+        params = hf_to_timm(tensors) if source == "hf" else official_to_timm(tensors)
+    feature = unsupported_tensors(params)
+    if feature:
+        raise CheckpointError(f"{file}: {feature}, which refvit does not compute (it computes DeiT, DeiT-III and the "
+                              "plain ViT: class token, token pooling)")
     shapes = {n: a.shape for n, a in params.items()}
     has_head = any(n.split(".")[0] in ("head", "head_dist") for n in params)
     stated = _Stated({})
@@ -464,7 +522,8 @@ def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = No
         d = _read_json(config_json)
         stated = _timm_json(config_json, d) if "architecture" in d else _hf_json(config_json, d, has_head)
     with _about(file):
-        fields = _config(stated, shapes, source, has_head, ln_eps)
+        hf_prefix = hf_prefix_of(tensors) if source == "hf" else None
+        fields = _config(stated, shapes, source, has_head, ln_eps, hf_prefix or "")
         heads, note = _resolve_heads(fields["embed_dim"], num_heads, arch, stated)
         try:
             config = DeiTConfig(**fields, num_heads=heads or 1)
@@ -472,7 +531,6 @@ def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = No
             raise ConfigError(f"{e} (heads {note})" if heads else str(e)) from None
         head_mode = "mean" if any(n.startswith("head_dist.") for n in params) else "cls"
         expected = expected_shapes(config, head_mode)
-    hf_prefix = (HF_PREFIX if any(n.startswith(HF_PREFIX) for n in tensors) else "") if source == "hf" else None
     problems = _mismatches(params, expected, hf_prefix)
     if problems:
         raise CheckpointError(f"{file}: parameters do not match the DeiT config "
@@ -486,4 +544,4 @@ def load_checkpoint(path, *, num_heads: int | None = None, arch: str | None = No
         raise CheckpointError(f"{file}: {bad}")
     return Checkpoint(config=config, params=params, source=source, head_mode=head_mode, path=file,
                       heads_note=note, pretrained_cfg=stated.pretrained_cfg,
-                      arch=arch if arch is not None else stated.arch, file_format=file_format)
+                      arch=arch if arch is not None else stated.arch, file_format=file_format, names_prefix=hf_prefix or "")

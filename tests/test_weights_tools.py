@@ -1,4 +1,4 @@
-"""refvit.checkpoints: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
+"""weights_tools: .safetensors reading, timm <-> Hugging Face DeiT names, load_checkpoint and its errors."""
 import json
 import math
 import struct
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file  # the reference reader our own parser is checked against
 
-from refvit.config import DeiTConfig, preset
-from refvit.checkpoints import (
+from weights_tools.config import DeiTConfig, preset
+from weights_tools import (
     CheckpointError, expected_shapes, hf_to_timm, load_checkpoint, read_safetensors, to_hf_names,
     write_safetensors,
 )
@@ -305,7 +305,7 @@ def test_write_read_round_trip_per_dtype(tmp_path, dtype):
 
 
 def test_metadata_alone_reads_the_header_only(tmp_path):
-    from refvit.checkpoints import read_safetensors_metadata
+    from weights_tools import read_safetensors_metadata
     path = tmp_path / "m.safetensors"
     write_safetensors(path, {"a": np.zeros((3, 4), np.float32)}, {"refvit": "{}"})
     assert read_safetensors_metadata(path) == {"refvit": "{}"}
@@ -453,8 +453,8 @@ def test_hf_config_json_unreadable_or_wrong(tmp_path):
     directory = write_hf_dir(tmp_path / "hf", to_hf_names(small_params()), None)
     (directory / "config.json").write_text("{ not json")
     raises_naming(directory / "config.json", "cannot read as JSON", lambda _: load_checkpoint(directory))
-    (directory / "config.json").write_text(json.dumps({"model_type": "vit"}))
-    raises_naming(directory / "config.json", "model_type is 'vit', not 'deit'", lambda _: load_checkpoint(directory))
+    (directory / "config.json").write_text(json.dumps({"model_type": "swin"}))
+    raises_naming(directory / "config.json", "model_type is 'swin', not 'deit' or 'vit'", lambda _: load_checkpoint(directory))
     (directory / "config.json").write_text(json.dumps({"hidden_size": "8"}))
     raises_naming(directory / "config.json", "hidden_size must be an integer, got '8'",
                   lambda _: load_checkpoint(directory))
