@@ -668,3 +668,19 @@ def test_conformance_expected_outputs_are_the_same_with_the_reference_kernels():
         assert all(r.status == PASS for r in run_cases(conformance.RefvitDUT(), specs))
     finally:
         use_kernels("fast")
+
+
+@pytest.mark.parametrize("scheme", list(G.SCHEMES))
+def test_golden_with_reference_kernels_writes_the_same_bytes(scheme_models, scheme, tmp_path):
+    """`golden --kernels reference` == the default, file for file (internals, every format), every scheme."""
+    from refvit import golden
+    models, xq = scheme_models
+    qm = models[scheme].with_prune("1:0.5") if scheme == "refvit-int8" else models[scheme]
+    for kernels in ("fast", "reference"):
+        golden.write_golden(qm, xq, tmp_path / kernels, formats=("npy", "hex", "bin", "h"), internals=True,
+                            kernels=kernels)
+    files = sorted(p.relative_to(tmp_path / "fast") for p in (tmp_path / "fast").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "reference") for p in (tmp_path / "reference").rglob("*")
+                           if p.is_file())
+    for f in files:
+        assert (tmp_path / "fast" / f).read_bytes() == (tmp_path / "reference" / f).read_bytes(), f
