@@ -233,6 +233,20 @@ def run_quantize(args) -> int:
     return 0
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path) -> None:
+    """Give a file or folder made private by its writer (tempfile.mkdtemp: 0700; safetensors: 0600) the mode
+    an ordinary open()/mkdir() would have had: 0666 / 0777 less the umask, so that others (a simulator's
+    account) can read what refvit writes whenever the user's umask lets them."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
+
+
 def write_atomically(target, write) -> None:
     """write(tmp_path) beside the target, then rename over it; only a regular file (or nothing) is replaced."""
     target = Path(target)
@@ -243,6 +257,7 @@ def write_atomically(target, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        honour_umask(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -263,6 +278,7 @@ def write_folder_atomically(target, write):
         raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        honour_umask(tmp)
         result = write(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

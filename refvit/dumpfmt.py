@@ -440,6 +440,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (bounded memory for large dumps)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_formats(formats) -> tuple:
     formats = tuple(dict.fromkeys(("npy",) + tuple(formats)))        # npy always, order kept, no repeats
     unknown = [f for f in formats if f not in FORMATS]

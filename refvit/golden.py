@@ -22,8 +22,8 @@ import numpy as np
 import refvit
 
 from . import int_model
-from .dumpfmt import (HEX_DIGITS, DumpFormatError, c_identifier, check_c_prefix, check_formats, hex_lanes, jsonable,
-                      manifest_json, read_array, sha256_bytes, write_array, write_c_pair)
+from .dumpfmt import (HEX_DIGITS, DumpFormatError, c_identifier, check_c_prefix, check_formats, file_sha256,
+                      hex_lanes, jsonable, manifest_json, read_array, sha256_bytes, write_array, write_c_pair)
 from .graph import INTERNALS, KERNELS, select_ops
 from .quantize import QuantizedModel
 
@@ -159,8 +159,16 @@ def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), 
         manifest["float"] = {"dtype": "float32", "folder": "float", "source": float_source or {},
                              "not_available": [n for n in names if n not in floats and n not in owner]}
     arrays.describe(manifest["encoding"])
+    manifest["file_sha256"] = folder_sha256(out)
     (out / "manifest.json").write_text(manifest_json(manifest))
     return manifest
+
+
+def folder_sha256(folder: Path) -> dict:
+    """{path relative to folder (posix): sha256 of its bytes} of every file under folder, sorted by path: what
+    `refvit check` verifies before it compares a device (manifest.json itself is not in it)."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.name != "manifest.json")
+    return {f.relative_to(folder).as_posix(): file_sha256(f) for f in files}
 
 
 class _Arrays:
