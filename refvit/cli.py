@@ -19,7 +19,7 @@ from . import check, golden, int_model, report
 from .checkpoints import CheckpointError
 from .config import ConfigError
 from .dumpfmt import FORMATS, DumpFormatError, check_formats
-from .evaluate import evaluate, open_dataset
+from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
 from .graph import SCHEME_NOTES, SCHEMES, GraphError, resolve_scheme, select_ops
@@ -175,15 +175,22 @@ def classify_images(r: Resolved, images: list, k: int, int8: bool) -> list:
     return results
 
 
+def images_or_examples(args) -> list:
+    """The images named on the command line (files and folders, expand_images), or, when none is named at all,
+    the bundled examples -- for the embedded default model only. A named folder without images is an error,
+    never a reason to fall back to the examples."""
+    if args.images:
+        return expand_images(args.images)
+    if args.weights is not None or args.model is not None:
+        raise UsageError("no images given (the bundled examples go with the embedded default model only)")
+    return sorted(EXAMPLES.glob("*.png"))
+
+
 def run_classify(args) -> int:
     """classify images: top-K classes with their probabilities (softmax of the logits)"""
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    images = expand_images(args.images)
-    if not images:
-        if args.weights is not None or args.model is not None:
-            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
-        images = sorted(EXAMPLES.glob("*.png"))
+    images = images_or_examples(args)
     int8 = args.int8 or args.model is not None
     if args.calib and not int8:
         raise UsageError("--calib calibrates the integer model: add --int8")
@@ -372,8 +379,6 @@ def run_golden(args) -> int:
     batch = 1 if args.batch is None else args.batch
     seed = 0 if args.seed is None else args.seed
     images = expand_images(args.image) if args.image else None
-    if args.image and not images:
-        raise UsageError(f"no images in {', '.join(args.image)}")
 
     def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
         x = (golden.read_input(args.input, cfg) if args.input else
@@ -418,6 +423,8 @@ def _check_golden_args(args, formats) -> None:
                          f"{'the number of images' if args.image else 'in the file'}")
     if args.batch is not None and args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer (numpy's default_rng), got {args.seed}")
     if args.hex_width is not None and "hex" not in formats:
         raise UsageError("--hex-width packs hex lines: add hex to --formats")
     if args.hex_width is not None and args.hex_width not in HEX_WIDTHS:
@@ -536,11 +543,7 @@ def run_report(args) -> int:
         raise UsageError(f"--plot needs matplotlib, which is not installed: {report.PLOT_EXTRA}")
     _need_float_weights(args, "report")
     _check_not_quantizing(args)
-    images = expand_images(args.images)
-    if not images:
-        if args.weights is not None or args.model is not None:
-            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
-        images = sorted(EXAMPLES.glob("*.png"))
+    images = images_or_examples(args)
     calib = progress_printer("calibrating", args.quiet)
     r = _float_and_int(args, "report", lambda cfg: images, calib)
     _end_progress(calib)
@@ -611,9 +614,7 @@ def run_eval(args) -> int:
         raise UsageError("--workers is for local processes; a --scheduler cluster has its own workers")
     data = open_dataset(args.data, args.limit)
     r = resolve_from_args(args, int8=args.int8 or args.model is not None, form="token")
-    if int(data.labels.max(initial=0)) >= r.config.num_classes or int(data.labels.min(initial=0)) < 0:
-        raise UsageError(f"{args.data}: labels run up to {int(data.labels.max())}, the model has "
-                         f"{r.config.num_classes} classes")
+    check_classes(data, r.config.num_classes)
     show = progress_printer(f"evaluating {len(data)} images", args.quiet)
     res = evaluate(r, data, workers=args.workers, scheduler=args.scheduler, progress=show)
     if show and sys.stderr.isatty():
