@@ -358,7 +358,8 @@ def add_golden_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", metavar="GLOB[,GLOB]", help="dump only the matching ops (with the tensors they read and "
                    "the constants they use), e.g. 'blocks.0.*,head'")
     p.add_argument("--hex-width", type=int, metavar="BITS", help="packed hex: BITS per line (a power of two, 8 to "
-                   "4096), several elements per line, the first in the least significant digits")
+                   "4096), several elements per line, the first in the least significant digits; of the hex "
+                   "files written, and of a --input X.hex")
     p.add_argument("--c-prefix", default="", metavar="NAME", help="prefix of every C identifier (with h in --formats)")
     p.add_argument("--c-split", action="store_true", help="C output as one golden.c with the data and one golden.h "
                    "with extern declarations, instead of a header per array")
@@ -381,7 +382,7 @@ def run_golden(args) -> int:
     images = expand_images(args.image) if args.image else None
 
     def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
-        x = (golden.read_input(args.input, cfg) if args.input else
+        x = (golden.read_input(args.input, cfg, args.hex_width) if args.input else
              golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
         return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
     calib = progress_printer("calibrating", args.quiet)
@@ -425,8 +426,9 @@ def _check_golden_args(args, formats) -> None:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer (numpy's default_rng), got {args.seed}")
-    if args.hex_width is not None and "hex" not in formats:
-        raise UsageError("--hex-width packs hex lines: add hex to --formats")
+    packed_input = args.input is not None and str(args.input).lower().endswith(".hex")
+    if args.hex_width is not None and "hex" not in formats and not packed_input:
+        raise UsageError("--hex-width packs hex lines: add hex to --formats (or give a packed --input X.hex)")
     if args.hex_width is not None and args.hex_width not in HEX_WIDTHS:
         raise UsageError(f"--hex-width must be a power of two from 8 to 4096 bits, got {args.hex_width}")
     if (args.c_prefix or args.c_split) and "h" not in formats:
@@ -465,7 +467,7 @@ def _golden_input(args, r: Resolved, images, seed: int, batch: int) -> tuple:
         x = r.images(images)                                                        # (B, 3, H, W) float32
         return int_model.quantize_input(r.qm, x), x, {"kind": "image", "files": [golden_file(p) for p in images]}
     if args.input:
-        xq = golden.read_input(args.input, cfg)
+        xq = golden.read_input(args.input, cfg, args.hex_width)
         src = golden_file(args.input)
         source = {"kind": "file", "path": src["path"], "sha256": src["sha256"], "shape": list(xq.shape)}
     else:

@@ -44,18 +44,23 @@ def seed_input(seed: int, shape) -> np.ndarray:
     return np.random.default_rng(seed).integers(-128, 128, size=tuple(shape), dtype=np.int8)
 
 
-def read_input(path, cfg) -> np.ndarray:
+def read_input(path, cfg, hex_width: int | None = None) -> np.ndarray:
     """A team's own int8 input in the model's layout (B, C, H, W): a .npy of dtype int8, shape (B, C, H, W) or
-    (C, H, W); or .hex ($readmemh, one element per line) / .bin (raw), row-major, B from the element count."""
+    (C, H, W); or .hex ($readmemh: one element per line, or packed lines of hex_width bits as `golden
+    --hex-width` writes them) / .bin (raw), row-major, B from the element count."""
     path = Path(path)
     chw = (cfg.in_chans, cfg.img_size, cfg.img_size)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in INPUT_FORMATS:
         raise DumpFormatError(f"{path}: an input tensor is .npy, .hex or .bin, got {path.suffix or 'no extension'}")
-    arr = read_array(path, np.int8)                               # npy as saved; hex / bin: int8 (n,)
+    arr = read_array(path, np.int8, hex_width=hex_width)         # npy as saved; hex / bin: int8 (n,)
     if arr.dtype != np.int8:
         raise DumpFormatError(f"{path}: the input must be int8 (the model's quantized input), got {arr.dtype}", "dtype")
     per_image = int(np.prod(chw))
+    if fmt == "hex" and arr.size % per_image:                     # packed: the last line's unused lanes are 0
+        whole = arr.size // per_image * per_image
+        if arr.size - whole < hex_lanes(np.int8, hex_width) and not arr[whole:].any():
+            arr = arr[:whole]
     if fmt != "npy":
         if arr.size == 0 or arr.size % per_image:
             raise DumpFormatError(f"{path}: {arr.size} int8 elements is not a whole number of images (C, H, W) = "
@@ -233,7 +238,8 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
         "formats": list(formats),
         "encoding": {"hex": "one element per line, two's complement, fixed width, lowercase, row-major",
                      "hex_digits": HEX_DIGITS, "bin": "little-endian two's complement, row-major, no header",
-                     "h": "static const <stdint type> <sanitized name>[N], row-major"},
+                     "h": "static const <stdint type> <sanitized name>[N], row-major; the shape as #define "
+                          "<NAME>_NDIM, <NAME>_DIM0 .., <NAME>_COUNT (NAME: the identifier upper-cased)"},
     }
 
 
