@@ -4,6 +4,7 @@ refvit.resolve.resolve_model; every user error ends in one line `refvit: error: 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 from . import check, golden, int_model, report
 from .checkpoints import CheckpointError
 from .config import ConfigError
-from .dumpfmt import FORMATS, DumpFormatError, check_formats
+from .dumpfmt import FORMATS, DumpFormatError, check_formats, file_sha256
 from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
@@ -232,12 +233,38 @@ def run_quantize(args) -> int:
     r = resolve_from_args(args, int8=True, progress=show, max_images=args.max_images)
     if show and sys.stderr.isatty():
         print(file=sys.stderr)
-    write_atomically(args.out, lambda tmp: save_quantized(r.qm, tmp))
-    cal = r.qm.calibration
-    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in r.qm.tensors.values()):,} constants in "
-          f"{len(r.qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
-          f"scheme {r.qm.scheme.name}; rounding {r.qm.rounding}; preprocessing {r.preprocess.name}")
+    qm = replace(r.qm, calibration=r.qm.calibration | {"source": calibration_record(args.calib, args.max_images),
+                                                       "float_checkpoint": checkpoint_record(r)})
+    write_atomically(args.out, lambda tmp: save_quantized(qm, tmp))
+    cal = qm.calibration
+    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in qm.tensors.values()):,} constants in "
+          f"{len(qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
+          f"scheme {qm.scheme.name}; rounding {qm.rounding}; preprocessing {r.preprocess.name}")
     return 0
+
+
+def checkpoint_record(r: Resolved) -> dict:
+    """What a quantized file records of the float checkpoint it came from: its file name and sha256
+    (`report` / `golden --float` refuse other --weights)."""
+    return {"name": Path(r.source["path"]).name, "sha256": r.source["sha256"]}
+
+
+def calibration_record(paths, limit: int) -> list:
+    """The calibration data, by name and content rather than by a path on this machine: per --calib entry
+    {name, sha256}: a file (.npz) hashed whole; a folder by the images calibration reads from it (at most
+    `limit`, in expand_images order), sha256 over the lines '<path inside the folder>\\0<file sha256>\\n'."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            out.append({"name": p.name, "sha256": file_sha256(p)})
+            continue
+        files = expand_images([p])[:limit]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.relative_to(p).as_posix()}\0{file_sha256(f)}\n".encode())
+        out.append({"name": p.name, "images": len(files), "sha256": h.hexdigest(),
+                    "sha256_of": "lines '<path inside the folder>\\0<sha256 of the file>\\n', in order"})
+    return out
 
 
 def current_umask() -> int:
@@ -582,6 +609,14 @@ def _float_and_int(args, what: str, calib_fallback=None, progress=None) -> Resol
     if fm.config.to_dict() != r.config.to_dict() or fm.head_mode != r.head_mode:
         raise UsageError(f"--weights {args.weights} is not the model --model {args.model} was quantized from "
                          f"(config or head mode differ)")
+    recorded = (r.qm.calibration.get("float_checkpoint") or {}).get("sha256")
+    given = file_sha256(fm.path)
+    if recorded is not None and recorded != given:
+        raise UsageError(f"--weights {args.weights} is not the checkpoint --model {args.model} was quantized from "
+                         f"(sha256 {given[:12]}..., the file records {recorded[:12]}...)")
+    if recorded is None:
+        print(f"note: --model {args.model} does not record the float checkpoint it came from (quantized by an "
+              f"older refvit): cannot verify that --weights {args.weights} is it", file=sys.stderr)
     return replace(r, float_model=fm)
 
 
