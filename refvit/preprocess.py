@@ -251,12 +251,14 @@ class Preprocess:
         return np.stack([self(self.open(p)) for p in paths])
 
     def relevant(self) -> dict:
-        """The fields this kind of pipeline uses (for display)."""
-        unused = ("source_size", "pad") if self.kind == "resize-crop" else ("interpolation", "crop_pct", "crop_mode")
-        return {k: v for k, v in self.to_dict().items() if k not in unused + ("name",)}
+        """The fields this kind of pipeline uses, without its name (for display)."""
+        return {k: v for k, v in self.to_dict().items() if k != "name"}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """name, kind and only the fields this kind of pipeline uses (resize-crop: no source_size, pad;
+        grayscale-pad: no crop_pct, crop_mode); from_dict gives the others their defaults."""
+        unused = ("source_size", "pad") if self.kind == "resize-crop" else ("crop_pct", "crop_mode")
+        d = {k: v for k, v in asdict(self).items() if k not in unused}
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
