@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+import refvit
+
 from . import check, golden, int_model, report
 from .checkpoints import CheckpointError
 from .config import ConfigError
@@ -335,10 +337,27 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, metavar="N", help="attention heads (when no config says)")
     p.add_argument("--arch", metavar="NAME", help="timm DeiT name, e.g. deit_small_patch16_224")
     p.add_argument("--preprocess", metavar="NAME_OR_JSON", help="input pipeline to report (see classify)")
+    p.add_argument("--docs", action="store_true", help="print the folder of refvit's docs (spec.md, golden-format.md, "
+                   "...; shipped with the package) and its files, and nothing else")
+
+
+def print_docs() -> int:
+    folder = refvit.docs_dir()
+    if folder is None:
+        raise UsageError("refvit's docs are not installed with this copy of the package (they ship in the wheel as "
+                         "refvit/docs)")
+    print(folder)
+    for f in sorted(folder.glob("*.md")):
+        print(f"  {f.name}")
+    return 0
 
 
 def run_info(args) -> int:
-    """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count"""
+    """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count (--docs: where the docs are)"""
+    if args.docs:
+        if args.checkpoint or args.num_heads is not None or args.arch or args.preprocess:
+            raise UsageError("--docs prints where the docs are; it takes no checkpoint or model options")
+        return print_docs()
     quantized = args.checkpoint is not None and is_quantized_file(args.checkpoint)
     args.weights, args.model = (None, args.checkpoint) if quantized else (args.checkpoint, None)
     r = resolve_from_args(args, int8=False, form="token")

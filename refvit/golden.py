@@ -226,6 +226,7 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
     input_bytes = np.ascontiguousarray(xq).tobytes()
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "refvit_version": refvit.__version__,
+        "docs": {"format": "golden-format.md", "spec": "spec.md", "where": refvit.DOCS_NOTE},
         "model": {"config": qm.config.to_dict(), "head_mode": qm.head_mode, "source": model_source or {}},
         "quantization": {"scheme": qm.scheme.name, "scheme_choices": qm.scheme.to_dict(), "rounding": qm.rounding,
                          "calibration": jsonable(qm.calibration)},
