@@ -7,7 +7,9 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -300,15 +302,19 @@ def write_atomically(target, write) -> None:
             tmp.unlink()
 
 
-def write_folder_atomically(target, write):
+def _earlier_golden(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def write_folder_atomically(target, write, earlier=_earlier_golden):
     """write(tmp_folder) beside the target, then rename it into place: a reader never sees a half-written or
-    mixed dump. The target may be absent, empty, or an earlier golden dump (replaced whole); anything else
-    is refused, so no user file is ever deleted."""
+    mixed dump. The target may be absent, empty, or an earlier output of the same command (`earlier(folder)`;
+    default: a golden dump), replaced whole; anything else is refused, so no user file is ever deleted."""
     target = Path(target)
     if target.exists():
-        earlier = target.is_dir() and (target / "manifest.json").is_file()
-        if not target.is_dir() or (any(target.iterdir()) and not earlier):
-            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier golden dump; "
+        if not target.is_dir() or (any(target.iterdir()) and not earlier(target)):
+            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier "
+                             f"{'golden dump' if earlier is _earlier_golden else 'output of this command'}; "
                              f"refusing to replace it")
     if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
         raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
@@ -387,8 +393,8 @@ def run_info(args) -> int:
 
 # ---------------------------------------------------------------- golden
 
-def add_golden_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """The input of one forward pass (golden, iree-check): --image | --seed | --input, and --batch."""
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s) or folders of them: one batch, "
                      "preprocessed as the model expects")
@@ -396,6 +402,11 @@ def add_golden_args(p: argparse.ArgumentParser) -> None:
     inp.add_argument("--input", metavar="X.npy|X.hex|X.bin", help="your own int8 input tensor in the model's input "
                      "layout (B, C, H, W), row-major (hex/bin: B from the element count)")
     p.add_argument("--batch", type=int, metavar="B", help="batch size of a --seed input (default 1)")
+
+
+def add_golden_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_input_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--formats", default="npy", help=f"comma-separated subset of {','.join(FORMATS)} (npy always)")
     p.add_argument("--internals", action="store_true", help="also dump what each op computes inside, as "
@@ -423,23 +434,10 @@ def run_golden(args) -> int:
     formats = check_formats(f for f in args.formats.split(",") if f)
     _check_golden_args(args, formats)
     patterns = _patterns(args.ops)
-    batch = 1 if args.batch is None else args.batch
-    seed = 0 if args.seed is None else args.seed
-    images = expand_images(args.image) if args.image else None
-
-    def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
-        x = (golden.read_input(args.input, cfg, args.hex_width) if args.input else
-             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
-        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
-    calib = progress_printer("calibrating", args.quiet)
-    fallback = (lambda cfg: images) if images else int8_calibration
-    r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
-        resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
-    _end_progress(calib)
+    r, images, (xq, x, input_source) = _model_and_input(args)
     if patterns and not select_ops(r.qm.graph, patterns):
         raise UsageError(f"--ops {args.ops} matches no op of the graph (names such as {r.qm.graph[0].name}, "
                          f"blocks.0.attn.*, head)")
-    xq, x, input_source = _golden_input(args, r, images, seed, batch)
     floats = report.float_tensors(r.qm, r.float_model.params, x) if args.float else None
     writing = progress_printer(f"writing {args.out}", args.quiet)
     manifest = write_folder_atomically(args.out, lambda tmp: golden.write_golden(
@@ -462,8 +460,27 @@ def run_golden(args) -> int:
     return 0
 
 
-def _check_golden_args(args, formats) -> None:
-    """Every option that cannot apply to this command line is an error, not silently ignored."""
+def _model_and_input(args) -> tuple:
+    """(the integer model (with the float one for --float), the --image files or None, (int8 input (B, C, H, W),
+    its float form or None, the manifest's input source)) of golden and iree-check."""
+    batch = 1 if args.batch is None else args.batch
+    seed = 0 if args.seed is None else args.seed
+    images = expand_images(args.image) if args.image else None
+
+    def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
+        x = (golden.read_input(args.input, cfg, args.hex_width) if args.input else
+             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
+        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
+    calib = progress_printer("calibrating", args.quiet)
+    fallback = (lambda cfg: images) if images else int8_calibration
+    r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
+        resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
+    _end_progress(calib)
+    return r, images, _golden_input(args, r, images, seed, batch)
+
+
+def _check_input_args(args) -> None:
+    """--batch only with --seed, and at least 1; --seed non-negative."""
     given = "--image" if args.image else "--input" if args.input else None
     if args.batch is not None and given:
         raise UsageError(f"--batch sizes a --seed input; with {given} the batch is "
@@ -472,6 +489,11 @@ def _check_golden_args(args, formats) -> None:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer (numpy's default_rng), got {args.seed}")
+
+
+def _check_golden_args(args, formats) -> None:
+    """Every option that cannot apply to this command line is an error, not silently ignored."""
+    _check_input_args(args)
     packed_input = args.input is not None and str(args.input).lower().endswith(".hex")
     if args.hex_width is not None and "hex" not in formats and not packed_input:
         raise UsageError("--hex-width packs hex lines: add hex to --formats (or give a packed --input X.hex)")
@@ -737,6 +759,84 @@ def run_export_tosa(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- iree-check
+
+IREE_COMPILE_FLAGS = ("--iree-input-type=tosa", "--iree-hal-target-backends=llvm-cpu",
+                      "--iree-llvmcpu-target-cpu=generic")   # generic: portable code, no host-CPU warning
+IREE_RUN_FLAGS = ("--device=local-sync", "--function=main")
+IREE_EXTRA = "pip install 'refvit[tosa]'"
+
+
+def add_iree_check_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="work folder (absent, empty, or an earlier "
+                   "iree-check's): golden/ (the golden dump), model.mlir, model.vmfb, device/ (IREE's dump of every "
+                   "tensor), commands.sh (the IREE commands, to rerun by hand)")
+    p.add_argument("--json", action="store_true", help="the check report as JSON (as check --json)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def iree_tool(name: str) -> str:
+    """The path of an IREE command line tool (the `tosa` extra installs them beside the Python interpreter)."""
+    found = shutil.which(name) or next((str(c) for c in [Path(sys.executable).parent / name] if c.is_file()), None)
+    if found is None:
+        raise UsageError(f"{name} not found: IREE's compiler and runtime tools come with {IREE_EXTRA}")
+    return found
+
+
+def iree_commands(results: list, input_npy: str) -> list:
+    """[iree-compile ..., iree-run-module ...] for model.mlir in the current folder: compile to model.vmfb for the
+    CPU, then run it on `input_npy` writing result i to device/tensors/<name i>.npy (every output, in order)."""
+    compile_cmd = [iree_tool("iree-compile"), *IREE_COMPILE_FLAGS, "model.mlir", "-o", "model.vmfb"]
+    run_cmd = [iree_tool("iree-run-module"), "--module=model.vmfb", *IREE_RUN_FLAGS, f"--input=@{input_npy}",
+               *(f"--output=@device/tensors/{name}.npy" for name in results)]
+    return [compile_cmd, run_cmd]
+
+
+def run_tool(cmd: list, cwd: Path, show) -> None:
+    """Run one external command in cwd; a failure is one line naming the tool and its last words."""
+    name = Path(cmd[0]).name
+    if show:
+        show(f"running {name}")
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = next((ln for ln in reversed((done.stderr or done.stdout).splitlines()) if ln.strip()), "")
+        raise UsageError(f"{name} failed (exit {done.returncode}): {last.strip()[:300]}")
+
+
+def _earlier_iree_work(folder: Path) -> bool:
+    return (folder / "commands.sh").is_file() and (folder / "golden" / "manifest.json").is_file()
+
+
+def run_iree_check(args) -> int:
+    """run the integer model in IREE (export-tosa, iree-compile, iree-run-module with every output) and check every tensor against a golden dump"""
+    _check_input_args(args)
+    args.float, args.hex_width = False, None          # golden's options that iree-check does not take
+    steps = None if args.quiet else (lambda what: print(f"iree-check: {what}", file=sys.stderr, flush=True))
+    r, images, (xq, _, input_source) = _model_and_input(args)
+    program = export_tosa(r.qm, len(xq), "all")       # refuses a scheme TOSA cannot express, before any work
+    commands = iree_commands([name for name, _ in program.results], "golden/tensors/input.npy")
+
+    def work(tmp: Path) -> None:
+        if steps:
+            steps("writing the golden dump and the TOSA export")
+        golden.write_golden(r.qm, xq, tmp / "golden", ("npy",), input_source, r.source,
+                            r.preprocess.to_dict() if images else None)
+        (tmp / "model.mlir").write_text(program.to_mlir())
+        (tmp / "device" / "tensors").mkdir(parents=True)
+        (tmp / "commands.sh").write_text("#!/bin/sh\n# written by `refvit iree-check`: compile model.mlir with IREE, "
+                                         "run it, dump every tensor\nset -e\ncd \"$(dirname \"$0\")\"\n"
+                                         + "".join(shlex.join(c) + "\n" for c in commands))
+        os.chmod(tmp / "commands.sh", 0o777 & ~current_umask())
+        for cmd in commands:
+            run_tool(cmd, tmp, steps)
+    write_folder_atomically(args.out, work, earlier=_earlier_iree_work)
+    result = check.compare_dumps(Path(args.out) / "golden", Path(args.out) / "device")
+    print(result.to_json() if args.json else result.format())
+    return 0 if result.ok else 1
+
+
 # ---------------------------------------------------------------- registration and entry point
 
 COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
@@ -749,6 +849,7 @@ COMMANDS = [  # (name, add its arguments, run it); the run function's docstring 
     ("eval", add_eval_args, run_eval),
     ("schemes", add_schemes_args, run_schemes),
     ("export-tosa", add_export_tosa_args, run_export_tosa),
+    ("iree-check", add_iree_check_args, run_iree_check),
 ]
 
 
