@@ -34,7 +34,8 @@ from .models import load_model
 from .preprocess import PRESETS, ImageError, PreprocessError
 from .qfile import is_quantized_file, save_quantized
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE, QuantizationError
-from .resolve import DEFAULT_METHOD, Resolved, ResolveError, expand_images, file_source, resolve_model
+from .resolve import (DEFAULT_METHOD, Resolved, ResolveError, calibration_batches, expand_images, file_source,
+                      resolve_model)
 
 EXAMPLES = DATA / "examples"
 BATCH = 16  # images per forward pass: bounds memory for long image lists
@@ -200,6 +201,9 @@ def run_classify(args) -> int:
     if args.calib and not int8:
         raise UsageError("--calib calibrates the integer model: add --int8")
     r = resolve_from_args(args, int8=int8, form=args.form, calib_fallback=lambda cfg: images)
+    if _quantized_on_the_fly(r):
+        calib = args.calib or images
+        warn_saturation(r.qm, next(iter(calibration_batches(r.preprocess, calib, BATCH))), r.qm.calibration["images"])
     if r.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
         print(default_model_note() + (" (INT8)" if int8 else ""), file=sys.stderr if args.json else sys.stdout)
     if not args.json:  # what was assumed or done: the header (with --json: in the JSON)
@@ -240,11 +244,23 @@ def run_quantize(args) -> int:
     qm = replace(r.qm, calibration=r.qm.calibration | {"source": calibration_record(args.calib, args.max_images),
                                                        "float_checkpoint": checkpoint_record(r)})
     write_atomically(args.out, lambda tmp: save_quantized(qm, tmp))
+    warn_saturation(qm, next(iter(calibration_batches(r.preprocess, args.calib, BATCH))), r.qm.calibration["images"])
     cal = qm.calibration
     print(f"wrote {args.out}: {sum(np.asarray(v).size for v in qm.tensors.values()):,} constants in "
           f"{len(qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
           f"scheme {qm.scheme.name}; rounding {qm.rounding}; preprocessing {r.preprocess.name}")
     return 0
+
+
+def warn_saturation(qm, x, calibrated_on) -> None:
+    """One line on stderr when the integer logits reach their dtype's limit on calibration images x (B, 3, H, W)."""
+    sat = report.output_saturation(qm, x)
+    if sat:
+        print(report.saturation_warning(sat, calibrated_on), file=sys.stderr)
+
+
+def _quantized_on_the_fly(r: Resolved) -> bool:
+    return r.qm is not None and any(n.startswith("quantized on the fly") for n in r.notes)
 
 
 def checkpoint_record(r: Resolved) -> dict:
@@ -617,6 +633,9 @@ def run_report(args) -> int:
     calib = progress_printer("calibrating", args.quiet)
     r = _float_and_int(args, "report", lambda cfg: images, calib)
     _end_progress(calib)
+    if _quantized_on_the_fly(r):
+        warn_saturation(r.qm, next(iter(calibration_batches(r.preprocess, args.calib or images, BATCH))),
+                        r.qm.calibration["images"])
     show = progress_printer(f"report on {len(images)} images", args.quiet)
     batches = (r.images(images[i:i + BATCH]) for i in range(0, len(images), BATCH))
     rows = report.sqnr_report(r.qm, r.float_model.params, batches,

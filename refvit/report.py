@@ -91,6 +91,27 @@ def sqnr_report(qm: QuantizedModel, params_conv: dict, batches, progress=None) -
     return rows
 
 
+def output_saturation(qm: QuantizedModel, x: np.ndarray) -> dict | None:
+    """The integer model's output on float images x (B, 3, H, W) against its dtype's limits. The output is
+    calibrated by max (never clipped by design), so on the calibration data itself no element should reach a
+    limit; one that does was clipped there. -> {tensor, at_limit, total, limit, images} or None (none at a limit)."""
+    li, _ = int_model.logits_int8_model(qm, x)                                  # (B, K, 1, 1) int16
+    info = np.iinfo(li.dtype)
+    at = int(np.count_nonzero((li == info.max) | (li == info.min)))
+    if at == 0:
+        return None
+    return {"tensor": qm.graph[-1].name, "at_limit": at, "total": int(li.size),
+            "limits": [int(info.min), int(info.max)], "dtype": li.dtype.name, "images": int(len(x))}
+
+
+def saturation_warning(sat: dict, calibration_images: int) -> str:
+    """The one-line warning for output_saturation's finding (on the first sat['images'] of calibration_images)."""
+    return (f"warning: the {sat['dtype']} logits ({sat['tensor']}) saturate on the calibration data itself: "
+            f"{sat['at_limit']} of {sat['total']} values at {sat['limits'][0]} or {sat['limits'][1]} on "
+            f"{sat['images']} of the {calibration_images} calibration images; the logit range has no headroom, so "
+            f"larger logits on other inputs clip and tie: calibrate on more images")
+
+
 def lowest(rows: list) -> dict | None:
     """The row with the lowest SQNR (None: every op exact, or no rows)."""
     finite = [r for r in rows if r["sqnr_db"] is not None]
