@@ -794,6 +794,7 @@ def add_iree_check_args(p: argparse.ArgumentParser) -> None:
                    "tensor), commands.sh (the IREE commands, to rerun by hand)")
     p.add_argument("--json", action="store_true", help="the check report as JSON (as check --json)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(float=False, hex_width=None)       # golden's options that iree-check does not take
 
 
 def iree_tool(name: str) -> str:
@@ -831,7 +832,6 @@ def _earlier_iree_work(folder: Path) -> bool:
 def run_iree_check(args) -> int:
     """run the integer model in IREE (export-tosa, iree-compile, iree-run-module with every output) and check every tensor against a golden dump"""
     _check_input_args(args)
-    args.float, args.hex_width = False, None          # golden's options that iree-check does not take
     steps = None if args.quiet else (lambda what: print(f"iree-check: {what}", file=sys.stderr, flush=True))
     r, images, (xq, _, input_source) = _model_and_input(args)
     program = export_tosa(r.qm, len(xq), "all")       # refuses a scheme TOSA cannot express, before any work
