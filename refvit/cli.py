@@ -461,6 +461,8 @@ def run_golden(args) -> int:
         internals=args.internals, ops=patterns, hex_width=args.hex_width, c_prefix=args.c_prefix, c_split=args.c_split,
         float_tensors=floats, float_source=_float_source(args, images), progress=writing))
     _end_progress(writing)
+    for note in r.notes:
+        print(f"note: {note}")
     inside = sum(len(op.get("internals", {})) for op in manifest["ops"])
     print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops"
           + (f" of {manifest['selection']['ops_in_graph']}" if patterns else "")
@@ -650,6 +652,8 @@ def run_report(args) -> int:
         return 0
     if r.is_default:
         print(default_model_note() + " (INT8)")
+    for note in r.notes:
+        print(f"note: {note}")
     print(f"SQNR of the integer model ({r.qm.scheme.name}, {r.qm.rounding}) against the float model, each op's "
           f"output dequantized at its scale, over {len(images)} images")
     print(report.format_table(rows, report.not_reported(r.qm.graph, rows)))
@@ -674,10 +678,9 @@ def _float_and_int(args, what: str, calib_fallback=None, progress=None) -> Resol
     if recorded is not None and recorded != given:
         raise UsageError(f"--weights {args.weights} is not the checkpoint --model {args.model} was quantized from "
                          f"(sha256 {given[:12]}..., the file records {recorded[:12]}...)")
-    if recorded is None:
-        print(f"note: --model {args.model} does not record the float checkpoint it came from (quantized by an "
-              f"older refvit): cannot verify that --weights {args.weights} is it", file=sys.stderr)
-    return replace(r, float_model=fm)
+    notes = [] if recorded else [f"--model {args.model} does not record the float checkpoint it came from (quantized "
+                                 f"by an older refvit): cannot verify that --weights {args.weights} is it"]
+    return replace(r, float_model=fm, notes=r.notes + notes)
 
 
 def _need_float_weights(args, what: str) -> None:
