@@ -270,20 +270,29 @@ def checkpoint_record(r: Resolved) -> dict:
 
 
 def calibration_record(paths, limit: int) -> list:
-    """The calibration data, by name and content rather than by a path on this machine: per --calib entry
-    {name, sha256}: a file (.npz) hashed whole; a folder by the images calibration reads from it (at most
-    `limit`, in expand_images order), sha256 over the lines '<path inside the folder>\\0<file sha256>\\n'."""
-    out = []
-    for p in map(Path, paths):
-        if not p.is_dir():
-            out.append({"name": p.name, "sha256": file_sha256(p)})
+    """The calibration data, by name and content rather than by a path on this machine, in the order
+    calibration_batches reads it (.npz sets first, then image files and folders, `limit` images in all): per
+    --calib entry {name, images (how many were read from it), sha256}: a file hashed whole; a folder by the
+    images read from it, sha256 over the lines '<path inside the folder>\\0<file sha256>\\n'."""
+    out, left = [], limit
+    paths = sorted(map(Path, paths), key=lambda p: p.suffix != ".npz")          # stable: npz first, order kept
+    for p in paths:
+        if p.is_dir():
+            files = expand_images([p])[:left]
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.relative_to(p).as_posix()}\0{file_sha256(f)}\n".encode())
+            out.append({"name": p.name, "images": len(files), "sha256": h.hexdigest(),
+                        "sha256_of": "lines '<path inside the folder>\\0<sha256 of the file>\\n', in order"})
+            left -= len(files)
             continue
-        files = expand_images([p])[:limit]
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f.relative_to(p).as_posix()}\0{file_sha256(f)}\n".encode())
-        out.append({"name": p.name, "images": len(files), "sha256": h.hexdigest(),
-                    "sha256_of": "lines '<path inside the folder>\\0<sha256 of the file>\\n', in order"})
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                used = min(left, len(z["images"]))
+        else:
+            used = min(left, 1)
+        out.append({"name": p.name, "images": used, "sha256": file_sha256(p)})
+        left -= used
     return out
 
 

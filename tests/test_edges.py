@@ -235,16 +235,21 @@ def test_quantized_file_records_checkpoint_and_data_by_sha256(tree, tmp_path, ca
     root, _ = tree
     npz = tmp_path / "cal.npz"
     np.savez(npz, images=np.zeros((3, 28, 28), np.uint8), labels=np.zeros(3))
-    code, _, err = run(capsys, "quantize", "--calib", npz, root, "--out", tmp_path / "q.safetensors", "--quiet")
-    assert code == 0, err
+    code, _, err = run(capsys, "quantize", "--calib", root, npz, "--out", tmp_path / "q.safetensors", "--quiet")
+    assert code == 0, err                                                        # read: the .npz first
     cal = load_quantized(tmp_path / "q.safetensors").calibration
     assert cal["float_checkpoint"] == {"name": "fmnist_deit.safetensors", "sha256": sha256(DATA / "fmnist_deit.safetensors")}
     lines = "".join(f"{p.relative_to(root).as_posix()}\0{sha256(p)}\n" for p in sorted(
         root.rglob("*.png"), key=lambda p: p.relative_to(root).parts))
-    assert cal["source"] == [{"name": "cal.npz", "sha256": sha256(npz)},
+    assert cal["source"] == [{"name": "cal.npz", "images": 3, "sha256": sha256(npz)},
                              {"name": root.name, "images": 6, "sha256": hashlib.sha256(lines.encode()).hexdigest(),
-                              "sha256_of": cal["source"][1]["sha256_of"]}]
+                              "sha256_of": cal["source"][1]["sha256_of"]}] and cal["images"] == 9
     assert str(tmp_path) not in json.dumps(cal)                                  # no path of this machine
+    code, _, err = run(capsys, "quantize", "--calib", npz, root, "--max-images", "5", "--out",
+                       tmp_path / "q5.safetensors", "--quiet")
+    assert code == 0, err
+    cal = load_quantized(tmp_path / "q5.safetensors").calibration                # as many as were read
+    assert [e["images"] for e in cal["source"]] == [3, 2] and cal["images"] == 5
 
 
 def test_report_refuses_weights_the_model_was_not_quantized_from(tmp_path, capsys):
@@ -272,7 +277,8 @@ def test_report_refuses_weights_the_model_was_not_quantized_from(tmp_path, capsy
 
 def test_shipped_quantized_file_names_its_data_not_a_path(shared):
     cal = load_quantized(DATA / "fmnist_deit_int8.safetensors").calibration
-    assert cal["source"] == [{"name": "fmnist_test.npz", "sha256": sha256(shared / "data" / "fmnist_test.npz")}]
+    assert cal["source"] == [{"name": "fmnist_test.npz", "images": 512,
+                              "sha256": sha256(shared / "data" / "fmnist_test.npz")}]
     assert cal["float_checkpoint"] == {"name": "fmnist_deit.safetensors",
                                        "sha256": sha256(DATA / "fmnist_deit.safetensors")}
     raw = (DATA / "fmnist_deit_int8.safetensors").read_bytes()
