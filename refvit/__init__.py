@@ -1,2 +1,14 @@
 """refvit: golden bit-exact NumPy reference of DeiT (float and INT8 integer forms)."""
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+DOCS_NOTE = ("the docs ship with refvit, in the folder `refvit info --docs` prints (refvit/docs/ of the installed "
+             "package, docs/ of a source checkout)")
+
+
+def docs_dir() -> Path | None:
+    """The folder of refvit's documentation (spec.md, golden-format.md, ...): refvit/docs/ in an installed wheel,
+    the repository's docs/ in a source checkout; None if neither is there."""
+    here = Path(__file__).resolve().parent
+    return next((d for d in (here / "docs", here.parent / "docs") if (d / "spec.md").is_file()), None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dumpfmt import DumpFormatError, read_array
+from .dumpfmt import DumpFormatError, file_sha256, packed_hex_note, read_array
 from .errors import UsageError
 from .golden import SCHEMA
 
@@ -229,8 +229,9 @@ def load_manifest(golden_dir) -> dict:
 
 def verify_golden(folder: Path, manifest: dict) -> None:
     """The golden folder agrees with its manifest: ops listed, every listed file inside the folder and
-    present, and the int8 input file's bytes hashing to the recorded sha256. A broken golden folder is a
-    usage error (exit 2): it must never be reported as a device mismatch."""
+    present, every file hashing to the sha256 the manifest records for it (`file_sha256`, manifests written
+    since it was added), and the int8 input's bytes hashing to the recorded sha256. A broken golden folder is
+    a usage error (exit 2) that names the golden folder: it must never be reported as a device mismatch."""
     where = folder / "manifest.json"
     if not manifest["ops"]:
         raise CheckUsageError(f"{where} lists no ops")
@@ -251,14 +252,34 @@ def verify_golden(folder: Path, manifest: dict) -> None:
                 if not f.is_file():
                     raise CheckUsageError(f"golden folder {folder} is incomplete: {rel} (listed in the manifest) "
                                           f"is missing")
+        _verify_file_hashes(folder, manifest.get("file_sha256", {}))
         inp = manifest["input"]
         if inp.get("tensor") in manifest["tensors"]:
             arr = read_array(folder / manifest["tensors"][inp["tensor"]]["files"]["npy"])
             if hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() != inp["sha256_int8"]:
                 raise CheckUsageError(f"golden folder {folder}: its input tensor does not match the manifest's "
                                       f"sha256 (files from another run?)")
+    except CheckUsageError:
+        raise
     except (KeyError, TypeError, AttributeError, ValueError, OSError) as e:    # DumpFormatError is a ValueError
-        raise CheckUsageError(f"{where}: malformed manifest or files ({e!r})"[:400]) from None
+        raise CheckUsageError(f"{where}: malformed manifest or files ({type(e).__name__}: {e})"[:400]) from None
+
+
+def _verify_file_hashes(folder: Path, hashes: dict) -> None:
+    """Every file the manifest hashes still has those bytes; the first that does not is blamed on the golden side."""
+    if not isinstance(hashes, dict):
+        raise CheckUsageError(f"{folder / 'manifest.json'}: file_sha256 is not an object {{file: sha256}}")
+    root = folder.resolve()
+    for rel, digest in hashes.items():
+        f = (folder / rel).resolve()
+        if Path(rel).is_absolute() or root not in f.parents:
+            raise CheckUsageError(f"{folder / 'manifest.json'}: file {rel!r} points outside the golden folder")
+        if not f.is_file():
+            raise CheckUsageError(f"golden folder {folder} is incomplete: {rel} (listed in the manifest) is missing")
+        if file_sha256(f) != digest:
+            raise CheckUsageError(f"golden folder {folder} was modified: {rel} no longer matches the sha256 its "
+                                  f"manifest records (edited after `refvit golden` wrote it); the golden side is "
+                                  f"broken, the device was not compared")
 
 
 def find_dump(actual_dir: Path, name: str, formats=DUMP_FORMATS) -> Path | None:
@@ -286,6 +307,8 @@ def _check_tensor(golden_dir: Path, actual_dir: Path, entry: dict, formats, atol
     try:
         actual = read_array(path, expected.dtype, expected.shape, hex_width)
     except DumpFormatError as e:
+        if path.suffix == ".hex" and packed_hex_note(path, expected.dtype, hex_width):   # not the device's fault
+            raise CheckUsageError(f"the device's hex dumps are packed: {e}") from None
         return Diff(_KIND_STATUS[e.kind], str(e)), shown
     return compare_arrays(expected, actual, atol), shown
 

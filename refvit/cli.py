@@ -4,9 +4,12 @@ refvit.resolve.resolve_model; every user error ends in one line `refvit: error: 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+import refvit
+
 from . import check, golden, int_model, registry as R, report
 from .errors import RefvitError, UsageError
-from .dumpfmt import FORMATS, check_formats
-from .evaluate import evaluate, open_dataset
+from .dumpfmt import FORMATS, check_formats, file_sha256
+from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
 from .graph import KERNEL_SETS, SCHEME_NOTES, SCHEMES, resolve_scheme, select_ops
@@ -28,7 +33,7 @@ from .models import load_model
 from .preprocess import PRESETS
 from .qfile import is_quantized_file, save_quantized
 from .quantize import CALIBRATION_METHODS, DEFAULT_PERCENTILE
-from .resolve import DEFAULT_METHOD, Resolved, expand_images, file_source, resolve_model
+from .resolve import DEFAULT_METHOD, Resolved, calibration_batches, expand_images, file_source, resolve_model
 
 EXAMPLES = DATA / "examples"
 BATCH = 16  # images per forward pass: bounds memory for long image lists
@@ -177,19 +182,29 @@ def classify_images(r: Resolved, images: list, k: int, int8: bool) -> list:
     return results
 
 
+def images_or_examples(args) -> list:
+    """The images named on the command line (files and folders, expand_images), or, when none is named at all,
+    the bundled examples -- for the embedded default model only. A named folder without images is an error,
+    never a reason to fall back to the examples."""
+    if args.images:
+        return expand_images(args.images)
+    if args.weights is not None or args.model is not None:
+        raise UsageError("no images given (the bundled examples go with the embedded default model only)")
+    return sorted(EXAMPLES.glob("*.png"))
+
+
 def run_classify(args) -> int:
     """classify images: top-K classes with their probabilities (softmax of the logits)"""
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    images = expand_images(args.images)
-    if not images:
-        if args.weights is not None or args.model is not None:
-            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
-        images = sorted(EXAMPLES.glob("*.png"))
+    images = images_or_examples(args)
     int8 = args.int8 or args.model is not None
     if args.calib and not int8:
         raise UsageError("--calib calibrates the integer model: add --int8")
     r = resolve_from_args(args, int8=int8, form=args.form, calib_fallback=lambda cfg: images)
+    if _quantized_on_the_fly(r):
+        calib = args.calib or images
+        warn_saturation(r.qm, next(iter(calibration_batches(r.preprocess, calib, BATCH))), r.qm.calibration["images"])
     if r.is_default:  # say so: a user who forgot --weights must not mistake these for ImageNet classes
         print(default_model_note() + (" (INT8)" if int8 else ""), file=sys.stderr if args.json else sys.stdout)
     if not args.json:  # what was assumed or done: the header (with --json: in the JSON)
@@ -227,12 +242,73 @@ def run_quantize(args) -> int:
     r = resolve_from_args(args, int8=True, progress=show, max_images=args.max_images)
     if show and sys.stderr.isatty():
         print(file=sys.stderr)
-    write_atomically(args.out, lambda tmp: save_quantized(r.qm, tmp))
-    cal = r.qm.calibration
-    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in r.qm.tensors.values()):,} constants in "
-          f"{len(r.qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
-          f"scheme {r.qm.scheme.name}; rounding {r.qm.rounding}; preprocessing {r.preprocess.name}")
+    qm = replace(r.qm, calibration=r.qm.calibration | {"source": calibration_record(args.calib, args.max_images),
+                                                       "float_checkpoint": checkpoint_record(r)})
+    write_atomically(args.out, lambda tmp: save_quantized(qm, tmp))
+    warn_saturation(qm, next(iter(calibration_batches(r.preprocess, args.calib, BATCH))), r.qm.calibration["images"])
+    cal = qm.calibration
+    print(f"wrote {args.out}: {sum(np.asarray(v).size for v in qm.tensors.values()):,} constants in "
+          f"{len(qm.tensors)} tensors; {cal['method']} calibration on {cal.get('images', '?')} images; "
+          f"scheme {qm.scheme.name}; rounding {qm.rounding}; preprocessing {r.preprocess.name}")
     return 0
+
+
+def warn_saturation(qm, x, calibrated_on) -> None:
+    """One line on stderr when the integer logits reach their dtype's limit on calibration images x (B, 3, H, W)."""
+    sat = report.output_saturation(qm, x)
+    if sat:
+        print(report.saturation_warning(sat, calibrated_on), file=sys.stderr)
+
+
+def _quantized_on_the_fly(r: Resolved) -> bool:
+    return r.qm is not None and any(n.startswith("quantized on the fly") for n in r.notes)
+
+
+def checkpoint_record(r: Resolved) -> dict:
+    """What a quantized file records of the float checkpoint it came from: its file name and sha256
+    (`report` / `golden --float` refuse other --weights)."""
+    return {"name": Path(r.source["path"]).name, "sha256": r.source["sha256"]}
+
+
+def calibration_record(paths, limit: int) -> list:
+    """The calibration data, by name and content rather than by a path on this machine, in the order
+    calibration_batches reads it (.npz sets first, then image files and folders, `limit` images in all): per
+    --calib entry {name, images (how many were read from it), sha256}: a file hashed whole; a folder by the
+    images read from it, sha256 over the lines '<path inside the folder>\\0<file sha256>\\n'."""
+    out, left = [], limit
+    paths = sorted(map(Path, paths), key=lambda p: p.suffix != ".npz")          # stable: npz first, order kept
+    for p in paths:
+        if p.is_dir():
+            files = expand_images([p])[:left]
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.relative_to(p).as_posix()}\0{file_sha256(f)}\n".encode())
+            out.append({"name": p.name, "images": len(files), "sha256": h.hexdigest(),
+                        "sha256_of": "lines '<path inside the folder>\\0<sha256 of the file>\\n', in order"})
+            left -= len(files)
+            continue
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                used = min(left, len(z["images"]))
+        else:
+            used = min(left, 1)
+        out.append({"name": p.name, "images": used, "sha256": file_sha256(p)})
+        left -= used
+    return out
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path) -> None:
+    """Give a file or folder made private by its writer (tempfile.mkdtemp: 0700; safetensors: 0600) the mode
+    an ordinary open()/mkdir() would have had: 0666 / 0777 less the umask, so that others (a simulator's
+    account) can read what refvit writes whenever the user's umask lets them."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
 
 
 def write_atomically(target, write) -> None:
@@ -245,26 +321,32 @@ def write_atomically(target, write) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        honour_umask(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def write_folder_atomically(target, write):
+def _earlier_golden(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file()
+
+
+def write_folder_atomically(target, write, earlier=_earlier_golden):
     """write(tmp_folder) beside the target, then rename it into place: a reader never sees a half-written or
-    mixed dump. The target may be absent, empty, or an earlier golden dump (replaced whole); anything else
-    is refused, so no user file is ever deleted."""
+    mixed dump. The target may be absent, empty, or an earlier output of the same command (`earlier(folder)`;
+    default: a golden dump), replaced whole; anything else is refused, so no user file is ever deleted."""
     target = Path(target)
     if target.exists():
-        earlier = target.is_dir() and (target / "manifest.json").is_file()
-        if not target.is_dir() or (any(target.iterdir()) and not earlier):
-            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier golden dump; "
+        if not target.is_dir() or (any(target.iterdir()) and not earlier(target)):
+            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier "
+                             f"{'golden dump' if earlier is _earlier_golden else 'output of this command'}; "
                              f"refusing to replace it")
     if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
         raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        honour_umask(tmp)
         result = write(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
@@ -287,10 +369,27 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=int, metavar="N", help="attention heads (when no config says)")
     p.add_argument("--arch", metavar="NAME", help="timm DeiT name, e.g. deit_small_patch16_224")
     p.add_argument("--preprocess", metavar="NAME_OR_JSON", help="input pipeline to report (see classify)")
+    p.add_argument("--docs", action="store_true", help="print the folder of refvit's docs (spec.md, golden-format.md, "
+                   "...; shipped with the package) and its files, and nothing else")
+
+
+def print_docs() -> int:
+    folder = refvit.docs_dir()
+    if folder is None:
+        raise UsageError("refvit's docs are not installed with this copy of the package (they ship in the wheel as "
+                         "refvit/docs)")
+    print(folder)
+    for f in sorted(folder.glob("*.md")):
+        print(f"  {f.name}")
+    return 0
 
 
 def run_info(args) -> int:
-    """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count"""
+    """describe a checkpoint: config, head mode, naming, heads, preprocessing, parameter count (--docs: where the docs are)"""
+    if args.docs:
+        if args.checkpoint or args.num_heads is not None or args.arch or args.preprocess:
+            raise UsageError("--docs prints where the docs are; it takes no checkpoint or model options")
+        return print_docs()
     quantized = args.checkpoint is not None and is_quantized_file(args.checkpoint)
     args.weights, args.model = (None, args.checkpoint) if quantized else (args.checkpoint, None)
     r = resolve_from_args(args, int8=False, form="token")
@@ -321,8 +420,8 @@ def run_info(args) -> int:
 
 # ---------------------------------------------------------------- golden
 
-def add_golden_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    """The input of one forward pass (golden, iree-check): --image | --seed | --input, and --batch."""
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s) or folders of them: one batch, "
                      "preprocessed as the model expects")
@@ -330,6 +429,11 @@ def add_golden_args(p: argparse.ArgumentParser) -> None:
     inp.add_argument("--input", metavar="X.npy|X.hex|X.bin", help="your own int8 input tensor in the model's input "
                      "layout (B, C, H, W), row-major (hex/bin: B from the element count)")
     p.add_argument("--batch", type=int, metavar="B", help="batch size of a --seed input (default 1)")
+
+
+def add_golden_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_input_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--formats", default="npy", help=f"comma-separated subset of {','.join(FORMATS)} (npy always)")
     p.add_argument("--internals", action="store_true", help="also dump what each op computes inside, as "
@@ -338,7 +442,8 @@ def add_golden_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", metavar="GLOB[,GLOB]", help="dump only the matching ops (with the tensors they read and "
                    "the constants they use), e.g. 'blocks.0.*,head'")
     p.add_argument("--hex-width", type=int, metavar="BITS", help="packed hex: BITS per line (a power of two, 8 to "
-                   "4096), several elements per line, the first in the least significant digits")
+                   "4096), several elements per line, the first in the least significant digits; of the hex "
+                   "files written, and of a --input X.hex")
     p.add_argument("--c-prefix", default="", metavar="NAME", help="prefix of every C identifier (with h in --formats)")
     p.add_argument("--c-split", action="store_true", help="C output as one golden.c with the data and one golden.h "
                    "with extern declarations, instead of a header per array")
@@ -356,25 +461,10 @@ def run_golden(args) -> int:
     formats = check_formats(f for f in args.formats.split(",") if f)
     _check_golden_args(args, formats)
     patterns = _patterns(args.ops)
-    batch = 1 if args.batch is None else args.batch
-    seed = 0 if args.seed is None else args.seed
-    images = expand_images(args.image) if args.image else None
-    if args.image and not images:
-        raise UsageError(f"no images in {', '.join(args.image)}")
-
-    def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
-        x = (golden.read_input(args.input, cfg) if args.input else
-             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
-        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
-    calib = progress_printer("calibrating", args.quiet)
-    fallback = (lambda cfg: images) if images else int8_calibration
-    r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
-        resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
-    _end_progress(calib)
+    r, images, (xq, x, input_source) = _model_and_input(args)
     if patterns and not select_ops(r.qm.graph, patterns):
         raise UsageError(f"--ops {args.ops} matches no op of the graph (names such as {r.qm.graph[0].name}, "
                          f"blocks.0.attn.*, head)")
-    xq, x, input_source = _golden_input(args, r, images, seed, batch)
     floats = report.float_tensors(r.qm, r.float_model.params, x) if args.float else None
     writing = progress_printer(f"writing {args.out}", args.quiet)
     manifest = write_folder_atomically(args.out, lambda tmp: golden.write_golden(
@@ -382,6 +472,8 @@ def run_golden(args) -> int:
         internals=args.internals, ops=patterns, hex_width=args.hex_width, c_prefix=args.c_prefix, c_split=args.c_split,
         float_tensors=floats, float_source=_float_source(args, images), progress=writing, kernels=args.kernels))
     _end_progress(writing)
+    for note in r.notes:
+        print(f"note: {note}")
     inside = sum(len(op.get("internals", {})) for op in manifest["ops"])
     print(f"wrote {len(manifest['tensors'])} tensors ({len(manifest['ops'])} ops"
           + (f" of {manifest['selection']['ops_in_graph']}" if patterns else "")
@@ -397,16 +489,43 @@ def run_golden(args) -> int:
     return 0
 
 
-def _check_golden_args(args, formats) -> None:
-    """Every option that cannot apply to this command line is an error, not silently ignored."""
+def _model_and_input(args) -> tuple:
+    """(the integer model (with the float one for --float), the --image files or None, (int8 input (B, C, H, W),
+    its float form or None, the manifest's input source)) of golden and iree-check."""
+    batch = 1 if args.batch is None else args.batch
+    seed = 0 if args.seed is None else args.seed
+    images = expand_images(args.image) if args.image else None
+
+    def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
+        x = (golden.read_input(args.input, cfg, args.hex_width) if args.input else
+             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
+        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
+    calib = progress_printer("calibrating", args.quiet)
+    fallback = (lambda cfg: images) if images else int8_calibration
+    r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
+        resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
+    _end_progress(calib)
+    return r, images, _golden_input(args, r, images, seed, batch)
+
+
+def _check_input_args(args) -> None:
+    """--batch only with --seed, and at least 1; --seed non-negative."""
     given = "--image" if args.image else "--input" if args.input else None
     if args.batch is not None and given:
         raise UsageError(f"--batch sizes a --seed input; with {given} the batch is "
                          f"{'the number of images' if args.image else 'in the file'}")
     if args.batch is not None and args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
-    if args.hex_width is not None and "hex" not in formats:
-        raise UsageError("--hex-width packs hex lines: add hex to --formats")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer (numpy's default_rng), got {args.seed}")
+
+
+def _check_golden_args(args, formats) -> None:
+    """Every option that cannot apply to this command line is an error, not silently ignored."""
+    _check_input_args(args)
+    packed_input = args.input is not None and str(args.input).lower().endswith(".hex")
+    if args.hex_width is not None and "hex" not in formats and not packed_input:
+        raise UsageError("--hex-width packs hex lines: add hex to --formats (or give a packed --input X.hex)")
     if args.hex_width is not None and args.hex_width not in HEX_WIDTHS:
         raise UsageError(f"--hex-width must be a power of two from 8 to 4096 bits, got {args.hex_width}")
     if (args.c_prefix or args.c_split) and "h" not in formats:
@@ -445,7 +564,7 @@ def _golden_input(args, r: Resolved, images, seed: int, batch: int) -> tuple:
         x = r.images(images)                                                        # (B, 3, H, W) float32
         return int_model.quantize_input(r.qm, x), x, {"kind": "image", "files": [golden_file(p) for p in images]}
     if args.input:
-        xq = golden.read_input(args.input, cfg)
+        xq = golden.read_input(args.input, cfg, args.hex_width)
         src = golden_file(args.input)
         source = {"kind": "file", "path": src["path"], "sha256": src["sha256"], "shape": list(xq.shape)}
     else:
@@ -523,14 +642,13 @@ def run_report(args) -> int:
         raise UsageError(f"--plot needs matplotlib, which is not installed: {report.PLOT_EXTRA}")
     _need_float_weights(args, "report")
     _check_not_quantizing(args)
-    images = expand_images(args.images)
-    if not images:
-        if args.weights is not None or args.model is not None:
-            raise UsageError("no images given (the bundled examples go with the embedded default model only)")
-        images = sorted(EXAMPLES.glob("*.png"))
+    images = images_or_examples(args)
     calib = progress_printer("calibrating", args.quiet)
     r = _float_and_int(args, "report", lambda cfg: images, calib)
     _end_progress(calib)
+    if _quantized_on_the_fly(r):
+        warn_saturation(r.qm, next(iter(calibration_batches(r.preprocess, args.calib or images, BATCH))),
+                        r.qm.calibration["images"])
     show = progress_printer(f"report on {len(images)} images", args.quiet)
     batches = (r.images(images[i:i + BATCH]) for i in range(0, len(images), BATCH))
     rows = report.sqnr_report(r.qm, r.float_model.params, batches,
@@ -545,6 +663,8 @@ def run_report(args) -> int:
         return 0
     if r.is_default:
         print(default_model_note() + " (INT8)")
+    for note in r.notes:
+        print(f"note: {note}")
     print(f"SQNR of the integer model ({r.qm.scheme.name}, {r.qm.rounding}) against the float model, each op's "
           f"output dequantized at its scale, over {len(images)} images")
     print(report.format_table(rows, report.not_reported(r.qm.graph, rows)))
@@ -564,7 +684,14 @@ def _float_and_int(args, what: str, calib_fallback=None, progress=None) -> Resol
     if fm.config.to_dict() != r.config.to_dict() or fm.head_mode != r.head_mode:
         raise UsageError(f"--weights {args.weights} is not the model --model {args.model} was quantized from "
                          f"(config or head mode differ)")
-    return replace(r, float_model=fm)
+    recorded = (r.qm.calibration.get("float_checkpoint") or {}).get("sha256")
+    given = file_sha256(fm.path)
+    if recorded is not None and recorded != given:
+        raise UsageError(f"--weights {args.weights} is not the checkpoint --model {args.model} was quantized from "
+                         f"(sha256 {given[:12]}..., the file records {recorded[:12]}...)")
+    notes = [] if recorded else [f"--model {args.model} does not record the float checkpoint it came from (quantized "
+                                 f"by an older refvit): cannot verify that --weights {args.weights} is it"]
+    return replace(r, float_model=fm, notes=r.notes + notes)
 
 
 def _need_float_weights(args, what: str) -> None:
@@ -599,9 +726,7 @@ def run_eval(args) -> int:
         raise UsageError("--workers is for local processes; a --scheduler cluster has its own workers")
     data = open_dataset(args.data, args.limit)
     r = resolve_from_args(args, int8=args.int8 or args.model is not None, form="token")
-    if int(data.labels.max(initial=0)) >= r.config.num_classes or int(data.labels.min(initial=0)) < 0:
-        raise UsageError(f"{args.data}: labels run up to {int(data.labels.max())}, the model has "
-                         f"{r.config.num_classes} classes")
+    check_classes(data, r.config.num_classes)
     show = progress_printer(f"evaluating {len(data)} images", args.quiet)
     res = evaluate(r, data, workers=args.workers, scheduler=args.scheduler, progress=show)
     if show and sys.stderr.isatty():
@@ -668,6 +793,84 @@ def run_export_tosa(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- iree-check
+
+IREE_COMPILE_FLAGS = ("--iree-input-type=tosa", "--iree-hal-target-backends=llvm-cpu",
+                      "--iree-llvmcpu-target-cpu=generic")   # generic: portable code, no host-CPU warning
+IREE_RUN_FLAGS = ("--device=local-sync", "--function=main")
+IREE_EXTRA = "pip install 'refvit[tosa]'"
+
+
+def add_iree_check_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    add_input_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="work folder (absent, empty, or an earlier "
+                   "iree-check's): golden/ (the golden dump), model.mlir, model.vmfb, device/ (IREE's dump of every "
+                   "tensor), commands.sh (the IREE commands, to rerun by hand)")
+    p.add_argument("--json", action="store_true", help="the check report as JSON (as check --json)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(float=False, hex_width=None)       # golden's options that iree-check does not take
+
+
+def iree_tool(name: str) -> str:
+    """The path of an IREE command line tool (the `tosa` extra installs them beside the Python interpreter)."""
+    found = shutil.which(name) or next((str(c) for c in [Path(sys.executable).parent / name] if c.is_file()), None)
+    if found is None:
+        raise UsageError(f"{name} not found: IREE's compiler and runtime tools come with {IREE_EXTRA}")
+    return found
+
+
+def iree_commands(results: list, input_npy: str) -> list:
+    """[iree-compile ..., iree-run-module ...] for model.mlir in the current folder: compile to model.vmfb for the
+    CPU, then run it on `input_npy` writing result i to device/tensors/<name i>.npy (every output, in order)."""
+    compile_cmd = [iree_tool("iree-compile"), *IREE_COMPILE_FLAGS, "model.mlir", "-o", "model.vmfb"]
+    run_cmd = [iree_tool("iree-run-module"), "--module=model.vmfb", *IREE_RUN_FLAGS, f"--input=@{input_npy}",
+               *(f"--output=@device/tensors/{name}.npy" for name in results)]
+    return [compile_cmd, run_cmd]
+
+
+def run_tool(cmd: list, cwd: Path, show) -> None:
+    """Run one external command in cwd; a failure is one line naming the tool and its last words."""
+    name = Path(cmd[0]).name
+    if show:
+        show(f"running {name}")
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = next((ln for ln in reversed((done.stderr or done.stdout).splitlines()) if ln.strip()), "")
+        raise UsageError(f"{name} failed (exit {done.returncode}): {last.strip()[:300]}")
+
+
+def _earlier_iree_work(folder: Path) -> bool:
+    return (folder / "commands.sh").is_file() and (folder / "golden" / "manifest.json").is_file()
+
+
+def run_iree_check(args) -> int:
+    """run the integer model in IREE (export-tosa, iree-compile, iree-run-module with every output) and check every tensor against a golden dump"""
+    _check_input_args(args)
+    steps = None if args.quiet else (lambda what: print(f"iree-check: {what}", file=sys.stderr, flush=True))
+    r, images, (xq, _, input_source) = _model_and_input(args)
+    program = export_tosa(r.qm, len(xq), "all")       # refuses a scheme TOSA cannot express, before any work
+    commands = iree_commands([name for name, _ in program.results], "golden/tensors/input.npy")
+
+    def work(tmp: Path) -> None:
+        if steps:
+            steps("writing the golden dump and the TOSA export")
+        golden.write_golden(r.qm, xq, tmp / "golden", ("npy",), input_source, r.source,
+                            r.preprocess.to_dict() if images else None)
+        (tmp / "model.mlir").write_text(program.to_mlir())
+        (tmp / "device" / "tensors").mkdir(parents=True)
+        (tmp / "commands.sh").write_text("#!/bin/sh\n# written by `refvit iree-check`: compile model.mlir with IREE, "
+                                         "run it, dump every tensor\nset -e\ncd \"$(dirname \"$0\")\"\n"
+                                         + "".join(shlex.join(c) + "\n" for c in commands))
+        os.chmod(tmp / "commands.sh", 0o777 & ~current_umask())
+        for cmd in commands:
+            run_tool(cmd, tmp, steps)
+    write_folder_atomically(args.out, work, earlier=_earlier_iree_work)
+    result = check.compare_dumps(Path(args.out) / "golden", Path(args.out) / "device")
+    print(result.to_json() if args.json else result.format())
+    return 0 if result.ok else 1
+
+
 # ---------------------------------------------------------------- registration and entry point
 
 COMMANDS = [  # (name, add its arguments, run it); the run function's docstring is the help line
@@ -680,6 +883,7 @@ COMMANDS = [  # (name, add its arguments, run it); the run function's docstring 
     ("eval", add_eval_args, run_eval),
     ("schemes", add_schemes_args, run_schemes),
     ("export-tosa", add_export_tosa_args, run_export_tosa),
+    ("iree-check", add_iree_check_args, run_iree_check),
 ]
 
 

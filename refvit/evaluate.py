@@ -9,7 +9,9 @@ of a logit between batch compositions, never in a way that the integer path can 
 Data sets (`open_dataset`):
 - a Fashion-MNIST style `.npz` with `images` uint8 (N, h, w) and `labels` (N,) (a grayscale-pad pipeline);
 - an ImageFolder tree (timm's and torchvision's layout): one folder per class, classes indexed in sorted
-  folder-name order, images sorted by name within a class;
+  folder-name order, the images of a class read from its folder and its subfolders (resolve.expand_images,
+  as every command reads a folder), sorted by path; there must be one class folder per class of the model
+  (`check_classes`): labels by position would not be the model's class indices otherwise;
 - a folder of images with a labels file: `labels.json` ({file name: index} or {file name: {"index": i}}) or
   `labels.txt` / `labels.csv` / `labels.tsv` (lines `file name<comma, tab or space>index`).
 """
@@ -27,7 +29,7 @@ import numpy as np
 
 from . import int_model
 from .preprocess import ImageError
-from .resolve import IMAGE_SUFFIXES, Resolved
+from .resolve import IMAGE_SUFFIXES, Resolved, expand_images
 
 CHUNK = 256          # images per task: the unit of work and of memory (one chunk of images at a time)
 BATCH = 64           # images per forward pass within a chunk
@@ -110,12 +112,25 @@ def open_dataset(path, limit: int | None = None) -> Dataset:
         raise DatasetError(f"{path} holds neither class folders nor a labels file ({', '.join(LABEL_FILES)})")
     files, labels = [], []
     for i, c in enumerate(classes):
-        imgs = sorted(f for f in (path / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        imgs = expand_images([path / c])                  # recursive, as every command reads a folder
         files += imgs
         labels += [i] * len(imgs)
     if not files:
         raise DatasetError(f"{path}: no images in its class folders")
     return Dataset("imagefolder", path, np.array(labels, np.int64)[cut], tuple(files[cut]), classes=tuple(classes))
+
+
+def check_classes(data: Dataset, num_classes: int) -> None:
+    """The labels fit a model of num_classes classes: in range, and an ImageFolder tree has exactly one class
+    folder per class (fewer folders would label by position, scoring near 0% without an error)."""
+    if data.kind == "imagefolder" and len(data.classes) != num_classes:
+        raise DatasetError(f"{data.path} has {len(data.classes)} class folders, the model has {num_classes} "
+                           f"classes: ImageFolder labels are folder positions in sorted order, so they would not be "
+                           f"the model's class indices; give one folder per class, or a folder with "
+                           f"{' / '.join(LABEL_FILES)} giving each image's class index")
+    if len(data) and (int(data.labels.max()) >= num_classes or int(data.labels.min()) < 0):
+        raise DatasetError(f"{data.path}: labels run from {int(data.labels.min())} to {int(data.labels.max())}, "
+                           f"the model has {num_classes} classes")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -575,7 +575,7 @@ def _header(qm: QuantizedModel, batch: int, outputs: str) -> list:
             f"logits: int16 ({batch}, {qm.config.num_classes}, 1, 1) at logits.scale "
             f"{float(qm.tensors['logits.scale']):.9g}",
             "each op carries loc(\"<refvit op name>\"); conv weights are OHWI; docs/spec.md Part 5 gives each "
-            "refvit op's TOSA sequence"]
+            "refvit op's TOSA sequence", refvit.DOCS_NOTE]
 
 
 def export_tosa(qm: QuantizedModel, batch: int = 1, outputs: str = "logits") -> TosaProgram:

@@ -22,8 +22,8 @@ import numpy as np
 import refvit
 
 from . import int_model
-from .dumpfmt import (HEX_DIGITS, DumpFormatError, c_identifier, check_c_prefix, check_formats, hex_lanes, jsonable,
-                      manifest_json, read_array, sha256_bytes, write_array, write_c_pair)
+from .dumpfmt import (HEX_DIGITS, DumpFormatError, c_identifier, check_c_prefix, check_formats, file_sha256,
+                      hex_lanes, jsonable, manifest_json, read_array, sha256_bytes, write_array, write_c_pair)
 from . import registry as R
 from .graph import select_ops
 from .qfile import QuantizedModel
@@ -49,18 +49,23 @@ def seed_input(seed: int, shape) -> np.ndarray:
     return np.random.default_rng(seed).integers(-128, 128, size=tuple(shape), dtype=np.int8)
 
 
-def read_input(path, cfg) -> np.ndarray:
+def read_input(path, cfg, hex_width: int | None = None) -> np.ndarray:
     """A team's own int8 input in the model's layout (B, C, H, W): a .npy of dtype int8, shape (B, C, H, W) or
-    (C, H, W); or .hex ($readmemh, one element per line) / .bin (raw), row-major, B from the element count."""
+    (C, H, W); or .hex ($readmemh: one element per line, or packed lines of hex_width bits as `golden
+    --hex-width` writes them) / .bin (raw), row-major, B from the element count."""
     path = Path(path)
     chw = (cfg.in_chans, cfg.img_size, cfg.img_size)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in INPUT_FORMATS:
         raise DumpFormatError(f"{path}: an input tensor is .npy, .hex or .bin, got {path.suffix or 'no extension'}")
-    arr = read_array(path, np.int8)                               # npy as saved; hex / bin: int8 (n,)
+    arr = read_array(path, np.int8, hex_width=hex_width)         # npy as saved; hex / bin: int8 (n,)
     if arr.dtype != np.int8:
         raise DumpFormatError(f"{path}: the input must be int8 (the model's quantized input), got {arr.dtype}", "dtype")
     per_image = int(np.prod(chw))
+    if fmt == "hex" and arr.size % per_image:                     # packed: the last line's unused lanes are 0
+        whole = arr.size // per_image * per_image
+        if arr.size - whole < hex_lanes(np.int8, hex_width) and not arr[whole:].any():
+            arr = arr[:whole]
     if fmt != "npy":
         if arr.size == 0 or arr.size % per_image:
             raise DumpFormatError(f"{path}: {arr.size} int8 elements is not a whole number of images (C, H, W) = "
@@ -166,8 +171,16 @@ def write_golden(qm: QuantizedModel, xq: np.ndarray, out_dir, formats=("npy",), 
         manifest["float"] = {"dtype": "float32", "folder": "float", "source": float_source or {},
                              "not_available": [n for n in names if n not in floats and n not in owner]}
     arrays.describe(manifest["encoding"])
+    manifest["file_sha256"] = folder_sha256(out)
     (out / "manifest.json").write_text(manifest_json(manifest))
     return manifest
+
+
+def folder_sha256(folder: Path) -> dict:
+    """{path relative to folder (posix): sha256 of its bytes} of every file under folder, sorted by path: what
+    `refvit check` verifies before it compares a device (manifest.json itself is not in it)."""
+    files = sorted(f for f in Path(folder).rglob("*") if f.is_file() and f.name != "manifest.json")
+    return {f.relative_to(folder).as_posix(): file_sha256(f) for f in files}
 
 
 class _Arrays:
@@ -220,6 +233,7 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
     input_bytes = np.ascontiguousarray(xq).tobytes()
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "refvit_version": refvit.__version__,
+        "docs": {"format": "golden-format.md", "spec": "spec.md", "where": refvit.DOCS_NOTE},
         "model": {"config": qm.config.to_dict(), "head_mode": qm.head_mode, "source": model_source or {}},
         "quantization": {"scheme": qm.scheme.name, "scheme_choices": qm.scheme.to_dict(), "rounding": qm.rounding,
                          "calibration": jsonable(qm.calibration),
@@ -233,7 +247,8 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
         "formats": list(formats),
         "encoding": {"hex": "one element per line, two's complement, fixed width, lowercase, row-major",
                      "hex_digits": HEX_DIGITS, "bin": "little-endian two's complement, row-major, no header",
-                     "h": "static const <stdint type> <sanitized name>[N], row-major"},
+                     "h": "static const <stdint type> <sanitized name>[N], row-major; the shape as #define "
+                          "<NAME>_NDIM, <NAME>_DIM0 .., <NAME>_COUNT (NAME: the identifier upper-cased)"},
     }
 
 

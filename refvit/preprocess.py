@@ -324,15 +324,16 @@ class Preprocess:
         return np.stack([self(self.open(p)) for p in paths])
 
     def relevant(self) -> dict:
-        """The fields this kind of pipeline uses (for display)."""
-        unused = {"resize-crop": ("source_size", "pad"), "hf": ("source_size", "pad", "crop_pct", "crop_mode"),
-                  "grayscale-pad": ("interpolation", "crop_pct", "crop_mode")}[self.kind]
-        return {k: v for k, v in self.to_dict().items() if k not in unused + ("name",)}
+        """The fields this kind of pipeline uses, without its name (for display)."""
+        return {k: v for k, v in self.to_dict().items() if k != "name"}
 
     def to_dict(self) -> dict:
-        """The fields, JSON-ready (`hf` only for the kind that has it, so the other pipelines' dicts stay as
-        they always were)."""
-        d = asdict(self)
+        """name, kind and only the fields this kind of pipeline uses (resize-crop: no source_size, pad;
+        grayscale-pad: no crop_pct, crop_mode; hf: none of the four, its own `hf` fields instead);
+        from_dict gives the others their defaults."""
+        unused = {"resize-crop": ("source_size", "pad"), "grayscale-pad": ("crop_pct", "crop_mode"),
+                  "hf": ("source_size", "pad", "crop_pct", "crop_mode")}[self.kind]
+        d = {k: v for k, v in asdict(self).items() if k not in unused}
         d["mean"], d["std"] = list(self.mean), list(self.std)
         if self.hf is None:
             del d["hf"]

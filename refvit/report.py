@@ -91,6 +91,31 @@ def sqnr_report(qm: QuantizedModel, params_conv: dict, batches, progress=None) -
     return rows
 
 
+def output_saturation(qm: QuantizedModel, x: np.ndarray) -> dict | None:
+    """Whether the integer logits saturate on calibration images x (B, 3, H, W), or None. The logits are
+    calibrated by max, so by design the one image with the largest logit lands at (or one rounding step from)
+    the dtype's limit; more than one image at a limit, or half or more of the images checked (a calibration
+    set of one or two images), means the range has no headroom. -> {tensor, dtype, limits, images_at_limit,
+    images, values_at_limit, values}."""
+    li, _ = int_model.logits_int8_model(qm, x)                                  # (B, K, 1, 1) int16
+    info = np.iinfo(li.dtype)
+    at = (li == info.max) | (li == info.min)                                     # (B, K, 1, 1)
+    images = int(np.count_nonzero(at.reshape(len(x), -1).any(axis=1)))
+    if images == 0 or (images == 1 and 2 * images < len(x)):
+        return None
+    return {"tensor": qm.graph[-1].name, "dtype": li.dtype.name, "limits": [int(info.min), int(info.max)],
+            "images_at_limit": images, "images": int(len(x)), "values_at_limit": int(np.count_nonzero(at)),
+            "values": int(li.size)}
+
+
+def saturation_warning(sat: dict, calibration_images: int) -> str:
+    """The one-line warning for output_saturation's finding (on the first sat['images'] of calibration_images)."""
+    return (f"warning: the {sat['dtype']} logits ({sat['tensor']}) saturate on the calibration data itself: "
+            f"{sat['images_at_limit']} of {sat['images']} images checked (of {calibration_images} calibration "
+            f"images) have logits at {sat['limits'][0]} or {sat['limits'][1]}; the logit range has no headroom, so "
+            f"larger logits on other inputs clip and tie: calibrate on more images")
+
+
 def lowest(rows: list) -> dict | None:
     """The row with the lowest SQNR (None: every op exact, or no rows)."""
     finite = [r for r in rows if r["sqnr_db"] is not None]

@@ -59,11 +59,18 @@ def file_source(kind: str, path) -> dict:
 
 
 def expand_images(paths) -> list:
-    """Files and folders -> image files (a folder gives its images, sorted by name)."""
+    """Files and folders -> image files: the one reading of image folders for every command (classify,
+    quantize --calib, golden --image, report, and eval's class folders). A folder gives the images in it and
+    in its subfolders, recursively (an ImageFolder tree of class folders reads whole), sorted by their path
+    inside it; a folder without any image is an ImageError, never an empty list."""
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted((q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()),
+                           key=lambda q: q.relative_to(p).parts)
+            if not found:
+                raise ImageError(f"no images in {p} nor in its subfolders ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
         else:
             out.append(p)
     return out

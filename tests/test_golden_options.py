@@ -310,8 +310,8 @@ def test_packed_hex_lanes_and_check_reads_them(inside, small, tmp_path, capsys, 
     device = tmp_path / "dev"
     copy_tensors(tmp_path / "g", device, fmt="hex")
     assert run(capsys, "check", tmp_path / "g", device, "--hex-width", width)[0] == 0
-    code, text, _ = run(capsys, "check", tmp_path / "g", device)             # read as one element per line
-    assert code == 1 and ("BAD SHAPE" in text or "BAD DTYPE" in text)
+    code, _, err = run(capsys, "check", tmp_path / "g", device)              # without --hex-width: told to pass it
+    assert code == 2 and err.startswith("refvit: error: ") and f"pass --hex-width {width}" in err, err
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16", "int32", "int64"])

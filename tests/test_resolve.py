@@ -145,7 +145,7 @@ def test_calibration_batches_from_npz_and_images(tmp_path):
     with pytest.raises(ImageError, match="grayscale-pad pipeline"):
         list(calibration_batches(PRESETS["imagenet"].for_model(32), [tmp_path / "set.npz"]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageError, match="no calibration images found in"):
+    with pytest.raises(ImageError, match="no images in .*empty nor in its subfolders"):
         list(calibration_batches(fm, [tmp_path / "empty"]))
 
 
