@@ -11,6 +11,7 @@ the simulator's log goes to sim.log in that folder and its tail into the error w
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -76,6 +77,7 @@ class Simulation:
             log = build_dir / "build.log"
             build_dir.mkdir(parents=True, exist_ok=True)
             runner = _runner(self.simulator)
+            runner.log.setLevel(logging.ERROR)          # no "Running command ..." chatter; failures raise
             try:
                 runner.build(
                     sources=[HDL / s for s in SOURCES], hdl_toplevel=UNITS[unit][0], build_dir=build_dir,

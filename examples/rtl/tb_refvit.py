@@ -29,7 +29,7 @@ from cocotb.triggers import ClockCycles, RisingEdge
 
 JOB_ENV = "REFVIT_RTL_JOB"
 OUT_MODES = {"int8": 0, "int16": 1, "int32": 2}
-DRAIN_CLOCKS = 16          # cycles after the last input beat before a missing output is an error
+LATENCY_MARGIN = 16        # clocks beyond a unit's own drain time before a missing output is an error
 
 
 # ---- packing: lane l of a bus at bits [w*l, w*(l+1)), little-endian bytes of a row of fields ----------------
@@ -69,22 +69,23 @@ async def start(dut, idle: dict):
     await RisingEdge(dut.clk)
 
 
-async def stream(dut, beats, n_beats: int, n_out: int, out_bus: str, ready: str | None = None) -> list:
-    """Drive `beats` (an iterable of {signal: int}, only the signals that change) with in_valid; collect
-    n_out values of `out_bus` on the clocks where out_valid is high. With `ready`, a beat is held until the
-    toplevel accepts it."""
+async def stream(dut, beats, n_beats: int, n_out: int, out_bus: str, ready: str | None = None,
+                 drain: int = 0) -> list:
+    """Drive `beats` (an iterable of {signal: int}) with in_valid; collect n_out values of `out_bus` on the
+    clocks where out_valid is high. With `ready`, a beat is held until the toplevel accepts it. Outputs missing
+    `drain` + LATENCY_MARGIN clocks after the last beat are an error."""
     it = iter(beats)
     outs, sent = [], 0
     beat = next(it, None)
     clk, in_valid, out_valid, bus = dut.clk, dut.in_valid, dut.out_valid, getattr(dut, out_bus)
     in_ready = getattr(dut, ready) if ready else None
     idle = 0
+    in_valid.value = 1
     while len(outs) < n_out:
         if beat is not None:
             for sig, value in beat.items():
                 sig.value = value
-            in_valid.value = 1
-        else:
+        elif idle == 0:
             in_valid.value = 0
         await RisingEdge(clk)
         if out_valid.value:
@@ -94,7 +95,7 @@ async def stream(dut, beats, n_beats: int, n_out: int, out_bus: str, ready: str 
             beat = next(it, None)
         elif beat is None:
             idle += 1
-            assert idle <= DRAIN_CLOCKS, f"{out_bus}: {len(outs)} of {n_out} outputs after {sent} beats"
+            assert idle <= drain + LATENCY_MARGIN, f"{out_bus}: {len(outs)} of {n_out} outputs after {sent} beats"
     assert sent == n_beats, f"sent {sent} of {n_beats} beats"
     in_valid.value = 0
     return outs
@@ -147,7 +148,8 @@ async def run_mm(dut, cfg: dict, a: dict) -> np.ndarray:
 
     await start(dut, {"in_valid": 0, "in_first": 0, "in_last": 0, "out_mode": OUT_MODES[cfg["out_dtype"]],
                       "double_round": cfg["double_round"]})
-    outs = await stream(dut, beats(), nt * nc * k, nt * nc * rows, "out_data", ready="in_ready")
+    outs = await stream(dut, beats(), nt * nc * k, nt * nc * rows, "out_data", ready="in_ready",
+                        drain=rows)
     tiles = unpack_rows(outs, cols, np.int32).reshape(nt, nc, rows, cols)   # [token tile, channel tile, r, q]
     return tiles.transpose(1, 3, 0, 2).reshape(nc * cols, nt * rows)[:cout, :t]
 

@@ -56,18 +56,20 @@ module refvit_mm_tile #(
     wire  step = in_valid && in_ready;
     wire  tile_done = step && in_last;
 
-    // ---- the MAC array
-    logic signed [31:0] acc       [ROWS*COLS];
+    // ---- the MAC array: PE (r, q) holds the accumulator of token r, output channel q
+    for (genvar q = 0; q < COLS; q++) begin : g_colbus
+        wire signed [7:0]  w    = in_wgt[8*q +: 8];                         // the beat's weight of column q
+        wire signed [31:0] bias = in_bias[32*q +: 32];
+    end
     logic signed [31:0] drain_buf [ROWS*COLS];
     for (genvar r = 0; r < ROWS; r++) begin : g_row
+        wire signed [7:0] a = in_act[8*r +: 8];                             // the beat's activation of row r
         for (genvar q = 0; q < COLS; q++) begin : g_col
-            wire signed [7:0]  a    = in_act[8*r +: 8];
-            wire signed [7:0]  w    = in_wgt[8*q +: 8];
-            wire signed [31:0] base = in_first ? $signed(in_bias[32*q +: 32]) : acc[r*COLS + q];
-            wire signed [15:0] prod = a * w;                                // |a*w| <= 128 * 128
-            wire signed [31:0] acc_next = base + prod;
+            logic signed [31:0] acc;
+            wire  signed [15:0] prod = a * g_colbus[q].w;                        // |a*w| <= 128 * 128
+            wire  signed [31:0] acc_next = (in_first ? g_colbus[q].bias : acc) + prod;
             always_ff @(posedge clk) begin
-                if (step)      acc[r*COLS + q]       <= acc_next;
+                if (step)      acc                   <= acc_next;
                 if (tile_done) drain_buf[r*COLS + q] <= acc_next;
             end
         end
