@@ -39,11 +39,8 @@ class SimulationError(RuntimeError):
 
 
 def _runner(simulator: str):
-    """cocotb's runner for `simulator` (cocotb >= 2.0: cocotb_tools.runner; 1.8/1.9: cocotb.runner)."""
-    try:
-        from cocotb_tools.runner import get_runner
-    except ImportError:
-        from cocotb.runner import get_runner
+    """cocotb's runner for `simulator` (cocotb 2.x: cocotb_tools.runner), imported only when a simulation runs."""
+    from cocotb_tools.runner import get_runner
     return get_runner(simulator)
 
 
