@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import conformance
-from conformance import FAIL, PASS
+from conformance import FAIL
 
 REPO = Path(__file__).resolve().parents[1]
 RTL = REPO / "examples" / "rtl"
@@ -54,8 +55,7 @@ QUICK_CASES = ["apply_scale_ties_shift2to62_double", "requantize_ties_int8_singl
 SLOW_CASES = ["apply_scale_ties_shift2to62_single", "apply_scale_random_single", "requantize_ties_int8_double",
               "requantize_shift2_single", "requantize_shift62_double", "requantize_maxacc_single",
               "requantize_maxacc_double", "conv1x1_maxacc_cin3072_cout8_n4_double", "conv1x1_allmax_cin3071_cout4_n4_single",
-              "conv1x1_allneg128_cin192_cout64_n16_single", "patchconv_k4_cin3_cout192_img32_single",
-              "gelu_sweep_all256", "gelu_c768_n197"]
+              "patchconv_k4_cin3_cout192_img32_single", "gelu_sweep_all256"]
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +105,15 @@ def test_broken_rtl_build_fails_naming_the_case_and_first_element(build_dir):
     index, expected, actual = _first_tie_flip(case)
     assert result.status == FAIL, result.line()
     assert f"requantize [{name}]" in result.message
-    assert f"first at index ({index},): expected {expected}, actual {actual}" in result.message
+    assert re.search(rf"\({index},\).*expected {expected}\b.*actual {actual}\b", result.message), result.message
 
 
 @needs_sim
 def test_broken_rtl_build_fails_from_the_command_line(build_dir):
     """The README's command with the broken build: exit 1, FAIL line with the case and its first element."""
     name = "conv1x1_ties_cin1_cout4_n64_shift33_single"
-    env = {**os.environ, "REFVIT_RTL_BUILD_DIR": str(build_dir),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "REFVIT_RTL_BUILD_DIR": str(build_dir), "PYTHONPATH": os.pathsep.join(pythonpath)}
     proc = subprocess.run([sys.executable, "-m", "conformance", "run", "--dut", "rtl_dut:TiesDownRtlDUT",
                            "--filter", name], cwd=RTL, env=env, capture_output=True, text=True, timeout=300)
     case = conformance.get_case(name)
@@ -124,7 +124,7 @@ def test_broken_rtl_build_fails_from_the_command_line(build_dir):
     expected = (acc * mult + (1 << (shift - 1))) >> shift
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"FAIL conv2d [{name}]" in proc.stdout
-    assert f"first at index (0, 0, 0, 0): expected {expected}, actual {expected - 1}" in proc.stdout
+    assert re.search(rf"\(0, 0, 0, 0\).*expected {expected}\b.*actual {expected - 1}\b", proc.stdout), proc.stdout
 
 
 # ------------------------------------------------------------------ one real layer, golden -> RTL -> check
@@ -199,3 +199,19 @@ def test_im2col_matches_the_weight_order():
                 patch = x[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].astype(np.int64)
                 want[:, b, i, j] = (w.astype(np.int64) * patch).sum(axis=(1, 2, 3))
     assert np.array_equal(got, want.reshape(5, -1))
+
+
+def test_refvit_does_not_depend_on_the_example():
+    """The example is no dependency: neither refvit/ nor conformance/ imports it or cocotb."""
+    import ast
+    example = {p.stem for p in RTL.glob("*.py")} | {"cocotb", "cocotb_tools"}
+    for pkg in ("refvit", "conformance"):
+        for f in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
+                assert not {n.split(".")[0] for n in names} & example, f"{f} imports {names}"

@@ -3,8 +3,8 @@
     python -m conformance run --dut rtl_dut:RtlDUT --filter requantize_     # from examples/rtl/
 
 conformance.DUT has one method per integer op of docs/spec.md, with refvit's signature and semantics. This
-adapter implements the four its hardware has and leaves the others to the base class (NotImplementedError,
-which the runner reports as not run):
+adapter implements the four its hardware has and leaves the others to the base class (NotImplementedError:
+the runner reports those cases as not implemented by the DUT):
 
   apply_scale, requantize  -> refvit_requant_array (8 requantizers; apply_scale is the int32 output mode)
   conv2d                   -> refvit_mm_tile (8 x 8 MAC array): a 1x1 conv is the matmul weight (Cout, Cin)

@@ -58,6 +58,9 @@ class Simulation:
     def __init__(self, simulator: str = "icarus", build_dir=None, defines=None, parameters=None):
         self.simulator = simulator
         self.defines = dict(defines or {})
+        unknown = sorted(set(parameters or {}) - set(UNITS))
+        if unknown:
+            raise ValueError(f"rtl: no unit {unknown[0]!r} (units: {', '.join(UNITS)})")
         self.parameters = {unit: {**params, **(parameters or {}).get(unit, {})} for unit, (_, params) in UNITS.items()}
         variant = "-".join(f"{k}={v}" for k, v in sorted(self.defines.items())) or "default"
         self.build_root = Path(build_dir or DEFAULT_BUILD_DIR) / simulator / variant

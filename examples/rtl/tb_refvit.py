@@ -48,10 +48,10 @@ def unpack_rows(values: list, lanes: int, dtype) -> np.ndarray:
     return np.frombuffer(raw, dt).reshape(len(values), lanes).astype(dt.newbyteorder("="))
 
 
-def lanes_of(a: np.ndarray, lanes: int) -> np.ndarray:
-    """A flat array (n,) zero-padded to (ceil(n / lanes), lanes)."""
+def lanes_of(a: np.ndarray, lanes: int, fill: int = 0) -> np.ndarray:
+    """A flat array (n,) padded with `fill` to (ceil(n / lanes), lanes)."""
     rows = -(-a.size // lanes)
-    out = np.zeros(rows * lanes, a.dtype)
+    out = np.full(rows * lanes, fill, a.dtype)
     out[:a.size] = a
     return out.reshape(rows, lanes)
 
@@ -106,8 +106,7 @@ async def stream(dut, beats, n_beats: int, n_out: int, out_bus: str, ready: str 
 async def run_requant(dut, cfg: dict, a: dict) -> np.ndarray:
     lanes = cfg["lanes"]
     value, mult = lanes_of(a["value"].astype(np.int32), lanes), lanes_of(a["multiplier"].astype(np.int32), lanes)
-    shift = lanes_of(a["shift"].astype(np.uint8), lanes)
-    shift[shift == 0] = 2                         # padding lanes: a value of 0 with a legal shift
+    shift = lanes_of(a["shift"].astype(np.uint8), lanes, fill=2)     # padding lanes: value 0, a legal shift
     await start(dut, {"in_valid": 0, "out_mode": OUT_MODES[cfg["out_dtype"]], "double_round": cfg["double_round"]})
     v, m, s = pack_rows(value, np.int32), pack_rows(mult, np.int32), pack_rows(shift, np.uint8)
     beats = ({dut.in_value: v[i], dut.in_multiplier: m[i], dut.in_shift: s[i]} for i in range(len(v)))
