@@ -165,9 +165,9 @@ class _NoSim:
 
 
 @pytest.fixture
-def offline_dut():
-    d = rtl_dut.RtlDUT.__new__(rtl_dut.RtlDUT)
-    d.sim = _NoSim()
+def offline_dut(tmp_path):
+    d = rtl_dut.RtlDUT(build_dir=tmp_path)
+    d.sim.run = _NoSim().run
     return d
 
 
@@ -179,11 +179,15 @@ def test_adapter_refuses_what_the_ports_cannot_carry(offline_dut, value, multipl
         offline_dut.requantize(np.array([value], np.int64), np.array([multiplier], np.int64), np.array([shift]))
 
 
-def test_adapter_refuses_unsupported_out_dtype_and_rounding(offline_dut):
+def test_adapter_refuses_unsupported_out_dtype_and_rounding(offline_dut, tmp_path):
     with pytest.raises(NotImplementedError, match="out_dtype"):
         offline_dut.requantize(np.array([5]), 3, 40, out_dtype=np.uint8)
     with pytest.raises(ValueError, match="rounding"):
         offline_dut.apply_scale(np.array([5]), 3, 40, rounding="HALF_EVEN")
+    single_only = rtl_dut.RtlDUT(build_dir=tmp_path, parameters={"requant": {"HAS_DOUBLE_ROUND": 0}})
+    single_only.sim.run = _NoSim().run
+    with pytest.raises(NotImplementedError, match="HAS_DOUBLE_ROUND"):
+        single_only.requantize(np.array([5]), 3, 40, rounding="DOUBLE_ROUND")
 
 
 def test_im2col_matches_the_weight_order():

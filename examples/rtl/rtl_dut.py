@@ -55,12 +55,6 @@ def _require_dtype(arr, dtype, what: str) -> np.ndarray:
     return a
 
 
-def _rounding(rounding: str) -> int:
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"rtl: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
-    return int(rounding == DOUBLE_ROUND)
-
-
 def _out_dtype(out_dtype) -> np.dtype:
     dt = np.dtype(out_dtype)
     if dt.name not in OUT_DTYPES:
@@ -107,13 +101,22 @@ class RtlDUT(conformance.DUT):
         self.sim = Simulation(simulator, build_dir=build_dir or os.environ.get("REFVIT_RTL_BUILD_DIR"),
                               defines=self.defines, parameters=parameters)
 
+    def _double_round(self, unit: str, rounding: str) -> int:
+        """The requantizers' double_round input for `rounding`; NotImplementedError for DOUBLE_ROUND on a build
+        without it (HAS_DOUBLE_ROUND = 0 ignores the input: it would silently round once)."""
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"rtl: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+        if rounding == DOUBLE_ROUND and not self.sim.parameters[unit].get("HAS_DOUBLE_ROUND", 1):
+            raise NotImplementedError(f"rtl {unit}: DOUBLE_ROUND (this build has HAS_DOUBLE_ROUND = 0)")
+        return int(rounding == DOUBLE_ROUND)
+
     # -- requantizer ---------------------------------------------------------------------------------
     def _requant(self, value, multiplier, shift, out_dtype, rounding) -> np.ndarray:
         value, multiplier, shift = _scale_args(value, multiplier, shift)
         out = self.sim.run("requant", {"value": value.astype(np.int32).ravel(),
                                        "multiplier": multiplier.astype(np.int32).ravel(),
                                        "shift": shift.astype(np.uint8).ravel()},
-                           out_dtype=out_dtype.name, double_round=_rounding(rounding))
+                           out_dtype=out_dtype.name, double_round=self._double_round("requant", rounding))
         return _as(out, out_dtype, value.shape)
 
     def apply_scale(self, value, multiplier, shift, rounding=SINGLE_ROUND):
@@ -147,7 +150,7 @@ class RtlDUT(conformance.DUT):
         act = im2col(x, k)                                                    # (terms, B*Ho*Wo)
         out = self.sim.run("mm", {"act": act, "weight": weight.reshape(cout, terms), "bias": bias,
                                   "multiplier": multiplier.astype(np.int32), "shift": shift.astype(np.uint8)},
-                           out_dtype=dt.name, double_round=_rounding(rounding))   # (Cout, B*Ho*Wo)
+                           out_dtype=dt.name, double_round=self._double_round("mm", rounding))  # (Cout, B*Ho*Wo)
         ho, wo = h // k, w // k
         return _as(out.reshape(cout, b, ho, wo).transpose(1, 0, 2, 3), dt, (b, cout, ho, wo))
 
