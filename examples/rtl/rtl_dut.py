@@ -142,11 +142,8 @@ class RtlDUT(conformance.DUT):
         _require(bias, -headroom, headroom, "bias (accumulator headroom)")
         multiplier = _require(np.broadcast_to(multiplier, (cout,)), 0, INT32_MAX, "multiplier")
         shift = _require(np.broadcast_to(shift, (cout,)), 2, 62, "shift")
-        if np.any(shift <= 31):                       # apply_scale's value domain, for every possible acc
-            acc_max = np.abs(bias.astype(np.int64)) + terms * 128 * 127          # (Cout,)
-            if np.any((shift <= 31) & (acc_max >= np.left_shift(np.int64(1), np.maximum(shift - 1, 0)))):
-                raise ValueError("rtl conv2d: shift <= 31 with an accumulator range beyond 2^(shift-1) "
-                                 "(apply_scale's domain)")
+        # apply_scale's value domain (|acc| < 2^(shift-1), a limit only for shift <= 31) depends on the data; the
+        # requantizer's 64-bit datapath rounds any int32 acc exactly, so it is not checked here (refvit is stricter).
         act = im2col(x, k)                                                    # (terms, B*Ho*Wo)
         out = self.sim.run("mm", {"act": act, "weight": weight.reshape(cout, terms), "bias": bias,
                                   "multiplier": multiplier.astype(np.int32), "shift": shift.astype(np.uint8)},
