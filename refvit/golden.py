@@ -248,7 +248,9 @@ def _manifest(qm: QuantizedModel, xq, logits, trace, formats, input_source, mode
         "encoding": {"hex": "one element per line, two's complement, fixed width, lowercase, row-major",
                      "hex_digits": HEX_DIGITS, "bin": "little-endian two's complement, row-major, no header",
                      "h": "static const <stdint type> <sanitized name>[N], row-major; the shape as #define "
-                          "<NAME>_NDIM, <NAME>_DIM0 .., <NAME>_COUNT (NAME: the identifier upper-cased)"},
+                          "<NAME>_NDIM, <NAME>_DIM0 .., <NAME>_COUNT (NAME: the identifier upper-cased)",
+                     "bool": "a bool array (a flag constant such as pot_rows) is written as uint8 0 / 1: 2 hex "
+                             "digits, one byte in .bin, uint8_t in C; its entry keeps dtype bool"},
     }
 
 
