@@ -31,6 +31,10 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("REFVIT_HYPOTHESIS", "ci"))
 
+# tests/conformance_user/ is another project's test suite (it imports conformance as the docs show): it runs as
+# a pytest session of its own in tests/test_conformance_user.py, with its pass / skip counts asserted.
+collect_ignore = ["conformance_user"]
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PEER_DIR = SHARED / "peer"
 SKIP_REASON = f"shared data folder {SHARED} is absent (it holds the peers' checkpoints and outputs)"
