@@ -5,14 +5,13 @@ import argparse
 import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from refvit.dumpfmt import check_formats
 from refvit.errors import UsageError
+from refvit.outfiles import write_folder_atomically
 
 from .cases import SETS, get_case, select
 from .casefiles import write_case
@@ -105,34 +104,6 @@ def _earlier_write(folder: Path) -> bool:
     return isinstance(index, dict) and isinstance(index.get("cases"), list)
 
 
-def _replace_folder(target: Path, write) -> None:
-    """write(tmp) into a fresh folder beside `target`, then swap it in: the result holds exactly what this write
-    produced (no stale case folders of an earlier write), and a reader never sees a half-written one. The
-    target may be absent, an empty folder or an earlier write; anything else is refused (no user file is
-    deleted). The folder is made readable as the umask allows (mkdtemp alone would make it private)."""
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not _earlier_write(target))):
-        raise UsageError(f"{target} exists and is neither empty nor an earlier `conformance write` (no index.json "
-                         f"listing cases); refusing to replace it: give a new or empty folder")
-    if not target.parent.is_dir():
-        raise UsageError(f"cannot write into {target.parent}: no such folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "cases")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def cmd_write(args) -> int:
     formats = check_formats(f for f in args.formats.split(",") if f)
     out = Path(args.dir)
@@ -148,7 +119,7 @@ def cmd_write(args) -> int:
                           "rounding": spec.rounding})
         (folder / "index.json").write_text(json.dumps({"schema": INDEX_SCHEMA, "set": args.set, "filter": args.filter,
                                                        "cases": index}, indent=1))
-    _replace_folder(out, write)
+    write_folder_atomically(out, write, earlier=_earlier_write, what="`conformance write` (an index.json listing cases)")
     print(f"wrote {len(specs)} cases ({','.join(formats)}) to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import refvit
 
 from . import check, golden, int_model, registry as R, report
 from .errors import RefvitError, UsageError
+from .outfiles import current_umask, write_atomically, write_folder_atomically
 from .dumpfmt import FORMATS, check_formats, file_sha256
 from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
@@ -295,70 +295,6 @@ def calibration_record(paths, limit: int) -> list:
         out.append({"name": p.name, "images": used, "sha256": file_sha256(p)})
         left -= used
     return out
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting it and putting it back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path) -> None:
-    """Give a file or folder made private by its writer (tempfile.mkdtemp: 0700; safetensors: 0600) the mode
-    an ordinary open()/mkdir() would have had: 0666 / 0777 less the umask, so that others (a simulator's
-    account) can read what refvit writes whenever the user's umask lets them."""
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~current_umask())
-
-
-def write_atomically(target, write) -> None:
-    """write(tmp_path) beside the target, then rename over it; only a regular file (or nothing) is replaced."""
-    target = Path(target)
-    if target.exists() and not target.is_file():
-        raise UsageError(f"--out {target} exists and is not a regular file; refusing to replace it")
-    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-        raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        honour_umask(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _earlier_golden(folder: Path) -> bool:
-    return (folder / "manifest.json").is_file()
-
-
-def write_folder_atomically(target, write, earlier=_earlier_golden):
-    """write(tmp_folder) beside the target, then rename it into place: a reader never sees a half-written or
-    mixed dump. The target may be absent, empty, or an earlier output of the same command (`earlier(folder)`;
-    default: a golden dump), replaced whole; anything else is refused, so no user file is ever deleted."""
-    target = Path(target)
-    if target.exists():
-        if not target.is_dir() or (any(target.iterdir()) and not earlier(target)):
-            raise UsageError(f"--out {target} exists and is not an empty folder or an earlier "
-                             f"{'golden dump' if earlier is _earlier_golden else 'output of this command'}; "
-                             f"refusing to replace it")
-    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
-        raise UsageError(f"--out {target}: cannot write into {target.parent} (missing or not writable)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        honour_umask(tmp)
-        result = write(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "dump")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        return result
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- info
@@ -865,7 +801,7 @@ def run_iree_check(args) -> int:
         os.chmod(tmp / "commands.sh", 0o777 & ~current_umask())
         for cmd in commands:
             run_tool(cmd, tmp, steps)
-    write_folder_atomically(args.out, work, earlier=_earlier_iree_work)
+    write_folder_atomically(args.out, work, earlier=_earlier_iree_work, what="iree-check work folder")
     result = check.compare_dumps(Path(args.out) / "golden", Path(args.out) / "device")
     print(result.to_json() if args.json else result.format())
     return 0 if result.ok else 1
