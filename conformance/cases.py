@@ -723,13 +723,15 @@ def _elementwise_specs():
 
 @functools.lru_cache(maxsize=32)
 def random_quantized_model(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int,
-                           distilled: bool, rounding: str, scheme="refvit-int8"):
+                           distilled: bool, rounding: str, scheme="refvit-int8", deit3: bool = False):
     """-> (QuantizedModel, its float calibration batch): plausible random weights, deterministic; the same float
-    model and calibration for every scheme (a name of refvit.graph.SCHEMES, or a Scheme)."""
+    model and calibration for every scheme (a name of refvit.graph.SCHEMES, or a Scheme). deit3: a DeiT-III
+    (layer scale, position embedding on the patches only)."""
     cfg = DeiTConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                     num_heads=num_heads, num_classes=10, distilled=distilled)
+                     num_heads=num_heads, num_classes=10, distilled=distilled, layer_scale=deit3,
+                     no_embed_class=deit3)
     head_mode = "mean" if distilled else "cls"
-    rng = _rng(f"model_{embed_dim}_{depth}_{num_heads}_{img_size}_{patch_size}_{distilled}")
+    rng = _rng(f"model_{embed_dim}_{depth}_{num_heads}_{img_size}_{patch_size}_{distilled}" + ("_deit3" * deit3))
     params = random_params(cfg, head_mode, rng)
     calib = rng.standard_normal((4, 3, img_size, img_size)).astype(np.float32)
     return quantize(token_to_conv(params), cfg, [calib], head_mode=head_mode, method="max", rounding=rounding,
@@ -742,8 +744,9 @@ def _int_constants(qm, names=None) -> dict:
 
 
 def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, block_only, distilled=True,
-                scheme="refvit-int8", prune=()):
-    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode], scheme)
+                scheme="refvit-int8", prune=(), deit3=False):
+    qm, calib = random_quantized_model(embed_dim, depth, num_heads, img, patch, distilled, _MODES[mode], scheme,
+                                       deit3)
     if prune:        # token pruning: the same constants, the graph with its selections (refvit.resolve.with_prune)
         qm = qm.with_prune(prune)
     xq = int_model.quantize_input(qm, calib[:batch])
@@ -753,7 +756,8 @@ def _model_case(name, embed_dim, depth, num_heads, img, patch, batch, mode, bloc
         graph = block_graph(qm.graph, 0)
         consts = {c: qm.tensors[f"blocks.0.{c}" if f"blocks.0.{c}" in qm.tensors else c]
                   for c in required_constants(graph) if c not in BOUNDARY_CONSTANTS}
-        return Case(name, "block", {"x": trace.tensors["embed"], "constants": consts},
+        x0 = next(op for op in qm.graph if op.name == "blocks.0.norm1").inputs["x"]   # embed; DeiT-III: tokens
+        return Case(name, "block", {"x": trace.tensors[x0], "constants": consts},
                     {"graph": [op.to_dict() for op in graph]}, trace.tensors["blocks.0.residual2"],
                     "block 0 of a random quantized DeiT; expected from refvit's graph interpreter")
     return Case(name, "model", {"x": xq, "constants": _int_constants(qm, required_constants(qm.graph))},
@@ -1196,6 +1200,16 @@ def _conv_variant_specs():
 SCHEME_MODEL_CASES = tuple(s for s in SCHEMES if s != "refvit-int8")   # the default has its own cases above
 
 
+def _deit3_specs():
+    """DeiT-III (docs/spec.md, "DeiT-III"): layer scale folded into attn.proj and mlp.fc2, the position
+    embedding added to the patches before the class token (the graph's `embed` before `tokens`)."""
+    yield "block_deit3_c48_h3_n17_b2_single", "block", True, _p("single", scheme="refvit-int8"), \
+        lambda n: _model_case(n, 48, 1, 3, 32, 8, 2, "single", True, distilled=False, deit3=True)
+    for mode in _MODES:
+        yield f"model_deit3_c48_d2_h3_img32_p8_b2_{mode}", "model", True, _p(mode, scheme="refvit-int8"), \
+            lambda n, m=mode: _model_case(n, 48, 2, 3, 32, 8, 2, m, False, distilled=False, deit3=True)
+
+
 def _scheme_model_specs():
     for scheme in SCHEME_MODEL_CASES:
         yield f"block_{scheme}_c48_h3_n18_b2_single", "block", True, _p("single", scheme=scheme), \
@@ -1229,7 +1243,7 @@ def _all_specs(generation: int) -> tuple:
     specs = []
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
-                   _conv_variant_specs, _scheme_model_specs, _prune_specs, _registry_specs):
+                   _conv_variant_specs, _scheme_model_specs, _deit3_specs, _prune_specs, _registry_specs):
         for name, op, quick, params, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
                                   MappingProxyType(params)))

@@ -406,3 +406,18 @@ def test_hf_pipeline_is_recorded_in_the_quantized_file_and_used_from_it(tmp_path
     assert recorded["hf"]["size"] == [32, 32] and recorded["interpolation"] == "bilinear"
     r = resolve_model(model=tmp_path / "q.safetensors")
     assert r.preprocess == from_hf_processor(VIT_PROCESSOR) and r.preprocess.kind == "hf"
+
+
+def test_conformance_suite_has_deit3_block_and_model_cases():
+    """The suite itself carries DeiT-III graphs (a team's DUT is tested on them, not only refvit's tests)."""
+    import conformance
+    names = {s.name for s in conformance.select("quick") if "deit3" in s.name}
+    assert names == {"block_deit3_c48_h3_n17_b2_single", "model_deit3_c48_d2_h3_img32_p8_b2_single",
+                     "model_deit3_c48_d2_h3_img32_p8_b2_double"}
+    model = conformance.get_case("model_deit3_c48_d2_h3_img32_p8_b2_single")
+    order = [op["name"] for op in model.params["graph"]][:3]
+    assert order == ["patch_embed", "embed", "tokens"]                  # pos_embed on the patches, then the cls token
+    block = conformance.get_case("block_deit3_c48_h3_n17_b2_single")
+    assert block.inputs["x"].shape == (2, 48, 1, 17)                    # 16 patches + cls, no dist token
+    for name in names:
+        conformance.check(conformance.RefvitDUT(), name)
