@@ -14,6 +14,8 @@ All rounding of reals to integers is round-half-away-from-zero (never numpy's ha
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from . import constants as C
@@ -120,8 +122,9 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
     ctx = C.Context(cfg, p, s, {op.name: op for op in graph}, scheme.options())
     T = {"input.scale": s["input"]}
     for op in graph:
-        make = R.row(op.op, op.variant).constants
-        T |= make(op, ctx) if make else {}
+        row = R.row(op.op, op.variant)
+        if row.constants:                                    # the row's constants see the options it declares
+            T |= row.constants(op, replace(ctx, options={k: ctx.options[k] for k in row.quantizer_options}))
     for op in graph:
         if op.calibrate:
             T[op.scale] = s[op.name]

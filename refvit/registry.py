@@ -1,8 +1,8 @@
 """The op registry: one row per (op, variant) of the integer graph, holding everything that is true of it.
 
 A row names the fast kernel (the default; its `__name__` is the conformance DUT's method), the reference
-kernel (`refvit.reference`, the spec's pseudocode as code, normative; the fast one is tested equal to it), which kernel arguments are tensors (the rest are
-constants), how its offline constants are made from the scales (`refvit.constants`), its output scale rule
+kernel (`refvit.reference`, the spec's pseudocode as code, normative; the fast one is tested equal to it),
+which kernel arguments are tensors (the rest are constants), how its offline constants are made from the scales (`refvit.constants`), its output scale rule
 when that scale is not calibrated, what the kernel computes inside (`golden --internals`), its TOSA emitter
 or the reason it has none, and its spec section. Everything else reads the rows: the graph builder and the
 interpreter (`refvit.graph`), the quantizer, the golden dump, the TOSA export, the conformance DUT and its
@@ -55,9 +55,10 @@ class OpVariant:
     scale: (op record, scales) -> the output's real scale when the record does not calibrate it; None: none.
     internals: {internal: layout} that the kernel fills in its `internals` dict when given one.
     tosa: the name of the emitter in refvit.export_tosa (or an emitter function); no_tosa: why there is none.
-    cases: the conformance case family: None when the suite's own families name the kernel, or a function
-    (make_case) -> [(name, inputs, params, note, quick)] for a variant registered elsewhere.
-    quantizer_options: the scheme options its constants read (e.g. 'pot_fraction')."""
+    cases: the conformance case family: None when the suite's own families (conformance/cases.py) name the
+    kernel, or a function () -> [(name, inputs, params, note, quick)] for a variant registered elsewhere.
+    quantizer_options: the scheme options its constants read (e.g. 'pot_fraction'): the quantizer hands its
+    constants function these and no others (Context.options)."""
     op: str
     variant: str
     kernel: Callable
