@@ -295,16 +295,18 @@ def _block(g: _Builder, i: int, x: str) -> str:
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
     s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
-    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N), layout=SCORES,
-              scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
-    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, shape=(BATCH, C, 1, N)) # (B, C, 1, N) = merged heads
+    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N),
+              layout=SCORES, scale="attn.softmax.scale")                            # (B, Hh, N, N) at 1/127
+    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v},
+              shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
     if i in g.stages:
         x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N')
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N')
-    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h}, shape=(BATCH, cfg.hidden_dim, 1, g.tokens)) # (B, 4C, 1, N')
+    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h},
+              shape=(BATCH, cfg.hidden_dim, 1, g.tokens))                           # (B, 4C, 1, N')
     h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N')
     return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N')
 
@@ -314,7 +316,8 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
 
     prune: token pruning stages ((block, keep_rate), ... or 'BLOCK:KEEP,...', refvit.prune): each adds the
     records `blocks.i.select` and `blocks.i.pruned` after `blocks.i.residual1`; every shape stays static."""
-    g = _Builder(cfg, check_rounding(rounding), scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
+    stages = {s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
+    g = _Builder(cfg, check_rounding(rounding), scheme, stages=stages)
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
     t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
     if cfg.no_embed_class:   # DeiT-III: pos_embed on the patches (int8, what concat_tokens takes), then the prefix
@@ -489,7 +492,8 @@ def _trace_internals(trace: Trace, op: Op, kept: dict, out: np.ndarray, constant
     layouts = R.row(op.op, op.variant).internals
     unknown = sorted(set(kept) - set(layouts))
     if unknown:
-        raise GraphError(f"op {op.name!r} ({op.kernel}) reported internals {unknown} that its registry row does not list")
+        raise GraphError(f"op {op.name!r} ({op.kernel}) reported internals {unknown} that its registry row does "
+                         f"not list")
     names = trace.internals.setdefault(op.name, {})
     for internal, layout in layouts.items():
         if internal in kept:
