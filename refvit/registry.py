@@ -2,9 +2,9 @@
 
 A row names the fast kernel (the default; its `__name__` is the conformance DUT's method), the reference
 kernel (`refvit.reference`, the spec's pseudocode as code, normative; the fast one is tested equal to it),
-which kernel arguments are tensors (the rest are constants), how its offline constants are made from the scales (`refvit.constants`), its output scale rule
-when that scale is not calibrated, what the kernel computes inside (`golden --internals`), its TOSA emitter
-or the reason it has none, and its spec section. Everything else reads the rows: the graph builder and the
+which kernel arguments are tensors (the rest are constants), how its offline constants are made from the
+scales (`refvit.constants`), its output scale rule when that scale is not calibrated, what the kernel
+computes inside (`golden --internals`), its TOSA emitter or the reason it has none, and its spec section. Everything else reads the rows: the graph builder and the
 interpreter (`refvit.graph`), the quantizer, the golden dump, the TOSA export, the conformance DUT and its
 reference outputs, the CLI help. An unknown (op, variant) is an `UnknownOpError` everywhere.
 
@@ -254,7 +254,8 @@ for _row in (
               "conv2d whose rows flagged in pot_rows (bool (Cout,)) hold only 0, +-2^k (k <= 6), the rest int8",
               "Part 4, conv2d_mixed_pot", constants=C.conv_mixed_pot_constants, internals={"acc": OUTPUT},
               tosa="_conv2d", quantizer_options=("pot_fraction",)),
-    OpVariant("layernorm", "int64", K.layernorm, RK.layernorm, ("x",), "Integer LayerNorm over channels of int8 (B, C, H, W) -> int8",
+    OpVariant("layernorm", "int64", K.layernorm, RK.layernorm, ("x",),
+              "Integer LayerNorm over channels of int8 (B, C, H, W) -> int8",
               "Part 2, layernorm", constants=C.layernorm_constants, constant_names={"gamma": "{name}.weight"},
               internals=_LN, no_tosa="its sum of squares reaches 2^50 and its square root takes a 62-bit value, "
               + _NO_64 + " (layernorm 'int32' has 32-bit intermediates)"),
@@ -265,14 +266,16 @@ for _row in (
               internals={"sum": PER_TOKEN, "d": OUTPUT, "k": PER_TOKEN, "ds": OUTPUT, "sumsq": PER_TOKEN,
                          "root": PER_TOKEN, "recip": PER_TOKEN, "t": OUTPUT, "acc": OUTPUT},
               tosa="_layernorm_int32"),
-    OpVariant("layernorm", "wide", KV.layernorm_wide, RV.layernorm_wide, ("x",), "Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8",
+    OpVariant("layernorm", "wide", KV.layernorm_wide, RV.layernorm_wide, ("x",),
+              "Part 2's layernorm on int8 or int16 (B, C, H, W) -> int8",
               "Part 4, layernorm_wide", constants=C.layernorm_constants, constant_names={"gamma": "{name}.weight"},
               internals=_LN, no_tosa="its sum of squares reaches 2^61 (int16 input) and its square root a 62-bit "
               "value, " + _NO_64 + " (layernorm 'int32' has 32-bit intermediates)"),
     OpVariant("split_heads", "channels", split_qkv, RK.split_qkv, ("qkv",),
               "(B, 3C, 1, N) -> q, k or v (part 0, 1, 2) as (B, Hh, D, N)", "Part 3, split_heads",
               scale=None, tosa="_split_heads", data_movement=True),
-    OpVariant("attention_scores", "int32", K.attention_scores, RK.attention_scores, ("q", "k"), "int8 (B, Hh, D, N) x2 -> int32 (B, Hh, N, N)",
+    OpVariant("attention_scores", "int32", K.attention_scores, RK.attention_scores, ("q", "k"),
+              "int8 (B, Hh, D, N) x2 -> int32 (B, Hh, N, N)",
               "Part 2, attention_scores", scale=C.scale_of_product, tosa="_attention_scores"),
     OpVariant("softmax", "table", K.softmax, RK.softmax, ("scores",),
               "int32 (..., N) -> int8 probabilities at scale 1/127 over the last axis", "Part 2, softmax",
