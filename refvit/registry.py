@@ -3,10 +3,11 @@
 A row names the fast kernel (the default; its `__name__` is the conformance DUT's method), the reference
 kernel (`refvit.reference`, the spec's pseudocode as code, normative; the fast one is tested equal to it),
 which kernel arguments are tensors (the rest are constants), how its offline constants are made from the
-scales (`refvit.constants`), its output scale rule when that scale is not calibrated, what the kernel
-computes inside (`golden --internals`), its TOSA emitter or the reason it has none, and its spec section.
-Everything else reads the rows: the graph builder and the interpreter (`refvit.graph`), the quantizer, the
-golden dump, the TOSA export, the conformance DUT and its reference outputs, the CLI help. An unknown (op, variant) is an `UnknownOpError` everywhere.
+scales (`refvit.constants`), its output scale rule when that scale is not calibrated, what the kernel computes
+inside (`golden --internals`), its TOSA emitter or the reason it has none, and its spec section. Everything
+else reads the rows: the graph builder and the interpreter (`refvit.graph`), the quantizer, the golden dump,
+the TOSA export, the conformance DUT and its reference outputs, the CLI help. An unknown (op, variant) is an
+`UnknownOpError` everywhere.
 
 Adding a variant: a kernel, a reference kernel, a spec section and one `register(OpVariant(...))`
 (docs/architecture.md, "Where to add an op or a variant"). tests/test_registry.py registers a toy variant in
