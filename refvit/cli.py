@@ -77,7 +77,8 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                    help="float DeiT checkpoint: .safetensors / .pth / .bin (timm or Hugging Face names) or a "
                         "directory with model.safetensors [+ config.json]; default: the embedded Fashion-MNIST model")
     p.add_argument("--num-heads", type=int, metavar="N", help="attention heads of --weights (when no config says)")
-    p.add_argument("--arch", metavar="NAME", help="timm DeiT name of --weights, e.g. deit_small_patch16_224")
+    p.add_argument("--arch", metavar="NAME", help="timm architecture of --weights (DeiT, DeiT-III or ViT), e.g. "
+                   "deit_small_patch16_224, deit3_small_patch16_224, vit_small_patch16_224")
     if quantized:
         p.add_argument("--model", metavar="Q", help="a quantized model file from `refvit quantize`")
     p.add_argument("--preprocess", metavar="NAME_OR_JSON",
@@ -303,7 +304,8 @@ def add_info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", metavar="FILE_OR_DIR",
                    help="DeiT checkpoint (float, or a quantized file); default: the embedded model")
     p.add_argument("--num-heads", type=int, metavar="N", help="attention heads (when no config says)")
-    p.add_argument("--arch", metavar="NAME", help="timm DeiT name, e.g. deit_small_patch16_224")
+    p.add_argument("--arch", metavar="NAME", help="timm architecture (DeiT, DeiT-III or ViT), e.g. "
+                   "deit3_small_patch16_224")
     p.add_argument("--preprocess", metavar="NAME_OR_JSON", help="input pipeline to report (see classify)")
     p.add_argument("--docs", action="store_true", help="print the folder of refvit's docs (spec.md, golden-format.md, "
                    "...; shipped with the package) and its files, and nothing else")
