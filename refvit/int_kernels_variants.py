@@ -159,10 +159,15 @@ def gelu_poly_constants(scale_in: float, scale_out: float, delta: float = 1.0) -
     delta = 1 is I-BERT; HeatViT's extra factor multiplies L: GELU ~ x/2 (1 + delta L(x / sqrt 2)).
     """
     fn = "gelu_poly_constants"
+    _positive_float(scale_in, fn, "scale_in")
+    return gelu_poly_constants_of(Fraction(float(scale_in) / math.sqrt(2.0)), scale_in, scale_out, delta, fn)
+
+
+def gelu_poly_constants_of(S: Fraction, scale_in: float, scale_out: float, delta: float, fn: str) -> dict:
+    """`gelu_poly_constants` for a given erf argument unit S (an exact rational): the rules after S."""
     s_in = _positive_float(scale_in, fn, "scale_in")
     s_out = _positive_float(scale_out, fn, "scale_out")
     dl = _positive_float(delta, fn, "delta")
-    S = Fraction(float(scale_in) / math.sqrt(2.0))
     a, b = Fraction(GELU_POLY_A), Fraction(GELU_POLY_B)
     c_b = -math.floor(b / S)
     c_c = -math.floor(1 / (a * S * S))

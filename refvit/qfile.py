@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 from refvit.checkpoints import CheckpointError
 from refvit.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from refvit.config import ConfigError, DeiTConfig
-from refvit.graph import (BOUNDARY_CONSTANTS, DEFAULT_SCHEME, SCHEME_NOTES, GraphError, Scheme, build_graph,
-                          check_rounding, graph_from_dicts, required_constants, run_graph, scheme_of)
+from refvit.graph import (BOUNDARY_CONSTANTS, DEFAULT_SCHEME, PRUNE_VARIANTS, SCHEME_NOTES, GraphError, Scheme,
+                          build_graph, check_rounding, graph_from_dicts, required_constants, run_graph, scheme_of)
 from refvit.intmath import SINGLE_ROUND
+from refvit.prune import parse_prune
 
 FORMAT = "refvit-int8"
 FORMAT_VERSION = 2
@@ -65,12 +66,15 @@ class QuantizedModel:
     def prune(self) -> tuple:
         """The token pruning the records carry: ((block, keep_rate), ...) that gives their keep counts again
         (keep_rate = (keep - 1/2) / patches in: refvit.prune.keep_count rounds it up to keep exactly)."""
-        out = []
+        out, options = [], set()
         for op in self.graph:
             if op.op == "token_select":
                 patches = self.tokens_in(op) - op.attrs["num_prefix"]
                 out.append((int(op.name.split(".")[1]), (op.attrs["keep"] - 0.5) / patches))
-        return tuple(out)
+                pruned = next(o for o in self.graph if o.op == "token_prune" and o.inputs["index"] == op.name)
+                options |= {k for k, v in PRUNE_VARIANTS.items() if v == (op.variant, pruned.variant)}
+        order, package = options.pop() if len(options) == 1 else ("position", "mean")
+        return parse_prune(tuple(out) + (("order", order), ("package", package))) if out else ()
 
     def tokens_in(self, select_op) -> int:
         """N, the tokens entering a selection: the last axis of the probabilities it reads."""
