@@ -179,7 +179,8 @@ def test_preprocess_option_is_recorded_and_used(tmp_path, capsys):
 LAYERS = [  # lower index = lower layer; a module may import its own layer (no cycle) or lower ones
     ["refvit", "refvit.errors"],
     ["refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
-    ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_prune", "refvit.model_token",
+    ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_authors", "refvit.int_kernels_prune",
+     "refvit.model_token",
      "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*", "refvit.constants"],
     ["refvit.registry"],
     ["refvit.graph"],

@@ -263,6 +263,8 @@ def test_the_tosa_reading_checks_preconditions():
 FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the reason); from the scheme table
     "refvit-int8": ("blocks.0.norm1", "2^50"),
     "ivit": ("blocks.0.norm1", "2^50"),
+    "ivit-paper": ("blocks.0.norm1", "2^50"),
+    "ibert": ("blocks.0.norm1", "2^31"),
     "w4a8": ("blocks.0.norm1", "2^50"),
     "mixed-pot": ("blocks.0.norm1", "2^50"),
     "int16-residual": ("embed", "2^46"),
@@ -274,7 +276,7 @@ def test_refusal_names_the_first_inexpressible_op(name):
     cfg = DeiTConfig(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
     graph = G.build_graph(cfg, SINGLE_ROUND, G.SCHEMES[name])
     if name not in FIRST_REFUSED:
-        E.check_exportable(graph, name)                                            # tosa-int32, ibert
+        E.check_exportable(graph, name)                                            # tosa-int32, ibert-paper
         return
     op, why = FIRST_REFUSED[name]
     with pytest.raises(E.TosaExportError) as e:
