@@ -633,11 +633,12 @@ def run_schemes(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     keys = ("conv", "layernorm", "softmax", "gelu", "residual")
-    print(f"{'name':16}" + "".join(f"{k:11}" for k in keys) + "note")
+    width = {k: max(len(k), *(len(r[k]) for r in rows)) + 1 for k in keys}   # columns as wide as their values
+    print(f"{'name':16}" + "".join(f"{k:{width[k]}}" for k in keys) + "note")
     for r in rows:
         extra = (f" (pot_fraction {r['pot_fraction']})" if r["conv"] == "mixed-pot" else "") + \
                 (f" (gelu_delta {r['gelu_delta']})" if r["gelu_delta"] != 1.0 else "")
-        print(f"{r['name']:16}" + "".join(f"{r[k]:11}" for k in keys) + r["note"] + extra)
+        print(f"{r['name']:16}" + "".join(f"{r[k]:{width[k]}}" for k in keys) + r["note"] + extra)
     print("\nA JSON file with these keys (any subset; the rest default to refvit-int8's) is a scheme too: "
           "quantize --scheme my_scheme.json")
     return 0

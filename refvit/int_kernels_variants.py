@@ -45,7 +45,7 @@ GELU_SHIFT_COEF = 1.702            # GELU(x) ~ x * sigmoid(1.702 x)
 
 # --- polynomial exp (I-BERT i-exp), softmax_poly -------------------------------------------------------------
 EXP_POLY_A, EXP_POLY_B, EXP_POLY_C = 0.3585, 1.353, 0.344     # exp(p) ~ a (p + b)^2 + c on (-ln2, 0]
-EXP_POLY_LN2 = 11357              # -floor(-ln2 / 2^-14) = ceil(11356.52): I-BERT's -x0_int at scale 2^-14
+EXP_POLY_LN2 = 11357              # -floor(-ln2 / 2^-14) = ceil(11356.52): the paper's -x0_int (exact ln 2; code: 11356)
 EXP_POLY_QB = 22167                # floor(b / 2^-14) = floor(22167.55)
 EXP_POLY_QC = 257578233            # floor(c / (a 2^-28)) = floor(257578233.7); all three tested from decimals
 EXP_POLY_MAX_Z = 30                # I-BERT's n: x >= 30 * x0, z <= 30

@@ -153,3 +153,17 @@ def test_shiftmax16_output_bound_and_sum(rounding):
     scores = rng.integers(-2 ** 20, 2 ** 20, (64, 197)).astype(np.int32)
     p = A.softmax_shift16(scores, *KV.softmax_exp_multiplier(1e-4), rounding=rounding)
     assert p.dtype == np.int16 and p.min() >= 0 and p.max() <= 32767 and (p.astype(np.int64).sum(-1) <= 32767).all()
+
+
+@pytest.mark.parametrize("s", GELU_SCALES)
+def test_ibert_paper_gelu_is_the_papers_formula(s):
+    """spec (ibert-paper): gelu_poly vs I-BERT's paper i-GELU in exact integers (no erf shift), the same
+    requantize: 0 of 256 differ at each scale."""
+    S, a, b = Fraction(float(s) / math.sqrt(2.0)), Fraction(-0.2888), Fraction(-1.769)
+    q_b, q_c = math.floor(b / S), math.floor(1 / (a * S * S))
+    q_1 = math.floor(1 / (a * S * S))                                # the paper's floor(1 / S_erf)
+    out = [x * ((1 if x > 0 else -1 if x < 0 else 0) * ((min(abs(x), -q_b) + q_b) ** 2 + q_c) + q_1)
+           for x in X8.tolist()]
+    m, sh = quantize_multiplier(float(-a * S * S * Fraction(s) / (2 * Fraction(s))))
+    paper = requantize(-np.array(out, np.int64), m, sh, np.int8)
+    assert int((KV.gelu_poly(X8.astype(np.int8), **KV.gelu_poly_constants(s, s)) != paper).sum()) == 0
