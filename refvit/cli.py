@@ -79,10 +79,12 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                    help=f"input pipeline: {' | '.join(PRESETS)} | FILE.json (docs/preprocessing.md); default: "
                         "recorded in --model, the checkpoint's pretrained_cfg, else imagenet (fmnist for the "
                         "embedded model)")
-    p.add_argument("--prune", metavar="BLOCK:KEEP[,...]",
+    p.add_argument("--prune", metavar="BLOCK:KEEP[,...][,order=O][,package=P]",
                    help="token pruning (EViT / HeatViT selector): in each BLOCK (from 0), after its attention, keep "
                         "ceil(KEEP * patches) patch tokens most attended by the class token and fold the rest into "
-                        "one package token, e.g. 1:0.7,3:0.7,5:0.7; 'none' drops a --model's recorded pruning")
+                        "one package token, e.g. 1:0.7,3:0.7,5:0.7; order=position (default) | score (EViT's code) "
+                        "orders the kept tokens, package=mean (default, HeatViT) | weighted-sum (EViT's code) "
+                        "makes the package token; 'none' drops a --model's recorded pruning")
     if calib:
         p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
                        help="calibration images (files, folders, or a Fashion-MNIST .npz) for quantizing --weights")

@@ -84,6 +84,9 @@ def parse_prune(spec) -> tuple:
         for part in spec.split(","):
             name, eq, value = part.strip().partition("=")
             if eq:
+                if name.strip() not in PRUNE_OPTIONS:
+                    known = ", ".join(k + "=" + "|".join(v) for k, v in PRUNE_OPTIONS.items())
+                    raise PruneError(f"--prune: unknown option {name.strip()!r}; options: {known}")
                 items.append((name.strip(), value.strip()))
                 continue
             block, sep, rate = part.strip().partition(":")
