@@ -336,9 +336,7 @@ for _row in (
               "Softmax with I-BERT's code i-exp (x0 = -0.6931, 0.35815147 x^2 + 0.96963238 x + 1) at 2^-14: "
               "int32 (..., N) -> int8 probabilities at 1/127", "Part 4, softmax_poly_ibert_code",
               constants=C.softmax_exp_constants, scale=C.scale_of_probabilities,
-              internals={"diff": OUTPUT, **_SOFTMAX_TAIL},
-              no_tosa="no emitter written yet (TOSA can express it: softmax 'poly' with (r + 44356) r + 749502594 "
-              "and divisor 11356)"),
+              internals={"diff": OUTPUT, **_SOFTMAX_TAIL}, tosa="_softmax_poly_ibert_code"),
     OpVariant("softmax", "shift16", KA.softmax_shift16, ("scores",),
               "Shiftmax with I-ViT's 16-bit output: int32 (..., N) -> int16 probabilities in [0, 32767] at 2^-15",
               "Part 4, softmax_shift16", constants=C.softmax_exp_constants, scale=C.scale_of_probabilities16,
@@ -356,8 +354,8 @@ for _row in (
               constants=C.layernorm_ibert_code_constants, constant_names={"gamma": "{name}.weight"},
               internals={"sum": PER_TOKEN, "mean": PER_TOKEN, "y": OUTPUT, "sumsq": PER_TOKEN, "root": PER_TOKEN,
                          "recip": PER_TOKEN, "norm": OUTPUT, "t": OUTPUT, "acc": OUTPUT},
-              no_tosa="y * (2^31 // std) reaches 2^31, one bit beyond int32, and no emitter is written for its "
-              "integer square root"),
+              no_tosa="no emitter is written (y * (2^31 // std) reaches 2^31, one bit beyond int32; TOSA could "
+              "take it as y (factor >> 1) + floor(y (factor & 1) / 2), and var < 2^28 in 32-bit isqrt)"),
     OpVariant("token_select", "cls_attention-score-order", KA.select_tokens_score_order, ("p",),
               "int8 p (B, Hh, N, N) -> int32 (B, keep): cls_attention's kept positions in score order (larger "
               "score first, ties: lower position first), as EViT's top-k", "Token pruning, select_tokens_score_order",
