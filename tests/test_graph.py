@@ -180,6 +180,7 @@ LAYERS = [  # lower index = lower layer; a module may import its own layer (no c
     ["refvit", "refvit.errors"],
     ["refvit.intmath", "refvit.config", "refvit.functional", "refvit.labels", "refvit.prune"],
     ["refvit.int_kernels", "refvit.int_kernels_variants", "refvit.int_kernels_authors", "refvit.int_kernels_prune",
+     "refvit.reference_hw",
      "refvit.model_token",
      "refvit.model_conv", "refvit.preprocess", "refvit.dumpfmt", "refvit.checkpoints*", "refvit.constants"],
     ["refvit.registry"],
