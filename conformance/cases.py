@@ -1286,7 +1286,7 @@ def _context_p16_case(name, heads, d, n, mode, kind="random"):
         for h in range(heads):
             for i in range(n):
                 keys = rng.choice(n, 1 + 2 * int(rng.integers(2)), replace=False)
-                p[0, h, i, keys] = rng.integers(0, 4096, keys.size) * 8 + 1
+                p[0, h, i, keys] = rng.integers(0, 16, keys.size) * 8 + 1                  # |acc| / 8 < 127
         mult, shift = _scalar(1 << 30, np.int32), _scalar(33, np.int8)
     else:
         p = KA.softmax_shift16(_random_scores(rng, heads, n, d), *exp_rescale(0.05, d))
@@ -1375,6 +1375,35 @@ def _ln_code_t_ties(name, mode):
                         {"rounding": _MODES[mode]}, "t rounding ties in channels 0 and 1")
 
 
+def _ln_code_odd_rows(count: int = 12) -> list:
+    """(std s, y) pairs, |y| <= 127, with y factor odd (factor = 2^31 // s) and norm = (y factor) >> 1 = 2^13 - 1 (mod 2^14):
+    a floor of y factor / 2 taken any other way (e.g. rounded) moves t = rshr(norm, 14) by one."""
+    out = []
+    for s in range(1, 8161):
+        f = (1 << 31) // s
+        out += [(s, y) for y in range(-127, 128) if (y * f) % 2 and 2 * y * y <= s * s
+                and ((y * f) >> 1) % (1 << 14) == (1 << 13) - 1][:1]                  # x = y is int8 (mean 0)
+        if len(out) == count:
+            return out
+    raise AssertionError("too few odd rows")
+
+
+def _ln_code_norm_floor(name, mode):
+    """C = 4096 rows, row r with var = s^2 and y, -y in channels 2r, 2r + 1 (`_ln_code_odd_rows`); the tail of
+    channel 2r (gamma 1, multiplier 2^30, shift 40: out = round((t + bias) / 2^10)) has the bias that puts
+    t + bias at 2^9 - 1 (mod 2^10), just below a rounding tie, in [2^14, 2^17): t one larger changes the output."""
+    rows, tail = [], _ln_tail_constants(_rng(name, "/constants"), 4096)
+    gamma, bias = tail["gamma"].copy(), tail["bias"].copy()
+    mult, shift = np.full(4096, 1 << 30, np.int32), np.full(4096, 40, np.int8)
+    for r, (s, y) in enumerate(_ln_code_odd_rows()):
+        rows.append(_ln_code_var_row(s * s, (0,) * (2 * r) + (y, -y)))
+        f = (1 << 31) // s
+        t = (((y * f) >> 1) + (1 << 13)) >> 14
+        gamma[2 * r], bias[2 * r] = 1, (1 << 16) + (((1 << 9) - 1 - t - (1 << 16)) % (1 << 10))
+    inputs = {"x": _rows_to_x(rows, 4096), "gamma": gamma, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "layernorm_ibert_code", inputs, {"rounding": _MODES[mode]}, "norm is a floor")
+
+
 def _ln_code_kind(name, kind, c, n, mode):
     x = _ln_x(_rng(name), kind, c, n)
     return _kernel_case(name, "layernorm_ibert_code", {"x": x} | _ln_tail_constants(_rng(name, "/constants"), c),
@@ -1388,6 +1417,7 @@ def _layernorm_code_specs():
         yield f"{op}_designed_meanties_c2_n8_{mode}", op, True, lambda nm, m=mode: _ln_code_designed(nm, m)
         yield f"{op}_tties_c4096_n3_{mode}", op, True, lambda nm, m=mode: _ln_code_t_ties(nm, m)
         yield f"{op}_sqrt_var4097sq_c4096_n5_{mode}", op, True, lambda nm, m=mode: _ln_code_sqrt_rows(nm, m)
+        yield f"{op}_normfloor_c4096_n12_{mode}", op, True, lambda nm, m=mode: _ln_code_norm_floor(nm, m)
     for kind, c, n in (("residual", 768, 32), ("constant_rows", 768, 16), ("allneg128", 192, 4), ("all127", 192, 4),
                        ("alternating", 4096, 2), ("onemax", 4096, 4), ("random", 1, 16)):
         yield f"{op}_{kind}_c{c}_n{n}_single", op, True, lambda nm, k=kind, c=c, n=n: _ln_code_kind(
@@ -1411,12 +1441,10 @@ def _prune_option_case(name, op, kind, c, h, n_tokens, prefix, keep, b, mode, dt
     x = rng.integers(lo, hi + 1, (b, c, 1, n_tokens)).astype(dtype)
     if kind == "extremes":
         x = np.where(x < 0, lo, hi).astype(dtype)
-    if kind == "halfties":                 # the lowest patch (dropped) gets 127 from head 0 and 0 from head 1
-        p[:, :, 0, prefix:] = np.maximum(p[:, :, 0, prefix:], 64)
-        p[:, 0, 0, prefix], p[:, 1, 0, prefix] = 0, 0
-        p[:, 0, 0, prefix + 1] = 127
-        p[:, 1, 0, prefix + 1] = 0
-        x[:, :, 0, prefix + 1] = rng.integers(-64, 64, (b, c)) * 2 + 1
+    if kind == "halfties":                 # the first patch scores 127 (127 + 0), the others >= 128: it is the
+        p[:, :, 0, prefix:] = np.maximum(p[:, :, 0, prefix:], 64)                  # one dropped (keep = n - 1)
+        p[:, 0, 0, prefix], p[:, 1, 0, prefix] = 127, 0
+        x[:, :, 0, prefix] = rng.integers(-64, 64, (b, c)) * 2 + 1                  # odd: x * 127 / 254 a tie
     index = REFERENCE_KERNELS["select_tokens_score_order"](p, keep=keep, num_prefix=prefix)
     return _kernel_case(name, op, {"x": x, "p": p, "index": index}, {"num_prefix": prefix, "rounding": _MODES[mode]},
                         f"cls row: {kind}")

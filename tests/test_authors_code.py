@@ -167,3 +167,11 @@ def test_ibert_paper_gelu_is_the_papers_formula(s):
     m, sh = quantize_multiplier(float(-a * S * S * Fraction(s) / (2 * Fraction(s))))
     paper = requantize(-np.array(out, np.int64), m, sh, np.int8)
     assert int((KV.gelu_poly(X8.astype(np.int8), **KV.gelu_poly_constants(s, s)) != paper).sum()) == 0
+
+
+def test_their_float32_c_int_gives_the_same_exponentials():
+    """spec: I-BERT's float32 c_int (749502592) and the exact one (749502594) give the same e for every input."""
+    v = -np.arange(0, A.SOFTMAX_CODE_CAP + 1)
+    q = (-v) // A.EXP_CODE_LN2
+    r = v + q * A.EXP_CODE_LN2
+    assert np.array_equal(((r + A.EXP_CODE_QB) * r + 749502592) >> (q + 15), A.exp_poly_ibert_code(v))
