@@ -1243,7 +1243,8 @@ def _all_specs(generation: int) -> tuple:
     specs = []
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
-                   _conv_variant_specs, _scheme_model_specs, _deit3_specs, _prune_specs, _registry_specs):
+                   _conv_variant_specs, _scheme_model_specs, _deit3_specs, _prune_specs, _authors_code_specs,
+                   _registry_specs):
         for name, op, quick, params, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
                                   MappingProxyType(params)))
@@ -1305,3 +1306,278 @@ def _get_case(name: str, generation: int, kernels: str) -> Case:
                                        expected=_readonly(np.asarray(case.expected)))
     raise KeyError(f"no conformance case named {name!r}; see `python -m conformance list --set full`")
 get_case.cache_clear = _get_case.cache_clear   # the cache of built cases (tests)
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' code variants (issue 19; docs/spec.md Part 4 "The authors' code variants", "Token pruning"):
+# I-BERT's code i-GELU / i-exp / IntLayerNorm, I-ViT's 16-bit Shiftmax and its int16 context, EViT's pruning
+# options. Constants from the offline builders of refvit.int_kernels_authors at the scales in the name.
+# ---------------------------------------------------------------------------------------------
+
+from refvit import int_kernels_authors as KA   # noqa: E402  (this section's own import, kept with it)
+
+# the paper's grid plus 0.02, where k = 1.4142 moves c_c (and an output) against the paper's sqrt 2
+GELU_CODE_SCALES = GELU_VARIANT_SCALES + ((0.02, 0.02),)
+
+
+def _gelu_code_specs():
+    op = "gelu_poly_ibert_code"
+    for i, (s_in, s_out) in enumerate(GELU_CODE_SCALES):
+        for mode in _MODES if i in (0, len(GELU_CODE_SCALES) - 1) else ("single",):
+            yield f"{op}_all256_{scales_tag(s_in, s_out)}_{mode}", op, True, _p(mode), lambda n, si=s_in, so=s_out, m=mode: \
+                _gelu_variant_case(n, op, m, KA.gelu_poly_ibert_code_constants(si, so))
+    yield f"{op}_b2_c96_n33_{scales_tag(0.05, 0.05)}_single", op, True, _p("single"), lambda n: _gelu_variant_case(
+        n, op, "single", KA.gelu_poly_ibert_code_constants(0.05, 0.05), _i8(_rng(n), (2, 96, 1, 33)))
+    for mode in _MODES:   # the paper variant's designed ties and saturation (the same arithmetic)
+        yield f"{op}_designed_cb8_cc50_c1_19_k2_shift32_{mode}", op, True, _p(mode), lambda n, m=mode: _gelu_variant_case(
+            n, op, m, {"c_b": 8, "c_c": 50, "c_1": 19, "erf_shift": 2, "multiplier": 1 << 30, "shift": 32},
+            note="ties and saturation")
+
+
+def _exp_code_boundaries(op) -> np.ndarray:
+    """The d_w where the exponential's integer part changes: multiples of 11356 (poly code), exp_shift's q (shift16)."""
+    if op == "softmax_poly_ibert_code":
+        return np.arange(1, KA.SOFTMAX_CODE_CAP // KA.EXP_CODE_LN2 + 1) * KA.EXP_CODE_LN2
+    return _exp_boundaries("softmax_shift")
+
+
+def _softmax_code_sweep(name, op, cap):
+    """`_softmax_sweep` for these kernels: every d < 4096, within 4 of each boundary, around the cap, far beyond."""
+    near = (_exp_code_boundaries(op)[:, None] + np.arange(-4, 5)).ravel()
+    d = np.unique(np.concatenate([np.arange(4096), near, cap + np.arange(-2, 3), [1 << 20, (1 << 29) - 1, INT32_MAX]]))
+    scores = np.stack([np.zeros_like(d), -d], axis=-1).reshape(1, 1, len(d), 2)   # (1, 1, rows, 2)
+    return _softmax_variant_case(name, op, scores, "single", 1 << 30, 30, "every exp boundary, cap and beyond")
+
+
+SOFTMAX_CODE_CAPS = {"softmax_poly_ibert_code": KA.SOFTMAX_CODE_CAP, "softmax_shift16": KV.SOFTMAX_SHIFT_CAP}
+
+
+def _softmax_code_specs():
+    for op, cap in SOFTMAX_CODE_CAPS.items():
+        for mode in _MODES:
+            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: _softmax_variant_kind(
+                nm, o, "random_sqk0.01", 197, m)
+            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: \
+                _softmax_variant_kind(nm, o, "shift33_randommult", 16384, m)
+        for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
+                        ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
+            yield f"{op}_n{n}_{kind}_single", op, True, _p("single"), lambda nm, o=op, k=kind, n=n: \
+                _softmax_variant_kind(nm, o, k, n, "single")
+        yield f"{op}_sweep_n2_shift30_single", op, True, _p("single"), lambda nm, o=op, c=cap: _softmax_code_sweep(nm, o, c)
+        yield f"{op}_n577_random_sqk0.01_double", op, False, _p("double"), lambda nm, o=op: _softmax_variant_kind(
+            nm, o, "random_sqk0.01", 577, "double")
+
+
+def _context_p16_case(name, heads, d, n, mode, kind="random"):
+    """int16 probabilities: from softmax_shift16 (random), 32767 everywhere with v = -128 (the accumulator
+    bound at N = 512: -512 * 32767 * 128), or ties (p = 1 (mod 8) on 1 or 3 keys, v = 4 (mod 8), shift 33)."""
+    rng = _rng(name)
+    if kind == "maxacc":
+        p, v = np.full((1, heads, n, n), KA.PROB16_MAX, np.int16), np.full((1, heads, d, n), -128, np.int8)
+        mult, shift = _rescale(127.0 / (n * KA.PROB16_MAX * 128))
+    elif kind == "ties":
+        v = (rng.integers(-16, 16, (1, heads, d, n)) * 8 + 4).astype(np.int8)
+        p = np.zeros((1, heads, n, n), np.int16)
+        for h in range(heads):
+            for i in range(n):
+                keys = rng.choice(n, 1 + 2 * int(rng.integers(2)), replace=False)
+                p[0, h, i, keys] = rng.integers(0, 16, keys.size) * 8 + 1                  # |acc| / 8 < 127
+        mult, shift = _scalar(1 << 30, np.int32), _scalar(33, np.int8)
+    else:
+        p = KA.softmax_shift16(_random_scores(rng, heads, n, d), *exp_rescale(0.05, d))
+        v = _i8(rng, (1, heads, d, n))
+        acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+        mult, shift = _rescale(float(_fit_scale(acc, headroom=0.5 if kind == "saturate" else 3.0)))
+    return _kernel_case(name, "attention_context_p16", {"p": p, "v": v, "multiplier": mult, "shift": shift},
+                        {"rounding": _MODES[mode]}, kind)
+
+
+def _context_p16_specs():
+    op = "attention_context_p16"
+    for mode in _MODES:
+        yield f"{op}_h3_d16_n66_{mode}", op, True, _p(mode), lambda nm, m=mode: _context_p16_case(nm, 3, 16, 66, m)
+        yield f"{op}_ties_h2_d8_n32_shift33_{mode}", op, True, _p(mode), lambda nm, m=mode: _context_p16_case(
+            nm, 2, 8, 32, m, "ties")
+    yield f"{op}_saturate_h2_d8_n64_single", op, True, _p("single"), lambda nm: _context_p16_case(nm, 2, 8, 64, "single", "saturate")
+    yield f"{op}_maxacc_h1_d2_n512_single", op, True, _p("single"), lambda nm: _context_p16_case(nm, 1, 2, 512, "single", "maxacc")
+    yield f"{op}_h1_d4_n1_single", op, True, _p("single"), lambda nm: _context_p16_case(nm, 1, 4, 1, "single")
+    yield f"{op}_h3_d64_n197_double", op, False, _p("double"), lambda nm: _context_p16_case(nm, 3, 64, 197, "double")
+
+
+def _rows_to_x(rows: list, c: int) -> np.ndarray:
+    """Rows (each a list of C int8 values) -> (1, C, 1, len(rows)) int8."""
+    return np.array(rows, np.int64).T.reshape(1, c, 1, len(rows)).astype(np.int8)
+
+
+def _ln_code_var_row(target: int, head: tuple = (), c: int = 4096) -> list:
+    """An int8 row of C channels starting with `head`, sum_c x^2 = target, |sum| < C / 2 (so the rounded mean is
+    0 and y = x): the rest a greedy sum of squares (isqrt of what is left, at most 127) of alternating sign."""
+    row = list(head)
+    rest = target - sum(v * v for v in row)
+    while rest > 0:
+        a = min(127, math.isqrt(rest))
+        row.append(a if len(row) % 2 == 0 else -a)
+        rest -= a * a
+    assert sum(v * v for v in row) == target and len(row) <= c and abs(sum(row)) < c // 2
+    return row + [0] * (c - len(row))
+
+
+def _ln_code_designed(name, mode):
+    """Rows that meet each step of I-BERT's IntLayerNorm, shown through the exposed tail (gamma +-8, bias 4,
+    shift 33: out = round(+-t + 1/2)) where |t| <= 126 and through a plain tail otherwise: C = 2 rows for the
+    mean's ties to even ([1, 2] -> 2, [2, 3] -> 2, [-2, -1] -> -2, [-3, -2] -> -2) and y * factor = -2^31."""
+    rows = [[1, 2], [2, 3], [-2, -1], [-3, -2], [5, 5], [-128, 127], [127, -128], [0, 1]]
+    return _kernel_case(name, "layernorm_ibert_code", {"x": _rows_to_x(rows, 2)} | _ln_code_tail(name, 2, 33),
+                        {"rounding": _MODES[mode]}, "integer mean ties to even; |y factor| = 2^31")
+
+
+def _ln_code_tail(name, c, shift) -> dict:
+    """The exposed output stage: gamma = +-2^(shift-30), bias 2^(shift-31), multiplier 2^30."""
+    g = 1 << (shift - 30)
+    gamma = np.where(_rng(name, "/constants").integers(0, 2, c) == 0, -g, g).astype(np.int8)
+    return {"gamma": gamma, "bias": np.full(c, g // 2, np.int32), "multiplier": np.full(c, 1 << 30, np.int32),
+            "shift": np.full(c, shift, np.int8)}
+
+
+def _ln_code_sqrt_rows(name, mode):
+    """C = 4096 rows with var = 4096^2 - 1, 4096^2, 4097^2 - 2, 4097^2 - 1, 4097^2 (mean 0): isqrt exact where a float32
+    sqrt of a float32 var is one too large (4097^2 - 2 and 4097^2 - 1); a random tail shows t."""
+    rows = [_ln_code_var_row(v) for v in (4096 ** 2 - 1, 4096 ** 2, 4097 ** 2 - 2, 4097 ** 2 - 1, 4097 ** 2)]
+    x = _rows_to_x(rows, 4096)
+    return _kernel_case(name, "layernorm_ibert_code", {"x": x} | _ln_tail_constants(_rng(name, "/constants"), 4096),
+                        {"rounding": _MODES[mode]}, "isqrt where float32 sqrt is wrong")
+
+
+def _ln_code_tie_rows(count: int = 3) -> list:
+    """(std s, y) pairs, 520 <= s <= 8000 (var = s^2 fits 4096 int8 channels) ascending, y in 1..127 the smallest y the smallest in 1..39 with norm = (y (2^31 // s)) >> 1 = 2^13
+    (mod 2^14) (then -y too) and |t| <= 126: t = rounding_shift_right(norm, 14) is a tie."""
+    out = []
+    for s in range(520, 8001):
+        f = (1 << 31) // s
+        y = next((y for y in range(1, 128) if (y * f >> 1) % (1 << 14) == 1 << 13 and (y * f >> 1) >> 14 <= 125), 0)
+        if y:
+            out.append((s, y))
+        if len(out) == count:
+            return out
+    raise AssertionError("too few tie rows")
+
+
+def _ln_code_t_ties(name, mode):
+    """C = 4096 rows with var = s^2 (std = s) and y = +-y0 in channels 0, 1 such that t of both is a rounding tie
+    (`_ln_code_tie_rows`), shown through the exposed tail (the other channels saturate)."""
+    rows = [_ln_code_var_row(s * s, (y, -y)) for s, y in _ln_code_tie_rows()]
+    return _kernel_case(name, "layernorm_ibert_code", {"x": _rows_to_x(rows, 4096)} | _ln_code_tail(name, 4096, 33),
+                        {"rounding": _MODES[mode]}, "t rounding ties in channels 0 and 1")
+
+
+def _ln_code_odd_rows(count: int = 12) -> list:
+    """(std s, y) pairs, |y| <= 127, with y factor odd (factor = 2^31 // s) and norm = (y factor) >> 1 = 2^13 - 1 (mod 2^14):
+    a floor of y factor / 2 taken any other way (e.g. rounded) moves t = rshr(norm, 14) by one."""
+    out = []
+    for s in range(1, 8161):
+        f = (1 << 31) // s
+        out += [(s, y) for y in range(-127, 128) if (y * f) % 2 and 2 * y * y <= s * s
+                and ((y * f) >> 1) % (1 << 14) == (1 << 13) - 1][:1]                  # x = y is int8 (mean 0)
+        if len(out) == count:
+            return out
+    raise AssertionError("too few odd rows")
+
+
+def _ln_code_norm_floor(name, mode):
+    """C = 4096 rows, row r with var = s^2 and y, -y in channels 2r, 2r + 1 (`_ln_code_odd_rows`); the tail of
+    channel 2r (gamma 1, multiplier 2^30, shift 40: out = round((t + bias) / 2^10)) has the bias that puts
+    t + bias at 2^9 - 1 (mod 2^10), just below a rounding tie, in [2^14, 2^17): t one larger changes the output."""
+    rows, tail = [], _ln_tail_constants(_rng(name, "/constants"), 4096)
+    gamma, bias = tail["gamma"].copy(), tail["bias"].copy()
+    mult, shift = np.full(4096, 1 << 30, np.int32), np.full(4096, 40, np.int8)
+    for r, (s, y) in enumerate(_ln_code_odd_rows()):
+        rows.append(_ln_code_var_row(s * s, (0,) * (2 * r) + (y, -y)))
+        f = (1 << 31) // s
+        t = (((y * f) >> 1) + (1 << 13)) >> 14
+        gamma[2 * r], bias[2 * r] = 1, (1 << 16) + (((1 << 9) - 1 - t - (1 << 16)) % (1 << 10))
+    inputs = {"x": _rows_to_x(rows, 4096), "gamma": gamma, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "layernorm_ibert_code", inputs, {"rounding": _MODES[mode]}, "norm is a floor")
+
+
+def _ln_code_kind(name, kind, c, n, mode):
+    x = _ln_x(_rng(name), kind, c, n)
+    return _kernel_case(name, "layernorm_ibert_code", {"x": x} | _ln_tail_constants(_rng(name, "/constants"), c),
+                        {"rounding": _MODES[mode]}, kind)
+
+
+def _layernorm_code_specs():
+    op = "layernorm_ibert_code"
+    for mode in _MODES:
+        yield f"{op}_c192_n64_{mode}", op, True, _p(mode), lambda nm, m=mode: _ln_code_kind(nm, "random", 192, 64, m)
+        yield f"{op}_designed_meanties_c2_n8_{mode}", op, True, _p(mode), lambda nm, m=mode: _ln_code_designed(nm, m)
+        yield f"{op}_tties_c4096_n3_{mode}", op, True, _p(mode), lambda nm, m=mode: _ln_code_t_ties(nm, m)
+        yield f"{op}_sqrt_var4097sq_c4096_n5_{mode}", op, True, _p(mode), lambda nm, m=mode: _ln_code_sqrt_rows(nm, m)
+        yield f"{op}_normfloor_c4096_n12_{mode}", op, True, _p(mode), lambda nm, m=mode: _ln_code_norm_floor(nm, m)
+    for kind, c, n in (("residual", 768, 32), ("constant_rows", 768, 16), ("allneg128", 192, 4), ("all127", 192, 4),
+                       ("alternating", 4096, 2), ("onemax", 4096, 4), ("random", 1, 16)):
+        yield f"{op}_{kind}_c{c}_n{n}_single", op, True, _p("single"), lambda nm, k=kind, c=c, n=n: _ln_code_kind(
+            nm, k, c, n, "single")
+    yield f"{op}_residual_c768_n577_double", op, False, _p("double"), lambda nm: _ln_code_kind(nm, "residual", 768, 577, "double")
+
+
+def _select_score_case(name, kind, h, n_tokens, prefix, keep, b):
+    p = _cls_probs(_rng(name), kind, b, h, n_tokens, prefix, keep)
+    return _kernel_case(name, "select_tokens_score_order", {"p": p}, {"keep": keep, "num_prefix": prefix},
+                        f"cls row: {kind}")
+
+
+def _prune_option_case(name, op, kind, c, h, n_tokens, prefix, keep, b, mode, dtype=np.int8):
+    """As `_prune_case`, the index from the score-order selector; `halfties` (h = 2, one dropped token whose
+    score is 127: package = x / 2, a tie for every odd x)."""
+    rng = _rng(name)
+    p = _cls_probs(rng, "max" if kind == "extremes" else "random" if kind == "halfties" else kind,
+                   b, h, n_tokens, prefix, keep)
+    lo, hi = int_range(dtype)
+    x = rng.integers(lo, hi + 1, (b, c, 1, n_tokens)).astype(dtype)
+    if kind == "extremes":
+        x = np.where(x < 0, lo, hi).astype(dtype)
+    if kind == "halfties":                 # the first patch scores 127 (127 + 0), the others >= 128: it is the
+        p[:, :, 0, prefix:] = np.maximum(p[:, :, 0, prefix:], 64)                  # one dropped (keep = n - 1)
+        p[:, 0, 0, prefix], p[:, 1, 0, prefix] = 127, 0
+        x[:, :, 0, prefix] = rng.integers(-64, 64, (b, c)) * 2 + 1                  # odd: x * 127 / 254 a tie
+    index = REFERENCE_KERNELS["select_tokens_score_order"](p, keep=keep, num_prefix=prefix)
+    return _kernel_case(name, op, {"x": x, "p": p, "index": index}, {"num_prefix": prefix, "rounding": _MODES[mode]},
+                        f"cls row: {kind}")
+
+
+PRUNE_OPTION_OPS = {"prune_tokens_weighted_sum": "weightedsum", "prune_tokens_mean_any_order": "meanscoreorder"}
+
+
+def _prune_option_specs():
+    for kind, h, n, prefix, keep, b in (("random", 3, 66, 2, 45, 2), ("ties", 3, 34, 2, 10, 2),
+                                        ("allzero", 3, 18, 1, 5, 2), ("random", 3, 66, 2, 1, 2),
+                                        ("random", 3, 18, 2, 16, 2), ("max", 12, 50, 1, 20, 1)):
+        yield f"select_tokens_score_order_{kind}_h{h}_n{n}_p{prefix}_k{keep}_b{b}", "select_tokens_score_order", \
+            True, _p(keep=keep, num_prefix=prefix), lambda nm, a=(kind, h, n, prefix, keep, b): _select_score_case(nm, *a)
+    for op, tag in PRUNE_OPTION_OPS.items():
+        for mode in _MODES:
+            for kind, c, h, n, prefix, keep, b in (("random", 192, 3, 66, 2, 45, 2), ("pair", 16, 3, 18, 1, 15, 2),
+                                                   ("ties", 48, 3, 34, 2, 10, 2), ("allzero", 16, 3, 18, 1, 5, 2),
+                                                   ("random", 48, 3, 66, 2, 1, 2), ("random", 48, 3, 18, 2, 16, 2),
+                                                   ("extremes", 16, 12, 34, 1, 3, 1), ("halfties", 64, 2, 10, 1, 8, 2)):
+                yield f"prune_{tag}_{kind}_c{c}_h{h}_n{n}_p{prefix}_k{keep}_b{b}_{mode}", op, True, \
+                    _p(mode, num_prefix=prefix), \
+                    lambda nm, o=op, a=(kind, c, h, n, prefix, keep, b), m=mode: _prune_option_case(nm, o, *a, m)
+            yield f"prune_{tag}_int16_c32_h3_n18_p1_k9_b2_{mode}", op, True, _p(mode, num_prefix=1), lambda nm, o=op, m=mode: \
+                _prune_option_case(nm, o, "random", 32, 3, 18, 1, 9, 2, m, np.int16)
+    for order, package in (("score", "mean"), ("position", "weighted-sum"), ("score", "weighted-sum")):
+        tag = f"order{order}_package{package.replace('-', '')}"
+        setting = ((0, 0.5), (1, 0.7), ("order", order), ("package", package))
+        for mode in _MODES:
+            yield f"model_c48_d2_h3_img32_p8_b2_prune0k0p5_1k0p7_{tag}_{mode}", "model", True, \
+                _p(mode, scheme="refvit-int8"), \
+                lambda nm, m=mode, s=setting: _model_case(nm, 48, 2, 3, 32, 8, 2, m, False, prune=s)
+        yield f"block_c48_h3_n18_b2_prune0k0p5_{tag}_single", "block", True, _p("single", scheme="refvit-int8"), lambda nm, s=setting: _model_case(
+            nm, 48, 1, 3, 32, 8, 2, "single", True, prune=s[:1] + s[2:])
+
+
+def _authors_code_specs():
+    """The families of this section, one entry in the family list."""
+    for family in (_gelu_code_specs, _softmax_code_specs, _context_p16_specs, _layernorm_code_specs,
+                   _prune_option_specs):
+        yield from family()

@@ -85,10 +85,12 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                    help=f"input pipeline: {' | '.join(PRESETS)} | FILE.json (docs/preprocessing.md); default: "
                         "recorded in --model, the checkpoint's pretrained_cfg, else imagenet (fmnist for the "
                         "embedded model)")
-    p.add_argument("--prune", metavar="BLOCK:KEEP[,...]",
+    p.add_argument("--prune", metavar="BLOCK:KEEP[,...][,order=O][,package=P]",
                    help="token pruning (EViT / HeatViT selector): in each BLOCK (from 0), after its attention, keep "
                         "ceil(KEEP * patches) patch tokens most attended by the class token and fold the rest into "
-                        "one package token, e.g. 1:0.7,3:0.7,5:0.7; 'none' drops a --model's recorded pruning")
+                        "one package token, e.g. 1:0.7,3:0.7,5:0.7; order=position (default) | score (EViT's code) "
+                        "orders the kept tokens, package=mean (default, HeatViT) | weighted-sum (EViT's code) "
+                        "makes the package token; 'none' drops a --model's recorded pruning")
     if calib:
         p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
                        help="calibration images (files, folders, or a Fashion-MNIST .npz) for quantizing --weights")
@@ -697,11 +699,12 @@ def run_schemes(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     keys = ("conv", "layernorm", "softmax", "gelu", "residual")
-    print(f"{'name':16}" + "".join(f"{k:11}" for k in keys) + "note")
+    width = {k: max(len(k), *(len(r[k]) for r in rows)) + 1 for k in keys}   # columns as wide as their values
+    print(f"{'name':16}" + "".join(f"{k:{width[k]}}" for k in keys) + "note")
     for r in rows:
         extra = (f" (pot_fraction {r['pot_fraction']})" if r["conv"] == "mixed-pot" else "") + \
                 (f" (gelu_delta {r['gelu_delta']})" if r["gelu_delta"] != 1.0 else "")
-        print(f"{r['name']:16}" + "".join(f"{r[k]:11}" for k in keys) + r["note"] + extra)
+        print(f"{r['name']:16}" + "".join(f"{r[k]:{width[k]}}" for k in keys) + r["note"] + extra)
     print("\nA JSON file with these keys (any subset; the rest default to refvit-int8's) is a scheme too: "
           "quantize --scheme my_scheme.json")
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import int_kernels as K
+from . import int_kernels_authors as KA
 from . import int_kernels_variants as KV
 from .config import DeiTConfig
 from .errors import RefvitError
@@ -261,3 +262,26 @@ def scale_of_product(op, s: dict) -> float:
 
 def scale_of_probabilities(op, s: dict) -> float:
     return 1.0 / K.PROB_ONE
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' code variants (issue 19): refvit/int_kernels_authors.py
+# ---------------------------------------------------------------------------------------------
+
+def gelu_poly_ibert_code_constants(op, ctx: Context) -> dict:
+    """i-GELU as I-BERT's code: the erf argument unit s_in / 1.4142."""
+    return scalars(op.name, KA.gelu_poly_ibert_code_constants(ctx.s[op.inputs["x"]], ctx.s[op.name]))
+
+
+def layernorm_ibert_code_constants(op, ctx: Context) -> dict:
+    """Part 2's gamma / beta tail constants (t has the same scale); no eps (I-BERT's integer path has none)."""
+    return {k: v for k, v in layernorm_constants(op, ctx).items() if k != f"{op.name}.eps_int"}
+
+
+def context_p16_constants(op, ctx: Context) -> dict:
+    """The context of int16 probabilities at 2^-15: one rescale s_v 2^-15 / s_out."""
+    return rescale(op.name, ctx.s[op.inputs["v"]] / KA.PROB16_ONE / ctx.s[op.name])
+
+
+def scale_of_probabilities16(op, s: dict) -> float:
+    return 1.0 / KA.PROB16_ONE

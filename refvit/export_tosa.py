@@ -26,6 +26,7 @@ import refvit
 
 from . import graph as G
 from . import int_kernels as K
+from . import int_kernels_authors as KA
 from . import int_kernels_variants as KV
 from . import registry as R
 from .intmath import INT32_MAX, SINGLE_ROUND, apply_scale, int_range
@@ -443,6 +444,21 @@ def _exp_shift(em: _Emitter, dw: Value) -> Value:
 def _softmax_poly(em, op, ctx, s, c):
     return _softmax_tail(em, op, _exp_poly(em, _softmax_front(em, op, ctx, s, c, KV.SOFTMAX_POLY_CAP)),
                          KV.EXP_POLY_ONE)
+
+
+def _exp_poly_ibert_code(em: _Emitter, dw: Value) -> Value:
+    """exp_poly_ibert_code(-d_w): q = d_w // 11356, r = q*11356 - d_w, e = ((r + 44356) r + 749502594) >> min(q + 15, 31)."""
+    q = em.binary("intdiv", dw, em.scalar(KA.EXP_CODE_LN2, 3))                      # [0, 30]
+    r = em.binary("sub", em.mul(q, em.scalar(KA.EXP_CODE_LN2, 3)), dw)              # (-11356, 0]
+    z = em.binary("add", em.mul(em.binary("add", r, em.scalar(KA.EXP_CODE_QB, 3)), r),
+                  em.scalar(KA.EXP_CODE_QC, 3))                                     # |(r + b) r| < 2^29, z < 2^30
+    sh = em.binary("minimum", em.binary("add", q, em.scalar(KA.EXP_CODE_SHIFT, 3)), em.scalar(31, 3))
+    return em.ars(z, sh, round=False)                                               # [0, 22873]
+
+
+def _softmax_poly_ibert_code(em, op, ctx, s, c):
+    return _softmax_tail(em, op, _exp_poly_ibert_code(em, _softmax_front(em, op, ctx, s, c, KA.SOFTMAX_CODE_CAP)),
+                         KA.EXP_CODE_ONE)
 
 
 def _softmax_shift(em, op, ctx, s, c):

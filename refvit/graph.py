@@ -31,6 +31,14 @@ SCORES = "(B,Hh,N,N) [query, key]"
 PREFIX = "NCHW (B,P*C,1,1)"
 LOGITS = "NCHW (B,K,1,1)"
 KEPT = "(B,k) [kept token positions, ascending]"
+KEPT_BY_SCORE = "(B,k) [kept token positions, score order]"
+# the softmax variants whose probabilities are not int8: (dtype, the attention_context variant that reads them)
+PROBABILITIES = {"shift16": ("int16", "p16")}
+# prune setting (order, package) -> (token_select variant, token_prune variant) (docs/spec.md, "Token pruning")
+PRUNE_VARIANTS = {("position", "mean"): ("cls_attention", "package"),
+                  ("score", "mean"): ("cls_attention-score-order", "mean-any-order"),
+                  ("position", "weighted-sum"): ("cls_attention", "weighted-sum"),
+                  ("score", "weighted-sum"): ("cls_attention-score-order", "weighted-sum")}
 BATCH = "B"                     # the batch dimension in a record's shape
 
 
@@ -151,7 +159,7 @@ class Scheme:
             variant = getattr(self, fld)
             if variant not in R.variants(op):
                 raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {R.variants(op)}")
-        if self.residual == "int16" and self.layernorm == "int64":
+        if self.residual == "int16" and self.layernorm in ("int64", "ibert-code"):
             raise GraphError(f"scheme {self.name!r}: an int16 residual stream needs a LayerNorm that reads int16 "
                              f"(layernorm 'wide' or 'int32')")
         if not (isinstance(self.pot_fraction, (int, float)) and 0 <= self.pot_fraction <= 1):
@@ -193,8 +201,10 @@ def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
 DEFAULT_SCHEME = Scheme()
 SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`)
     DEFAULT_SCHEME,
-    Scheme("ibert", layernorm="int32", softmax="poly", gelu="poly"),
-    Scheme("ivit", softmax="shift", gelu="shift"),
+    Scheme("ibert", layernorm="ibert-code", softmax="poly-ibert-code", gelu="poly-ibert-code"),
+    Scheme("ibert-paper", layernorm="int32", softmax="poly", gelu="poly"),
+    Scheme("ivit", softmax="shift16", gelu="shift"),
+    Scheme("ivit-paper", softmax="shift", gelu="shift"),
     Scheme("int16-residual", layernorm="wide", residual="int16"),
     Scheme("w4a8", conv="w4"),
     Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
@@ -202,8 +212,12 @@ SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`
 )}
 SCHEME_NOTES = {
     "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
-    "ibert": "I-BERT: i-GELU and i-exp (second-order polynomials), LayerNorm with 32-bit intermediates",
-    "ivit": "I-ViT: ShiftGELU and Shiftmax (exp through shifts)",
+    "ibert": "I-BERT as its released code computes: i-GELU with k = 1.4142, i-exp with x0 = -0.6931 and the "
+             "expanded polynomial, IntLayerNorm (integer mean, no eps, exact integer sqrt)",
+    "ibert-paper": "I-BERT's paper formulas: i-GELU and i-exp (second-order polynomials), LayerNorm with 32-bit "
+                   "intermediates",
+    "ivit": "I-ViT as its DeiT runs: ShiftGELU and Shiftmax with 16-bit probabilities (int16 x int8 context)",
+    "ivit-paper": "I-ViT's paper: ShiftGELU and Shiftmax (exp through shifts), 8-bit probabilities",
     "int16-residual": "int16 residual stream (symmetric per tensor), as TFLite's 16x8 mode; int64 LayerNorm on int16",
     "w4a8": "4-bit weights [-7, 7] per channel in the block convs (operand reordering: one requantization after)",
     "mixed-pot": "Auto-ViT-Acc: half of each block conv's rows as signed powers of two, the rest int8",
@@ -275,11 +289,16 @@ class _Builder:
         """Token pruning in block prefix b (docs/spec.md, "Token pruning"): `select`, the kept positions (B, k)
         from the probabilities p, then `pruned`, the tokens x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])."""
         P = self.cfg.num_prefix_tokens
-        index = self.add(b + "select", "token_select", "cls_attention", {"p": p},
+        if self.scheme.softmax in PROBABILITIES:
+            raise GraphError(f"token pruning reads int8 probabilities; softmax {self.scheme.softmax!r} of scheme "
+                             f"{self.scheme.name!r} gives {PROBABILITIES[self.scheme.softmax][0]}")
+        select, prune = PRUNE_VARIANTS[(stage.order, stage.package)]
+        index = self.add(b + "select", "token_select", select, {"p": p},
                          {"keep": stage.keep, "num_prefix": P}, shape=(BATCH, stage.keep), dtype="int32",
-                         layout=KEPT, scale=None, calibrate=False)                   # (B, k) int32
+                         layout=KEPT if stage.order == "position" else KEPT_BY_SCORE, scale=None,
+                         calibrate=False)                                            # (B, k) int32
         self.tokens = P + stage.patches_out
-        return self.add(b + "pruned", "token_prune", "package", {"x": x, "p": p, "index": index},
+        return self.add(b + "pruned", "token_prune", prune, {"x": x, "p": p, "index": index},
                         {"num_prefix": P}, shape=(BATCH, self.cfg.embed_dim, 1, self.tokens),
                         dtype=self.stream_dtype, scale=f"{x}.scale", calibrate=False)  # (B, C, 1, N'), x's scale
 
@@ -295,9 +314,10 @@ def _block(g: _Builder, i: int, x: str) -> str:
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
     s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
+    p_dtype, context = PROBABILITIES.get(g.scheme.softmax, ("int8", "int32"))
     p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N),
-              layout=SCORES, scale="attn.softmax.scale")                            # (B, Hh, N, N) at 1/127
-    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v},
+              layout=SCORES, dtype=p_dtype, scale="attn.softmax.scale")             # (B, Hh, N, N) at 1/127 (int16: 2^-15)
+    o = g.add(b + "attn.context", "attention_context", context, {"p": p, "v": v},
               shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)

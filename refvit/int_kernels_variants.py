@@ -45,7 +45,7 @@ GELU_SHIFT_COEF = 1.702            # GELU(x) ~ x * sigmoid(1.702 x)
 
 # --- polynomial exp (I-BERT i-exp), softmax_poly -------------------------------------------------------------
 EXP_POLY_A, EXP_POLY_B, EXP_POLY_C = 0.3585, 1.353, 0.344     # exp(p) ~ a (p + b)^2 + c on (-ln2, 0]
-EXP_POLY_LN2 = 11357              # -floor(-ln2 / 2^-14) = ceil(11356.52): I-BERT's -x0_int at scale 2^-14
+EXP_POLY_LN2 = 11357              # -floor(-ln2 / 2^-14) = ceil(11356.52): the paper's -x0_int (exact ln 2; code: 11356)
 EXP_POLY_QB = 22167                # floor(b / 2^-14) = floor(22167.55)
 EXP_POLY_QC = 257578233            # floor(c / (a 2^-28)) = floor(257578233.7); all three tested from decimals
 EXP_POLY_MAX_Z = 30                # I-BERT's n: x >= 30 * x0, z <= 30
@@ -159,10 +159,15 @@ def gelu_poly_constants(scale_in: float, scale_out: float, delta: float = 1.0) -
     delta = 1 is I-BERT; HeatViT's extra factor multiplies L: GELU ~ x/2 (1 + delta L(x / sqrt 2)).
     """
     fn = "gelu_poly_constants"
+    _positive_float(scale_in, fn, "scale_in")
+    return gelu_poly_constants_of(Fraction(float(scale_in) / math.sqrt(2.0)), scale_in, scale_out, delta, fn)
+
+
+def gelu_poly_constants_of(S: Fraction, scale_in: float, scale_out: float, delta: float, fn: str) -> dict:
+    """`gelu_poly_constants` for a given erf argument unit S (an exact rational): the rules after S."""
     s_in = _positive_float(scale_in, fn, "scale_in")
     s_out = _positive_float(scale_out, fn, "scale_out")
     dl = _positive_float(delta, fn, "delta")
-    S = Fraction(float(scale_in) / math.sqrt(2.0))
     a, b = Fraction(GELU_POLY_A), Fraction(GELU_POLY_B)
     c_b = -math.floor(b / S)
     c_c = -math.floor(1 / (a * S * S))

@@ -137,7 +137,7 @@ def head(p, x):  # x (B, C, 1, N) final-normed -> logits (B, K)
 
 
 def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, C, 1, N')
-    rates = {s.block: s.keep_rate for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
+    rates = {s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
     x = embed(p, _record(trace, "input", x), cfg, trace)
     for i in range(cfg.depth):
         x = block(p, i, x, cfg, trace, rates.get(i))

@@ -83,7 +83,7 @@ def head(p, x):  # x (B, N, C) final-normed -> logits (B, K)
 
 
 def forward_features(p, x, cfg: DeiTConfig, trace: dict | None = None, prune=()):  # (B, 3, H, W) -> (B, N', C)
-    rates = {s.block: s.keep_rate for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
+    rates = {s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
     x = embed(p, x, cfg)
     for i in range(cfg.depth):
         x = block(p, i, x, cfg, rates.get(i))

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field, replace
 from refvit.checkpoints import CheckpointError
 from refvit.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from refvit.config import ConfigError, DeiTConfig
-from refvit.graph import (BOUNDARY_CONSTANTS, DEFAULT_SCHEME, SCHEME_NOTES, GraphError, Scheme, build_graph,
-                          check_rounding, graph_from_dicts, required_constants, run_graph, scheme_of)
+from refvit.graph import (BOUNDARY_CONSTANTS, DEFAULT_SCHEME, PRUNE_VARIANTS, SCHEME_NOTES, GraphError, Scheme,
+                          build_graph, check_rounding, graph_from_dicts, required_constants, run_graph, scheme_of)
 from refvit.intmath import SINGLE_ROUND
+from refvit.prune import parse_prune
 
 FORMAT = "refvit-int8"
 FORMAT_VERSION = 2
@@ -65,12 +66,10 @@ class QuantizedModel:
     def prune(self) -> tuple:
         """The token pruning the records carry: ((block, keep_rate), ...) that gives their keep counts again
         (keep_rate = (keep - 1/2) / patches in: refvit.prune.keep_count rounds it up to keep exactly)."""
-        out = []
-        for op in self.graph:
-            if op.op == "token_select":
-                patches = self.tokens_in(op) - op.attrs["num_prefix"]
-                out.append((int(op.name.split(".")[1]), (op.attrs["keep"] - 0.5) / patches))
-        return tuple(out)
+        stages = self.prune_stages()
+        out = tuple((s["block"], (s["keep"] - 0.5) / s["patches"]) for s in stages)
+        options = tuple((k, s[k]) for s in stages[:1] for k in ("order", "package") if k in s)
+        return parse_prune(out + options) if out else ()
 
     def tokens_in(self, select_op) -> int:
         """N, the tokens entering a selection: the last axis of the probabilities it reads."""
@@ -78,12 +77,19 @@ class QuantizedModel:
         return p.shape[-1]
 
     def prune_stages(self) -> list:
-        """The selections as the records have them: block, patches in, kept, patches out."""
-        return [{"block": int(op.name.split(".")[1]), "patches": self.tokens_in(op) - op.attrs["num_prefix"],
-                 "keep": op.attrs["keep"],
-                 "patches_out": next(o for o in self.graph if o.op == "token_prune" and o.inputs["index"] == op.name
-                                     ).shape[-1] - op.attrs["num_prefix"]}
-                for op in self.graph if op.op == "token_select"]
+        """The selections as the records have them: block, patches in, kept, patches out (and the prune options
+        `order` / `package` where they are not the defaults)."""
+        out = []
+        for op in self.graph:
+            if op.op == "token_select":
+                pruned = next(o for o in self.graph if o.op == "token_prune" and o.inputs["index"] == op.name)
+                options = next((k for k, v in PRUNE_VARIANTS.items() if v == (op.variant, pruned.variant)),
+                               ("position", "mean"))
+                out.append({"block": int(op.name.split(".")[1]), "patches": self.tokens_in(op) - op.attrs["num_prefix"],
+                            "keep": op.attrs["keep"], "patches_out": pruned.shape[-1] - op.attrs["num_prefix"]}
+                           | {k: v for k, v, default in zip(("order", "package"), options, ("position", "mean"))
+                              if v != default})
+        return out
 
     def with_graph(self, graph) -> "QuantizedModel":
         return replace(self, graph=tuple(graph))

@@ -128,7 +128,7 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
     for op in graph:
         if op.calibrate:
             T[op.scale] = s[op.name]
-    T["attn.softmax.scale"] = 1.0 / K.PROB_ONE
+    T["attn.softmax.scale"] = next((s[op.name] for op in graph if op.op == "softmax"), 1.0 / K.PROB_ONE)
     T = {k: (np.asarray(v, np.float64) if isinstance(v, float) else v) for k, v in T.items()}
     return QuantizedModel(cfg, head_mode, dict(calibration or {}), T, graph, scheme.name, scheme.options())
 

@@ -25,6 +25,8 @@ import numpy as np
 from . import constants as C
 from . import int_kernels as K
 from . import int_kernels_prune as KP
+from . import int_kernels_authors as KA
+from .reference import authors as RH
 from . import int_kernels_variants as KV
 from .errors import RefvitError
 from .reference import kernels as RK
@@ -326,5 +328,53 @@ for _row in (
               "x (B, C, 1, N), p, index (B, k) -> (B, C, 1, P + k + 1): prefix, kept tokens, the score-weighted "
               "average of the dropped ones (exact quotient, ties by the rounding mode)", "Token pruning, prune_tokens",
               scale=C.scale_of_x, no_tosa="token pruning is not exported (a data-dependent gather)"),
+):
+    register(_row)
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' code (issue 19): I-BERT's released kernels, I-ViT's 16-bit Shiftmax, EViT's pruning options
+# ---------------------------------------------------------------------------------------------
+
+_PRUNE_NO_TOSA = "token pruning is not exported (a data-dependent gather)"
+for _row in (
+    OpVariant("gelu", "poly-ibert-code", KA.gelu_poly_ibert_code, RH.gelu_poly_ibert_code, ("x",),
+              "i-GELU as I-BERT's code computes it (erf argument unit s_in / 1.4142): int8 x, any shape -> int8",
+              "Part 4, gelu_poly_ibert_code", constants=C.gelu_poly_ibert_code_constants, tosa="_gelu_poly"),
+    OpVariant("softmax", "poly-ibert-code", KA.softmax_poly_ibert_code, RH.softmax_poly_ibert_code, ("scores",),
+              "Softmax with I-BERT's code i-exp (x0 = -0.6931, 0.35815147 x^2 + 0.96963238 x + 1) at 2^-14: "
+              "int32 (..., N) -> int8 probabilities at 1/127", "Part 4, softmax_poly_ibert_code",
+              constants=C.softmax_exp_constants, scale=C.scale_of_probabilities,
+              internals={"diff": OUTPUT, **_SOFTMAX_TAIL}, tosa="_softmax_poly_ibert_code"),
+    OpVariant("softmax", "shift16", KA.softmax_shift16, RH.softmax_shift16, ("scores",),
+              "Shiftmax with I-ViT's 16-bit output: int32 (..., N) -> int16 probabilities in [0, 32767] at 2^-15",
+              "Part 4, softmax_shift16", constants=C.softmax_exp_constants, scale=C.scale_of_probabilities16,
+              internals={"diff": OUTPUT, **_SOFTMAX_TAIL},
+              no_tosa="no emitter written yet (its output stage is an int32 MUL by (2^31 - 1) // sum and a "
+              "16-bit shift, which TOSA can express)"),
+    OpVariant("attention_context", "p16", KA.attention_context_p16, RH.attention_context_p16, ("p", "v"),
+              "int16 p (B, Hh, N, N) at 2^-15, int8 v (B, Hh, D, N) -> int8 (B, Hh, D, N); N <= 512",
+              "Part 4, attention_context_p16", constants=C.context_p16_constants, internals={"acc": OUTPUT},
+              no_tosa="TOSA's int16 x int8 MATMUL does not exist (int16 x int16 gives int48) and no emitter "
+              "is written for the int16 x int16 form"),
+    OpVariant("layernorm", "ibert-code", KA.layernorm_ibert_code, RH.layernorm_ibert_code, ("x",),
+              "LayerNorm as I-BERT's code normalises (integer mean, no eps, 2^31 // isqrt(var)), Part 2's "
+              "gamma/beta tail: int8 (B, C, H, W) -> int8", "Part 4, layernorm_ibert_code",
+              constants=C.layernorm_ibert_code_constants, constant_names={"gamma": "{name}.weight"},
+              internals={"sum": PER_TOKEN, "mean": PER_TOKEN, "y": OUTPUT, "sumsq": PER_TOKEN, "root": PER_TOKEN,
+                         "recip": PER_TOKEN, "norm": OUTPUT, "t": OUTPUT, "acc": OUTPUT},
+              no_tosa="no emitter is written (y * (2^31 // std) reaches 2^31, one bit beyond int32; TOSA could "
+              "take it as y (factor >> 1) + floor(y (factor & 1) / 2), and var < 2^28 in 32-bit isqrt)"),
+    OpVariant("token_select", "cls_attention-score-order", KA.select_tokens_score_order, RH.select_tokens_score_order, ("p",),
+              "int8 p (B, Hh, N, N) -> int32 (B, keep): cls_attention's kept positions in score order (larger "
+              "score first, ties: lower position first), as EViT's top-k", "Token pruning, select_tokens_score_order",
+              no_tosa=_PRUNE_NO_TOSA),
+    OpVariant("token_prune", "mean-any-order", KA.prune_tokens_mean_any_order, RH.prune_tokens_mean_any_order, ("x", "p", "index"),
+              "token_prune 'package' with the kept tokens in the index's order (any order of distinct positions)",
+              "Token pruning, prune_tokens_mean_any_order", scale=C.scale_of_x, no_tosa=_PRUNE_NO_TOSA),
+    OpVariant("token_prune", "weighted-sum", KA.prune_tokens_weighted_sum, RH.prune_tokens_weighted_sum, ("x", "p", "index"),
+              "x (B, C, 1, N), p, index (B, k) (any order) -> (B, C, 1, P + k + 1): prefix, kept tokens, EViT's "
+              "package: the dropped tokens' sum weighted by the head-mean cls attention, not normalised",
+              "Token pruning, prune_tokens_weighted_sum", scale=C.scale_of_x, no_tosa=_PRUNE_NO_TOSA),
 ):
     register(_row)

@@ -239,7 +239,7 @@ def small_models():
 
 
 def test_manifest_states_every_scalar_constant(small_models, tmp_path):
-    qm = next(q for q in small_models if q.scheme.name == "ibert")
+    qm = next(q for q in small_models if q.scheme.name == "ibert-paper")
     m = golden.write_golden(qm, golden.seed_input(1, (1, 3, 16, 16)), tmp_path / "g")
     for name, entry in m["constants"].items():
         if entry["shape"] == [] or name.endswith((".multiplier", ".shift")):

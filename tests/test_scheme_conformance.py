@@ -32,9 +32,11 @@ import numpy as np
 import pytest
 
 from conformance import ERROR, FAIL, PASS, RefvitDUT, run_cases, select
-from conformance.cases import GELU_VARIANT_SCALES, SCHEME_MODEL_CASES, get_case, random_quantized_model
+from conformance.cases import GELU_CODE_SCALES, SCHEME_MODEL_CASES, get_case, random_quantized_model
 from conformance.dut import REFERENCE_KERNELS
 from refvit import int_kernels as K
+from refvit import int_kernels_authors as KA
+from refvit.int_kernels_prune import divide_round
 from refvit import int_kernels_variants as KV
 from refvit import int_model
 from refvit import registry as R
@@ -44,15 +46,25 @@ from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, SINGLE_ROUND, quantize_mult
 
 # op family: (Scheme field, {variant: the kernel / DUT method})
 FAMILIES = {
-    "gelu": ("gelu", {"table": "gelu", "poly": "gelu_poly", "shift": "gelu_shift"}),
-    "softmax": ("softmax", {"table": "softmax", "poly": "softmax_poly", "shift": "softmax_shift"}),
-    "layernorm": ("layernorm", {"int64": "layernorm", "int32": "layernorm_int32", "wide": "layernorm_wide"}),
+    "gelu": ("gelu", {"table": "gelu", "poly": "gelu_poly", "shift": "gelu_shift",
+                      "poly-ibert-code": "gelu_poly_ibert_code"}),
+    "softmax": ("softmax", {"table": "softmax", "poly": "softmax_poly", "shift": "softmax_shift",
+                            "poly-ibert-code": "softmax_poly_ibert_code", "shift16": "softmax_shift16"}),
+    "layernorm": ("layernorm", {"int64": "layernorm", "int32": "layernorm_int32", "wide": "layernorm_wide",
+                                "ibert-code": "layernorm_ibert_code"}),
     "add": ("residual", {"int8": "add", "int16": "add_wide"}),
     "conv2d": ("conv", {"w8": "conv2d", "w4": "conv2d_w4", "mixed-pot": "conv2d_mixed_pot"}),
+    # no Scheme field: the context follows the softmax's output dtype, the pruning records the prune options
+    "attention_context": (None, {"int32": "attention_context", "p16": "attention_context_p16"}),
+    "token_select": (None, {"cls_attention": "select_tokens", "cls_attention-score-order": "select_tokens_score_order"}),
+    "token_prune": (None, {"package": "prune_tokens", "mean-any-order": "prune_tokens_mean_any_order",
+                           "weighted-sum": "prune_tokens_weighted_sum"}),
 }
 PAIRS = [(fam, req, impl) for fam, (_, variants) in FAMILIES.items()
          for req, impl in itertools.permutations(variants, 2)]
-SAME_KERNEL = {("layernorm", "int64", "wide")}      # identical on every input of the required variant
+
+SAME_KERNEL = {("layernorm", "int64", "wide"),      # identical on every input of the required variant
+               ("token_prune", "package", "mean-any-order")}
 SAME_PER_OP = SAME_KERNEL | {("add", "int8", "int16")}   # identical on the per-op cases (int8 operands)
 
 
@@ -64,12 +76,13 @@ def _arg_names(kernel: str) -> list:
 # ---------------------------------------------------------------- per-op adapters: kernel `req` computed by `impl`
 
 GELU_BUILD = {"gelu": lambda s_in, s_out: {"table": K.make_gelu_table(s_in, s_out)},
-              "gelu_poly": KV.gelu_poly_constants, "gelu_shift": KV.gelu_shift_constants}
+              "gelu_poly": KV.gelu_poly_constants, "gelu_shift": KV.gelu_shift_constants,
+              "gelu_poly_ibert_code": KA.gelu_poly_ibert_code_constants}
 
 
 def _gelu_scales(kernel: str, given: dict) -> tuple:
     """The (scale_in, scale_out) of the cases' grid whose constants by `kernel`'s builder are `given`."""
-    for s_in, s_out in GELU_VARIANT_SCALES:
+    for s_in, s_out in GELU_CODE_SCALES:
         built = GELU_BUILD[kernel](s_in, s_out)
         if all(np.array_equal(np.asarray(v), np.asarray(given[k])) for k, v in built.items()):
             return s_in, s_out
@@ -104,10 +117,11 @@ def _eps_int32(eps: int) -> tuple:
 
 def _layernorm_adapter(req: str, impl: str):
     def method(self, x, *args, rounding=SINGLE_ROUND):
-        n_eps = 2 if req == "layernorm_int32" else 1
-        eps = int(args[0]) << (2 * int(args[1])) if n_eps == 2 else int(args[0])
-        eps_args = _eps_int32(eps) if impl == "layernorm_int32" else (np.int64(min(eps, K.MAX_LN_EPS_INT)),)
-        if impl == "layernorm":                              # part 2's datapath has an int8 input
+        n_eps = {"layernorm_int32": 2, "layernorm_ibert_code": 0}.get(req, 1)
+        eps = int(args[0]) << (2 * int(args[1])) if n_eps == 2 else int(args[0]) if n_eps else 1  # I-BERT: no eps
+        eps_args = (_eps_int32(eps) if impl == "layernorm_int32" else () if impl == "layernorm_ibert_code"
+                    else (np.int64(min(eps, K.MAX_LN_EPS_INT)),))
+        if impl in ("layernorm", "layernorm_ibert_code"):    # part 2's and I-BERT's datapaths have an int8 input
             x = saturate(x, np.int8)
         return REFERENCE_KERNELS[impl](x, *eps_args, *args[n_eps:], rounding=rounding)
     return method
@@ -142,8 +156,33 @@ def _conv_adapter(req: str, impl: str):
     return method
 
 
+def _context_adapter(req: str, impl: str):
+    """int8 p at 1/127 <-> int16 p at 2^-15: the probabilities and the rescale converted to the other width."""
+    def method(self, p, v, multiplier, shift, *, rounding=SINGLE_ROUND):
+        one = {"attention_context": K.PROB_ONE, "attention_context_p16": KA.PROB16_ONE}
+        hi = {"attention_context": K.PROB_ONE, "attention_context_p16": KA.PROB16_MAX}[impl]
+        p2 = np.minimum(divide_round(p.astype(np.int64) * one[impl], one[req]), hi)
+        p2 = p2.astype(np.int8 if impl == "attention_context" else np.int16)
+        m, s = quantize_multiplier(int(multiplier) * 2.0 ** -int(shift) * one[impl] / one[req])
+        return REFERENCE_KERNELS[impl](p2, v, np.int32(m), np.int8(s), rounding=rounding)
+    return method
+
+
+def _select_adapter(req: str, impl: str):
+    def method(self, p, **kw):                           # the same arguments
+        return REFERENCE_KERNELS[impl](p, **kw)
+    return method
+
+
+def _prune_adapter(req: str, impl: str):
+    def method(self, x, p, index, **kw):                 # a position-order pruner reads the kept positions sorted
+        return REFERENCE_KERNELS[impl](x, p, np.sort(index, axis=1) if impl == "prune_tokens" else index, **kw)
+    return method
+
+
 ADAPTERS = {"gelu": _gelu_adapter, "softmax": _softmax_adapter, "layernorm": _layernorm_adapter, "add": _add_adapter,
-            "conv2d": _conv_adapter}
+            "conv2d": _conv_adapter, "attention_context": _context_adapter, "token_select": _select_adapter,
+            "token_prune": _prune_adapter}
 
 
 def neighbour_dut(family: str, req: str, impl: str):
@@ -185,6 +224,16 @@ def model_dut(scheme):
     return NeighbourModel()
 
 
+def composite_statuses(family: str, req: str, impl: str) -> dict:
+    """The quick block and model cases with token pruning whose graphs use the required variant's kernel, run by
+    the neighbour DUT (its per-op method of that kernel computes the implemented variant)."""
+    kernel = FAMILIES[family][1][req]
+    cases = [s for s in select("quick") if s.op in ("block", "model") and "prune" in s.name
+             and any(r["op"] == family and r["variant"] == req for r in get_case(s.name).params["graph"])]
+    assert cases, f"no block or model case uses {kernel}"
+    return _statuses(run_cases(neighbour_dut(family, req, impl), cases))
+
+
 def _statuses(results) -> dict:
     return {r.case: r.status for r in results}
 
@@ -193,7 +242,7 @@ def _statuses(results) -> dict:
 
 def test_families_are_the_graphs_variants():
     """FAMILIES names every variant of the graph's op families by its kernel, and each has quick cases."""
-    assert len(PAIRS) == 4 * 3 * 2 + 2
+    assert len(PAIRS) == 4 * 3 + 5 * 4 + 4 * 3 + 2 + 3 * 2 + 2 + 2 + 3 * 2
     quick_ops = {s.op for s in select("quick")}
     for op, (field, variants) in FAMILIES.items():
         assert set(R.variants(op)) == set(variants), op
@@ -205,6 +254,16 @@ def test_neighbour_variant_fails_the_required_variants_cases(family, req, impl):
     field, variants = FAMILIES[family]
     per_op = _statuses(run_cases(neighbour_dut(family, req, impl), [s for s in select("quick")
                                                                       if s.op == variants[req]]))
+    if field is None:
+        if (family, req, impl) in SAME_KERNEL:            # mean-any-order on increasing positions is prune_tokens
+            assert set(per_op.values()) == {PASS}
+            return
+        assert FAIL in per_op.values(), per_op
+        if family in ("token_select", "token_prune"):     # (the order shows in a block's tokens, not in logits)
+            composite = composite_statuses(family, req, impl)
+            if (family, req, impl) != ("token_prune", "mean-any-order", "package"):   # same package, same order
+                assert FAIL in composite.values(), composite
+        return                                            # attention_context: no scheme has the other width
     models = {}
     for scheme_name, case in MODEL_CASES.items():
         scheme = SCHEMES[scheme_name]
@@ -219,7 +278,8 @@ def test_neighbour_variant_fails_the_required_variants_cases(family, req, impl):
     else:
         assert FAIL in per_op.values(), per_op
     assert all(st == FAIL for st in models.values()), models
-    assert models or (family, req, impl) == ("layernorm", "wide", "int64"), f"no model case for {field} {req}"
+    assert models or (family, req, impl) in (("layernorm", "wide", "int64"), ("layernorm", "wide", "ibert-code")), \
+        f"no model case for {field} {req}"   # wide is used with an int16 stream only, which they cannot read
 
 
 def test_superset_kernels_agree_on_their_subsets():

@@ -24,8 +24,11 @@ CFG = DeiTConfig(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, 
 # What each named scheme of the issue chooses (written from the issue, not read from refvit.graph).
 EXPECTED = {
     "refvit-int8": dict(conv="w8", layernorm="int64", softmax="table", gelu="table", residual="int8"),
-    "ibert": dict(conv="w8", layernorm="int32", softmax="poly", gelu="poly", residual="int8"),
-    "ivit": dict(conv="w8", layernorm="int64", softmax="shift", gelu="shift", residual="int8"),
+    "ibert": dict(conv="w8", layernorm="ibert-code", softmax="poly-ibert-code", gelu="poly-ibert-code",
+                  residual="int8"),
+    "ibert-paper": dict(conv="w8", layernorm="int32", softmax="poly", gelu="poly", residual="int8"),
+    "ivit": dict(conv="w8", layernorm="int64", softmax="shift16", gelu="shift", residual="int8"),
+    "ivit-paper": dict(conv="w8", layernorm="int64", softmax="shift", gelu="shift", residual="int8"),
     "int16-residual": dict(conv="w8", layernorm="wide", softmax="table", gelu="table", residual="int16"),
     "w4a8": dict(conv="w4", layernorm="int64", softmax="table", gelu="table", residual="int8"),
     "mixed-pot": dict(conv="mixed-pot", layernorm="int64", softmax="table", gelu="table", residual="int8"),
@@ -35,7 +38,9 @@ KERNEL = {("conv2d", "w8"): "conv2d", ("conv2d", "w4"): "conv2d_w4", ("conv2d", 
           ("layernorm", "int64"): "layernorm", ("layernorm", "int32"): "layernorm_int32",
           ("layernorm", "wide"): "layernorm_wide", ("softmax", "table"): "softmax", ("softmax", "poly"): "softmax_poly",
           ("softmax", "shift"): "softmax_shift", ("gelu", "table"): "gelu", ("gelu", "poly"): "gelu_poly",
-          ("gelu", "shift"): "gelu_shift", ("add", "int8"): "add", ("add", "int16"): "add_wide"}
+          ("gelu", "shift"): "gelu_shift", ("add", "int8"): "add", ("add", "int16"): "add_wide",
+          ("layernorm", "ibert-code"): "layernorm_ibert_code", ("softmax", "poly-ibert-code"): "softmax_poly_ibert_code",
+          ("gelu", "poly-ibert-code"): "gelu_poly_ibert_code", ("softmax", "shift16"): "softmax_shift16"}
 BLOCK_CONVS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from refvit import graph as G
 from refvit import int_kernels as K
+from refvit import int_kernels_authors as KA
 from refvit import int_kernels_variants as KV
 from refvit import int_model
 from refvit import export_tosa as E
@@ -263,6 +264,8 @@ def test_the_tosa_reading_checks_preconditions():
 FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the reason); from the scheme table
     "refvit-int8": ("blocks.0.norm1", "2^50"),
     "ivit": ("blocks.0.norm1", "2^50"),
+    "ivit-paper": ("blocks.0.norm1", "2^50"),
+    "ibert": ("blocks.0.norm1", "2^31"),
     "w4a8": ("blocks.0.norm1", "2^50"),
     "mixed-pot": ("blocks.0.norm1", "2^50"),
     "int16-residual": ("embed", "2^46"),
@@ -274,7 +277,7 @@ def test_refusal_names_the_first_inexpressible_op(name):
     cfg = DeiTConfig(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
     graph = G.build_graph(cfg, SINGLE_ROUND, G.SCHEMES[name])
     if name not in FIRST_REFUSED:
-        E.check_exportable(graph, name)                                            # tosa-int32, ibert
+        E.check_exportable(graph, name)                                            # tosa-int32, ibert-paper
         return
     op, why = FIRST_REFUSED[name]
     with pytest.raises(E.TosaExportError) as e:
@@ -405,3 +408,40 @@ def test_iree_runs_deit_tiny_bit_exact(iree):
           f"ops); IREE compiled both exports in {seconds:.1f} s")
     for fn, program in programs.items():
         assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
+
+
+# ---------------------------------------------------------------------------------------------
+# the authors' code variants (issue 19)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sigma", [1e-5, 3e-4, 0.004, 0.03, 0.5])
+def test_softmax_poly_ibert_code_matches_kernel(sigma):
+    D = 64
+    scores = score_rows(D, 37, np.random.default_rng(int(sigma * 1e6)))
+    m, s = KV.softmax_exp_multiplier(sigma)
+    c = constants(multiplier=np.int32(m), shift=np.int8(s))
+    for rounding in ROUNDINGS:
+        got = run_emitter(E._softmax_poly_ibert_code, record("softmax", "poly-ibert-code", rounding=rounding),
+                          {"s": scores}, c, {"head_dim": D})
+        assert np.array_equal(got, KA.softmax_poly_ibert_code(scores, m, s, rounding=rounding)), (sigma, rounding)
+
+
+@pytest.mark.parametrize("scale_in,scale_out", [(0.005, 0.004), (0.02, 0.02), (0.3, 0.1)])
+def test_gelu_poly_ibert_code_exports_with_the_poly_emitter(scale_in, scale_out):
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 1, 16, 16)
+    consts = KA.gelu_poly_ibert_code_constants(scale_in, scale_out)
+    c = constants(**{k: np.int64(v) for k, v in consts.items()})
+    for rounding in ROUNDINGS:
+        got = run_emitter(E._gelu_poly, record("gelu", "poly-ibert-code", rounding=rounding), {"x": x}, c)
+        assert np.array_equal(got, KA.gelu_poly_ibert_code(x, **consts, rounding=rounding))
+
+
+def test_which_authors_variants_export():
+    """The code's i-exp and i-GELU export (a scheme with them and the 32-bit LayerNorm passes); the code's
+    IntLayerNorm and the 16-bit Shiftmax have no emitter (their rows' no_tosa)."""
+    cfg = DeiTConfig(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2, num_classes=3)
+    code = G.Scheme("ibert-code-tosa", layernorm="int32", softmax="poly-ibert-code", gelu="poly-ibert-code")
+    E.check_exportable(G.build_graph(cfg, SINGLE_ROUND, code), code.name)
+    shift16 = G.Scheme("s16", layernorm="int32", softmax="shift16")
+    with pytest.raises(E.TosaExportError, match="op 'blocks.0.attn.softmax'"):
+        E.check_exportable(G.build_graph(cfg, SINGLE_ROUND, shift16), shift16.name)
