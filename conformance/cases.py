@@ -47,7 +47,7 @@ from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, ap
                             quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
 
 from weights_tools.convert import token_to_conv
-from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, required_constants
+from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, Scheme, block_graph, required_constants
 from refvit.models import random_params
 from refvit.quantize import quantize
 
@@ -1229,13 +1229,111 @@ def _all_specs(generation: int) -> tuple:
     specs = []
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
-                   _conv_variant_specs, _scheme_model_specs, _prune_specs, _registry_specs):
+                   _conv_variant_specs, _scheme_model_specs, _prune_specs, _registry_specs,
+                   _scheme_param_specs):
         for name, op, quick, params, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
                                   MappingProxyType(params)))
     names = [s.name for s in specs]
     assert len(set(names)) == len(names), "duplicate case names"
     return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters (issue 19; docs/spec.md Part 6): conv2d_pot, per-tensor weights, narrow accumulators
+# ---------------------------------------------------------------------------------------------
+
+PARAM_SCHEMES = {"pertensor": {"weights": "per-tensor"}}   # model cases of unnamed parameter schemes (tag: fields)
+
+
+def _pot_case(name, x, w, bias, shift, mode, out_dtype="int8", note=""):
+    inputs = {"x": x, "weight": w, "bias": np.asarray(bias, np.int32), "shift": np.asarray(shift, np.int8)}
+    return _kernel_case(name, "conv2d_pot", inputs, {"rounding": _MODES[mode], "out_dtype": out_dtype}, note)
+
+
+def _pot_fit_shift(acc, out_dtype="int8") -> np.ndarray:
+    """Per channel the shift that puts 3 standard deviations of acc (a constant acc: half of it) near the output's
+    largest code."""
+    std = np.std(acc.astype(np.float64), axis=(0, 2, 3))
+    spread = np.where(std > 0, 3 * std, np.abs(acc.astype(np.float64)).max(axis=(0, 2, 3)) / 2)
+    scale = 127.0 / np.maximum(spread, 1.0) * (256 if out_dtype == "int16" else 1)
+    return np.clip(-np.floor(np.log2(scale)), -31, 31).astype(np.int8)
+
+
+def _pot_random(name, x_shape, cout, k, mode, fill=None, out_dtype="int8"):
+    rng = _rng(name)
+    x = np.full(x_shape, fill, np.int8) if fill is not None else _i8(rng, x_shape)
+    w = _i8(rng, (cout, x_shape[1], k, k), -127)
+    bias = rng.integers(-(1 << 16), 1 << 16, cout).astype(np.int32)
+    return _pot_case(name, x, w, bias, _pot_fit_shift(K.conv2d_accumulate(x, w, bias), out_dtype), mode, out_dtype)
+
+
+def _pot_residues(name, mode, residue):
+    """Cin = 1, weight +-1, bias `residue`, x in 8Z, shift 3: acc = +-residue (mod 8). residue 4: every output a
+    tie; 3 and 5: next to a tie, where a multiply-then-shift requantizer that rounds twice (DOUBLE_ROUND with
+    multiplier 2^30, shift 33) is off by one."""
+    rng = _rng(name)
+    x = (rng.integers(-16, 16, (1, 1, 1, 64)) * 8).astype(np.int8)
+    w = np.array([1, -1, 1, -1], np.int8).reshape(4, 1, 1, 1)
+    return _pot_case(name, x, w, np.array([residue, residue, -residue, -residue]), np.full(4, 3), mode,
+                     note=f"acc = +-{residue} mod 8 at shift 3")
+
+
+def _pot_maxacc(name, mode):
+    """acc = +-(2^31 - 1) (x = -128, weights +-127, bias the headroom) at shifts 31, 24, 16, 0, -1 ... (saturating)."""
+    cin, cout = 3072, 8
+    x = np.full((1, cin, 1, 4), -128, np.int8)
+    sign = np.where(np.arange(cout) % 2 == 0, -1, 1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * (INT32_MAX - cin * K.SYM_PRODUCT_MAX)).astype(np.int32)
+    return _pot_case(name, x, w, bias, np.array([31, 30, 24, 16, 8, 0, -1, -31]), mode, note="acc = +-(2^31 - 1)")
+
+
+def _pot_left(name, mode):
+    """Negative shifts (an exact left shift) into int16 logits: small acc, shifts -1 ... -8, some saturating."""
+    rng = _rng(name)
+    x, w = _i8(rng, (4, 16, 1, 1), -8, 8), _i8(rng, (8, 16, 1, 1), -16, 16)
+    return _pot_case(name, x, w, rng.integers(-64, 65, 8), -np.arange(1, 9), mode, "int16",
+                     note="shift < 0: out = acc * 2^-shift, exact, saturated to int16")
+
+
+def _pot_saturate(name, mode):
+    rng = _rng(name)
+    x, w = _i8(rng, (1, 64, 1, 16)), _i8(rng, (32, 64, 1, 1), -127)
+    acc = K.conv2d_accumulate(x, w, np.zeros(32, np.int32))
+    return _pot_case(name, x, w, np.zeros(32), _pot_fit_shift(acc) - 4, mode, note="~90 % of outputs saturate")
+
+
+def _scheme_param_specs():
+    pot = "conv2d_pot"
+    for mode in _MODES:
+        yield f"conv_pot_1x1_cin192_cout576_n32_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_random(nm, (1, 192, 1, 32), 576, 1, m)
+        yield f"conv_pot_patch_k4_cin3_cout48_img32_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_random(nm, (1, 3, 32, 32), 48, 4, m)
+        for residue, tag in ((4, "ties"), (3, "neartie3"), (5, "neartie5")):
+            yield f"conv_pot_1x1_{tag}_cin1_cout4_n64_shift3_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+                lambda nm, m=mode, r=residue: _pot_residues(nm, m, r)
+        yield f"conv_pot_1x1_maxacc_cin3072_cout8_n4_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_maxacc(nm, m)
+        yield f"conv_pot_1x1_leftshift_int16_cin16_cout8_n1_b4_{mode}", pot, True, _p(mode, out_dtype="int16"), \
+            lambda nm, m=mode: _pot_left(nm, m)
+        yield f"conv_pot_1x1_saturate_cin64_cout32_n16_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_saturate(nm, m)
+    for fill, ftag in ((-128, "allneg128"), (127, "all127")):
+        yield f"conv_pot_1x1_{ftag}_cin192_cout64_n16_single", pot, True, _p("single", out_dtype="int8"), \
+            lambda nm, f=fill: _pot_random(nm, (1, 192, 1, 16), 64, 1, "single", fill=f)
+    yield "conv_pot_1x1_head_int16_cin384_cout10_n1_b4_single", pot, True, _p("single", out_dtype="int16"), \
+        lambda nm: _pot_random(nm, (4, 384, 1, 1), 10, 1, "single", out_dtype="int16")
+    yield "conv_pot_1x1_cin768_cout3072_n197_single", pot, False, _p("single", out_dtype="int8"), \
+        lambda nm: _pot_random(nm, (1, 768, 1, 197), 3072, 1, "single")
+    for tag, fields in PARAM_SCHEMES.items():
+        scheme = Scheme(name=tag, **fields)
+        yield f"block_{tag}_c48_h3_n18_b2_single", "block", True, _p("single", scheme=tag), \
+            lambda n, s=scheme: _model_case(n, 48, 1, 3, 32, 8, 2, "single", True, scheme=s)
+        for mode in _MODES:
+            yield f"model_{tag}_c48_d2_h3_img32_p8_b2_{mode}", "model", True, _p(mode, scheme=tag), \
+                lambda n, s=scheme, m=mode: _model_case(n, 48, 2, 3, 32, 8, 2, m, False, scheme=s)
 
 
 ROUNDINGS = tuple(_MODES.values())      # SINGLE_ROUND, DOUBLE_ROUND

@@ -145,6 +145,12 @@ class Scheme:
     residual: str = "int8"
     pot_fraction: float = 0.0
     gelu_delta: float = 1.0
+    # scheme parameters (issue 19; docs/spec.md Part 6): a field at its default is left out of to_dict() and
+    # options(), so the schemes made before them keep their files and records exactly
+    weights: str = "per-channel"
+    scales: str = "float"
+    acc_bits: int = 32
+    acc_overflow: str = "error"
 
     def __post_init__(self):
         for fld, op in SCHEME_FIELDS.items():
@@ -158,13 +164,20 @@ class Scheme:
             raise GraphError(f"scheme {self.name!r}: pot_fraction must be in [0, 1], got {self.pot_fraction!r}")
         if not (isinstance(self.gelu_delta, (int, float)) and 0 < self.gelu_delta <= 4):
             raise GraphError(f"scheme {self.name!r}: gelu_delta must be in (0, 4], got {self.gelu_delta!r}")
+        _check_parameters(self)
 
     def to_dict(self) -> dict:
+        """The fields, the scheme parameters only where they differ from their defaults."""
+        return {k: v for k, v in asdict(self).items() if k not in PARAMETERS or v != PARAMETERS[k][0]}
+
+    def parameters(self) -> dict:
+        """Every field, the parameters included (`schemes --json`)."""
         return asdict(self)
 
     def options(self) -> dict:
         """The quantizer options (what the offline constants read besides the scales)."""
-        return {"pot_fraction": self.pot_fraction, "gelu_delta": self.gelu_delta}
+        return {"pot_fraction": self.pot_fraction, "gelu_delta": self.gelu_delta} | {
+            k: v for k, v in asdict(self).items() if k in PARAMETERS and v != PARAMETERS[k][0]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
@@ -174,6 +187,29 @@ class Scheme:
         if unknown:
             raise GraphError(f"unknown scheme keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+
+# scheme parameter -> (default, allowed values); docs/spec.md Part 6
+PARAMETERS = {"weights": ("per-channel", ("per-channel", "per-tensor")),
+              "scales": ("float", ("float", "pot")),
+              "acc_bits": (32, tuple(range(16, 33))),
+              "acc_overflow": ("error", ("error", "saturate", "wrap"))}
+PER_CHANNEL_ONLY = ("w4", "mixed-pot")   # conv variants whose offline rule is per channel by definition
+
+
+def _check_parameters(sc: "Scheme") -> None:
+    """The scheme parameters' values and combinations (one-line GraphErrors)."""
+    for key, (_, allowed) in PARAMETERS.items():
+        v = getattr(sc, key)
+        if isinstance(v, bool) or v not in allowed:
+            shown = f"an integer in [{allowed[0]}, {allowed[-1]}]" if key == "acc_bits" else " | ".join(allowed)
+            raise GraphError(f"scheme {sc.name!r}: {key} must be {shown}, got {v!r}")
+    if sc.weights == "per-tensor" and sc.conv in PER_CHANNEL_ONLY:
+        raise GraphError(f"scheme {sc.name!r}: conv {sc.conv!r} has a per-channel weight rule; per-tensor weights "
+                         f"need conv 'w8' or 'pot'")
+    if (sc.scales == "pot") != (sc.conv == "pot"):
+        raise GraphError(f"scheme {sc.name!r}: power-of-two scales (scales 'pot') and the shift-only conv (conv "
+                         f"'pot') go together; got scales {sc.scales!r} with conv {sc.conv!r}")
 
 
 def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
@@ -199,6 +235,7 @@ SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`
     Scheme("w4a8", conv="w4"),
     Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
     Scheme("tosa-int32", layernorm="int32", softmax="poly"),
+    Scheme("pot8", conv="pot", scales="pot"),
 )}
 SCHEME_NOTES = {
     "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
@@ -208,6 +245,8 @@ SCHEME_NOTES = {
     "w4a8": "4-bit weights [-7, 7] per channel in the block convs (operand reordering: one requantization after)",
     "mixed-pot": "Auto-ViT-Acc: half of each block conv's rows as signed powers of two, the rest int8",
     "tosa-int32": "every op in TOSA's 32-bit integer types (export-tosa): int32 LayerNorm, i-exp softmax, table GELU",
+    "pot8": "int8, every activation and weight scale a power of two (fixed-point positions, as FPGA DPUs): conv "
+            "requantization a rounding shift, no multiplier",
 }
 
 
@@ -316,7 +355,7 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     records `blocks.i.select` and `blocks.i.pruned` after `blocks.i.residual1`; every shape stays static."""
     g = _Builder(cfg, check_rounding(rounding), scheme, stages={s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)})
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
-    t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
+    t = g.conv("patch_embed", "input", C, spatial=Np, variant=_edge_conv(scheme))                 # (B, C, 1, Np) = (B, C, g, g)
     if cfg.no_embed_class:   # DeiT-III: pos_embed on the patches (int8, what concat_tokens takes), then the prefix
         g.tokens = Np
         t = g.residual("embed", t, "pos_embed", b_constant=True, out_dtype="int8")  # (B, C, 1, Np)
@@ -333,8 +372,13 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     h = g.add("head_input", "gather_prefix", "channels", {"x": x}, {"num_prefix": P},
               shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
     g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True,
-           variant="w8")
+           variant=_edge_conv(scheme))
     return tuple(g.ops)
+
+
+def _edge_conv(scheme: Scheme) -> str:
+    """The variant of the patch embedding and the head: w8 (8-bit weights), shift-only with pot scales."""
+    return "pot" if scheme.scales == "pot" else "w8"
 
 
 MANIFEST_FIELDS = ("index", "internals")   # what a golden manifest's op entry adds to the record

@@ -22,6 +22,7 @@ import numpy as np
 
 from refvit import int_kernels as K
 from refvit.int_kernels import _per_channel, _require_array, _require_bias_headroom, _require_range, _scalar_int
+from refvit.intmath import ROUNDING_MODES
 from refvit.intmath import (
     SINGLE_ROUND, apply_scale, int_matmul, isqrt, quantize_multiplier, requantize, round_half_away_from_zero,
     rounding_shift_right, saturate,
@@ -591,3 +592,41 @@ def per_channel_weight_mixed_pot(w, fraction: float) -> tuple[np.ndarray, np.nda
         pot_rows[c] = True
     codes = np.where(pot_rows[:, None], qp, q8.reshape(cout, -1).astype(np.int64)).reshape(w.shape)
     return codes.astype(np.int8), np.where(pot_rows, sp, s8), pot_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters (issue 19; docs/spec.md Part 6): power-of-two scales
+# ---------------------------------------------------------------------------------------------
+
+POT_MAX_SHIFT = 31                 # conv2d_pot: shift in [-31, 31]; negative: an exact left shift
+
+
+def pot_shift(acc: np.ndarray, shift: np.ndarray, rounding: str) -> np.ndarray:
+    """round(acc / 2^shift) of an int32 accumulator, shift in [-31, 31] (broadcasts): shift <= 0 is the exact
+    acc * 2^-shift; shift > 0 rounds, SINGLE_ROUND ties toward +inf ((acc + 2^(shift-1)) >> shift), DOUBLE_ROUND
+    ties away from zero (gemmlowp RoundingDivideByPOT). int64 (|result| < 2^62)."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"pot_shift: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    acc, shift = np.asarray(acc, np.int64), np.asarray(shift, np.int64)
+    right = np.maximum(shift, 0)
+    if rounding == SINGLE_ROUND:
+        down = rounding_shift_right(acc, right)
+    else:
+        mask = np.left_shift(np.int64(1), right) - 1                                # 2^shift - 1
+        down = (acc >> right) + ((acc & mask) > (mask >> 1) + (acc < 0))           # ties away from zero
+    return np.where(shift < 0, acc << np.maximum(-shift, 0), down)
+
+
+def conv2d_pot(x, weight, bias, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8,
+               internals: dict | None = None) -> np.ndarray:
+    """Part 2's conv2d accumulator, requantized by a rounding shift per output channel (no multiplier):
+    out = saturate(pot_shift(acc, shift[o], rounding), out_dtype) -> (B, Cout, H/k, W/k); shift in [-31, 31]."""
+    fn = "conv2d_pot"
+    g, shape = K._conv_gemm(x, weight, bias, fn)                                    # (Cout, B*Ho*Wo), exact
+    cout = shape[1]
+    s = _per_channel(shift, fn, "shift", cout).reshape(cout, 1)                     # (Cout, 1)
+    _require_range(s, -POT_MAX_SHIFT, POT_MAX_SHIFT, fn, "shift")
+    acc = g.astype(np.int64) + bias.astype(np.int64)[:, None]                      # (Cout, B*Ho*Wo), |acc| < 2^31
+    if internals is not None:
+        internals["acc"] = K._nchw(acc.astype(np.int32), shape)                     # (B, Cout, Ho, Wo)
+    return K._nchw(saturate(pot_shift(acc, s, rounding), out_dtype), shape)         # (B, Cout, Ho, Wo)

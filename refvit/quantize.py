@@ -89,21 +89,22 @@ def activation_ranges(params_conv: dict, cfg: DeiTConfig, batches, method: str =
 # scales and constants: one walk over the records, each row's rules (refvit.registry, refvit.constants)
 # ---------------------------------------------------------------------------------------------
 
-def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
+def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict, options: dict | None = None) -> dict:
     """The real scale of every tensor of the graph (None for the fused qkv output, which has three).
 
     Calibrated ops: amax / 127 (int16: / 32767); the patch embedding shares its scale with the cls/dist
     tokens it is concatenated with. Every other op: its registry row's scale rule (data movement keeps its
     input's scale, scores are at s_q * s_k, probabilities at 1/127, pruned tokens keep x's), or none."""
+    options = options or {}
     prefix = C.prefix_tokens(p, cfg)
-    s = {"input": C.scale_of(ranges["input"])}
+    s = {"input": C.activation_scale(ranges["input"], np.int8, options)}
     for op in graph:
         rule = R.row(op.op, op.variant).scale
         if op.calibrate:
             amax = ranges[op.name]
             if any(o.op == "concat_tokens" and o.inputs.get("patches") == op.name for o in graph):
                 amax = max(amax, float(np.abs(prefix).max()))                       # tokens share one scale
-            s[op.name] = C.scale_of(amax, np.dtype(op.dtype))
+            s[op.name] = C.activation_scale(amax, np.dtype(op.dtype), options)
         else:
             s[op.name] = rule(op, s) if rule else None
     return s
@@ -116,7 +117,7 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
     scales of its inputs and output."""
     graph = graph or G.build_graph(cfg, SINGLE_ROUND, scheme)
     p = {k: np.asarray(v, np.float64) for k, v in params_conv.items()}
-    s = tensor_scales(graph, cfg, ranges, p)
+    s = tensor_scales(graph, cfg, ranges, p, scheme.options())
     ctx = C.Context(cfg, p, s, {op.name: op for op in graph}, scheme.options())
     T = {"input.scale": s["input"]}
     for op in graph:

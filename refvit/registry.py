@@ -27,6 +27,7 @@ from . import int_kernels_prune as KP
 from . import int_kernels_variants as KV
 from .errors import RefvitError
 from .reference import kernels as RK
+from .reference import params as RPA
 from .reference import prune as RP
 from .reference import variants as RV
 
@@ -323,3 +324,10 @@ for _row in (
               scale=C.scale_of_x, no_tosa="token pruning is not exported (a data-dependent gather)"),
 ):
     register(_row)
+
+# scheme parameters (issue 19; docs/spec.md Part 6)
+register(OpVariant("conv2d", "pot", KV.conv2d_pot, RPA.conv2d_pot, ("x",),
+                   "conv2d with power-of-two scales: int32 acc, a rounding right shift per channel (no multiplier)",
+                   "Part 6, conv2d_pot", constants=C.conv_pot_constants, internals={"acc": OUTPUT},
+                   no_tosa="not emitted yet: TOSA RESCALE with multiplier 2^30 and shift + 30 is the same value "
+                   "under SINGLE_ROUND only (DOUBLE_ROUND's pot_shift rounds ties away from zero)"))

@@ -1,0 +1,267 @@
+"""Scheme parameters (issue 19; docs/spec.md Part 6): per-tensor weights, power-of-two scales (`conv2d_pot`, the
+scheme `pot8`), accumulator width proofs. Expected values are computed here independently (exact rationals, the
+float parameters of the random model), never read back from the code under test. The existing named schemes'
+bits: tests/test_scheme_digests.py."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from conformance import FAIL, PASS, RefvitDUT, run_cases, select
+from conformance.cases import PARAM_SCHEMES, random_quantized_model
+from conformance.dut import REFERENCE_KERNELS
+from refvit import int_kernels as K
+from refvit import int_kernels_variants as KV
+from refvit import int_model
+from refvit.cli import main
+from refvit.constants import float_conv, pot_scale
+from refvit.graph import SCHEMES, GraphError, Scheme, resolve_scheme
+from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND
+from refvit.reference import params as RPA
+
+MODES = (SINGLE_ROUND, DOUBLE_ROUND)
+CONVS = ("patch_embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "head")
+
+
+def _model(scheme, rounding=SINGLE_ROUND):
+    return random_quantized_model(48, 2, 3, 32, 8, True, rounding, scheme)
+
+
+def _half_away(x):
+    """round half away from zero, exact for the float64 values here (test-only; not np.round)."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _exact_round(num: int, den_log2: int, rounding: str) -> int:
+    """round(num / 2^den_log2) with exact rationals: SINGLE ties up, DOUBLE ties away from zero; a left shift
+    for den_log2 < 0."""
+    q = Fraction(num, 1) / Fraction(2) ** den_log2
+    fl = q.numerator // q.denominator
+    frac = q - fl
+    if frac != Fraction(1, 2):
+        return fl + (frac > Fraction(1, 2))
+    return fl + 1 if (rounding == SINGLE_ROUND or q > 0) else fl
+
+
+# ---------------------------------------------------------------------------------------------- scheme fields
+
+def test_parameter_defaults_keep_old_schemes_files():
+    """A parameter at its default is not in to_dict() / options() (so the old schemes' file metadata and
+    options are unchanged); parameters() lists them all (`schemes --json`)."""
+    old = SCHEMES["refvit-int8"]
+    assert set(old.to_dict()) == {"name", "conv", "layernorm", "softmax", "gelu", "residual", "pot_fraction",
+                                  "gelu_delta"}
+    assert old.options() == {"pot_fraction": 0.0, "gelu_delta": 1.0}
+    assert {"weights", "scales", "acc_bits", "acc_overflow"} <= set(old.parameters())
+    pot8 = SCHEMES["pot8"]
+    assert pot8.to_dict()["scales"] == "pot" and pot8.options()["scales"] == "pot"
+    assert resolve_scheme(pot8.to_dict()) == pot8
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"weights": "per-row"}, "weights must be per-channel | per-tensor"),
+    ({"weights": "per-tensor", "conv": "w4"}, "per-tensor weights need conv 'w8' or 'pot'"),
+    ({"scales": "pot"}, "go together"),
+    ({"conv": "pot"}, "go together"),
+    ({"acc_bits": 40}, "acc_bits must be an integer in [16, 32]"),
+    ({"acc_bits": True}, "acc_bits must be"),
+    ({"acc_overflow": "clip"}, "acc_overflow must be error | saturate | wrap"),
+])
+def test_bad_parameters_are_one_line_errors(fields, message):
+    with pytest.raises(GraphError, match=message.replace("[", r"\[").replace("]", r"\]").replace("|", r"\|")):
+        Scheme(name="x", **fields)
+
+
+def test_schemes_json_lists_the_parameters(capsys):
+    assert main(["schemes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["pot8"]["scales"] == "pot" and rows["pot8"]["conv"] == "pot"
+    assert all(rows[n]["weights"] == "per-channel" and rows[n]["acc_bits"] == 32 for n in rows)
+    assert main(["schemes"]) == 0
+    assert "acc_overflow error | saturate | wrap" in capsys.readouterr().out
+
+
+def test_scheme_file_with_parameters(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"weights": "per-tensor", "acc_bits": 28}))
+    sc = resolve_scheme(str(f))
+    assert (sc.name, sc.weights, sc.acc_bits, sc.conv) == ("mine", "per-tensor", 28, "w8")
+
+
+# ---------------------------------------------------------------------------------------------- per-tensor
+
+def test_per_tensor_weights_are_one_scale_per_tensor():
+    """Every conv: one weight scale max|W| / 127 over the whole tensor, codes round(W / s) (independent
+    computation from the float parameters), some code reaching +-127; the records are the w8 ones."""
+    qm, _ = _model(Scheme("pt", weights="per-tensor"))
+    ref, _ = _model("refvit-int8")
+    assert [(o.name, o.op, o.variant) for o in qm.graph] == [(o.name, o.op, o.variant) for o in ref.graph]
+    for name in CONVS:
+        s_w = qm.tensors[f"{name}.weight_scale"]
+        w = qm.tensors[f"{name}.weight"]
+        assert np.all(s_w == s_w[0]) and np.abs(w).max() == 127, name
+        w_real = ref.tensors[f"{name}.weight"] * ref.tensors[f"{name}.weight_scale"][:, None, None, None]
+        assert np.allclose(s_w[0], np.abs(w_real).max() / 127, rtol=0.01), name   # per-channel codes are rounded
+        if name != "head":
+            assert not np.all(ref.tensors[f"{name}.weight_scale"] == ref.tensors[f"{name}.weight_scale"][0])
+
+
+def test_per_tensor_codes_from_the_float_weights():
+    """The per-tensor codes are round_half_away(W / (max|W| / 127)) of the random model's float weights."""
+    from conformance.cases import _rng   # the seed stream of random_quantized_model's float model
+    from refvit.config import DeiTConfig
+    from refvit.models import random_params
+    from weights_tools.convert import token_to_conv
+    cfg = DeiTConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10, distilled=True)
+    params = token_to_conv(random_params(cfg, "mean", _rng("model_48_2_3_32_8_True")))
+    qm, _ = _model(Scheme("pt", weights="per-tensor"))
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    for name in CONVS:
+        op = next(o for o in qm.graph if o.name == name)
+        w, _ = float_conv(op, p, cfg)
+        s = np.abs(w).max() / 127
+        assert qm.tensors[f"{name}.weight_scale"][0] == s
+        assert np.array_equal(qm.tensors[f"{name}.weight"], _half_away(w / s).astype(np.int8)), name
+
+
+# ---------------------------------------------------------------------------------------------- pot scales
+
+@pytest.mark.parametrize("amax, qmax, want", [
+    (127 * 2.0 ** -5, 127, 2.0 ** -5), (127 * 2.0 ** -5 * (1 + 2 ** -40), 127, 2.0 ** -4),
+    (127 * 2.0 ** -5 * (1 - 2 ** -40), 127, 2.0 ** -5), (1.0, 127, 2.0 ** -6), (3.9, 127, 2.0 ** -5),
+    (0.0, 127, 2.0 ** -30), (32767 * 8.0, 32767, 8.0), (100.0, 32767, 2.0 ** -8)])
+def test_pot_scale_is_the_smallest_covering_power_of_two(amax, qmax, want):
+    got = float(pot_scale(amax, qmax))
+    assert got == want
+    assert qmax * got >= amax and (amax == 0 or qmax * got / 2 < amax)
+
+
+def _pow2(v) -> bool:
+    m, _ = np.frexp(np.asarray(v, np.float64))
+    return bool(np.all(m == 0.5))
+
+
+@pytest.mark.parametrize("rounding", MODES)
+def test_pot8_scales_are_powers_of_two_and_convs_shift_only(rounding):
+    """pot8: every activation scale (calibrated, and the position embedding's) and every weight scale a power of
+    two; every conv a conv2d_pot record with shift = -log2(s_in s_w / s_out) exactly, and no multiplier."""
+    qm, _ = _model("pot8", rounding)
+    T = qm.tensors
+    scales = [k for k in T if k.endswith(".scale") and k != "attn.softmax.scale"]
+    assert scales and all(_pow2(T[k]) for k in scales), [k for k in scales if not _pow2(T[k])]
+    convs = [o for o in qm.graph if o.op == "conv2d"]
+    assert {o.variant for o in convs} == {"pot"} and len(convs) == 10
+    scale_of = {o.name: o.scale for o in qm.graph} | {"input": "input.scale"}
+    for op in convs:
+        assert f"{op.name}.multiplier" not in T and _pow2(T[f"{op.name}.weight_scale"])
+        s_in = Fraction(float(T[scale_of[op.inputs["x"]]]))
+        outs = ([Fraction(float(T[scale_of[f"{op.name.rsplit('.', 1)[0]}.{t}"]])) for t in "qkv"]
+                if op.name.endswith("qkv") else [Fraction(float(T[op.scale]))])
+        cout = T[f"{op.name}.shift"].shape[0]
+        s_out = [outs[o * len(outs) // cout] for o in range(cout)]
+        for o in range(cout):
+            ratio = s_in * Fraction(float(T[f"{op.name}.weight_scale"][o])) / s_out[o]
+            assert ratio == Fraction(2) ** -int(T[f"{op.name}.shift"][o]), (op.name, o)
+    ln = [k for k in T if k.endswith("norm1.weight_scale") or k == "norm.weight_scale"]
+    assert ln and all(_pow2(T[k]) for k in ln)
+
+
+def test_pot_shift_against_exact_rationals():
+    """pot_shift (fast and reference) is round(acc / 2^shift) of exact rationals: ties up (SINGLE) or away from
+    zero (DOUBLE); a negative shift is an exact left shift. Every residue near a tie, both signs, the int32 ends."""
+    acc = np.array([v for base in (0, 1 << 20, -(1 << 20)) for v in range(base - 20, base + 21)]
+                   + [2 ** 31 - 1, -2 ** 31, -2 ** 31 + 1], np.int64)
+    for shift in (-31, -3, -1, 0, 1, 2, 3, 4, 16, 30, 31):
+        for rounding in MODES:
+            want = np.array([_exact_round(int(a), shift, rounding) for a in acc])
+            assert np.array_equal(KV.pot_shift(acc, np.int64(shift), rounding), want), (shift, rounding)
+            assert np.array_equal(RPA.pot_shift(acc, np.int64(shift), rounding), want), (shift, rounding)
+
+
+def test_conv2d_pot_fast_equals_reference_and_part2_under_single_round():
+    """conv2d_pot: the fast kernel equals the reference one on every pot case; under SINGLE_ROUND it equals part 2's
+    conv2d with multiplier 2^30 and shift + 30 (TOSA apply_scale on a power of two), not under DOUBLE_ROUND."""
+    differs = []
+    for spec in select("full", ops="conv2d_pot"):
+        case = spec.build()
+        args = list(case.inputs.values())
+        fast = KV.conv2d_pot(*args, **case.params)
+        assert np.array_equal(fast, case.expected) and fast.dtype == case.expected.dtype, spec.name
+        x, w, b, s = args
+        if s.min() >= -28:
+            part2 = K.conv2d(x, w, b, np.full(s.shape, 1 << 30, np.int32), (s.astype(np.int64) + 30).astype(np.int8),
+                             **case.params)
+            same = np.array_equal(part2, fast)
+            assert same or case.params["rounding"] == DOUBLE_ROUND, spec.name
+            differs += [] if same else [spec.name]
+    assert any("neartie" in n for n in differs), differs
+
+
+def test_conv2d_pot_checks_its_arguments():
+    x, w, b = np.zeros((1, 2, 1, 1), np.int8), np.ones((2, 2, 1, 1), np.int8), np.zeros(2, np.int32)
+    for kernel in (KV.conv2d_pot, RPA.conv2d_pot):
+        with pytest.raises(ValueError, match="conv2d_pot.*shift"):
+            kernel(x, w, b, np.array([0, 32], np.int8))
+        with pytest.raises(ValueError, match="conv2d_pot"):
+            kernel(x, w.astype(np.int16), b, np.array([0, 1], np.int8))
+
+
+# ---------------------------------------------------------------------------------------------- conformance
+
+class _W8AsPot(RefvitDUT):
+    """A multiply-then-shift requantizer asked for conv2d_pot: part 2's conv2d with multiplier 2^30."""
+    def conv2d_pot(self, x, weight, bias, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
+        m = np.full(shift.shape, 1 << 30, np.int32)
+        return REFERENCE_KERNELS["conv2d"](x, weight, bias, m, (shift.astype(np.int64) + 30).astype(np.int8),
+                                           rounding=rounding, out_dtype=out_dtype)
+
+
+class _OtherRounding(RefvitDUT):
+    """conv2d_pot with the other rounding of ties."""
+    def conv2d_pot(self, x, weight, bias, shift, *, rounding=SINGLE_ROUND, out_dtype=np.int8):
+        other = DOUBLE_ROUND if rounding == SINGLE_ROUND else SINGLE_ROUND
+        return REFERENCE_KERNELS["conv2d_pot"](x, weight, bias, shift, rounding=other, out_dtype=out_dtype)
+
+
+def _statuses(dut, specs) -> dict:
+    return {r.case: r.status for r in run_cases(dut, specs)}
+
+
+def test_pot_cases_fail_the_neighbouring_requantizers():
+    specs = select("quick", ops="conv2d_pot")
+    assert set(_statuses(RefvitDUT(), specs).values()) == {PASS}
+    w8 = _statuses(_W8AsPot(), specs)
+    assert FAIL in {w8[n] for n in w8 if n.endswith("_double")}
+    # the superset fact: under SINGLE_ROUND 2^30 / (shift + 30) is the same value, where shift + 30 is in
+    # apply_scale's domain (the maxacc case has shift -31)
+    assert {n: w8[n] for n in w8 if n.endswith("_single")} == {
+        n: "ERROR" if "maxacc" in n else PASS for n in w8 if n.endswith("_single")}
+    other = _statuses(_OtherRounding(), specs)
+    assert other["conv_pot_1x1_ties_cin1_cout4_n64_shift3_single"] == FAIL
+    assert other["conv_pot_1x1_ties_cin1_cout4_n64_shift3_double"] == FAIL
+
+
+def _model_dut(scheme):
+    qm = _model(scheme)[0]
+
+    class Neighbour(RefvitDUT):
+        def model(self, x, constants, *, graph):
+            return int_model.forward_int(qm, x)
+    return Neighbour()
+
+
+@pytest.mark.parametrize("required, neighbour", [
+    ("pot8", SCHEMES["refvit-int8"]), ("refvit-int8", SCHEMES["pot8"]),
+    ("pot8", Scheme("pot8-pt", conv="pot", scales="pot", weights="per-tensor")),
+    ("pertensor", SCHEMES["refvit-int8"]), ("refvit-int8", Scheme("pt", weights="per-tensor"))])
+def test_model_cases_fail_the_neighbouring_parameter(required, neighbour):
+    """A model quantized with the neighbouring parameter value (same float model, calibration, rounding) fails
+    the required scheme's model case."""
+    name = ("model_c48_d2_h3_img32_p8_b2_single" if required == "refvit-int8"
+            else f"model_{required}_c48_d2_h3_img32_p8_b2_single")
+    assert required in PARAM_SCHEMES or required in SCHEMES
+    st = _statuses(_model_dut(neighbour), [s for s in select("quick") if s.name == name])
+    assert st == {name: FAIL}
