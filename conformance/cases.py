@@ -1243,7 +1243,12 @@ def _all_specs(generation: int) -> tuple:
 # scheme parameters (issue 19; docs/spec.md Part 6): conv2d_pot, per-tensor weights, narrow accumulators
 # ---------------------------------------------------------------------------------------------
 
-PARAM_SCHEMES = {"pertensor": {"weights": "per-tensor"}}   # model cases of unnamed parameter schemes (tag: fields)
+PARAM_SCHEMES = {  # model cases of unnamed parameter schemes (tag: fields)
+    "pertensor": {"weights": "per-tensor"},
+    "accsat16": {"acc_bits": 16, "acc_overflow": "saturate"},
+    "accwrap16": {"acc_bits": 16, "acc_overflow": "wrap"},
+}
+ACC_MODES = {"sat": "saturate", "wrap": "wrap"}
 
 
 def _pot_case(name, x, w, bias, shift, mode, out_dtype="int8", note=""):
@@ -1304,7 +1309,77 @@ def _pot_saturate(name, mode):
     return _pot_case(name, x, w, np.zeros(32), _pot_fit_shift(acc) - 4, mode, note="~90 % of outputs saturate")
 
 
+def _narrow_conv(name, bits, overflow, mode, kind):
+    """conv2d_narrow at acc_bits `bits`: `random` (full-range x and w, Cin 192: many sums beyond 2^15; the rescale
+    fitted to the exact sums) or `edge` (Cin 1, weight 1, bias 2^(bits-1) -+ 4, x in [-8, 8]: every accumulator
+    from -2^(bits-1) - 4 to 2^(bits-1) + 3 shown exactly, int32 out at scale 1)."""
+    rng = _rng(name)
+    attrs = {"acc_bits": bits, "acc_overflow": overflow, "rounding": _MODES[mode]}
+    if kind == "random":   # bits 16: Cin 192, full-range x and w; bits 24: Cin 3072, x >= 0, row o's |w| up to
+        if bits < 20:      # 20 ... 127 with alternating sign: sums from ~2^21 to ~1.5 * 2^23
+            x, w = _i8(rng, (1, 192, 1, 16)), _i8(rng, (16, 192, 1, 1), -127)
+        else:
+            x = _i8(rng, (1, 3072, 1, 16), 0)
+            top = np.linspace(20, 127, 16).astype(np.int64).reshape(16, 1, 1, 1)
+            w = (rng.integers(0, 1 << 20, (16, 3072, 1, 1)) % (top + 1) * np.where(np.arange(16) % 2, -1, 1)
+                 .reshape(16, 1, 1, 1)).astype(np.int8)
+        bias = rng.integers(-(1 << 12), 1 << 12, 16).astype(np.int32)
+        mult, shift = _rescale(np.full(16, 127.0 / (1 << (bits - 1))))            # 2^(bits-1) -> 127
+        out = "int8"
+    else:
+        x = np.arange(-8, 9, dtype=np.int8).reshape(1, 1, 1, 17)
+        w = np.ones((2, 1, 1, 1), np.int8)
+        half = 1 << (bits - 1)
+        bias = np.array([half - 4, -half + 4], np.int32)
+        mult, shift = np.full(2, 1 << 30, np.int32), np.full(2, 30, np.int8)
+        out = "int32"
+    inputs = {"x": x, "weight": w, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "conv2d_narrow", inputs, attrs | {"out_dtype": out},
+                        f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_scores(name, bits, overflow):
+    rng = _rng(name)
+    q, k = _i8(rng, (1, 2, 64, 12)), _i8(rng, (1, 2, 64, 12))
+    q[0, 0], k[0, 0] = -128, -128                                                  # head 0: +64 * 2^14 = 2^20
+    k[0, 0, :, ::2] = 127                                                          # and -64 * 128 * 127
+    return _kernel_case(name, "attention_scores_narrow", {"q": q, "k": k},
+                        {"acc_bits": bits, "acc_overflow": overflow}, f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_context(name, bits, overflow, mode):
+    rng = _rng(name)
+    p = rng.integers(0, 128, (1, 2, 197, 197)).astype(np.int8)                     # sums far beyond 2^15
+    v = _i8(rng, (1, 2, 16, 197))
+    v[0, 1] = np.where(np.arange(197) % 2 == 0, 127, -128).astype(np.int8)
+    exact = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+    mult, shift = _rescale(float(_fit_scale(exact)))
+    return _kernel_case(name, "attention_context_narrow", {"p": p, "v": v, "multiplier": mult, "shift": shift},
+                        {"acc_bits": bits, "acc_overflow": overflow, "rounding": _MODES[mode]},
+                        f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_specs():
+    for tag, overflow in ACC_MODES.items():
+        for bits in (16, 24):
+            for mode in _MODES:
+                yield f"conv_narrow_{tag}{bits}_1x1_random_cout16_n16_{mode}", "conv2d_narrow", True, \
+                    _p(mode, acc_bits=bits, acc_overflow=overflow, out_dtype="int8"), \
+                    lambda nm, b=bits, o=overflow, m=mode: _narrow_conv(nm, b, o, m, "random")
+            yield f"conv_narrow_{tag}{bits}_1x1_edge_cin1_cout2_n17_single", "conv2d_narrow", True, \
+                _p("single", acc_bits=bits, acc_overflow=overflow, out_dtype="int32"), \
+                lambda nm, b=bits, o=overflow: _narrow_conv(nm, b, o, "single", "edge")
+        for bits in (16, 20):
+            yield f"scores_narrow_{tag}{bits}_h2_d64_n12", "attention_scores_narrow", True, \
+                _p(acc_bits=bits, acc_overflow=overflow), lambda nm, b=bits, o=overflow: _narrow_scores(nm, b, o)
+        for mode in _MODES:
+            yield f"context_narrow_{tag}16_h2_d16_n197_{mode}", "attention_context_narrow", True, \
+                _p(mode, acc_bits=16, acc_overflow=overflow), \
+                lambda nm, o=overflow, m=mode: _narrow_context(nm, 16, o, m)
+
+
 def _scheme_param_specs():
+    yield from _narrow_specs()
     pot = "conv2d_pot"
     for mode in _MODES:
         yield f"conv_pot_1x1_cin192_cout576_n32_{mode}", pot, True, _p(mode, out_dtype="int8"), \

@@ -194,6 +194,7 @@ PARAMETERS = {"weights": ("per-channel", ("per-channel", "per-tensor")),
               "scales": ("float", ("float", "pot")),
               "acc_bits": (32, tuple(range(16, 33))),
               "acc_overflow": ("error", ("error", "saturate", "wrap"))}
+NARROW = "acc-narrow"                    # the variant of conv2d / attention_scores / attention_context (acc_overflow)
 PER_CHANNEL_ONLY = ("w4", "mixed-pot")   # conv variants whose offline rule is per channel by definition
 
 
@@ -207,6 +208,11 @@ def _check_parameters(sc: "Scheme") -> None:
     if sc.weights == "per-tensor" and sc.conv in PER_CHANNEL_ONLY:
         raise GraphError(f"scheme {sc.name!r}: conv {sc.conv!r} has a per-channel weight rule; per-tensor weights "
                          f"need conv 'w8' or 'pot'")
+    if sc.conv == NARROW:
+        raise GraphError(f"scheme {sc.name!r}: conv {NARROW!r} is chosen by acc_overflow saturate | wrap, not by name")
+    if sc.acc_overflow != "error" and (sc.acc_bits == 32 or sc.conv != "w8"):
+        raise GraphError(f"scheme {sc.name!r}: acc_overflow {sc.acc_overflow!r} needs acc_bits below 32 and conv "
+                         f"'w8' (got acc_bits {sc.acc_bits}, conv {sc.conv!r})")
     if (sc.scales == "pot") != (sc.conv == "pot"):
         raise GraphError(f"scheme {sc.name!r}: power-of-two scales (scales 'pot') and the shift-only conv (conv "
                          f"'pot') go together; got scales {sc.scales!r} with conv {sc.conv!r}")
@@ -223,6 +229,8 @@ def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
             raise GraphError(f"the graph mixes {op} variants {sorted(found)}; a scheme has one")
         if found:
             choices[fld] = found.pop()
+    if choices.get("conv") == NARROW:           # chosen by the options' acc_overflow: the weights are w8
+        choices["conv"] = "w8"
     return Scheme(name=name, **choices, **(options or {}))
 
 
@@ -292,9 +300,18 @@ class _Builder:
                            f"{name}.scale" if own else scale, weight_scale, own if calibrate is None else calibrate))
         return name
 
+    def narrow(self, variant: str) -> tuple:
+        """(variant, attrs) of an accumulating op: the 'acc-narrow' row, with acc_bits and acc_overflow, when the
+        scheme's accumulator is narrower than 32 bits and saturates or wraps (docs/spec.md Part 6)."""
+        sc = self.scheme
+        if sc.acc_bits < 32 and sc.acc_overflow != "error":
+            return NARROW, {"acc_bits": sc.acc_bits, "acc_overflow": sc.acc_overflow}
+        return variant, {}
+
     def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
              variant=None):
-        return self.add(name, "conv2d", variant or self.scheme.conv, {"x": x}, {"out_dtype": dtype},
+        variant, acc = self.narrow(variant or self.scheme.conv)
+        return self.add(name, "conv2d", variant, {"x": x}, {"out_dtype": dtype} | acc,
                         shape=(BATCH, cout, 1, spatial or self.tokens), dtype=dtype, layout=layout, scale=scale,
                         weight_scale=f"{name}.weight_scale", calibrate=calibrate)
 
@@ -332,11 +349,13 @@ def _block(g: _Builder, i: int, x: str) -> str:
     q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv},
                      {"part": j, "num_heads": Hh}, shape=(BATCH, Hh, D, N), layout=HEADS)
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
-    s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, shape=(BATCH, Hh, N, N),
+    av, aa = g.narrow("int32")                                                      # the accumulators' row
+    s = g.add(b + "attn.scores", "attention_scores", av, {"q": q, "k": k}, aa, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
     p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N), layout=SCORES,
               scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
-    o = g.add(b + "attn.context", "attention_context", "int32", {"p": p, "v": v}, shape=(BATCH, C, 1, N)) # (B, C, 1, N) = merged heads
+    o = g.add(b + "attn.context", "attention_context", av, {"p": p, "v": v}, aa,
+              shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
     if i in g.stages:

@@ -630,3 +630,59 @@ def conv2d_pot(x, weight, bias, shift, *, rounding: str = SINGLE_ROUND, out_dtyp
     if internals is not None:
         internals["acc"] = K._nchw(acc.astype(np.int32), shape)                     # (B, Cout, Ho, Wo)
     return K._nchw(saturate(pot_shift(acc, s, rounding), out_dtype), shape)         # (B, Cout, Ho, Wo)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters: a narrow accumulator (acc_bits < 32) that saturates or wraps (docs/spec.md Part 6)
+# ---------------------------------------------------------------------------------------------
+
+ACC_OVERFLOW_MODES = ("saturate", "wrap")
+MIN_ACC_BITS = 16
+
+
+def narrow_accumulator(acc, acc_bits: int, acc_overflow: str, fn: str = "narrow_accumulator") -> np.ndarray:
+    """The exact sum `acc` as an acc_bits-bit two's complement register holds it -> int32: `saturate` clamps to
+    [-2^(acc_bits-1), 2^(acc_bits-1) - 1], `wrap` keeps the low acc_bits bits (sign-extended)."""
+    bits = _scalar_int(acc_bits, fn, "acc_bits")
+    if not MIN_ACC_BITS <= bits <= 32:
+        raise ValueError(f"{fn}: acc_bits must be in [{MIN_ACC_BITS}, 32], got {bits}")
+    if acc_overflow not in ACC_OVERFLOW_MODES:
+        raise ValueError(f"{fn}: acc_overflow must be one of {ACC_OVERFLOW_MODES}, got {acc_overflow!r}")
+    a, half = np.asarray(acc, np.int64), 1 << (bits - 1)
+    if acc_overflow == "saturate":
+        return np.clip(a, -half, half - 1).astype(np.int32)
+    return (((a + half) & ((1 << bits) - 1)) - half).astype(np.int32)                # sign-extended low bits
+
+
+def conv2d_narrow(x, weight, bias, multiplier, shift, *, acc_bits: int, acc_overflow: str,
+                  rounding: str = SINGLE_ROUND, out_dtype=np.int8, internals: dict | None = None) -> np.ndarray:
+    """Part 2's conv2d with an acc_bits accumulator: acc = narrow_accumulator(conv2d_accumulate(x, weight, bias)),
+    then requantize per output channel -> out_dtype (B, Cout, H/k, W/k). internals: `acc_exact`, `acc`."""
+    fn = "conv2d_narrow"
+    exact = K.conv2d_accumulate(x, weight, bias)                                    # (B, Cout, Ho, Wo) int32
+    cout = exact.shape[1]
+    m, s = _per_channel(multiplier, fn, "multiplier", cout), _per_channel(shift, fn, "shift", cout)
+    acc = narrow_accumulator(exact, acc_bits, acc_overflow, fn)                     # (B, Cout, Ho, Wo)
+    if internals is not None:
+        internals["acc_exact"], internals["acc"] = exact, acc
+    return requantize(acc.astype(np.int64), m, s, out_dtype=out_dtype, rounding=rounding)
+
+
+def attention_scores_narrow(q, k, *, acc_bits: int, acc_overflow: str) -> np.ndarray:
+    """Part 2's attention_scores accumulated in acc_bits: narrow_accumulator(q . k) -> int32 (B, Hh, N, N)."""
+    return narrow_accumulator(K.attention_scores(q, k), acc_bits, acc_overflow, "attention_scores_narrow")
+
+
+def attention_context_narrow(p, v, multiplier, shift, *, acc_bits: int, acc_overflow: str,
+                             rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
+    """Part 2's attention_context with an acc_bits accumulator: requantize(narrow_accumulator(sum_j p v)) -> int8
+    (B, Hh, D, N). internals: `acc_exact`, `acc`."""
+    fn = "attention_context_narrow"
+    kept: dict = {}
+    K.attention_context(p, v, multiplier, shift, rounding=rounding, internals=kept)   # checks; the exact acc
+    exact = kept["acc"]                                                             # (B, Hh, D, N) int32
+    acc = narrow_accumulator(exact, acc_bits, acc_overflow, fn)
+    if internals is not None:
+        internals["acc_exact"], internals["acc"] = exact, acc
+    m, s = np.asarray(_scalar_int(multiplier, fn, "multiplier"), np.int64), np.asarray(_scalar_int(shift, fn, "shift"), np.int64)
+    return requantize(acc.astype(np.int64), m, s, out_dtype=np.int8, rounding=rounding)

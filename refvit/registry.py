@@ -331,3 +331,19 @@ register(OpVariant("conv2d", "pot", KV.conv2d_pot, RPA.conv2d_pot, ("x",),
                    "Part 6, conv2d_pot", constants=C.conv_pot_constants, internals={"acc": OUTPUT},
                    no_tosa="not emitted yet: TOSA RESCALE with multiplier 2^30 and shift + 30 is the same value "
                    "under SINGLE_ROUND only (DOUBLE_ROUND's pot_shift rounds ties away from zero)"))
+_NARROW = "TOSA's accumulators are 32 (int8) or 48 bits (int16) wide; a narrower one that saturates or wraps " \
+          "has no TOSA operator"
+_NARROW_ACC = {"acc_exact": OUTPUT, "acc": OUTPUT}
+for _row in (
+    OpVariant("conv2d", "acc-narrow", KV.conv2d_narrow, RPA.conv2d_narrow, ("x",),
+              "conv2d whose accumulator has acc_bits bits and saturates or wraps (acc_overflow), then requantize",
+              "Part 6, conv2d_narrow", constants=C.conv_constants, internals=_NARROW_ACC, no_tosa=_NARROW),
+    OpVariant("attention_scores", "acc-narrow", KV.attention_scores_narrow, RPA.attention_scores_narrow, ("q", "k"),
+              "q . k accumulated in acc_bits bits, saturating or wrapping -> int32 (B, Hh, N, N)",
+              "Part 6, attention_scores_narrow", scale=C.scale_of_product, no_tosa=_NARROW),
+    OpVariant("attention_context", "acc-narrow", KV.attention_context_narrow, RPA.attention_context_narrow,
+              ("p", "v"), "sum_j p v accumulated in acc_bits bits, saturating or wrapping, then requantize -> int8",
+              "Part 6, attention_context_narrow", constants=C.context_constants, internals=_NARROW_ACC,
+              no_tosa=_NARROW),
+):
+    register(_row)

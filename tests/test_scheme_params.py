@@ -265,3 +265,145 @@ def test_model_cases_fail_the_neighbouring_parameter(required, neighbour):
     assert required in PARAM_SCHEMES or required in SCHEMES
     st = _statuses(_model_dut(neighbour), [s for s in select("quick") if s.name == name])
     assert st == {name: FAIL}
+
+
+# ---------------------------------------------------------------------------------------------- acc_bits
+
+def test_accumulator_bounds_are_exact_and_reached():
+    """The proof's range per conv channel is reached by the input it names (x = x_hi where w > 0 and x_lo where
+    w < 0, and the reverse), computed here by the conv kernel itself on that input; q.k and p.v bounds by hand."""
+    from refvit.quantize import accumulator_bounds
+    qm, _ = _model("refvit-int8")
+    bounds = accumulator_bounds(qm.graph, qm.tensors)
+    by_op = {}
+    for b in bounds:
+        by_op.setdefault(b.op, []).append(b)
+    assert len(by_op["blocks.0.mlp.fc2"]) == 48 and len(by_op["blocks.0.attn.scores"]) == 1
+    for name in ("blocks.0.attn.qkv", "blocks.1.mlp.fc2", "head"):
+        w, bias = qm.tensors[f"{name}.weight"], qm.tensors[f"{name}.bias"]
+        for c in (0, 5, w.shape[0] - 1):
+            row = w[c:c + 1]
+            x_hi = np.where(row > 0, 127, -128).astype(np.int8).reshape(1, -1, 1, 1)
+            x_lo = np.where(row > 0, -128, 127).astype(np.int8).reshape(1, -1, 1, 1)
+            hi = int(K.conv2d_accumulate(x_hi, row, bias[c:c + 1]).ravel()[0])
+            lo = int(K.conv2d_accumulate(x_lo, row, bias[c:c + 1]).ravel()[0])
+            b = by_op[name][c]
+            assert (b.lo, b.hi, b.channel) == (lo, hi, c)
+            assert b.bits == next(n for n in range(2, 40) if -(1 << (n - 1)) <= lo and hi < 1 << (n - 1))
+    d, n = 16, 18                                                                   # head dim, tokens
+    assert (by_op["blocks.0.attn.scores"][0].lo, by_op["blocks.0.attn.scores"][0].hi) == (-d * 128 * 127, d * 16384)
+    assert (by_op["blocks.0.attn.context"][0].lo, by_op["blocks.0.attn.context"][0].hi) == (-n * 127 * 128,
+                                                                                          n * 127 * 127)
+
+
+def test_narrow_accumulator_refusal_names_op_channel_and_bound():
+    """acc_bits 24 proves (every bound of this model fits 22 bits); at 20 the quantizer refuses, naming the first
+    accumulator in graph order that needs more; the error reaches the command line as one line."""
+    from refvit.quantize import QuantizationError, accumulator_bounds
+    qm24, _ = _model(Scheme("a24", acc_bits=24))
+    ref, _ = _model("refvit-int8")
+    assert all(np.array_equal(np.asarray(qm24.tensors[k]), np.asarray(v)) for k, v in ref.tensors.items())
+    assert qm24.options["acc_bits"] == 24 and qm24.scheme.acc_bits == 24
+    first = next(b for b in accumulator_bounds(ref.graph, ref.tensors) if b.bits > 20)
+    with pytest.raises(QuantizationError) as e:
+        _model(Scheme("a20", acc_bits=20))
+    msg = str(e.value)
+    assert msg.startswith(f"{first.op}: output channel {first.channel}: worst-case accumulator [{first.lo}, {first.hi}] "
+                          f"needs {first.bits} bits, more than acc_bits 20")
+
+
+def test_narrow_accumulator_against_modular_arithmetic():
+    """saturate and wrap (fast and reference) against Python's integers: wrap keeps acc mod 2^bits in
+    [-2^(bits-1), 2^(bits-1)), saturate clamps; around both ends, 16 to 32 bits."""
+    for bits in (16, 17, 24, 31, 32):
+        half = 1 << (bits - 1)
+        vals = [v for e in (half, -half, 3 * half, -3 * half, 0) for v in range(e - 3, e + 4)]
+        vals = [v for v in vals if -2 ** 31 <= v < 2 ** 31]
+        acc = np.array(vals, np.int64)
+        wrap = [((v + half) % (2 * half)) - half for v in vals]
+        sat = [min(max(v, -half), half - 1) for v in vals]
+        for fn in (KV.narrow_accumulator, RPA.narrow_accumulator):
+            assert fn(acc, bits, "wrap").tolist() == wrap and fn(acc, bits, "saturate").tolist() == sat
+            assert fn(acc, bits, "wrap").dtype == np.int32
+
+
+def test_narrow_kernels_fast_equal_reference():
+    from refvit import registry as R
+    specs = [s for s in select("full") if s.op.endswith("_narrow")]
+    assert len(specs) >= 20
+    for spec in specs:
+        case = spec.build()
+        row = R.by_kernel_name(spec.op)
+        fast, ref = row.kernel(*case.inputs.values(), **case.params), row.reference(*case.inputs.values(), **case.params)
+        assert np.array_equal(fast, ref) and fast.dtype == ref.dtype, spec.name
+
+
+def _exact_as(kernel: str):
+    """A 32-bit (exact) datapath asked for a narrow kernel: part 2's kernel, the acc attributes ignored."""
+    base = {"conv2d_narrow": "conv2d", "attention_scores_narrow": "attention_scores",
+            "attention_context_narrow": "attention_context"}[kernel]
+
+    def method(self, *args, acc_bits, acc_overflow, **kw):
+        return REFERENCE_KERNELS[base](*args, **kw)
+    return type(f"Exact_{kernel}", (RefvitDUT,), {kernel: method})()
+
+
+def _other_overflow(kernel: str):
+    def method(self, *args, acc_overflow, **kw):
+        other = "wrap" if acc_overflow == "saturate" else "saturate"
+        return REFERENCE_KERNELS[kernel](*args, acc_overflow=other, **kw)
+    return type(f"Other_{kernel}", (RefvitDUT,), {kernel: method})()
+
+
+@pytest.mark.parametrize("kernel", ["conv2d_narrow", "attention_scores_narrow", "attention_context_narrow"])
+def test_narrow_cases_fail_the_neighbouring_accumulators(kernel):
+    """Each narrow kernel's cases: refvit passes; a 32-bit datapath and the other overflow rule each fail some of
+    the saturate and some of the wrap cases."""
+    specs = select("quick", ops=kernel)
+    assert set(_statuses(RefvitDUT(), specs).values()) == {PASS}
+    for dut in (_exact_as(kernel), _other_overflow(kernel)):
+        st = _statuses(dut, specs)
+        for tag in ("_sat", "_wrap"):
+            assert FAIL in {v for n, v in st.items() if tag in n}, (dut, tag, st)
+        edge = {n: v for n, v in st.items() if "edge" in n}
+        assert set(edge.values()) <= {FAIL}
+
+
+@pytest.mark.parametrize("required, neighbour", [
+    ("accsat16", Scheme("w", acc_bits=16, acc_overflow="wrap")),
+    ("accwrap16", Scheme("s", acc_bits=16, acc_overflow="saturate")),
+    ("accsat16", SCHEMES["refvit-int8"]), ("refvit-int8", Scheme("w", acc_bits=16, acc_overflow="wrap"))])
+def test_narrow_model_cases_fail_the_neighbours(required, neighbour):
+    name = ("model_c48_d2_h3_img32_p8_b2_single" if required == "refvit-int8"
+            else f"model_{required}_c48_d2_h3_img32_p8_b2_single")
+    assert _statuses(_model_dut(neighbour), [s for s in select("quick") if s.name == name]) == {name: FAIL}
+
+
+def test_narrow_records_and_golden_internals(tmp_path):
+    """acc_overflow wrap: every conv and attention product is an acc-narrow record carrying acc_bits and
+    acc_overflow; the file round-trips; golden --internals dumps acc_exact and the wrapped acc, which differ
+    exactly where acc_exact leaves the 16-bit range, by a multiple of 2^16."""
+    from refvit import golden
+    from refvit.qfile import load_quantized, save_quantized
+    qm, calib = _model(Scheme("w16", acc_bits=16, acc_overflow="wrap"))
+    narrow = [o for o in qm.graph if o.variant == "acc-narrow"]
+    assert {o.op for o in narrow} == {"conv2d", "attention_scores", "attention_context"} and len(narrow) == 14
+    assert all(o.attrs["acc_bits"] == 16 and o.attrs["acc_overflow"] == "wrap" for o in narrow)
+    back = load_quantized(save_quantized(qm, tmp_path / "q.safetensors"))
+    assert back.scheme == qm.scheme and back.scheme.conv == "w8" and back.scheme.acc_overflow == "wrap"
+    xq = int_model.quantize_input(qm, calib[:2])
+    m = golden.write_golden(qm, xq, tmp_path / "g", internals=True)
+    exact = np.load(tmp_path / "g" / m["tensors"]["blocks.0.mlp.fc2.acc_exact"]["files"]["npy"]).astype(np.int64)
+    acc = np.load(tmp_path / "g" / m["tensors"]["blocks.0.mlp.fc2.acc"]["files"]["npy"]).astype(np.int64)
+    out = (exact < -(1 << 15)) | (exact >= 1 << 15)
+    assert out.any() and np.array_equal(acc != exact, out) and np.all((acc - exact) % (1 << 16) == 0)
+    assert np.all((acc >= -(1 << 15)) & (acc < 1 << 15))
+
+
+def test_acc_overflow_needs_a_narrow_w8_accumulator():
+    with pytest.raises(GraphError, match="needs acc_bits below 32"):
+        Scheme("x", acc_overflow="wrap")
+    with pytest.raises(GraphError, match="conv 'w8'"):
+        Scheme("x", acc_bits=24, acc_overflow="wrap", conv="w4")
+    with pytest.raises(GraphError, match="chosen by acc_overflow"):
+        Scheme("x", conv="acc-narrow")
