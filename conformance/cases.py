@@ -1247,6 +1247,7 @@ PARAM_SCHEMES = {  # model cases of unnamed parameter schemes (tag: fields)
     "pertensor": {"weights": "per-tensor"},
     "accsat16": {"acc_bits": 16, "acc_overflow": "saturate"},
     "accwrap16": {"acc_bits": 16, "acc_overflow": "wrap"},
+    "exp64b2-gelu64": {"exp_table_size": 64, "exp_index_bits": 2, "gelu_table_size": 64},
 }
 ACC_MODES = {"sat": "saturate", "wrap": "wrap"}
 
@@ -1378,8 +1379,56 @@ def _narrow_specs():
                 lambda nm, o=overflow, m=mode: _narrow_context(nm, 16, o, m)
 
 
+EXP_TABLE_N = ((64, 2), (64, 4), (1024, 6), (4096, 8))      # (entries, index bits) of the softmax_table_n cases
+GELU_TABLE_N = (16, 64, 128)
+
+
+def _softmax_tablen(name, size, bits, mode, kind):
+    """softmax_table_n. random: attention scores of random heads, the rescale spreading their differences over
+    the table; cap: the rescale of one real unit at 2^bits index units (s_qk 0.05, D 64) with spreads up to 2^30
+    (most indices clamp at L - 1); ties: multiplier 2^30, shift 33 (index = round(d / 8): d = 4 mod 8 are ties,
+    d = 3 mod 8 next to them, where DOUBLE_ROUND rounds twice); table: a random valid table."""
+    rng = _rng(name)
+    table = KV.make_exp_table_n(size, bits)
+    mult, shift = _rescale(0.05 / 8 * 2 ** bits)
+    if kind == "random":   # the rescale spreads the differences over the whole table
+        scores = _random_scores(rng, 3, 24)
+        mult, shift = _rescale(size / (4.0 * float(np.std(scores.astype(np.float64)))))
+    elif kind == "ties":
+        scores = rng.integers(-4 * size, 4 * size, (1, 2, 24, 24)).astype(np.int32)
+        mult, shift = _scalar(1 << 30, np.int32), _scalar(33, np.int8)
+    elif kind == "cap":
+        scores = rng.integers(-(1 << 30), 1 << 30, (1, 1, 24, 24)).astype(np.int32)
+    else:
+        table = rng.integers(0, K.EXP_ONE + 1, size).astype(np.uint16)
+        table[0] = K.EXP_ONE
+        scores = _random_scores(rng, 2, 24)
+        mult, shift = _rescale(size / (4.0 * float(np.std(scores.astype(np.float64)))))
+    inputs = {"scores": scores.astype(np.int32), "multiplier": mult, "shift": shift, "exp_table": table}
+    return _kernel_case(name, "softmax_table_n", inputs, {"rounding": _MODES[mode]}, f"{size} entries, 2^-{bits}")
+
+
+def _table_size_specs():
+    for size, bits in EXP_TABLE_N:
+        for kind in ("random", "ties", "cap"):
+            for mode in _MODES:
+                yield f"softmax_tablen_L{size}_b{bits}_{kind}_n24_{mode}", "softmax_table_n", True, _p(mode), \
+                    lambda nm, L=size, b=bits, k=kind, m=mode: _softmax_tablen(nm, L, b, m, k)
+    yield "softmax_tablen_L512_b5_randomtable_n24_single", "softmax_table_n", True, _p("single"), \
+        lambda nm: _softmax_tablen(nm, 512, 5, "single", "table")
+    for size in GELU_TABLE_N:
+        for s_in, s_out in GELU_VARIANT_SCALES[:3]:
+            yield f"gelu_tablen_L{size}_all256_{scales_tag(s_in, s_out)}", "gelu_table_n", True, {}, \
+                lambda nm, L=size, si=s_in, so=s_out: _kernel_case(
+                    nm, "gelu_table_n", {"x": ALL256, "table": KV.make_gelu_table_n(si, so, L)}, {},
+                    f"{L} entries, step {256 // L}")
+    yield "gelu_tablen_L32_randomtable_all256", "gelu_table_n", True, {}, lambda nm: _kernel_case(
+        nm, "gelu_table_n", {"x": ALL256, "table": _i8(_rng(nm), (32,))}, {}, "a random table")
+
+
 def _scheme_param_specs():
     yield from _narrow_specs()
+    yield from _table_size_specs()
     pot = "conv2d_pot"
     for mode in _MODES:
         yield f"conv_pot_1x1_cin192_cout576_n32_{mode}", pot, True, _p(mode, out_dtype="int8"), \

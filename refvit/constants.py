@@ -333,3 +333,16 @@ def activation_scale(amax: float, dtype, options: dict) -> float:
     if options.get("scales", "float") == "pot":
         return float(pot_scale(max(float(amax), 1e-8), int_range(dtype)[1]))
     return scale_of(amax, dtype)
+
+
+def softmax_table_n_constants(op, ctx: Context) -> dict:
+    """softmax_table_n: the rescale to units of 2^-b of a real score difference, the exp table of L entries."""
+    b, size = ctx.options.get("exp_index_bits", 4), ctx.options.get("exp_table_size", 256)
+    T = rescale(op.name, _logit_scale(op, ctx) * 2 ** b)
+    T[op.constants["exp_table"]] = KV.make_exp_table_n(size, b)
+    return T | {f"{op.inputs['scores']}.scale": ctx.s[op.inputs["scores"]]}
+
+
+def gelu_table_n_constants(op, ctx: Context) -> dict:
+    return {op.constants["table"]: KV.make_gelu_table_n(ctx.s[op.inputs["x"]], ctx.s[op.name],
+                                                        ctx.options.get("gelu_table_size", 256))}

@@ -151,6 +151,9 @@ class Scheme:
     scales: str = "float"
     acc_bits: int = 32
     acc_overflow: str = "error"
+    exp_table_size: int = 256
+    exp_index_bits: int = 4
+    gelu_table_size: int = 256
 
     def __post_init__(self):
         for fld, op in SCHEME_FIELDS.items():
@@ -193,7 +196,11 @@ class Scheme:
 PARAMETERS = {"weights": ("per-channel", ("per-channel", "per-tensor")),
               "scales": ("float", ("float", "pot")),
               "acc_bits": (32, tuple(range(16, 33))),
-              "acc_overflow": ("error", ("error", "saturate", "wrap"))}
+              "acc_overflow": ("error", ("error", "saturate", "wrap")),
+              "exp_table_size": (256, tuple(1 << k for k in range(6, 13))),
+              "exp_index_bits": (4, tuple(range(0, 9))),
+              "gelu_table_size": (256, tuple(1 << k for k in range(4, 9)))}
+SIZED_TABLE = "table-n"                  # the softmax / gelu variant of a table size other than part 2's
 NARROW = "acc-narrow"                    # the variant of conv2d / attention_scores / attention_context (acc_overflow)
 PER_CHANNEL_ONLY = ("w4", "mixed-pot")   # conv variants whose offline rule is per channel by definition
 
@@ -203,11 +210,20 @@ def _check_parameters(sc: "Scheme") -> None:
     for key, (_, allowed) in PARAMETERS.items():
         v = getattr(sc, key)
         if isinstance(v, bool) or v not in allowed:
-            shown = f"an integer in [{allowed[0]}, {allowed[-1]}]" if key == "acc_bits" else " | ".join(allowed)
+            shown = (f"an integer in [{allowed[0]}, {allowed[-1]}]" if key in ("acc_bits", "exp_index_bits")
+                     else " | ".join(map(str, allowed)))
             raise GraphError(f"scheme {sc.name!r}: {key} must be {shown}, got {v!r}")
     if sc.weights == "per-tensor" and sc.conv in PER_CHANNEL_ONLY:
         raise GraphError(f"scheme {sc.name!r}: conv {sc.conv!r} has a per-channel weight rule; per-tensor weights "
                          f"need conv 'w8' or 'pot'")
+    for fld, sized in (("softmax", (sc.exp_table_size, sc.exp_index_bits) != (256, 4)),
+                       ("gelu", sc.gelu_table_size != 256)):
+        if getattr(sc, fld) == SIZED_TABLE:
+            raise GraphError(f"scheme {sc.name!r}: {fld} {SIZED_TABLE!r} is chosen by the table size parameters, "
+                             f"not by name")
+        if sized and getattr(sc, fld) != "table":
+            raise GraphError(f"scheme {sc.name!r}: a {fld} table size or index step needs {fld} 'table', got "
+                             f"{getattr(sc, fld)!r}")
     if sc.conv == NARROW:
         raise GraphError(f"scheme {sc.name!r}: conv {NARROW!r} is chosen by acc_overflow saturate | wrap, not by name")
     if sc.acc_overflow != "error" and (sc.acc_bits == 32 or sc.conv != "w8"):
@@ -231,6 +247,9 @@ def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
             choices[fld] = found.pop()
     if choices.get("conv") == NARROW:           # chosen by the options' acc_overflow: the weights are w8
         choices["conv"] = "w8"
+    for fld in ("softmax", "gelu"):             # chosen by the options' table sizes
+        if choices.get(fld) == SIZED_TABLE:
+            choices[fld] = "table"
     return Scheme(name=name, **choices, **(options or {}))
 
 
@@ -308,6 +327,12 @@ class _Builder:
             return NARROW, {"acc_bits": sc.acc_bits, "acc_overflow": sc.acc_overflow}
         return variant, {}
 
+    def sized(self, fld: str) -> str:
+        """The softmax / gelu variant: 'table-n' for a table size or index step other than part 2's."""
+        sc = self.scheme
+        sized = (sc.exp_table_size, sc.exp_index_bits) != (256, 4) if fld == "softmax" else sc.gelu_table_size != 256
+        return SIZED_TABLE if sized else getattr(sc, fld)
+
     def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
              variant=None):
         variant, acc = self.narrow(variant or self.scheme.conv)
@@ -352,7 +377,7 @@ def _block(g: _Builder, i: int, x: str) -> str:
     av, aa = g.narrow("int32")                                                      # the accumulators' row
     s = g.add(b + "attn.scores", "attention_scores", av, {"q": q, "k": k}, aa, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
-    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N), layout=SCORES,
+    p = g.add(b + "attn.softmax", "softmax", g.sized("softmax"), {"scores": s}, shape=(BATCH, Hh, N, N), layout=SCORES,
               scale="attn.softmax.scale")                                           # (B, Hh, N, N) at 1/127
     o = g.add(b + "attn.context", "attention_context", av, {"p": p, "v": v}, aa,
               shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
@@ -362,7 +387,7 @@ def _block(g: _Builder, i: int, x: str) -> str:
         x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N')
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N')
-    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h}, shape=(BATCH, cfg.hidden_dim, 1, g.tokens)) # (B, 4C, 1, N')
+    h = g.add(b + "mlp.gelu", "gelu", g.sized("gelu"), {"x": h}, shape=(BATCH, cfg.hidden_dim, 1, g.tokens)) # (B, 4C, 1, N')
     h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N')
     return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N')
 

@@ -686,3 +686,68 @@ def attention_context_narrow(p, v, multiplier, shift, *, acc_bits: int, acc_over
         internals["acc_exact"], internals["acc"] = exact, acc
     m, s = np.asarray(_scalar_int(multiplier, fn, "multiplier"), np.int64), np.asarray(_scalar_int(shift, fn, "shift"), np.int64)
     return requantize(acc.astype(np.int64), m, s, out_dtype=np.int8, rounding=rounding)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters: table sizes and index steps of the table softmax and the table GELU (docs/spec.md Part 6)
+# ---------------------------------------------------------------------------------------------
+
+EXP_TABLE_SIZES = tuple(1 << k for k in range(6, 13))         # 64 ... 4096 entries
+EXP_INDEX_BITS_RANGE = tuple(range(0, 9))                     # index unit 2^-b of a real score difference
+GELU_TABLE_SIZES = tuple(1 << k for k in range(4, 9))         # 16 ... 256 entries over the 256 int8 inputs
+
+
+def _table_size(table, fn: str, dtypes, sizes) -> int:
+    if not isinstance(table, np.ndarray) or table.dtype not in tuple(np.dtype(d) for d in dtypes) or table.ndim != 1:
+        raise ValueError(f"{fn}: table must be a 1-D array of dtype {' or '.join(np.dtype(d).name for d in dtypes)}, "
+                         f"got {getattr(table, 'dtype', type(table).__name__)} {getattr(table, 'shape', '')}")
+    if table.shape[0] not in sizes:
+        raise ValueError(f"{fn}: table must have one of {sizes} entries, got {table.shape[0]}")
+    return table.shape[0]
+
+
+def make_exp_table_n(size: int, index_bits: int) -> np.ndarray:
+    """Offline: exp_table[i] = round_half_away(2^15 exp(-i / 2^index_bits)), i < size, uint16 (size 256 and 4 bits:
+    part 2's make_exp_table)."""
+    if size not in EXP_TABLE_SIZES or index_bits not in EXP_INDEX_BITS_RANGE:
+        raise ValueError(f"make_exp_table_n: size must be one of {EXP_TABLE_SIZES} and index_bits in [0, 8], "
+                         f"got {size}, {index_bits}")
+    vals = np.array([K.EXP_ONE * math.exp(-i / (1 << index_bits)) for i in range(size)])
+    return saturate(round_half_away_from_zero(vals), np.uint16)
+
+
+def softmax_table_n(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND,
+                    internals: dict | None = None) -> np.ndarray:
+    """Part 2's softmax with an exp table of L = len(exp_table) entries (64 ... 4096): idx = min(apply_scale(max - s),
+    L - 1), e = exp_table[idx], then part 2's output stage -> int8 (..., N) in [0, 127]. internals: index, exp, sum,
+    recip."""
+    fn = "softmax_table_n"
+    size = _table_size(exp_table, fn, (np.uint16,), EXP_TABLE_SIZES)
+    _require_range(exp_table, 0, K.EXP_ONE, fn, "exp_table (Q0.15)")
+    if int(exp_table[0]) != K.EXP_ONE:
+        raise ValueError(f"{fn}: exp_table[0] must be 2^15 (exp(0) in Q0.15), got {int(exp_table[0])}")
+    idx = _softmax_differences(scores, multiplier, shift, rounding, size - 1, fn)  # (..., N) in [0, L - 1]
+    if internals is not None:
+        internals["index"] = idx.astype(np.uint16)
+    return _normalize_probabilities(exp_table.astype(np.int64)[idx], internals)   # e <= 2^15, sum < 2^31
+
+
+def make_gelu_table_n(scale_in: float, scale_out: float, size: int) -> np.ndarray:
+    """Offline: entry j of `size` covers the int8 inputs x in [-128 + j step, -128 + (j + 1) step - 1], step =
+    256 / size; its value is the GELU at the bucket's midpoint: table[j] = saturate(round_half_away(gelu(x_j
+    scale_in) / scale_out)), x_j = -128 + j step + (step - 1) / 2 (size 256: part 2's make_gelu_table)."""
+    if size not in GELU_TABLE_SIZES:
+        raise ValueError(f"make_gelu_table_n: size must be one of {GELU_TABLE_SIZES}, got {size}")
+    step = K.GELU_TABLE_SIZE // size
+    xs = [(-128 + j * step + (step - 1) / 2) * float(scale_in) for j in range(size)]
+    g = np.array([0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))) for x in xs])
+    return saturate(round_half_away_from_zero(g / float(scale_out)), np.int8)
+
+
+def gelu_table_n(x, table) -> np.ndarray:
+    """out = table[(x + 128) >> log2(256 / L)], L = len(table) in 16 ... 256: int8 x (any shape) -> int8."""
+    fn = "gelu_table_n"
+    _require_array(x, fn, "x", np.int8)
+    size = _table_size(table, fn, (np.int8,), GELU_TABLE_SIZES)
+    step_bits = (K.GELU_TABLE_SIZE // size).bit_length() - 1
+    return table[(x.astype(np.int64) + 128) >> step_bits]

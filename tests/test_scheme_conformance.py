@@ -50,7 +50,7 @@ FAMILIES = {
     "add": ("residual", {"int8": "add", "int16": "add_wide"}),
     "conv2d": ("conv", {"w8": "conv2d", "w4": "conv2d_w4", "mixed-pot": "conv2d_mixed_pot"}),
 }
-PARAMETER_VARIANTS = {"pot", "acc-narrow"}   # selected by scheme parameters (scales, acc_overflow): tests/test_scheme_params.py
+PARAMETER_VARIANTS = {"pot", "acc-narrow", "table-n"}   # chosen by scheme parameters: tests/test_scheme_params.py
 PAIRS = [(fam, req, impl) for fam, (_, variants) in FAMILIES.items()
          for req, impl in itertools.permutations(variants, 2)]
 SAME_KERNEL = {("layernorm", "int64", "wide")}      # identical on every input of the required variant

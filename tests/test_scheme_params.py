@@ -407,3 +407,112 @@ def test_acc_overflow_needs_a_narrow_w8_accumulator():
         Scheme("x", acc_bits=24, acc_overflow="wrap", conv="w4")
     with pytest.raises(GraphError, match="chosen by acc_overflow"):
         Scheme("x", conv="acc-narrow")
+
+
+# ---------------------------------------------------------------------------------------------- table sizes
+
+def test_table_builders_against_math_and_part2():
+    """make_exp_table_n: round_half_away(2^15 exp(-i / 2^b)) (here from math.exp); (256, 4) is part 2's table.
+    make_gelu_table_n: the GELU at each bucket's midpoint; 256 entries is part 2's table."""
+    import math
+    for size, bits in ((64, 0), (256, 4), (4096, 8), (128, 3)):
+        want = [int(_half_away(32768 * math.exp(-i / 2 ** bits))) for i in range(size)]
+        assert KV.make_exp_table_n(size, bits).tolist() == want and KV.make_exp_table_n(size, bits).dtype == np.uint16
+    assert np.array_equal(KV.make_exp_table_n(256, 4), K.make_exp_table())
+    for s_in, s_out in ((0.05, 0.02), (0.3, 0.3)):
+        assert np.array_equal(KV.make_gelu_table_n(s_in, s_out, 256), K.make_gelu_table(s_in, s_out))
+        for size in (16, 64):
+            step = 256 // size
+            mids = [(-128 + j * step + (step - 1) / 2) * s_in for j in range(size)]
+            want = [max(-128, min(127, int(_half_away(0.5 * m * (1 + math.erf(m / math.sqrt(2))) / s_out))))
+                    for m in mids]
+            assert KV.make_gelu_table_n(s_in, s_out, size).tolist() == want
+
+
+def test_gelu_table_n_indexes_buckets():
+    x = np.arange(-128, 128, dtype=np.int8)
+    for size in (16, 32, 256):
+        table = (np.arange(size) - 128 * (size == 256)).astype(np.int8)              # entry j holds j (- 128)
+        want = [(int(v) + 128) // (256 // size) - 128 * (size == 256) for v in x]
+        for fn in (KV.gelu_table_n, RPA.gelu_table_n):
+            assert fn(x, table).tolist() == want
+    with pytest.raises(ValueError, match="gelu_table_n"):
+        KV.gelu_table_n(x, np.zeros(48, np.int8))
+
+
+def test_softmax_table_n_with_part2_table_is_part2_softmax():
+    """The superset fact: with 256 entries at 2^-4, softmax_table_n computes part 2's softmax on its cases
+    (where part 2 is defined); and the fast and reference kernels agree on every table-size case."""
+    from refvit import registry as R
+    for spec in select("quick", ops="softmax"):
+        case = spec.build()
+        if case.inputs["exp_table"].dtype != np.uint16:                             # part 2 also takes int32 tables
+            continue
+        try:
+            want = K.softmax(*case.inputs.values(), **case.params)
+        except (ValueError, OverflowError):
+            continue
+        assert np.array_equal(KV.softmax_table_n(*case.inputs.values(), **case.params), want), spec.name
+    for op in ("softmax_table_n", "gelu_table_n"):
+        row = R.by_kernel_name(op)
+        for spec in select("full", ops=op):
+            case = spec.build()
+            fast, ref = row.kernel(*case.inputs.values(), **case.params), row.reference(*case.inputs.values(),
+                                                                                       **case.params)
+            assert np.array_equal(fast, ref) and np.array_equal(fast, case.expected), spec.name
+    a = select("quick", filter="softmax_tablen_L64_b2_ties_n24_single")[0].build()
+    b = select("quick", filter="softmax_tablen_L64_b2_ties_n24_double")[0].build()
+    assert np.any(a.expected != b.expected)
+
+
+class _Part2Table(RefvitDUT):
+    """Part 2's 256-entry table at index step 2^-4 asked for softmax_table_n (the same real rescale)."""
+    def softmax_table_n(self, scores, multiplier, shift, exp_table, *, rounding=SINGLE_ROUND):
+        bits = next(b for b in range(9) if np.array_equal(KV.make_exp_table_n(len(exp_table), b), exp_table))
+        return REFERENCE_KERNELS["softmax"](scores, multiplier, np.int8(int(shift) + bits - 4), K.make_exp_table(),
+                                           rounding=rounding)
+
+
+class _FullGelu(RefvitDUT):
+    """The 256-entry GELU table at the case's scales asked for gelu_table_n."""
+    def gelu_table_n(self, x, table):
+        from conformance.cases import GELU_VARIANT_SCALES
+        s_in, s_out = next((a, b) for a, b in GELU_VARIANT_SCALES
+                           if np.array_equal(KV.make_gelu_table_n(a, b, len(table)), table))
+        return REFERENCE_KERNELS["gelu"](x, K.make_gelu_table(s_in, s_out))
+
+
+def test_table_size_cases_fail_part2s_tables():
+    sm = _statuses(_Part2Table(), [s for s in select("quick", ops="softmax_table_n") if "randomtable" not in s.name])
+    assert FAIL in sm.values() and all(v == FAIL for n, v in sm.items() if "_random_" in n), sm
+    ge = _statuses(_FullGelu(), [s for s in select("quick", ops="gelu_table_n") if "randomtable" not in s.name])
+    assert set(ge.values()) == {FAIL}, ge
+
+
+@pytest.mark.parametrize("required, neighbour", [
+    ("exp64b2-gelu64", SCHEMES["refvit-int8"]),
+    ("exp64b2-gelu64", Scheme("e", exp_table_size=64, exp_index_bits=2)),
+    ("exp64b2-gelu64", Scheme("g", gelu_table_size=64)),
+    ("refvit-int8", Scheme("t", exp_table_size=64, exp_index_bits=2, gelu_table_size=64))])
+def test_table_size_model_cases_fail_the_neighbours(required, neighbour):
+    name = ("model_c48_d2_h3_img32_p8_b2_single" if required == "refvit-int8"
+            else f"model_{required}_c48_d2_h3_img32_p8_b2_single")
+    assert _statuses(_model_dut(neighbour), [s for s in select("quick") if s.name == name]) == {name: FAIL}
+
+
+def test_table_size_records_and_errors(tmp_path):
+    from refvit.qfile import load_quantized, save_quantized
+    qm, _ = _model(Scheme("t", exp_table_size=1024, exp_index_bits=6, gelu_table_size=32))
+    assert {(o.op, o.variant) for o in qm.graph if o.op in ("softmax", "gelu")} == {("softmax", "table-n"),
+                                                                                   ("gelu", "table-n")}
+    assert qm.tensors["exp_table"].shape == (1024,) and qm.tensors["blocks.0.mlp.gelu.table"].shape == (32,)
+    back = load_quantized(save_quantized(qm, tmp_path / "q.safetensors"))
+    assert back.scheme == qm.scheme and (back.scheme.softmax, back.scheme.exp_table_size) == ("table", 1024)
+    for fields, message in (({"exp_table_size": 100}, "exp_table_size must be 64 | 128"),
+                            ({"exp_index_bits": 9}, "exp_index_bits must be an integer in"),
+                            ({"gelu_table_size": 512}, "gelu_table_size must be"),
+                            ({"exp_table_size": 64, "softmax": "poly"}, "needs softmax 'table'"),
+                            ({"gelu_table_size": 64, "gelu": "shift"}, "needs gelu 'table'"),
+                            ({"softmax": "table-n"}, "chosen by the table size")):
+        with pytest.raises(GraphError, match=message.replace("|", r"\|")):
+            Scheme(name="x", **fields)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from refvit.reference.arith import (
-    INT32_MAX, SINGLE_ROUND, _check_rounding, int64, requantize, rounding_divide_by_pot, rounding_shift_right,
+    INT32_MAX, SINGLE_ROUND, _check_rounding, apply_scale, int64, requantize, rounding_divide_by_pot, rounding_shift_right,
     saturate, require,
 )
 from refvit.reference.kernels import (
-    attention_context, attention_scores, conv2d_accumulate, conv_requantize, per_channel, scalar_arg,
+    array_arg, attention_context, attention_scores, check_scores, conv2d_accumulate, conv_requantize, in_range,
+    per_channel, scalar_arg, softmax_output,
 )
 
 POT_MAX_SHIFT = 31
@@ -106,3 +107,50 @@ def attention_context_narrow(p, v, multiplier, shift, *, acc_bits: int, acc_over
         internals["acc_exact"], internals["acc"] = kept["acc"], acc
     m, s = scalar_arg(multiplier, fn, "multiplier", 0, INT32_MAX), scalar_arg(shift, fn, "shift", 2, 62)
     return requantize(acc, m, s, np.int8, rounding)
+
+
+EXP_TABLE_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+GELU_TABLE_SIZES = (16, 32, 64, 128, 256)
+
+
+def softmax_table_n(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND,
+                    internals: dict | None = None) -> np.ndarray:
+    """docs/spec.md, Part 6, softmax_table_n, over the last axis -> int8 (..., N) in [0, 127]:
+
+    L     = len(exp_table)                                      # 64, 128, ..., 4096
+    m     = max_j s[j] ; d = m - s
+    idx   = min(apply_scale(min(d, d_cap), multiplier, shift, rounding), L - 1)    # d_cap = min(2^(shift-1) - 1, 2^31 - 1)
+    e     = exp_table[idx]
+    sigma = sum_j e ; recip = (1 << 40) // sigma ; p = saturate(rounding_shift_right(e * 127 * recip, 40), int8)
+    internals: `index` (uint16), `exp`, `sum`, `recip` (int32).
+    """
+    fn = "softmax_table_n"
+    s = check_scores(scores, fn)
+    array_arg(exp_table, fn, "exp_table", (np.uint16,), 1)
+    L = exp_table.shape[0]
+    require(L in EXP_TABLE_SIZES and in_range(exp_table, 0, 1 << 15) and int(exp_table[0]) == 1 << 15, fn,
+            f"exp_table must have one of {EXP_TABLE_SIZES} entries in [0, 2^15], exp_table[0] = 2^15")
+    m = scalar_arg(multiplier, fn, "multiplier", 0, INT32_MAX)
+    sh = scalar_arg(shift, fn, "shift", 2, 62)
+    d = s.max(axis=-1, keepdims=True) - s                                  # (..., N) >= 0
+    d_cap = min((1 << (sh - 1)) - 1, INT32_MAX)
+    big = apply_scale(np.array([d_cap]), m, sh, rounding)[0]
+    require(not (big < L - 1 and d.max() > d_cap), fn, "a score difference beyond apply_scale's domain that the "
+            "rescale does not saturate at L - 1", OverflowError)
+    idx = np.minimum(apply_scale(np.minimum(d, d_cap), m, sh, rounding), L - 1)   # (..., N) in [0, L - 1]
+    e = exp_table.astype(np.int64)[idx]
+    p, sigma, recip = softmax_output(e)
+    if internals is not None:
+        internals.update({"index": idx.astype(np.uint16), "exp": e.astype(np.int32), "sum": sigma.astype(np.int32),
+                          "recip": recip.astype(np.int32)})
+    return p
+
+
+def gelu_table_n(x, table) -> np.ndarray:
+    """docs/spec.md, Part 6, gelu_table_n: L = len(table) in 16 ... 256, step = 256 / L;
+    out = table[floor((x + 128) / step)] (int8, the shape of x)."""
+    fn = "gelu_table_n"
+    array_arg(x, fn, "x", np.int8)
+    array_arg(table, fn, "table", np.int8, 1)
+    require(table.shape[0] in GELU_TABLE_SIZES, fn, f"table must have one of {GELU_TABLE_SIZES} entries")
+    return table[(x.astype(np.int64) + 128) // (256 // table.shape[0])]
