@@ -24,6 +24,7 @@ from refvit.intmath import int_range, round_half_away_from_zero  # noqa: E402
 from refvit.models import load_model  # noqa: E402
 from refvit.preprocess import fmnist_transform  # noqa: E402
 from refvit.quantize import activation_ranges, observe, quantize_model  # noqa: E402
+from refvit.report import sqnr_by_op  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 BATCH = 250
@@ -72,6 +73,14 @@ def main() -> None:
               "pot8 (mse)": quantize_model(model.params, model.config, mse_ranges(model, graph_pot, ranges, calib[:2]),
                                            head_mode=model.head_mode, graph=graph_pot, scheme=G.SCHEMES["pot8"])}
     print(f"{len(images)} images; float top-1 {100 * (pf == labels).mean():.2f}%")
+    probe = fmnist_transform(images[args.calib:args.calib + 128])
+    sq = {name: sqnr_by_op(qm, model.params, probe) for name, qm in models.items()}
+    loss = {op: sq["refvit-int8"][op] - sq["pot8 (cover)"][op] for op in sq["pot8 (cover)"] if op in sq["refvit-int8"]}
+    print("SQNR (dB) on 128 held-out images, the ops where pot8 (cover) loses most against refvit-int8:")
+    for op in sorted(loss, key=loss.get, reverse=True)[:8]:
+        print(f"  {op:26} int8 {sq['refvit-int8'][op]:5.1f}  pot8 cover {sq['pot8 (cover)'][op]:5.1f}  "
+              f"pot8 mse {sq['pot8 (mse)'].get(op, float('nan')):5.1f}")
+    print("median SQNR: " + ", ".join(f"{n} {np.median(list(v.values())):.1f}" for n, v in sq.items()), flush=True)
     for name, qm in models.items():
         t = time.perf_counter()
         pi = np.concatenate([int_model.logits_int8_model(qm, fmnist_transform(images[i:i + BATCH]))[0].argmax(1)
