@@ -19,6 +19,10 @@ offline builders of refvit.int_kernels_variants from the scales in the case name
 designed constants for ties, saturation and the edges of each domain; and a block and model case per named scheme
 (refvit.graph.SCHEMES), the same random float model quantized by each. tests/test_scheme_conformance.py checks
 that a neighbouring variant fails each variant's cases.
+The scheme parameters (docs/spec.md Part 6) add, at the end of the suite: conv2d_pot (`conv_pot_*`), the narrow
+accumulators (`conv_narrow_*`, `scores_narrow_*`, `context_narrow_*`), the table sizes (`softmax_tablen_*`,
+`gelu_tablen_*`) and block and model cases of unnamed parameter schemes (PARAM_SCHEMES: `model_pertensor_*`,
+`model_accsat16_*`, ...); tests/test_scheme_params.py checks that the neighbouring choices fail them.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
 Each family declares, per case, its rounding mode and the DUT method's keyword parameters (CaseSpec.rounding,
@@ -1399,6 +1403,11 @@ def _softmax_tablen(name, size, bits, mode, kind):
         mult, shift = _scalar(1 << 30, np.int32), _scalar(33, np.int8)
     elif kind == "cap":
         scores = rng.integers(-(1 << 30), 1 << 30, (1, 1, 24, 24)).astype(np.int32)
+    elif kind == "equal":   # every key equal: sigma = N * 2^15
+        scores = np.full((1, 2, 24, 24), 12345, np.int32)
+    elif kind == "extreme":   # differences up to 2^31 - 1 at shift 40 (beyond apply_scale's int32 domain: capped)
+        scores = rng.choice(np.array([-(1 << 30) + 1, 0, 1 << 30]), (1, 1, 24, 24)).astype(np.int32)
+        mult, shift = _scalar(1 << 30, np.int32), _scalar(40, np.int8)
     else:
         table = rng.integers(0, K.EXP_ONE + 1, size).astype(np.uint16)
         table[0] = K.EXP_ONE
@@ -1416,6 +1425,10 @@ def _table_size_specs():
                     lambda nm, L=size, b=bits, k=kind, m=mode: _softmax_tablen(nm, L, b, m, k)
     yield "softmax_tablen_L512_b5_randomtable_n24_single", "softmax_table_n", True, _p("single"), \
         lambda nm: _softmax_tablen(nm, 512, 5, "single", "table")
+    for kind in ("equal", "extreme"):
+        for mode in _MODES:
+            yield f"softmax_tablen_L128_b3_{kind}_n24_{mode}", "softmax_table_n", True, _p(mode), \
+                lambda nm, k=kind, m=mode: _softmax_tablen(nm, 128, 3, m, k)
     for size in GELU_TABLE_N:
         for s_in, s_out in GELU_VARIANT_SCALES[:3]:
             yield f"gelu_tablen_L{size}_all256_{scales_tag(s_in, s_out)}", "gelu_table_n", True, {}, \
@@ -1426,7 +1439,19 @@ def _table_size_specs():
         nm, "gelu_table_n", {"x": ALL256, "table": _i8(_rng(nm), (32,))}, {}, "a random table")
 
 
+def _pot_allmax(name):
+    """x = 127, weight +-127, Cin 3071: sums +-Cin 127^2 beyond a float32 pass; the bias cancels them, shift 0."""
+    cin = 3071
+    x = np.full((1, cin, 1, 4), 127, np.int8)
+    sign = np.where(np.arange(4) % 2 == 0, 1, -1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * cin * 127 * 127 + _rng(name).integers(-100, 101, 4)).astype(np.int32)
+    return _pot_case(name, x, w, bias, np.zeros(4), "single", note="exact accumulator: out = acc (shift 0)")
+
+
 def _scheme_param_specs():
+    yield "conv_pot_1x1_allmax_cin3071_cout4_n4_single", "conv2d_pot", True, _p("single", out_dtype="int8"), \
+        _pot_allmax
     yield from _narrow_specs()
     yield from _table_size_specs()
     pot = "conv2d_pot"
