@@ -19,6 +19,10 @@ offline builders of refvit.int_kernels_variants from the scales in the case name
 designed constants for ties, saturation and the edges of each domain; and a block and model case per named scheme
 (refvit.graph.SCHEMES), the same random float model quantized by each. tests/test_scheme_conformance.py checks
 that a neighbouring variant fails each variant's cases.
+The scheme parameters (docs/spec.md Part 6) add, at the end of the suite: conv2d_pot (`conv_pot_*`), the narrow
+accumulators (`conv_narrow_*`, `scores_narrow_*`, `context_narrow_*`), the table sizes (`softmax_tablen_*`,
+`gelu_tablen_*`) and block and model cases of unnamed parameter schemes (PARAM_SCHEMES: `model_pertensor_*`,
+`model_accsat16_*`, ...); tests/test_scheme_params.py checks that the neighbouring choices fail them.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
 Each family declares, per case, its rounding mode and the DUT method's keyword parameters (CaseSpec.rounding,
@@ -47,7 +51,7 @@ from refvit.intmath import (DOUBLE_ROUND, INT32_MAX, INT32_MIN, SINGLE_ROUND, ap
                             quantize_add_multipliers, quantize_multiplier, round_half_away_from_zero)
 
 from weights_tools.convert import token_to_conv
-from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, block_graph, required_constants
+from refvit.graph import BOUNDARY_CONSTANTS, SCHEMES, Scheme, block_graph, required_constants
 from refvit.models import random_params
 from refvit.quantize import quantize
 
@@ -1244,13 +1248,255 @@ def _all_specs(generation: int) -> tuple:
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
                    _conv_variant_specs, _scheme_model_specs, _deit3_specs, _prune_specs, _authors_code_specs,
-                   _registry_specs):
+                   _registry_specs, _scheme_param_specs):
         for name, op, quick, params, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
                                   MappingProxyType(params)))
     names = [s.name for s in specs]
     assert len(set(names)) == len(names), "duplicate case names"
     return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters (issue 19; docs/spec.md Part 6): conv2d_pot, per-tensor weights, narrow accumulators
+# ---------------------------------------------------------------------------------------------
+
+PARAM_SCHEMES = {  # model cases of unnamed parameter schemes (tag: fields)
+    "pertensor": {"weights": "per-tensor"},
+    "accsat16": {"acc_bits": 16, "acc_overflow": "saturate"},
+    "accwrap16": {"acc_bits": 16, "acc_overflow": "wrap"},
+    "exp64b2-gelu64": {"exp_table_size": 64, "exp_index_bits": 2, "gelu_table_size": 64},
+}
+ACC_MODES = {"sat": "saturate", "wrap": "wrap"}
+
+
+def _pot_case(name, x, w, bias, shift, mode, out_dtype="int8", note=""):
+    inputs = {"x": x, "weight": w, "bias": np.asarray(bias, np.int32), "shift": np.asarray(shift, np.int8)}
+    return _kernel_case(name, "conv2d_pot", inputs, {"rounding": _MODES[mode], "out_dtype": out_dtype}, note)
+
+
+def _pot_fit_shift(acc, out_dtype="int8") -> np.ndarray:
+    """Per channel the shift that puts 3 standard deviations of acc (a constant acc: half of it) near the output's
+    largest code."""
+    std = np.std(acc.astype(np.float64), axis=(0, 2, 3))
+    spread = np.where(std > 0, 3 * std, np.abs(acc.astype(np.float64)).max(axis=(0, 2, 3)) / 2)
+    scale = 127.0 / np.maximum(spread, 1.0) * (256 if out_dtype == "int16" else 1)
+    return np.clip(-np.floor(np.log2(scale)), -31, 31).astype(np.int8)
+
+
+def _pot_random(name, x_shape, cout, k, mode, fill=None, out_dtype="int8"):
+    rng = _rng(name)
+    x = np.full(x_shape, fill, np.int8) if fill is not None else _i8(rng, x_shape)
+    w = _i8(rng, (cout, x_shape[1], k, k), -127)
+    bias = rng.integers(-(1 << 16), 1 << 16, cout).astype(np.int32)
+    return _pot_case(name, x, w, bias, _pot_fit_shift(K.conv2d_accumulate(x, w, bias), out_dtype), mode, out_dtype)
+
+
+def _pot_residues(name, mode, residue):
+    """Cin = 1, weight +-1, bias `residue`, x in 8Z, shift 3: acc = +-residue (mod 8). residue 4: every output a
+    tie; 3 and 5: next to a tie, where a multiply-then-shift requantizer that rounds twice (DOUBLE_ROUND with
+    multiplier 2^30, shift 33) is off by one."""
+    rng = _rng(name)
+    x = (rng.integers(-16, 16, (1, 1, 1, 64)) * 8).astype(np.int8)
+    w = np.array([1, -1, 1, -1], np.int8).reshape(4, 1, 1, 1)
+    return _pot_case(name, x, w, np.array([residue, residue, -residue, -residue]), np.full(4, 3), mode,
+                     note=f"acc = +-{residue} mod 8 at shift 3")
+
+
+def _pot_maxacc(name, mode):
+    """acc = +-(2^31 - 1) (x = -128, weights +-127, bias the headroom) at shifts 31, 24, 16, 0, -1 ... (saturating)."""
+    cin, cout = 3072, 8
+    x = np.full((1, cin, 1, 4), -128, np.int8)
+    sign = np.where(np.arange(cout) % 2 == 0, -1, 1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * (INT32_MAX - cin * K.SYM_PRODUCT_MAX)).astype(np.int32)
+    return _pot_case(name, x, w, bias, np.array([31, 30, 24, 16, 8, 0, -1, -31]), mode, note="acc = +-(2^31 - 1)")
+
+
+def _pot_left(name, mode):
+    """Negative shifts (an exact left shift) into int16 logits: small acc, shifts -1 ... -8, some saturating."""
+    rng = _rng(name)
+    x, w = _i8(rng, (4, 16, 1, 1), -8, 8), _i8(rng, (8, 16, 1, 1), -16, 16)
+    return _pot_case(name, x, w, rng.integers(-64, 65, 8), -np.arange(1, 9), mode, "int16",
+                     note="shift < 0: out = acc * 2^-shift, exact, saturated to int16")
+
+
+def _pot_saturate(name, mode):
+    rng = _rng(name)
+    x, w = _i8(rng, (1, 64, 1, 16)), _i8(rng, (32, 64, 1, 1), -127)
+    acc = K.conv2d_accumulate(x, w, np.zeros(32, np.int32))
+    return _pot_case(name, x, w, np.zeros(32), _pot_fit_shift(acc) - 4, mode, note="~90 % of outputs saturate")
+
+
+def _narrow_conv(name, bits, overflow, mode, kind):
+    """conv2d_narrow at acc_bits `bits`: `random` (full-range x and w, Cin 192: many sums beyond 2^15; the rescale
+    fitted to the exact sums) or `edge` (Cin 1, weight 1, bias 2^(bits-1) -+ 4, x in [-8, 8]: every accumulator
+    from -2^(bits-1) - 4 to 2^(bits-1) + 3 shown exactly, int32 out at scale 1)."""
+    rng = _rng(name)
+    attrs = {"acc_bits": bits, "acc_overflow": overflow, "rounding": _MODES[mode]}
+    if kind == "random":   # bits 16: Cin 192, full-range x and w; bits 24: Cin 3072, x >= 0, row o's |w| up to
+        if bits < 20:      # 20 ... 127 with alternating sign: sums from ~2^21 to ~1.5 * 2^23
+            x, w = _i8(rng, (1, 192, 1, 16)), _i8(rng, (16, 192, 1, 1), -127)
+        else:
+            x = _i8(rng, (1, 3072, 1, 16), 0)
+            top = np.linspace(20, 127, 16).astype(np.int64).reshape(16, 1, 1, 1)
+            w = (rng.integers(0, 1 << 20, (16, 3072, 1, 1)) % (top + 1) * np.where(np.arange(16) % 2, -1, 1)
+                 .reshape(16, 1, 1, 1)).astype(np.int8)
+        bias = rng.integers(-(1 << 12), 1 << 12, 16).astype(np.int32)
+        mult, shift = _rescale(np.full(16, 127.0 / (1 << (bits - 1))))            # 2^(bits-1) -> 127
+        out = "int8"
+    else:
+        x = np.arange(-8, 9, dtype=np.int8).reshape(1, 1, 1, 17)
+        w = np.ones((2, 1, 1, 1), np.int8)
+        half = 1 << (bits - 1)
+        bias = np.array([half - 4, -half + 4], np.int32)
+        mult, shift = np.full(2, 1 << 30, np.int32), np.full(2, 30, np.int8)
+        out = "int32"
+    inputs = {"x": x, "weight": w, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "conv2d_narrow", inputs, attrs | {"out_dtype": out},
+                        f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_scores(name, bits, overflow):
+    rng = _rng(name)
+    q, k = _i8(rng, (1, 2, 64, 12)), _i8(rng, (1, 2, 64, 12))
+    q[0, 0], k[0, 0] = -128, -128                                                  # head 0: +64 * 2^14 = 2^20
+    k[0, 0, :, ::2] = 127                                                          # and -64 * 128 * 127
+    return _kernel_case(name, "attention_scores_narrow", {"q": q, "k": k},
+                        {"acc_bits": bits, "acc_overflow": overflow}, f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_context(name, bits, overflow, mode):
+    rng = _rng(name)
+    p = rng.integers(0, 128, (1, 2, 197, 197)).astype(np.int8)                     # sums far beyond 2^15
+    v = _i8(rng, (1, 2, 16, 197))
+    v[0, 1] = np.where(np.arange(197) % 2 == 0, 127, -128).astype(np.int8)
+    exact = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+    mult, shift = _rescale(float(_fit_scale(exact)))
+    return _kernel_case(name, "attention_context_narrow", {"p": p, "v": v, "multiplier": mult, "shift": shift},
+                        {"acc_bits": bits, "acc_overflow": overflow, "rounding": _MODES[mode]},
+                        f"acc_bits {bits}, {overflow}")
+
+
+def _narrow_specs():
+    for tag, overflow in ACC_MODES.items():
+        for bits in (16, 24):
+            for mode in _MODES:
+                yield f"conv_narrow_{tag}{bits}_1x1_random_cout16_n16_{mode}", "conv2d_narrow", True, \
+                    _p(mode, acc_bits=bits, acc_overflow=overflow, out_dtype="int8"), \
+                    lambda nm, b=bits, o=overflow, m=mode: _narrow_conv(nm, b, o, m, "random")
+            yield f"conv_narrow_{tag}{bits}_1x1_edge_cin1_cout2_n17_single", "conv2d_narrow", True, \
+                _p("single", acc_bits=bits, acc_overflow=overflow, out_dtype="int32"), \
+                lambda nm, b=bits, o=overflow: _narrow_conv(nm, b, o, "single", "edge")
+        for bits in (16, 20):
+            yield f"scores_narrow_{tag}{bits}_h2_d64_n12", "attention_scores_narrow", True, \
+                _p(acc_bits=bits, acc_overflow=overflow), lambda nm, b=bits, o=overflow: _narrow_scores(nm, b, o)
+        for mode in _MODES:
+            yield f"context_narrow_{tag}16_h2_d16_n197_{mode}", "attention_context_narrow", True, \
+                _p(mode, acc_bits=16, acc_overflow=overflow), \
+                lambda nm, o=overflow, m=mode: _narrow_context(nm, 16, o, m)
+
+
+EXP_TABLE_N = ((64, 2), (64, 4), (1024, 6), (4096, 8))      # (entries, index bits) of the softmax_table_n cases
+GELU_TABLE_N = (16, 64, 128)
+
+
+def _softmax_tablen(name, size, bits, mode, kind):
+    """softmax_table_n. random: attention scores of random heads, the rescale spreading their differences over
+    the table; cap: the rescale of one real unit at 2^bits index units (s_qk 0.05, D 64) with spreads up to 2^30
+    (most indices clamp at L - 1); ties: multiplier 2^30, shift 33 (index = round(d / 8): d = 4 mod 8 are ties,
+    d = 3 mod 8 next to them, where DOUBLE_ROUND rounds twice); table: a random valid table."""
+    rng = _rng(name)
+    table = KV.make_exp_table_n(size, bits)
+    mult, shift = _rescale(0.05 / 8 * 2 ** bits)
+    if kind == "random":   # the rescale spreads the differences over the whole table
+        scores = _random_scores(rng, 3, 24)
+        mult, shift = _rescale(size / (4.0 * float(np.std(scores.astype(np.float64)))))
+    elif kind == "ties":
+        scores = rng.integers(-4 * size, 4 * size, (1, 2, 24, 24)).astype(np.int32)
+        mult, shift = _scalar(1 << 30, np.int32), _scalar(33, np.int8)
+    elif kind == "cap":
+        scores = rng.integers(-(1 << 30), 1 << 30, (1, 1, 24, 24)).astype(np.int32)
+    elif kind == "equal":   # every key equal: sigma = N * 2^15
+        scores = np.full((1, 2, 24, 24), 12345, np.int32)
+    elif kind == "extreme":   # differences up to 2^31 - 1 at shift 40 (beyond apply_scale's int32 domain: capped)
+        scores = rng.choice(np.array([-(1 << 30) + 1, 0, 1 << 30]), (1, 1, 24, 24)).astype(np.int32)
+        mult, shift = _scalar(1 << 30, np.int32), _scalar(40, np.int8)
+    else:
+        table = rng.integers(0, K.EXP_ONE + 1, size).astype(np.uint16)
+        table[0] = K.EXP_ONE
+        scores = _random_scores(rng, 2, 24)
+        mult, shift = _rescale(size / (4.0 * float(np.std(scores.astype(np.float64)))))
+    inputs = {"scores": scores.astype(np.int32), "multiplier": mult, "shift": shift, "exp_table": table}
+    return _kernel_case(name, "softmax_table_n", inputs, {"rounding": _MODES[mode]}, f"{size} entries, 2^-{bits}")
+
+
+def _table_size_specs():
+    for size, bits in EXP_TABLE_N:
+        for kind in ("random", "ties", "cap"):
+            for mode in _MODES:
+                yield f"softmax_tablen_L{size}_b{bits}_{kind}_n24_{mode}", "softmax_table_n", True, _p(mode), \
+                    lambda nm, L=size, b=bits, k=kind, m=mode: _softmax_tablen(nm, L, b, m, k)
+    yield "softmax_tablen_L512_b5_randomtable_n24_single", "softmax_table_n", True, _p("single"), \
+        lambda nm: _softmax_tablen(nm, 512, 5, "single", "table")
+    for kind in ("equal", "extreme"):
+        for mode in _MODES:
+            yield f"softmax_tablen_L128_b3_{kind}_n24_{mode}", "softmax_table_n", True, _p(mode), \
+                lambda nm, k=kind, m=mode: _softmax_tablen(nm, 128, 3, m, k)
+    for size in GELU_TABLE_N:
+        for s_in, s_out in GELU_VARIANT_SCALES[:3]:
+            yield f"gelu_tablen_L{size}_all256_{scales_tag(s_in, s_out)}", "gelu_table_n", True, {}, \
+                lambda nm, L=size, si=s_in, so=s_out: _kernel_case(
+                    nm, "gelu_table_n", {"x": ALL256, "table": KV.make_gelu_table_n(si, so, L)}, {},
+                    f"{L} entries, step {256 // L}")
+    yield "gelu_tablen_L32_randomtable_all256", "gelu_table_n", True, {}, lambda nm: _kernel_case(
+        nm, "gelu_table_n", {"x": ALL256, "table": _i8(_rng(nm), (32,))}, {}, "a random table")
+
+
+def _pot_allmax(name):
+    """x = 127, weight +-127, Cin 3071: sums +-Cin 127^2 beyond a float32 pass; the bias cancels them, shift 0."""
+    cin = 3071
+    x = np.full((1, cin, 1, 4), 127, np.int8)
+    sign = np.where(np.arange(4) % 2 == 0, 1, -1)
+    w = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, 1, 1), np.int8)
+    bias = (-sign * cin * 127 * 127 + _rng(name).integers(-100, 101, 4)).astype(np.int32)
+    return _pot_case(name, x, w, bias, np.zeros(4), "single", note="exact accumulator: out = acc (shift 0)")
+
+
+def _scheme_param_specs():
+    yield "conv_pot_1x1_allmax_cin3071_cout4_n4_single", "conv2d_pot", True, _p("single", out_dtype="int8"), \
+        _pot_allmax
+    yield from _narrow_specs()
+    yield from _table_size_specs()
+    pot = "conv2d_pot"
+    for mode in _MODES:
+        yield f"conv_pot_1x1_cin192_cout576_n32_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_random(nm, (1, 192, 1, 32), 576, 1, m)
+        yield f"conv_pot_patch_k4_cin3_cout48_img32_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_random(nm, (1, 3, 32, 32), 48, 4, m)
+        for residue, tag in ((4, "ties"), (3, "neartie3"), (5, "neartie5")):
+            yield f"conv_pot_1x1_{tag}_cin1_cout4_n64_shift3_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+                lambda nm, m=mode, r=residue: _pot_residues(nm, m, r)
+        yield f"conv_pot_1x1_maxacc_cin3072_cout8_n4_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_maxacc(nm, m)
+        yield f"conv_pot_1x1_leftshift_int16_cin16_cout8_n1_b4_{mode}", pot, True, _p(mode, out_dtype="int16"), \
+            lambda nm, m=mode: _pot_left(nm, m)
+        yield f"conv_pot_1x1_saturate_cin64_cout32_n16_{mode}", pot, True, _p(mode, out_dtype="int8"), \
+            lambda nm, m=mode: _pot_saturate(nm, m)
+    for fill, ftag in ((-128, "allneg128"), (127, "all127")):
+        yield f"conv_pot_1x1_{ftag}_cin192_cout64_n16_single", pot, True, _p("single", out_dtype="int8"), \
+            lambda nm, f=fill: _pot_random(nm, (1, 192, 1, 16), 64, 1, "single", fill=f)
+    yield "conv_pot_1x1_head_int16_cin384_cout10_n1_b4_single", pot, True, _p("single", out_dtype="int16"), \
+        lambda nm: _pot_random(nm, (4, 384, 1, 1), 10, 1, "single", out_dtype="int16")
+    yield "conv_pot_1x1_cin768_cout3072_n197_single", pot, False, _p("single", out_dtype="int8"), \
+        lambda nm: _pot_random(nm, (1, 768, 1, 197), 3072, 1, "single")
+    for tag, fields in PARAM_SCHEMES.items():
+        scheme = Scheme(name=tag, **fields)
+        yield f"block_{tag}_c48_h3_n18_b2_single", "block", True, _p("single", scheme=tag), \
+            lambda n, s=scheme: _model_case(n, 48, 1, 3, 32, 8, 2, "single", True, scheme=s)
+        for mode in _MODES:
+            yield f"model_{tag}_c48_d2_h3_img32_p8_b2_{mode}", "model", True, _p(mode, scheme=tag), \
+                lambda n, s=scheme, m=mode: _model_case(n, 48, 2, 3, 32, 8, 2, m, False, scheme=s)
 
 
 ROUNDINGS = tuple(_MODES.values())      # SINGLE_ROUND, DOUBLE_ROUND

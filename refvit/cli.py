@@ -26,7 +26,7 @@ from .dumpfmt import FORMATS, check_formats, file_sha256
 from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
-from .graph import KERNEL_SETS, SCHEME_NOTES, SCHEMES, resolve_scheme, select_ops
+from .graph import KERNEL_SETS, PARAMETERS, SCHEME_NOTES, SCHEMES, resolve_scheme, select_ops
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
 from .models import load_model
@@ -693,20 +693,23 @@ def add_schemes_args(p: argparse.ArgumentParser) -> None:
 
 def run_schemes(args) -> int:
     """list the named integer schemes and what each one chooses"""
-    rows = [{"name": name, **{k: v for k, v in sc.to_dict().items() if k != "name"}, "note": SCHEME_NOTES[name]}
+    rows = [{"name": name, **{k: v for k, v in sc.parameters().items() if k != "name"}, "note": SCHEME_NOTES[name]}
             for name, sc in SCHEMES.items()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    keys = ("conv", "layernorm", "softmax", "gelu", "residual")
-    width = {k: max(len(k), *(len(r[k]) for r in rows)) + 1 for k in keys}   # columns as wide as their values
+    keys = ("conv", "layernorm", "softmax", "gelu", "residual", "weights", "scales", "acc_bits")
+    width = {k: max(len(k), *(len(str(r[k])) for r in rows)) + 1 for k in keys}   # columns as wide as their values
     print(f"{'name':16}" + "".join(f"{k:{width[k]}}" for k in keys) + "note")
     for r in rows:
         extra = (f" (pot_fraction {r['pot_fraction']})" if r["conv"] == "mixed-pot" else "") + \
-                (f" (gelu_delta {r['gelu_delta']})" if r["gelu_delta"] != 1.0 else "")
-        print(f"{r['name']:16}" + "".join(f"{r[k]:{width[k]}}" for k in keys) + r["note"] + extra)
+                (f" (gelu_delta {r['gelu_delta']})" if r["gelu_delta"] != 1.0 else "") + \
+                (f" (acc_overflow {r['acc_overflow']})" if r["acc_overflow"] != "error" else "")
+        print(f"{r['name']:16}" + "".join(f"{r[k]!s:{width[k]}}" for k in keys) + r["note"] + extra)
     print("\nA JSON file with these keys (any subset; the rest default to refvit-int8's) is a scheme too: "
-          "quantize --scheme my_scheme.json")
+          "quantize --scheme my_scheme.json. Parameters: " + "; ".join(
+              f"{k} {' | '.join(map(str, v[1])) if k != 'acc_bits' else f'{v[1][0]}..{v[1][-1]}'} (default {v[0]})"
+              for k, v in PARAMETERS.items()))
     return 0
 
 

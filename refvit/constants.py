@@ -134,9 +134,11 @@ def _conv_out_scales(op, ctx: Context, cout: int):
     return s_out
 
 
-def conv_constants(op, ctx: Context, weights=per_channel_weight) -> dict:
+def conv_constants(op, ctx: Context, weights=None) -> dict:
     """int8 weight codes, int32 bias at s_in*s_w, and the per-channel rescale s_in*s_w/s_out of one conv.
-    weights: w -> (codes, per-channel scales[, extra constants by argument])."""
+    weights: w -> (codes, per-channel scales[, extra constants by argument]); None: the scheme's `weights`
+    and `scales` rule (per_channel_weight by default; WEIGHT_RULES)."""
+    weights = weights or weight_rule(ctx.options)
     w, b = float_conv(op, ctx.p, ctx.cfg)
     wq, s_w, *extra = weights(w)
     s_acc = ctx.s[op.inputs["x"]] * s_w                                            # (Cout,)
@@ -175,6 +177,8 @@ def layernorm_constants(op, ctx: Context) -> dict:
     headroom = (2 ** 31 - 1) - 127 * 2 ** K.LN_T_BITS
     s_g = np.maximum(np.abs(gamma) / 127.0, np.abs(beta) / (s_t * headroom) * 1.01)
     s_g = np.where(s_g > 0, s_g, 1.0)
+    if ctx.options.get("scales", "float") == "pot":                               # the covering power of two
+        s_g = pot_scale(s_g * 127, 127)
     m, s = multipliers(s_t * s_g / ctx.s[name])
     return {f"{name}.weight": quantize_tensor(gamma, s_g, np.int8),
             f"{name}.bias": round_half_away_from_zero(beta / (s_t * s_g)).astype(np.int32),
@@ -198,7 +202,7 @@ def add_constants(op, ctx: Context) -> dict:
             scales.append(ctx.s[op.inputs[arg]])
         else:
             c = op.constants[arg]
-            scales.append(scale_of(np.abs(ctx.p[c]).max()))
+            scales.append(activation_scale(np.abs(ctx.p[c]).max(), np.int8, ctx.options))
             T |= {c: quantize_tensor(ctx.p[c], scales[-1], np.int8), f"{c}.scale": scales[-1]}
     ma, mb, s = quantize_add_multipliers(*scales, ctx.s[op.name])
     return T | {f"{op.name}.multiplier_a": np.array(ma, np.int32), f"{op.name}.multiplier_b": np.array(mb, np.int32),
@@ -285,3 +289,84 @@ def context_p16_constants(op, ctx: Context) -> dict:
 
 def scale_of_probabilities16(op, s: dict) -> float:
     return 1.0 / KA.PROB16_ONE
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters (issue 19; docs/spec.md Part 6): weight granularity, power-of-two scales
+# ---------------------------------------------------------------------------------------------
+
+def per_tensor_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-tensor int8 weights in [-127, 127]: one scale max|W| / 127 for every output channel,
+    returned as (Cout,) equal scales (the rescale stays one (multiplier, shift) per channel)."""
+    w = np.asarray(w, np.float64)
+    amax = float(np.abs(w).max(initial=0.0))
+    s_w = np.full(w.shape[0], amax / 127.0 if amax > 0 else 1.0)                  # (Cout,) all equal
+    return quantize_tensor(w, s_w.reshape(-1, *[1] * (w.ndim - 1)), np.int8), s_w
+
+
+def weight_rule(options: dict):
+    """The offline int8 weight rule a scheme's options ask for: w -> (codes, scales (Cout,))."""
+    pot = options.get("scales", "float") == "pot"
+    per_tensor = options.get("weights", "per-channel") == "per-tensor"
+    if not pot:
+        return per_tensor_weight if per_tensor else per_channel_weight
+
+    def pot_weight(w):
+        w = np.asarray(w, np.float64)
+        flat = np.abs(w.reshape(w.shape[0], -1))                                   # (Cout, K)
+        amax = np.full(w.shape[0], flat.max(initial=0.0)) if per_tensor else flat.max(axis=1, initial=0.0)
+        s_w = pot_scale(amax, 127)                                                 # (Cout,) powers of two
+        return quantize_tensor(w, s_w.reshape(-1, *[1] * (w.ndim - 1)), np.int8), s_w
+    return pot_weight
+
+
+def pot_scale(amax, qmax: int) -> np.ndarray:
+    """The smallest power of two 2^k with qmax * 2^k >= amax (amax 0: 2^-30): every value up to amax is
+    representable without clipping (docs/spec.md, "Power-of-two scales: the calibration rule")."""
+    a = np.maximum(np.asarray(amax, np.float64), 2.0 ** -30 * qmax)
+    m, e = np.frexp(a / qmax)                                                      # a/qmax = m 2^e, m in [0.5, 1)
+    k = np.where(m == 0.5, e - 1, e)                                               # exact powers of two stay
+    return np.ldexp(1.0, k.astype(np.int64))
+
+
+def pot_exponent(scale) -> np.ndarray:
+    """k of an exact power of two 2^k (ValueError otherwise): frexp gives the mantissa 1/2 exactly."""
+    m, e = np.frexp(np.asarray(scale, np.float64))
+    if not np.all(m == 0.5):
+        raise QuantizationError(f"scale {np.asarray(scale).ravel()[~(m == 0.5).ravel()][:1]} is not a power of two")
+    return (e - 1).astype(np.int64)
+
+
+def conv_pot_constants(op, ctx: Context) -> dict:
+    """conv2d_pot: part 3's codes and bias with power-of-two s_w (weight_rule), and shift[o] = -log2(s_in s_w[o] /
+    s_out[o]) in place of (multiplier, shift): the rescale is exactly 2^-shift."""
+    T = conv_constants(op, ctx)
+    name = op.name
+    s_w = T[f"{name}.weight_scale"]
+    s_out = np.broadcast_to(_conv_out_scales(op, ctx, s_w.shape[0]), s_w.shape)
+    shift = -(pot_exponent(ctx.s[op.inputs["x"]]) + pot_exponent(s_w) - pot_exponent(s_out))   # (Cout,)
+    if np.abs(shift).max() > KV.POT_MAX_SHIFT:
+        raise QuantizationError(f"{name}: power-of-two rescale 2^-shift needs shift in [-{KV.POT_MAX_SHIFT}, {KV.POT_MAX_SHIFT}], "
+                                f"got [{int(shift.min())}, {int(shift.max())}]")
+    del T[f"{name}.multiplier"]
+    return T | {f"{name}.shift": shift.astype(np.int8)}
+
+
+def activation_scale(amax: float, dtype, options: dict) -> float:
+    """The real scale of a calibrated tensor: amax / qmax, or with scales 'pot' the covering power of two."""
+    if options.get("scales", "float") == "pot":
+        return float(pot_scale(max(float(amax), 1e-8), int_range(dtype)[1]))
+    return scale_of(amax, dtype)
+
+
+def softmax_table_n_constants(op, ctx: Context) -> dict:
+    """softmax_table_n: the rescale to units of 2^-b of a real score difference, the exp table of L entries."""
+    b, size = ctx.options.get("exp_index_bits", 4), ctx.options.get("exp_table_size", 256)
+    T = rescale(op.name, _logit_scale(op, ctx) * 2 ** b)
+    T[op.constants["exp_table"]] = KV.make_exp_table_n(size, b)
+    return T | {f"{op.inputs['scores']}.scale": ctx.s[op.inputs["scores"]]}
+
+
+def gelu_table_n_constants(op, ctx: Context) -> dict:
+    return {op.constants["table"]: KV.make_gelu_table_n(ctx.s[op.inputs["x"]], ctx.s[op.name],
+                                                        ctx.options.get("gelu_table_size", 256))}

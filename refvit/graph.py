@@ -153,6 +153,15 @@ class Scheme:
     residual: str = "int8"
     pot_fraction: float = 0.0
     gelu_delta: float = 1.0
+    # scheme parameters (issue 19; docs/spec.md Part 6): a field at its default is left out of to_dict() and
+    # options(), so the schemes made before them keep their files and records exactly
+    weights: str = "per-channel"
+    scales: str = "float"
+    acc_bits: int = 32
+    acc_overflow: str = "error"
+    exp_table_size: int = 256
+    exp_index_bits: int = 4
+    gelu_table_size: int = 256
 
     def __post_init__(self):
         for fld, op in SCHEME_FIELDS.items():
@@ -166,13 +175,20 @@ class Scheme:
             raise GraphError(f"scheme {self.name!r}: pot_fraction must be in [0, 1], got {self.pot_fraction!r}")
         if not (isinstance(self.gelu_delta, (int, float)) and 0 < self.gelu_delta <= 4):
             raise GraphError(f"scheme {self.name!r}: gelu_delta must be in (0, 4], got {self.gelu_delta!r}")
+        _check_parameters(self)
 
     def to_dict(self) -> dict:
+        """The fields, the scheme parameters only where they differ from their defaults."""
+        return {k: v for k, v in asdict(self).items() if k not in PARAMETERS or v != PARAMETERS[k][0]}
+
+    def parameters(self) -> dict:
+        """Every field, the parameters included (`schemes --json`)."""
         return asdict(self)
 
     def options(self) -> dict:
         """The quantizer options (what the offline constants read besides the scales)."""
-        return {"pot_fraction": self.pot_fraction, "gelu_delta": self.gelu_delta}
+        return {"pot_fraction": self.pot_fraction, "gelu_delta": self.gelu_delta} | {
+            k: v for k, v in asdict(self).items() if k in PARAMETERS and v != PARAMETERS[k][0]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
@@ -182,6 +198,48 @@ class Scheme:
         if unknown:
             raise GraphError(f"unknown scheme keys {unknown}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+
+# scheme parameter -> (default, allowed values); docs/spec.md Part 6
+PARAMETERS = {"weights": ("per-channel", ("per-channel", "per-tensor")),
+              "scales": ("float", ("float", "pot")),
+              "acc_bits": (32, tuple(range(16, 33))),
+              "acc_overflow": ("error", ("error", "saturate", "wrap")),
+              "exp_table_size": (256, tuple(1 << k for k in range(6, 13))),
+              "exp_index_bits": (4, tuple(range(0, 9))),
+              "gelu_table_size": (256, tuple(1 << k for k in range(4, 9)))}
+SIZED_TABLE = "table-n"                  # the softmax / gelu variant of a table size other than part 2's
+NARROW = "acc-narrow"                    # the variant of conv2d / attention_scores / attention_context (acc_overflow)
+PER_CHANNEL_ONLY = ("w4", "mixed-pot")   # conv variants whose offline rule is per channel by definition
+
+
+def _check_parameters(sc: "Scheme") -> None:
+    """The scheme parameters' values and combinations (one-line GraphErrors)."""
+    for key, (_, allowed) in PARAMETERS.items():
+        v = getattr(sc, key)
+        if isinstance(v, bool) or v not in allowed:
+            shown = (f"an integer in [{allowed[0]}, {allowed[-1]}]" if key in ("acc_bits", "exp_index_bits")
+                     else " | ".join(map(str, allowed)))
+            raise GraphError(f"scheme {sc.name!r}: {key} must be {shown}, got {v!r}")
+    if sc.weights == "per-tensor" and sc.conv in PER_CHANNEL_ONLY:
+        raise GraphError(f"scheme {sc.name!r}: conv {sc.conv!r} has a per-channel weight rule; per-tensor weights "
+                         f"need conv 'w8' or 'pot'")
+    for fld, sized in (("softmax", (sc.exp_table_size, sc.exp_index_bits) != (256, 4)),
+                       ("gelu", sc.gelu_table_size != 256)):
+        if getattr(sc, fld) == SIZED_TABLE:
+            raise GraphError(f"scheme {sc.name!r}: {fld} {SIZED_TABLE!r} is chosen by the table size parameters, "
+                             f"not by name")
+        if sized and getattr(sc, fld) != "table":
+            raise GraphError(f"scheme {sc.name!r}: a {fld} table size or index step needs {fld} 'table', got "
+                             f"{getattr(sc, fld)!r}")
+    if sc.conv == NARROW:
+        raise GraphError(f"scheme {sc.name!r}: conv {NARROW!r} is chosen by acc_overflow saturate | wrap, not by name")
+    if sc.acc_overflow != "error" and (sc.acc_bits == 32 or sc.conv != "w8"):
+        raise GraphError(f"scheme {sc.name!r}: acc_overflow {sc.acc_overflow!r} needs acc_bits below 32 and conv "
+                         f"'w8' (got acc_bits {sc.acc_bits}, conv {sc.conv!r})")
+    if (sc.scales == "pot") != (sc.conv == "pot"):
+        raise GraphError(f"scheme {sc.name!r}: power-of-two scales (scales 'pot') and the shift-only conv (conv "
+                         f"'pot') go together; got scales {sc.scales!r} with conv {sc.conv!r}")
 
 
 def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
@@ -195,6 +253,11 @@ def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
             raise GraphError(f"the graph mixes {op} variants {sorted(found)}; a scheme has one")
         if found:
             choices[fld] = found.pop()
+    if choices.get("conv") == NARROW:           # chosen by the options' acc_overflow: the weights are w8
+        choices["conv"] = "w8"
+    for fld in ("softmax", "gelu"):             # chosen by the options' table sizes
+        if choices.get(fld) == SIZED_TABLE:
+            choices[fld] = "table"
     return Scheme(name=name, **choices, **(options or {}))
 
 
@@ -209,6 +272,7 @@ SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`
     Scheme("w4a8", conv="w4"),
     Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
     Scheme("tosa-int32", layernorm="int32", softmax="poly"),
+    Scheme("pot8", conv="pot", scales="pot"),
 )}
 SCHEME_NOTES = {
     "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
@@ -222,6 +286,8 @@ SCHEME_NOTES = {
     "w4a8": "4-bit weights [-7, 7] per channel in the block convs (operand reordering: one requantization after)",
     "mixed-pot": "Auto-ViT-Acc: half of each block conv's rows as signed powers of two, the rest int8",
     "tosa-int32": "every op in TOSA's 32-bit integer types (export-tosa): int32 LayerNorm, i-exp softmax, table GELU",
+    "pot8": "int8, every activation and weight scale a power of two (fixed-point positions, as FPGA DPUs): conv "
+            "requantization a rounding shift, no multiplier",
 }
 
 
@@ -267,9 +333,24 @@ class _Builder:
                            f"{name}.scale" if own else scale, weight_scale, own if calibrate is None else calibrate))
         return name
 
+    def narrow(self, variant: str) -> tuple:
+        """(variant, attrs) of an accumulating op: the 'acc-narrow' row, with acc_bits and acc_overflow, when the
+        scheme's accumulator is narrower than 32 bits and saturates or wraps (docs/spec.md Part 6)."""
+        sc = self.scheme
+        if sc.acc_bits < 32 and sc.acc_overflow != "error":
+            return NARROW, {"acc_bits": sc.acc_bits, "acc_overflow": sc.acc_overflow}
+        return variant, {}
+
+    def sized(self, fld: str) -> str:
+        """The softmax / gelu variant: 'table-n' for a table size or index step other than part 2's."""
+        sc = self.scheme
+        sized = (sc.exp_table_size, sc.exp_index_bits) != (256, 4) if fld == "softmax" else sc.gelu_table_size != 256
+        return SIZED_TABLE if sized else getattr(sc, fld)
+
     def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
              variant=None):
-        return self.add(name, "conv2d", variant or self.scheme.conv, {"x": x}, {"out_dtype": dtype},
+        variant, acc = self.narrow(variant or self.scheme.conv)
+        return self.add(name, "conv2d", variant, {"x": x}, {"out_dtype": dtype} | acc,
                         shape=(BATCH, cout, 1, spatial or self.tokens), dtype=dtype, layout=layout, scale=scale,
                         weight_scale=f"{name}.weight_scale", calibrate=calibrate)
 
@@ -312,12 +393,16 @@ def _block(g: _Builder, i: int, x: str) -> str:
     q, k, v = (g.add(b + f"attn.{t}", "split_heads", "channels", {"qkv": qkv},
                      {"part": j, "num_heads": Hh}, shape=(BATCH, Hh, D, N), layout=HEADS)
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
-    s = g.add(b + "attn.scores", "attention_scores", "int32", {"q": q, "k": k}, shape=(BATCH, Hh, N, N),
+    av, aa = g.narrow("int32")                                                      # the accumulators' row
+    s = g.add(b + "attn.scores", "attention_scores", av, {"q": q, "k": k}, aa, shape=(BATCH, Hh, N, N),
               dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
     p_dtype, context = PROBABILITIES.get(g.scheme.softmax, ("int8", "int32"))
-    p = g.add(b + "attn.softmax", "softmax", g.scheme.softmax, {"scores": s}, shape=(BATCH, Hh, N, N),
+    if context != "int32" and av != "int32":
+        raise GraphError(f"scheme {g.scheme.name!r}: a narrow accumulator (acc_bits {g.scheme.acc_bits}) is not "
+                         f"defined for {g.scheme.softmax!r}'s {p_dtype} probabilities")
+    p = g.add(b + "attn.softmax", "softmax", g.sized("softmax"), {"scores": s}, shape=(BATCH, Hh, N, N),
               layout=SCORES, dtype=p_dtype, scale="attn.softmax.scale")             # (B, Hh, N, N) at 1/127 (int16: 2^-15)
-    o = g.add(b + "attn.context", "attention_context", context, {"p": p, "v": v},
+    o = g.add(b + "attn.context", "attention_context", av if context == "int32" else context, {"p": p, "v": v}, aa,
               shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
@@ -325,7 +410,7 @@ def _block(g: _Builder, i: int, x: str) -> str:
         x = g.select(b, x, p, g.stages[i])                                          # (B, C, 1, N'), N' = g.tokens
     h = g.layernorm(b + "norm2", x)                                                 # (B, C, 1, N')
     h = g.conv(b + "mlp.fc1", h, cfg.hidden_dim)                                    # (B, 4C, 1, N')
-    h = g.add(b + "mlp.gelu", "gelu", g.scheme.gelu, {"x": h},
+    h = g.add(b + "mlp.gelu", "gelu", g.sized("gelu"), {"x": h},
               shape=(BATCH, cfg.hidden_dim, 1, g.tokens))                           # (B, 4C, 1, N')
     h = g.conv(b + "mlp.fc2", h, C)                                                 # (B, C, 1, N')
     return g.residual(b + "residual2", x, h)                                        # (B, C, 1, N')
@@ -339,7 +424,7 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     stages = {s.block: s for s in prune_plan(prune, cfg.depth, cfg.num_patches)}
     g = _Builder(cfg, check_rounding(rounding), scheme, stages=stages)
     C, Np, N, P = cfg.embed_dim, cfg.num_patches, cfg.num_tokens, cfg.num_prefix_tokens
-    t = g.conv("patch_embed", "input", C, spatial=Np, variant="w8")                 # (B, C, 1, Np) = (B, C, g, g)
+    t = g.conv("patch_embed", "input", C, spatial=Np, variant=_edge_conv(scheme))                 # (B, C, 1, Np) = (B, C, g, g)
     if cfg.no_embed_class:   # DeiT-III: pos_embed on the patches (int8, what concat_tokens takes), then the prefix
         g.tokens = Np
         t = g.residual("embed", t, "pos_embed", b_constant=True, out_dtype="int8")  # (B, C, 1, Np)
@@ -356,8 +441,13 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     h = g.add("head_input", "gather_prefix", "channels", {"x": x}, {"num_prefix": P},
               shape=(BATCH, P * C, 1, 1), layout=PREFIX, scale="norm.scale")        # (B, P*C, 1, 1)
     g.conv("head", h, cfg.num_classes, spatial=1, dtype="int16", layout=LOGITS, scale="logits.scale", calibrate=True,
-           variant="w8")
+           variant=_edge_conv(scheme))
     return tuple(g.ops)
+
+
+def _edge_conv(scheme: Scheme) -> str:
+    """The variant of the patch embedding and the head: w8 (8-bit weights), shift-only with pot scales."""
+    return "pot" if scheme.scales == "pot" else "w8"
 
 
 MANIFEST_FIELDS = ("index", "internals")   # what a golden manifest's op entry adds to the record

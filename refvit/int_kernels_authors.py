@@ -20,7 +20,7 @@ from fractions import Fraction
 import numpy as np
 
 from refvit import int_kernels_variants as KV
-from refvit.int_kernels import MAX_TOKENS, PROB_ONE, _require_array, _require_range, _scalar_int
+from refvit.int_kernels import PROB_ONE, _require_array, _require_range, _scalar_int
 from refvit.int_kernels_prune import _check_index, cls_attention_scores, divide_round, prune_tokens
 from refvit.intmath import (SINGLE_ROUND, _check_rounding, int_matmul, int_matmul_exact, isqrt, requantize,
                             rounding_shift_right, saturate)

@@ -22,6 +22,7 @@ import numpy as np
 
 from refvit import int_kernels as K
 from refvit.int_kernels import _per_channel, _require_array, _require_bias_headroom, _require_range, _scalar_int
+from refvit.intmath import ROUNDING_MODES
 from refvit.intmath import (
     SINGLE_ROUND, apply_scale, int_matmul, isqrt, quantize_multiplier, requantize, round_half_away_from_zero,
     rounding_shift_right, saturate,
@@ -596,3 +597,162 @@ def per_channel_weight_mixed_pot(w, fraction: float) -> tuple[np.ndarray, np.nda
         pot_rows[c] = True
     codes = np.where(pot_rows[:, None], qp, q8.reshape(cout, -1).astype(np.int64)).reshape(w.shape)
     return codes.astype(np.int8), np.where(pot_rows, sp, s8), pot_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters (issue 19; docs/spec.md Part 6): power-of-two scales
+# ---------------------------------------------------------------------------------------------
+
+POT_MAX_SHIFT = 31                 # conv2d_pot: shift in [-31, 31]; negative: an exact left shift
+
+
+def pot_shift(acc: np.ndarray, shift: np.ndarray, rounding: str) -> np.ndarray:
+    """round(acc / 2^shift) of an int32 accumulator, shift in [-31, 31] (broadcasts): shift <= 0 is the exact
+    acc * 2^-shift; shift > 0 rounds, SINGLE_ROUND ties toward +inf ((acc + 2^(shift-1)) >> shift), DOUBLE_ROUND
+    ties away from zero (gemmlowp RoundingDivideByPOT). int64 (|result| < 2^62)."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"pot_shift: rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    acc, shift = np.asarray(acc, np.int64), np.asarray(shift, np.int64)
+    right = np.maximum(shift, 0)
+    if rounding == SINGLE_ROUND:
+        down = rounding_shift_right(acc, right)
+    else:
+        mask = np.left_shift(np.int64(1), right) - 1                                # 2^shift - 1
+        down = (acc >> right) + ((acc & mask) > (mask >> 1) + (acc < 0))           # ties away from zero
+    return np.where(shift < 0, acc << np.maximum(-shift, 0), down)
+
+
+def conv2d_pot(x, weight, bias, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8,
+               internals: dict | None = None) -> np.ndarray:
+    """Part 2's conv2d accumulator, requantized by a rounding shift per output channel (no multiplier):
+    out = saturate(pot_shift(acc, shift[o], rounding), out_dtype) -> (B, Cout, H/k, W/k); shift in [-31, 31]."""
+    fn = "conv2d_pot"
+    g, shape = K._conv_gemm(x, weight, bias, fn)                                    # (Cout, B*Ho*Wo), exact
+    cout = shape[1]
+    s = _per_channel(shift, fn, "shift", cout).reshape(cout, 1)                     # (Cout, 1)
+    _require_range(s, -POT_MAX_SHIFT, POT_MAX_SHIFT, fn, "shift")
+    acc = g.astype(np.int64) + bias.astype(np.int64)[:, None]                      # (Cout, B*Ho*Wo), |acc| < 2^31
+    if internals is not None:
+        internals["acc"] = K._nchw(acc.astype(np.int32), shape)                     # (B, Cout, Ho, Wo)
+    return K._nchw(saturate(pot_shift(acc, s, rounding), out_dtype), shape)         # (B, Cout, Ho, Wo)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters: a narrow accumulator (acc_bits < 32) that saturates or wraps (docs/spec.md Part 6)
+# ---------------------------------------------------------------------------------------------
+
+ACC_OVERFLOW_MODES = ("saturate", "wrap")
+MIN_ACC_BITS = 16
+
+
+def narrow_accumulator(acc, acc_bits: int, acc_overflow: str, fn: str = "narrow_accumulator") -> np.ndarray:
+    """The exact sum `acc` as an acc_bits-bit two's complement register holds it -> int32: `saturate` clamps to
+    [-2^(acc_bits-1), 2^(acc_bits-1) - 1], `wrap` keeps the low acc_bits bits (sign-extended)."""
+    bits = _scalar_int(acc_bits, fn, "acc_bits")
+    if not MIN_ACC_BITS <= bits <= 32:
+        raise ValueError(f"{fn}: acc_bits must be in [{MIN_ACC_BITS}, 32], got {bits}")
+    if acc_overflow not in ACC_OVERFLOW_MODES:
+        raise ValueError(f"{fn}: acc_overflow must be one of {ACC_OVERFLOW_MODES}, got {acc_overflow!r}")
+    a, half = np.asarray(acc, np.int64), 1 << (bits - 1)
+    if acc_overflow == "saturate":
+        return np.clip(a, -half, half - 1).astype(np.int32)
+    return (((a + half) & ((1 << bits) - 1)) - half).astype(np.int32)                # sign-extended low bits
+
+
+def conv2d_narrow(x, weight, bias, multiplier, shift, *, acc_bits: int, acc_overflow: str,
+                  rounding: str = SINGLE_ROUND, out_dtype=np.int8, internals: dict | None = None) -> np.ndarray:
+    """Part 2's conv2d with an acc_bits accumulator: acc = narrow_accumulator(conv2d_accumulate(x, weight, bias)),
+    then requantize per output channel -> out_dtype (B, Cout, H/k, W/k). internals: `acc_exact`, `acc`."""
+    fn = "conv2d_narrow"
+    exact = K.conv2d_accumulate(x, weight, bias)                                    # (B, Cout, Ho, Wo) int32
+    cout = exact.shape[1]
+    m, s = _per_channel(multiplier, fn, "multiplier", cout), _per_channel(shift, fn, "shift", cout)
+    acc = narrow_accumulator(exact, acc_bits, acc_overflow, fn)                     # (B, Cout, Ho, Wo)
+    if internals is not None:
+        internals["acc_exact"], internals["acc"] = exact, acc
+    return requantize(acc.astype(np.int64), m, s, out_dtype=out_dtype, rounding=rounding)
+
+
+def attention_scores_narrow(q, k, *, acc_bits: int, acc_overflow: str) -> np.ndarray:
+    """Part 2's attention_scores accumulated in acc_bits: narrow_accumulator(q . k) -> int32 (B, Hh, N, N)."""
+    return narrow_accumulator(K.attention_scores(q, k), acc_bits, acc_overflow, "attention_scores_narrow")
+
+
+def attention_context_narrow(p, v, multiplier, shift, *, acc_bits: int, acc_overflow: str,
+                             rounding: str = SINGLE_ROUND, internals: dict | None = None) -> np.ndarray:
+    """Part 2's attention_context with an acc_bits accumulator: requantize(narrow_accumulator(sum_j p v)) -> int8
+    (B, Hh, D, N). internals: `acc_exact`, `acc`."""
+    fn = "attention_context_narrow"
+    kept: dict = {}
+    K.attention_context(p, v, multiplier, shift, rounding=rounding, internals=kept)   # checks; the exact acc
+    exact = kept["acc"]                                                             # (B, Hh, D, N) int32
+    acc = narrow_accumulator(exact, acc_bits, acc_overflow, fn)
+    if internals is not None:
+        internals["acc_exact"], internals["acc"] = exact, acc
+    m, s = np.asarray(_scalar_int(multiplier, fn, "multiplier"), np.int64), np.asarray(_scalar_int(shift, fn, "shift"), np.int64)
+    return requantize(acc.astype(np.int64), m, s, out_dtype=np.int8, rounding=rounding)
+
+
+# ---------------------------------------------------------------------------------------------
+# scheme parameters: table sizes and index steps of the table softmax and the table GELU (docs/spec.md Part 6)
+# ---------------------------------------------------------------------------------------------
+
+EXP_TABLE_SIZES = tuple(1 << k for k in range(6, 13))         # 64 ... 4096 entries
+EXP_INDEX_BITS_RANGE = tuple(range(0, 9))                     # index unit 2^-b of a real score difference
+GELU_TABLE_SIZES = tuple(1 << k for k in range(4, 9))         # 16 ... 256 entries over the 256 int8 inputs
+
+
+def _table_size(table, fn: str, dtypes, sizes) -> int:
+    if not isinstance(table, np.ndarray) or table.dtype not in tuple(np.dtype(d) for d in dtypes) or table.ndim != 1:
+        raise ValueError(f"{fn}: table must be a 1-D array of dtype {' or '.join(np.dtype(d).name for d in dtypes)}, "
+                         f"got {getattr(table, 'dtype', type(table).__name__)} {getattr(table, 'shape', '')}")
+    if table.shape[0] not in sizes:
+        raise ValueError(f"{fn}: table must have one of {sizes} entries, got {table.shape[0]}")
+    return table.shape[0]
+
+
+def make_exp_table_n(size: int, index_bits: int) -> np.ndarray:
+    """Offline: exp_table[i] = round_half_away(2^15 exp(-i / 2^index_bits)), i < size, uint16 (size 256 and 4 bits:
+    part 2's make_exp_table)."""
+    if size not in EXP_TABLE_SIZES or index_bits not in EXP_INDEX_BITS_RANGE:
+        raise ValueError(f"make_exp_table_n: size must be one of {EXP_TABLE_SIZES} and index_bits in [0, 8], "
+                         f"got {size}, {index_bits}")
+    vals = np.array([K.EXP_ONE * math.exp(-i / (1 << index_bits)) for i in range(size)])
+    return saturate(round_half_away_from_zero(vals), np.uint16)
+
+
+def softmax_table_n(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUND,
+                    internals: dict | None = None) -> np.ndarray:
+    """Part 2's softmax with an exp table of L = len(exp_table) entries (64 ... 4096): idx = min(apply_scale(max - s),
+    L - 1), e = exp_table[idx], then part 2's output stage -> int8 (..., N) in [0, 127]. internals: index, exp, sum,
+    recip."""
+    fn = "softmax_table_n"
+    size = _table_size(exp_table, fn, (np.uint16,), EXP_TABLE_SIZES)
+    _require_range(exp_table, 0, K.EXP_ONE, fn, "exp_table (Q0.15)")
+    if int(exp_table[0]) != K.EXP_ONE:
+        raise ValueError(f"{fn}: exp_table[0] must be 2^15 (exp(0) in Q0.15), got {int(exp_table[0])}")
+    idx = _softmax_differences(scores, multiplier, shift, rounding, size - 1, fn)  # (..., N) in [0, L - 1]
+    if internals is not None:
+        internals["index"] = idx.astype(np.uint16)
+    return _normalize_probabilities(exp_table.astype(np.int64)[idx], internals)   # e <= 2^15, sum < 2^31
+
+
+def make_gelu_table_n(scale_in: float, scale_out: float, size: int) -> np.ndarray:
+    """Offline: entry j of `size` covers the int8 inputs x in [-128 + j step, -128 + (j + 1) step - 1], step =
+    256 / size; its value is the GELU at the bucket's midpoint: table[j] = saturate(round_half_away(gelu(x_j
+    scale_in) / scale_out)), x_j = -128 + j step + (step - 1) / 2 (size 256: part 2's make_gelu_table)."""
+    if size not in GELU_TABLE_SIZES:
+        raise ValueError(f"make_gelu_table_n: size must be one of {GELU_TABLE_SIZES}, got {size}")
+    step = K.GELU_TABLE_SIZE // size
+    xs = [(-128 + j * step + (step - 1) / 2) * float(scale_in) for j in range(size)]
+    g = np.array([0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))) for x in xs])
+    return saturate(round_half_away_from_zero(g / float(scale_out)), np.int8)
+
+
+def gelu_table_n(x, table) -> np.ndarray:
+    """out = table[(x + 128) >> log2(256 / L)], L = len(table) in 16 ... 256: int8 x (any shape) -> int8."""
+    fn = "gelu_table_n"
+    _require_array(x, fn, "x", np.int8)
+    size = _table_size(table, fn, (np.int8,), GELU_TABLE_SIZES)
+    step_bits = (K.GELU_TABLE_SIZE // size).bit_length() - 1
+    return table[(x.astype(np.int64) + 128) >> step_bits]

@@ -14,7 +14,7 @@ All rounding of reals to integers is round-half-away-from-zero (never numpy's ha
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,15 +25,16 @@ from . import model_conv
 from . import registry as R
 from .config import DeiTConfig
 from .constants import QuantizationError, head_weights
-from .intmath import SINGLE_ROUND
+from .intmath import SINGLE_ROUND, int_range
 from .qfile import QuantizedModel
 
 CALIBRATION_METHODS = ("max", "percentile")
 DEFAULT_PERCENTILE = 99.99
 LOGIT_DTYPE = np.int16
 
-__all__ = ["CALIBRATION_METHODS", "DEFAULT_PERCENTILE", "QuantizationError", "QuantizedModel", "activation_ranges",
-           "head_weights", "observe", "quantize", "quantize_model", "tensor_scales"]
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_PERCENTILE", "AccBound", "QuantizationError", "QuantizedModel",
+           "accumulator_bounds", "activation_ranges", "check_accumulators", "head_weights", "observe", "quantize",
+           "quantize_model", "tensor_scales"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,21 +92,22 @@ def activation_ranges(params_conv: dict, cfg: DeiTConfig, batches, method: str =
 # scales and constants: one walk over the records, each row's rules (refvit.registry, refvit.constants)
 # ---------------------------------------------------------------------------------------------
 
-def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict) -> dict:
+def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict, options: dict | None = None) -> dict:
     """The real scale of every tensor of the graph (None for the fused qkv output, which has three).
 
     Calibrated ops: amax / 127 (int16: / 32767); the patch embedding shares its scale with the cls/dist
     tokens it is concatenated with. Every other op: its registry row's scale rule (data movement keeps its
     input's scale, scores are at s_q * s_k, probabilities at 1/127, pruned tokens keep x's), or none."""
+    options = options or {}
     prefix = C.prefix_tokens(p, cfg)
-    s = {"input": C.scale_of(ranges["input"])}
+    s = {"input": C.activation_scale(ranges["input"], np.int8, options)}
     for op in graph:
         rule = R.row(op.op, op.variant).scale
         if op.calibrate:
             amax = ranges[op.name]
             if any(o.op == "concat_tokens" and o.inputs.get("patches") == op.name for o in graph):
                 amax = max(amax, float(np.abs(prefix).max()))                       # tokens share one scale
-            s[op.name] = C.scale_of(amax, np.dtype(op.dtype))
+            s[op.name] = C.activation_scale(amax, np.dtype(op.dtype), options)
         else:
             s[op.name] = rule(op, s) if rule else None
     return s
@@ -118,18 +120,20 @@ def quantize_model(params_conv: dict, cfg: DeiTConfig, ranges: dict, *, head_mod
     scales of its inputs and output."""
     graph = graph or G.build_graph(cfg, SINGLE_ROUND, scheme)
     p = {k: np.asarray(v, np.float64) for k, v in params_conv.items()}
-    s = tensor_scales(graph, cfg, ranges, p)
+    s = tensor_scales(graph, cfg, ranges, p, scheme.options())
     ctx = C.Context(cfg, p, s, {op.name: op for op in graph}, scheme.options())
     T = {"input.scale": s["input"]}
     for op in graph:
         row = R.row(op.op, op.variant)
-        if row.constants:                                    # the row's constants see the options it declares
-            T |= row.constants(op, replace(ctx, options={k: ctx.options[k] for k in row.quantizer_options}))
+        if row.constants:
+            T |= row.constants(op, ctx)
     for op in graph:
         if op.calibrate:
             T[op.scale] = s[op.name]
     T["attn.softmax.scale"] = next((s[op.name] for op in graph if op.op == "softmax"), 1.0 / K.PROB_ONE)
     T = {k: (np.asarray(v, np.float64) if isinstance(v, float) else v) for k, v in T.items()}
+    if scheme.acc_bits < 32 and scheme.acc_overflow == "error":
+        check_accumulators(graph, T, scheme.acc_bits)                               # the proof, or the refusal
     return QuantizedModel(cfg, head_mode, dict(calibration or {}), T, graph, scheme.name, scheme.options())
 
 
@@ -157,3 +161,67 @@ def quantize(params_conv: dict, cfg: DeiTConfig, calib_batches, *, head_mode: st
         calibration["percentile"] = percentile
     return quantize_model(params_conv, cfg, ranges, head_mode=head_mode, graph=graph, calibration=calibration,
                           scheme=scheme)
+
+
+# ---------------------------------------------------------------------------------------------
+# the accumulator width proof (scheme parameter acc_bits; docs/spec.md Part 6, "The accumulator proof")
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AccBound:
+    """The exact range [lo, hi] of one accumulator over every input its operands' dtypes allow: a conv's output
+    channel (channel) or all of an attention product (channel None). Both ends are reached by some input."""
+    op: str
+    kind: str
+    channel: int | None
+    lo: int
+    hi: int
+
+    @property
+    def bits(self) -> int:
+        """The narrowest two's complement width holding [lo, hi]."""
+        return max(self.hi.bit_length(), (-self.lo - 1).bit_length()) + 1
+
+
+def _operand_range(graph, name: str) -> tuple:
+    dtype = "int8" if name == "input" else next(o.dtype for o in graph if o.name == name)
+    return int_range(np.dtype(dtype))
+
+
+def accumulator_bounds(graph, constants: dict) -> list:
+    """AccBound of every accumulator of the graph: per output channel of each conv (bias + sum w x, x over its
+    dtype's range: hi = bias + x_hi P + |x_lo| N, lo = bias + x_lo P - x_hi N with P, N the sums of the positive
+    and of the absolute negative weights), and per attention product (q . k over D: [-D 128 127, D 128^2];
+    sum_j p v over N tokens, p in [0, 127]: [-N 127 128, N 127^2])."""
+    by_name = {o.name: o for o in graph}
+    out = []
+    for op in graph:
+        if op.op == "conv2d":
+            w = np.asarray(constants[op.constants["weight"]], np.int64)
+            w = w.reshape(w.shape[0], -1)                                               # (Cout, Cin k k)
+            pos, neg = np.maximum(w, 0).sum(axis=1), np.maximum(-w, 0).sum(axis=1)     # (Cout,)
+            bias = np.asarray(constants[op.constants["bias"]], np.int64)               # (Cout,)
+            x_lo, x_hi = _operand_range(graph, op.inputs["x"])
+            hi, lo = bias + x_hi * pos - x_lo * neg, bias + x_lo * pos - x_hi * neg    # (Cout,)
+            out += [AccBound(op.name, "conv", c, int(lo[c]), int(hi[c])) for c in range(w.shape[0])]
+        elif op.op == "attention_scores":
+            d = by_name[op.inputs["q"]].shape[2]                                       # (B, Hh, D, N)
+            out.append(AccBound(op.name, "q.k", None, -d * 128 * 127, d * 128 * 128))
+        elif op.op == "attention_context":
+            n = by_name[op.inputs["v"]].shape[3]                                       # (B, Hh, D, N)
+            out.append(AccBound(op.name, "p.v", None, -n * 127 * 128, n * 127 * 127))
+    return out
+
+
+def check_accumulators(graph, constants: dict, acc_bits: int) -> list:
+    """The accumulator bounds; a QuantizationError naming the first op and channel whose bound needs more than
+    acc_bits bits (acc_overflow 'error': refvit never computes a value the hardware could not hold)."""
+    bounds = accumulator_bounds(graph, constants)
+    for b in bounds:
+        if b.bits > acc_bits:
+            where = f"output channel {b.channel}" if b.channel is not None else f"every {b.kind} product"
+            raise QuantizationError(
+                f"{b.op}: {where}: worst-case accumulator [{b.lo}, {b.hi}] needs {b.bits} bits, more than acc_bits "
+                f"{acc_bits}; use acc_overflow saturate | wrap to compute the overflow as such hardware does, or a "
+                f"wider accumulator")
+    return bounds

@@ -30,6 +30,7 @@ from .reference import authors as RH
 from . import int_kernels_variants as KV
 from .errors import RefvitError
 from .reference import kernels as RK
+from .reference import params as RPA
 from .reference import prune as RP
 from .reference import variants as RV
 
@@ -60,8 +61,9 @@ class OpVariant:
     tosa: the name of the emitter in refvit.export_tosa (or an emitter function); no_tosa: why there is none.
     cases: the conformance case family: None when the suite's own families (conformance/cases.py) name the
     kernel, or a function () -> [(name, inputs, params, note, quick)] for a variant registered elsewhere.
-    quantizer_options: the scheme options its constants read (e.g. 'pot_fraction'): the quantizer hands its
-    constants function these and no others (Context.options)."""
+    quantizer_options: the scheme options its own constants read besides the scales (e.g. 'pot_fraction'; the
+    table of spec Part 3 lists them); the options every variant's constants follow (`scales`, `weights`) are
+    not repeated."""
     op: str
     variant: str
     kernel: Callable
@@ -200,12 +202,13 @@ def by_kernel_name(name: str) -> OpVariant:
 def markdown_table() -> str:
     """The rows as the Markdown table of docs/spec.md Part 3 ("The op registry"; tests/test_docs.py keeps the
     spec's copy equal to this)."""
-    lines = ["| op | variant | kernel (DUT method) | tensor inputs | constants | attrs | internals | TOSA | "
-             "specified in |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| op | variant | kernel (DUT method) | tensor inputs | constants | attrs | internals | scheme options "
+             "| TOSA | specified in |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in _ROWS.values():
         lines.append(f"| `{r.op}` | `{r.variant}` | `{r.kernel_name}` | {', '.join(r.inputs)} | "
                      f"{', '.join(r.constant_args) or '—'} | {', '.join(r.attrs) or '—'} | "
-                     f"{', '.join(r.internals) or '—'} | {'yes' if r.tosa else 'no'} | {r.spec} |")
+                     f"{', '.join(r.internals) or '—'} | {', '.join(r.quantizer_options) or '—'} | "
+                     f"{'yes' if r.tosa else 'no'} | {r.spec} |")
     return "\n".join(lines)
 
 
@@ -376,5 +379,39 @@ for _row in (
               "x (B, C, 1, N), p, index (B, k) (any order) -> (B, C, 1, P + k + 1): prefix, kept tokens, EViT's "
               "package: the dropped tokens' sum weighted by the head-mean cls attention, not normalised",
               "Token pruning, prune_tokens_weighted_sum", scale=C.scale_of_x, no_tosa=_PRUNE_NO_TOSA),
+):
+    register(_row)
+
+# scheme parameters (issue 19; docs/spec.md Part 6)
+register(OpVariant("conv2d", "pot", KV.conv2d_pot, RPA.conv2d_pot, ("x",),
+                   "conv2d with power-of-two scales: int32 acc, a rounding right shift per channel (no multiplier)",
+                   "Part 6, conv2d_pot", constants=C.conv_pot_constants, internals={"acc": OUTPUT},
+                   no_tosa="not emitted yet: TOSA RESCALE with multiplier 2^30 and shift + 30 is the same value "
+                   "under SINGLE_ROUND only (DOUBLE_ROUND's pot_shift rounds ties away from zero)"))
+_NARROW = "TOSA's accumulators are 32 (int8) or 48 bits (int16) wide; a narrower one that saturates or wraps " \
+          "has no TOSA operator"
+_NARROW_ACC = {"acc_exact": OUTPUT, "acc": OUTPUT}
+for _row in (
+    OpVariant("conv2d", "acc-narrow", KV.conv2d_narrow, RPA.conv2d_narrow, ("x",),
+              "conv2d whose accumulator has acc_bits bits and saturates or wraps (acc_overflow), then requantize",
+              "Part 6, conv2d_narrow", constants=C.conv_constants, internals=_NARROW_ACC, no_tosa=_NARROW),
+    OpVariant("attention_scores", "acc-narrow", KV.attention_scores_narrow, RPA.attention_scores_narrow, ("q", "k"),
+              "q . k accumulated in acc_bits bits, saturating or wrapping -> int32 (B, Hh, N, N)",
+              "Part 6, attention_scores_narrow", scale=C.scale_of_product, no_tosa=_NARROW),
+    OpVariant("attention_context", "acc-narrow", KV.attention_context_narrow, RPA.attention_context_narrow,
+              ("p", "v"), "sum_j p v accumulated in acc_bits bits, saturating or wrapping, then requantize -> int8",
+              "Part 6, attention_context_narrow", constants=C.context_constants, internals=_NARROW_ACC,
+              no_tosa=_NARROW),
+    OpVariant("softmax", "table-n", KV.softmax_table_n, RPA.softmax_table_n, ("scores",),
+              "Part 2's table softmax with an exp table of 64 ... 4096 entries at index step 2^-b: int32 (..., N) "
+              "-> int8 probabilities at 1/127", "Part 6, softmax_table_n", constants=C.softmax_table_n_constants,
+              scale=C.scale_of_probabilities, constant_names={"exp_table": "exp_table"},
+              internals={"index": OUTPUT, **_SOFTMAX_TAIL}, quantizer_options=("exp_table_size", "exp_index_bits"),
+              no_tosa="not emitted yet: TOSA TABLE has 256 (int8) or 513 (int16, interpolated) entries, so another "
+              "size needs a GATHER"),
+    OpVariant("gelu", "table-n", KV.gelu_table_n, RPA.gelu_table_n, ("x",),
+              "table[(x + 128) >> log2(256 / L)], L = 16 ... 256 entries: int8 x, any shape -> int8",
+              "Part 6, gelu_table_n", constants=C.gelu_table_n_constants, quantizer_options=("gelu_table_size",),
+              no_tosa="not emitted yet: a shift and TOSA TABLE of the repeated entries would express it"),
 ):
     register(_row)

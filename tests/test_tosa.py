@@ -269,6 +269,7 @@ FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the 
     "w4a8": ("blocks.0.norm1", "2^50"),
     "mixed-pot": ("blocks.0.norm1", "2^50"),
     "int16-residual": ("embed", "2^46"),
+    "pot8": ("patch_embed", "DOUBLE_ROUND's pot_shift"),
 }
 
 
