@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from . import parallel
+
 _ERF_PIECES = [(0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 6.0)]
 _ERF_DEGREE = 24  # analytic on each piece: degree 24 reaches double precision with margin
 
@@ -76,20 +78,26 @@ def _gelu_float32_chunk(x, out, z, t, s, zmax, zero):
     out -= s
 
 
+_GELU_CONST = (np.full(_CHUNK, _GELU_ZMAX), np.zeros(_CHUNK, np.float32))   # read-only, shared by the threads
+for _a in _GELU_CONST:
+    _a.flags.writeable = False
+
+
 def _gelu_float32(x: np.ndarray) -> np.ndarray:
     """GELU in float32, |error| <= 0.75e-7 |x| + float32 rounding, in cache-sized chunks (on whole MLP
-    activations the 19 passes would be memory bound)."""
+    activations the 19 passes would be memory bound), the chunks on refvit.parallel's threads."""
     x = np.asarray(x, dtype=np.float32)
     perm = np.argsort([-s for s in x.strides], kind="stable")  # x's memory order: the conv form's activations
     xt = np.ascontiguousarray(x.transpose(perm))              # are transposed views; no copy for those
     flat = xt.reshape(-1)
     out = np.empty_like(flat)
-    n0 = min(_CHUNK, flat.size)
-    scratch = [np.empty(n0, np.float32) for _ in range(3)] + [np.full(n0, _GELU_ZMAX), np.zeros(n0, np.float32)]
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for i in range(0, flat.size, _CHUNK):
-            n = min(_CHUNK, flat.size - i)
-            _gelu_float32_chunk(flat[i:i + n], out[i:i + n], *(a[:n] for a in scratch))
+
+    def chunk(r):
+        i, n = r[0], r[1] - r[0]
+        scratch = [parallel.scratch(key, n, np.float32) for key in ("gelu_z", "gelu_t", "gelu_s")]
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            _gelu_float32_chunk(flat[i:i + n], out[i:i + n], *scratch, *(a[:n] for a in _GELU_CONST))
+    parallel.run(chunk, parallel.ranges(flat.size, 1, _CHUNK))   # near-equal chunks of <= _CHUNK elements
     return out.reshape(xt.shape).transpose(np.argsort(perm))  # x's shape, in x's memory order
 
 
@@ -111,6 +119,19 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e
 
 
+def _exp_shifted(e: np.ndarray) -> None:
+    """e = exp(e - max over the row), in place on a (rows, N) block."""
+    e -= e.max(axis=-1, keepdims=True)
+    np.exp(e, out=e)
+
+
+def rows_apply(fn, *arrays: np.ndarray, target: int = 1 << 16) -> None:
+    """fn(*blocks) on near-equal row blocks of 2-D arrays with the same number of rows (elementwise or
+    row-wise work, each block written by one call), on refvit.parallel's threads."""
+    rows, width = arrays[0].shape[0], max(a.shape[-1] for a in arrays)
+    parallel.run(lambda r: fn(*(a[r[0]:r[1]] for a in arrays)), parallel.ranges(rows, width, target))
+
+
 def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs: bool = False):
     """softmax(q @ k_t) @ v of every image and head, written into `out`; with probs, also returns the
     probabilities (B, Hh, N, N) [query, key] (token pruning reads them), else None.
@@ -118,14 +139,14 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     q (B, Hh, N, D) already scaled, k_t (B, Hh, D, N), v (B, Hh, N, D) and out (B, Hh, N, D) may be strided
     views (BLAS reads them in place). One image at a time, so that its (Hh, N, N) scores stay in cache; the
     row sums come from a GEMV with a ones vector (a reduction would be another pass over N x N), and the
-    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout."""
+    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout. The
+    max / exp pass runs on row blocks on refvit.parallel's threads; the GEMMs in the caller's thread."""
     B, Hh, N, _ = q.shape
     ones = np.ones(N, q.dtype)
     p = np.empty((B, Hh, N, N), q.dtype) if probs else None
     for b in range(B):
         e = q[b] @ k_t[b]                                 # (Hh, N, N) scores
-        e -= e.max(axis=-1, keepdims=True)
-        np.exp(e, out=e)                                  # e = exp(s - max s)
+        rows_apply(_exp_shifted, e.reshape(Hh * N, N))    # e = exp(s - max s), row blocks
         inv = np.reciprocal(e @ ones)[..., None]          # (Hh, N, 1) 1 / row sums
         np.multiply(e @ v[b], inv, out=out[b])            # (Hh, N, D)
         if probs:
@@ -133,13 +154,32 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     return p
 
 
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """LayerNorm over the last axis with the biased variance, as torch; weight, bias (C,). The two means
-    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower)."""
-    u = np.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype)                    # (C,)
-    d = x - (x @ u)[..., None]                                              # x - mean
-    var = np.square(d) @ u                                                  # biased variance
-    d *= np.reciprocal(np.sqrt(var + np.asarray(eps, x.dtype)))[..., None]
+def _normalize_rows(d, rinv, weight, bias) -> None:
+    """d = d * rinv * weight + bias on a row block: d (rows, C), rinv (rows, 1), weight and bias (C,)."""
+    d *= rinv
     d *= weight
     d += bias
+
+
+def layer_norm_passes(x2, d2, mean, sq2, variance, weight, bias, eps) -> None:
+    """LayerNorm's elementwise passes on (rows, C) views, on row blocks on the threads, writing d2:
+    d = x - mean (mean (rows, 1) from the caller's GEMV), sq2 = d^2, var = variance() (the caller's GEMV
+    over the array sq2 views: the GEMV calls, whose bits depend on the call, stay the caller's), then
+    d * (1 / sqrt(var + eps)) * weight + bias."""
+    rows_apply(lambda xb, mb, db: np.subtract(xb, mb, out=db), x2, mean, d2)        # d = x - mean
+    rows_apply(lambda db, sb: np.square(db, out=sb), d2, sq2)                        # d^2
+    rinv = np.reciprocal(np.sqrt(variance() + np.asarray(eps, d2.dtype)))            # (rows, 1)
+    rows_apply(lambda db, rb: _normalize_rows(db, rb, weight, bias), d2, rinv)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis with the biased variance, as torch; weight, bias (C,). The two means
+    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower), on x's own shape (numpy calls
+    BLAS per image, and a row's bits depend on its place in the call); the elementwise passes run on row
+    blocks on refvit.parallel's threads."""
+    C = x.shape[-1]
+    u = np.full(C, 1.0 / C, x.dtype)                                        # (C,)
+    d, sq = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)          # (..., C)
+    layer_norm_passes(x.reshape(-1, C), d.reshape(-1, C), (x @ u).reshape(-1, 1), sq.reshape(-1, C),
+                      lambda: (sq @ u).reshape(-1, 1), weight, bias, eps)
     return d

@@ -1,0 +1,127 @@
+"""One thread pool for refvit's elementwise and table passes, sized from one knob.
+
+NumPy releases the GIL inside its ufuncs, `take` and copies, so a pass over an array split into row blocks
+runs on every core when the blocks go to a thread pool. Every use here is an elementwise computation tiled
+into disjoint blocks: each output element is computed by the same operations whatever the tiling and
+whichever thread runs its block, so the results are bit-identical at any thread count (tests/test_parallel.py).
+
+The knob: `threads()` is `set_threads(n)` if called (the CLI's `--threads N`), else the environment variable
+REFVIT_THREADS, else the BLAS thread count (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS), else
+os.cpu_count(). One thread runs everything in the caller's thread, as before.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ENV = "REFVIT_THREADS"
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+MIN_BLOCK = 1 << 15   # elements: a smaller block costs more in the hand-off to a thread (~20 us) than it saves
+
+_state = threading.local()          # per thread: scratch buffers, and whether it is a pool worker
+_lock = threading.Lock()
+_threads: int | None = None
+_pool: ThreadPoolExecutor | None = None
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        n = int(text) if text is not None else 0
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def default_threads() -> int:
+    """REFVIT_THREADS, else the first BLAS thread variable set to a positive integer, else os.cpu_count()."""
+    for var in (ENV,) + BLAS_ENV:
+        n = _positive_int(os.environ.get(var))
+        if n is not None:
+            return n
+    return os.cpu_count() or 1
+
+
+def threads() -> int:
+    """The number of threads the elementwise passes use."""
+    global _threads
+    if _threads is None:
+        _threads = default_threads()
+    return _threads
+
+
+def set_threads(n: int | None) -> None:
+    """Use n threads from now on (n >= 1; None: back to the default of the environment)."""
+    global _threads, _pool
+    if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    with _lock:
+        old, _pool = _pool, None
+        _threads = None if n is None else int(n)
+    if old is not None:
+        old.shutdown(wait=True)
+
+
+def _mark_worker() -> None:
+    _state.worker = True
+
+
+def _get_pool(n: int) -> ThreadPoolExecutor:
+    global _pool
+    with _lock:
+        if _pool is None or _pool._max_workers != n:
+            _pool = ThreadPoolExecutor(n, thread_name_prefix="refvit", initializer=_mark_worker)
+        return _pool
+
+
+def run(fn, items) -> None:
+    """fn(item) for every item (each writes its own disjoint part of an output), on the pool when there are
+    several items and threads() > 1; in the caller's thread otherwise, or when the caller is a pool worker
+    (a nested pass runs serially: no deadlock, no oversubscription). Exceptions propagate."""
+    items = list(items)
+    n = threads()
+    if n == 1 or len(items) <= 1 or getattr(_state, "worker", False):
+        for item in items:
+            fn(item)
+        return
+    pool = _get_pool(n)
+    futures = [pool.submit(fn, item) for item in items[1:]]
+    fn(items[0])                                            # the caller works too
+    for f in futures:
+        f.result()
+
+
+def block_target(size: int, target: int) -> int:
+    """Elements per block for a pass over `size` elements: at most `target` (a cache-sized block), and
+    small enough to give every thread a block, but not below MIN_BLOCK."""
+    n = threads()
+    if n == 1 or size <= MIN_BLOCK:
+        return target
+    return max(MIN_BLOCK, min(target, math.ceil(size / n)))
+
+
+def ranges(count: int, size_each: int, target: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting `count` rows of `size_each` elements into near-equal row blocks of at
+    most block_target(count * size_each, target) elements (at least one row each)."""
+    if count <= 0:
+        return []
+    per = max(1, block_target(count * size_each, target) // max(1, size_each))
+    pieces = math.ceil(count / per)
+    step = math.ceil(count / pieces)
+    return [(i, min(i + step, count)) for i in range(0, count, step)]
+
+
+def scratch(key: str, n: int, dtype) -> np.ndarray:
+    """A 1-D scratch array of n elements of `dtype` owned by the calling thread (reused across calls with
+    the same key; its contents are undefined). Each call site uses its own key."""
+    bufs = getattr(_state, "bufs", None)
+    if bufs is None:
+        bufs = _state.bufs = {}
+    dt = np.dtype(dtype)
+    buf = bufs.get((key, dt))
+    if buf is None or buf.size < n:
+        buf = bufs[(key, dt)] = np.empty(n, dt)
+    return buf[:n]
