@@ -1,13 +1,16 @@
 """One thread pool for refvit's elementwise and table passes, sized from one knob.
 
 NumPy releases the GIL inside its ufuncs, `take` and copies, so a pass over an array split into row blocks
-runs on every core when the blocks go to a thread pool. Every use here is an elementwise computation tiled
-into disjoint blocks: each output element is computed by the same operations whatever the tiling and
-whichever thread runs its block, so the results are bit-identical at any thread count (tests/test_parallel.py).
+runs on every core when the blocks go to a thread pool. Every use here is an elementwise (or row-wise)
+computation tiled into disjoint blocks: each output element is computed by the same operations whatever the
+tiling and whichever thread runs its block, so the results are bit-identical at any thread count
+(tests/test_parallel.py). GEMMs and GEMVs stay in the caller's thread, where BLAS runs its own threads.
 
 The knob: `threads()` is `set_threads(n)` if called (the CLI's `--threads N`), else the environment variable
-REFVIT_THREADS, else the BLAS thread count (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS), else
-os.cpu_count(). One thread runs everything in the caller's thread, as before.
+REFVIT_THREADS, else BLAS's own thread count (OpenBLAS reads OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else
+uses every core), else os.cpu_count(). `set_threads` and REFVIT_THREADS also set the thread count of the
+OpenBLAS that numpy loaded (when it exports its set_num_threads), so one number sizes both. One thread runs
+everything in the caller's thread, as before.
 """
 from __future__ import annotations
 
@@ -36,9 +39,48 @@ def _positive_int(text: str | None) -> int | None:
     return n if n >= 1 else None
 
 
+_BLAS_SYMBOLS = ("scipy_openblas_{}_num_threads64_", "openblas_{}_num_threads64_", "openblas_{}_num_threads")
+
+
+def _blas_function(verb: str):
+    """OpenBLAS's get / set_num_threads from the OpenBLAS library numpy loaded (Linux), or None."""
+    try:
+        import ctypes
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            for sym in _BLAS_SYMBOLS:
+                fn = getattr(lib, sym.format(verb), None)
+                if fn is not None:
+                    return fn
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def blas_threads() -> int | None:
+    """The thread count of numpy's OpenBLAS, or None when it cannot be read."""
+    fn = _blas_function("get")
+    return int(fn()) if fn is not None else None
+
+
+def _set_blas_threads(n: int) -> None:
+    fn = _blas_function("set")
+    if fn is not None:
+        import ctypes
+        fn(ctypes.c_int(n))
+
+
 def default_threads() -> int:
-    """REFVIT_THREADS, else the first BLAS thread variable set to a positive integer, else os.cpu_count()."""
-    for var in (ENV,) + BLAS_ENV:
+    """REFVIT_THREADS, else BLAS's thread count (or the first BLAS thread variable set), else os.cpu_count()."""
+    n = _positive_int(os.environ.get(ENV))
+    if n is not None:
+        return n
+    n = blas_threads()
+    if n is not None and n >= 1:
+        return n
+    for var in BLAS_ENV:
         n = _positive_int(os.environ.get(var))
         if n is not None:
             return n
@@ -53,8 +95,9 @@ def threads() -> int:
     return _threads
 
 
-def set_threads(n: int | None) -> None:
-    """Use n threads from now on (n >= 1; None: back to the default of the environment)."""
+def set_threads(n: int | None, blas: bool = True) -> None:
+    """Use n threads from now on (n >= 1; None: back to the default of the environment); with blas, numpy's
+    OpenBLAS too (its GEMMs run on its own threads)."""
     global _threads, _pool
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
         raise ValueError(f"threads must be a positive integer, got {n!r}")
@@ -63,6 +106,8 @@ def set_threads(n: int | None) -> None:
         _threads = None if n is None else int(n)
     if old is not None:
         old.shutdown(wait=True)
+    if n is not None and blas:
+        _set_blas_threads(int(n))
 
 
 def _mark_worker() -> None:
@@ -125,3 +170,7 @@ def scratch(key: str, n: int, dtype) -> np.ndarray:
     if buf is None or buf.size < n:
         buf = bufs[(key, dt)] = np.empty(n, dt)
     return buf[:n]
+
+
+if _positive_int(os.environ.get(ENV)) is not None:   # REFVIT_THREADS sizes BLAS too, from the start
+    set_threads(_positive_int(os.environ.get(ENV)))
