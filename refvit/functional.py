@@ -154,32 +154,46 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     return p
 
 
-def _normalize_rows(d, rinv, weight, bias) -> None:
-    """d = d * rinv * weight + bias on a row block: d (rows, C), rinv (rows, 1), weight and bias (C,)."""
-    d *= rinv
-    d *= weight
-    d += bias
+GEMV_ROW_GROUP = 4   # OpenBLAS's GEMV takes a call's rows 4 by 4 from its first row and the last 1-3 rows with
+                     # other kernels, so a row's bits depend on its place in the call modulo 4 (not on alignment
+                     # or BLAS threads: measured, and tests/test_parallel.py holds it): split calls at multiples of 4
 
 
-def layer_norm_passes(x2, d2, mean, sq2, variance, weight, bias, eps) -> None:
-    """LayerNorm's elementwise passes on (rows, C) views, on row blocks on the threads, writing d2:
-    d = x - mean (mean (rows, 1) from the caller's GEMV), sq2 = d^2, var = variance() (the caller's GEMV
-    over the array sq2 views: the GEMV calls, whose bits depend on the call, stay the caller's), then
-    d * (1 / sqrt(var + eps)) * weight + bias."""
-    rows_apply(lambda xb, mb, db: np.subtract(xb, mb, out=db), x2, mean, d2)        # d = x - mean
-    rows_apply(lambda db, sb: np.square(db, out=sb), d2, sq2)                        # d^2
-    rinv = np.reciprocal(np.sqrt(variance() + np.asarray(eps, d2.dtype)))            # (rows, 1)
-    rows_apply(lambda db, rb: _normalize_rows(db, rb, weight, bias), d2, rinv)
+def _layer_norm_block(xb, db, u, weight, bias, eps) -> None:
+    """LayerNorm of the rows xb (rows, C) into db, every pass on the block while it is in cache: the two means
+    as GEMVs with the 1/C vector u, d = x - mean, var = d^2 @ u, d * (1 / sqrt(var + eps)) * weight + bias."""
+    np.subtract(xb, (xb @ u)[:, None], out=db)                               # d = x - mean
+    sq = parallel.scratch("layer_norm_sq", db.size, db.dtype).reshape(db.shape)
+    np.square(db, out=sq)
+    db *= np.reciprocal(np.sqrt(sq @ u + eps))[:, None]                       # biased variance
+    db *= weight
+    db += bias
+
+
+def layer_norm_rows(x2: np.ndarray, d2: np.ndarray, group: int, weight, bias, eps) -> None:
+    """LayerNorm of the rows of x2 (rows, C) into d2 (rows, C), fused per row block on refvit.parallel's threads.
+
+    `group` is the number of rows of one GEMV call in the unsplit form (numpy calls BLAS per image of a 3-D
+    stack; a 2-D matrix is one call): blocks never straddle a group and start at multiples of GEMV_ROW_GROUP
+    inside it, the group's last 1-3 rows in its last block, so every row meets the same GEMV kernel as in one
+    call: the same bits."""
+    rows, C = x2.shape
+    u = np.full(C, 1.0 / C, x2.dtype)                                          # (C,)
+    eps = np.asarray(eps, x2.dtype)
+    per = parallel.block_target(rows * C, 1 << 16) // max(1, C) // GEMV_ROW_GROUP * GEMV_ROW_GROUP
+    per = max(GEMV_ROW_GROUP, per)
+    full = group // GEMV_ROW_GROUP * GEMV_ROW_GROUP          # the last 1-3 rows stay with the block before them
+    starts = range(0, full, per) if full else range(1)       # (a lone row would be a dot product, not a GEMV)
+    blocks = [(g + i, g + (i + per if i + per < full else group)) for g in range(0, rows, group) for i in starts]
+    parallel.run(lambda r: _layer_norm_block(x2[r[0]:r[1]], d2[r[0]:r[1]], u, weight, bias, eps), blocks)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis with the biased variance, as torch; weight, bias (C,). The two means
-    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower), on x's own shape (numpy calls
-    BLAS per image, and a row's bits depend on its place in the call); the elementwise passes run on row
-    blocks on refvit.parallel's threads."""
+    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower), one call per image as numpy
+    makes them on a (B, N, C) stack; all passes fused per row block (layer_norm_rows)."""
     C = x.shape[-1]
-    u = np.full(C, 1.0 / C, x.dtype)                                        # (C,)
-    d, sq = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)          # (..., C)
-    layer_norm_passes(x.reshape(-1, C), d.reshape(-1, C), (x @ u).reshape(-1, 1), sq.reshape(-1, C),
-                      lambda: (sq @ u).reshape(-1, 1), weight, bias, eps)
+    d = np.empty(x.shape, x.dtype)                                           # (..., C)
+    group = x.shape[-2] if x.ndim >= 3 else int(np.prod(x.shape[:-1]))        # rows of one GEMV call
+    layer_norm_rows(np.ascontiguousarray(x).reshape(-1, C), d.reshape(-1, C), max(1, group), weight, bias, eps)
     return d

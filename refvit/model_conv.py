@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DeiTConfig
-from .functional import attend, gelu, layer_norm_passes
+from .functional import attend, gelu, layer_norm_rows
 from .prune import prune_plan, select_float
 
 
@@ -49,14 +49,12 @@ def _positions(a):  # (B, C, H, W) -> its (B*H*W, C) matrix: a view for channels
 
 
 def layer_norm_conv(x, w, b, eps):  # x (B, C, H, W) normalized over C -> (B, C, H, W) channels-last
-    """Channel mean and variance as 1x1 convs with weight 1/C (conv2d's GEMVs), the elementwise passes
-    (subtract, square, rsqrt multiply, gamma/beta as the depthwise 1x1 conv) on the positions' rows, on
-    refvit.parallel's threads (functional.layer_norm_passes)."""
+    """Channel mean and variance as 1x1 convs with weight 1/C (the GEMVs conv2d makes of them: one call over
+    the B*H*W positions), subtract, square, rsqrt, multiply, then gamma/beta as a depthwise 1x1 conv; all fused
+    per block of positions on refvit.parallel's threads (functional.layer_norm_rows: the same bits)."""
     B, C, H, W = x.shape
-    mean_w = np.full((1, C, 1, 1), 1.0 / C, dtype=x.dtype)                     # channel-mean as a 1x1 conv
-    d, sq = (np.empty((B, H, W, C), x.dtype).transpose(0, 3, 1, 2) for _ in range(2))  # channels-last
-    layer_norm_passes(_positions(x), _positions(d), _positions(conv2d(x, mean_w)), _positions(sq),
-                      lambda: _positions(conv2d(sq, mean_w)), w.reshape(-1), b, eps)
+    d = np.empty((B, H, W, C), x.dtype).transpose(0, 3, 1, 2)                   # channels-last
+    layer_norm_rows(_positions(x), _positions(d), B * H * W, w.reshape(-1), b, eps)
     return d
 
 

@@ -249,3 +249,28 @@ def test_float_forms_same_bits(small_blocks, tiny):
     tp = model_token.cast_params(tiny.params)
     assert_same_bits(at_threads(model_token.forward, tp, x, tiny.config))
     assert_same_bits(at_threads(model_conv.forward, tiny.conv, x, tiny.config))
+
+
+def one_call_layer_norm(x, w, b, eps):
+    """LayerNorm as one GEMV call per mean over x's own shape (the unsplit form, before refvit.parallel)."""
+    u = np.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype)
+    d = x - (x @ u)[..., None]
+    var = np.square(d) @ u
+    d *= np.reciprocal(np.sqrt(var + np.asarray(eps, x.dtype)))[..., None]
+    d *= w
+    d += b
+    return d
+
+
+@pytest.mark.parametrize("b,n,c", [(3, 197, 64), (2, 5, 96), (1, 1, 32), (2, 3, 48), (4, 18, 48), (1, 9, 200)])
+def test_layer_norm_blocks_keep_the_bits_of_one_gemv_call(small_blocks, b, n, c):
+    x = (RNG.standard_normal((b, n, c)) * 3 + 1).astype(np.float32)
+    w, bias = RNG.standard_normal(c).astype(np.float32), RNG.standard_normal(c).astype(np.float32)
+    want = one_call_layer_norm(x, w, bias, 1e-6)                          # per image, as numpy stacks it
+    for got in at_threads(F.layer_norm, x, w, bias, 1e-6).values():
+        assert got.tobytes() == want.tobytes()
+    want2 = one_call_layer_norm(x.reshape(-1, c), w, bias, 1e-6)         # the conv form: one call over B*N rows
+    xc = model_conv.channels_last(b, c, n, np.float32)
+    xc[...] = x.transpose(0, 2, 1)[:, :, None, :]
+    for got in at_threads(model_conv.layer_norm_conv, xc, w.reshape(c, 1, 1, 1), bias, 1e-6).values():
+        assert got[:, :, 0, :].transpose(0, 2, 1).reshape(-1, c).tobytes() == want2.tobytes()
