@@ -180,7 +180,7 @@ def layer_norm_rows(x2: np.ndarray, d2: np.ndarray, group: int, weight, bias, ep
     rows, C = x2.shape
     u = np.full(C, 1.0 / C, x2.dtype)                                          # (C,)
     eps = np.asarray(eps, x2.dtype)
-    per = parallel.block_target(rows * C, 1 << 16) // max(1, C) // GEMV_ROW_GROUP * GEMV_ROW_GROUP
+    per = parallel.block_target(rows * C, 1 << 17) // max(1, C) // GEMV_ROW_GROUP * GEMV_ROW_GROUP
     per = max(GEMV_ROW_GROUP, per)
     full = group // GEMV_ROW_GROUP * GEMV_ROW_GROUP          # the last 1-3 rows stay with the block before them
     starts = range(0, full, per) if full else range(1)       # (a lone row would be a dot product, not a GEMV)
