@@ -119,19 +119,6 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e
 
 
-def _exp_shifted(e: np.ndarray) -> None:
-    """e = exp(e - max over the row), in place on a (rows, N) block."""
-    e -= e.max(axis=-1, keepdims=True)
-    np.exp(e, out=e)
-
-
-def rows_apply(fn, *arrays: np.ndarray, target: int = 1 << 16) -> None:
-    """fn(*blocks) on near-equal row blocks of 2-D arrays with the same number of rows (elementwise or
-    row-wise work, each block written by one call), on refvit.parallel's threads."""
-    rows, width = arrays[0].shape[0], max(a.shape[-1] for a in arrays)
-    parallel.run(lambda r: fn(*(a[r[0]:r[1]] for a in arrays)), parallel.ranges(rows, width, target))
-
-
 def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs: bool = False):
     """softmax(q @ k_t) @ v of every image and head, written into `out`; with probs, also returns the
     probabilities (B, Hh, N, N) [query, key] (token pruning reads them), else None.
@@ -139,14 +126,16 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     q (B, Hh, N, D) already scaled, k_t (B, Hh, D, N), v (B, Hh, N, D) and out (B, Hh, N, D) may be strided
     views (BLAS reads them in place). One image at a time, so that its (Hh, N, N) scores stay in cache; the
     row sums come from a GEMV with a ones vector (a reduction would be another pass over N x N), and the
-    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout. The
-    max / exp pass runs on row blocks on refvit.parallel's threads; the GEMMs in the caller's thread."""
+    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout. Not on
+    refvit.parallel's threads: between small GEMMs, the pool's threads meet OpenBLAS's spinning workers (with
+    2 BLAS threads on 2 busy cores, measured 3.6x slower than the serial pass; bench/profile_ops.py)."""
     B, Hh, N, _ = q.shape
     ones = np.ones(N, q.dtype)
     p = np.empty((B, Hh, N, N), q.dtype) if probs else None
     for b in range(B):
         e = q[b] @ k_t[b]                                 # (Hh, N, N) scores
-        rows_apply(_exp_shifted, e.reshape(Hh * N, N))    # e = exp(s - max s), row blocks
+        e -= e.max(axis=-1, keepdims=True)
+        np.exp(e, out=e)                                  # e = exp(s - max s)
         inv = np.reciprocal(e @ ones)[..., None]          # (Hh, N, 1) 1 / row sums
         np.multiply(e @ v[b], inv, out=out[b])            # (Hh, N, D)
         if probs:
