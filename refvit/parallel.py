@@ -115,28 +115,47 @@ def _mark_worker() -> None:
 
 
 def _get_pool(n: int) -> ThreadPoolExecutor:
+    """The pool of n - 1 workers (the caller is the n-th), made on first use after set_threads."""
     global _pool
     with _lock:
-        if _pool is None or _pool._max_workers != n:
-            _pool = ThreadPoolExecutor(n, thread_name_prefix="refvit", initializer=_mark_worker)
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, n - 1), thread_name_prefix="refvit", initializer=_mark_worker)
         return _pool
 
 
 def run(fn, items) -> None:
-    """fn(item) for every item (each writes its own disjoint part of an output), on the pool when there are
-    several items and threads() > 1; in the caller's thread otherwise, or when the caller is a pool worker
-    (a nested pass runs serially: no deadlock, no oversubscription). Exceptions propagate."""
+    """fn(item) for every item (each writes its own disjoint part of an output), on threads() threads (the
+    caller and threads() - 1 pool workers take the items in order from one queue) when there are several
+    items; in the caller's thread otherwise, or when the caller is a pool worker (a nested pass runs serially:
+    no deadlock, no oversubscription). The first exception is raised once every thread has stopped."""
     items = list(items)
-    n = threads()
-    if n == 1 or len(items) <= 1 or getattr(_state, "worker", False):
+    n = min(threads(), len(items))
+    if n <= 1 or getattr(_state, "worker", False):
         for item in items:
             fn(item)
         return
-    pool = _get_pool(n)
-    futures = [pool.submit(fn, item) for item in items[1:]]
-    fn(items[0])                                            # the caller works too
+    queue, take = iter(items), threading.Lock()
+    failed = []
+
+    def drain():
+        while not failed:
+            with take:
+                item = next(queue, _END)
+            if item is _END:
+                return
+            try:
+                fn(item)
+            except BaseException as e:  # noqa: BLE001 -- handed to the caller below
+                failed.append(e)
+    futures = [_get_pool(threads()).submit(drain) for _ in range(n - 1)]
+    drain()
     for f in futures:
         f.result()
+    if failed:
+        raise failed[0]
+
+
+_END = object()
 
 
 def block_target(size: int, target: int) -> int:
