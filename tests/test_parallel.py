@@ -86,6 +86,16 @@ def test_run_calls_every_item_once_and_propagates_errors(small_blocks):
         parallel.run(lambda i: 1 // (i - 7), range(10))
 
 
+@pytest.mark.parametrize("n", THREADS)
+def test_run_uses_at_most_n_threads_the_caller_included(small_blocks, n):
+    import threading
+    import time
+    parallel.set_threads(n, blas=False)
+    who = []
+    parallel.run(lambda i: (who.append(threading.get_ident()), time.sleep(0.002)), range(12))
+    assert len(who) == 12 and threading.get_ident() in who and len(set(who)) <= n
+
+
 def test_nested_runs_are_serial_in_a_worker(small_blocks):
     parallel.set_threads(2, blas=False)
     inner = []
