@@ -63,6 +63,7 @@ if ARGS is not None:  # before numpy loads: OpenBLAS starts with the largest cou
     for var in THREAD_VARS:
         os.environ[var] = str(max(ARGS.thread_counts))
     os.environ.pop("REFVIT_THREADS", None)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # as `import refvit` sets it when it loads numpy first
 
 import numpy as np  # noqa: E402
 
@@ -258,10 +259,12 @@ def main():
         print(json.dumps(peak_rss_child(ARGS.rss_child[0], int(ARGS.rss_child[1]))))
         return
     log = (lambda *a: None) if ARGS.json else (lambda *a: print(*a, flush=True))
-    report = {"threads": ARGS.thread_counts, "numpy": np.__version__, "python": platform.python_version(),
+    report = {"threads": ARGS.thread_counts, "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+              "numpy": np.__version__, "python": platform.python_version(),
               "cpus": os.cpu_count(), "repeats": ARGS.repeats, "load_average_start": load_average(), "models": []}
     log(f"refvit bench: numpy {np.__version__}, {os.cpu_count()} CPUs, threads {ARGS.threads} (BLAS and refvit's "
-        f"pool, switched between runs); medians of {ARGS.repeats} interleaved rounds; load average "
+        f"pool, switched between runs; OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT')}); medians "
+        f"of {ARGS.repeats} interleaved rounds; load average "
         f"{report['load_average_start']}")
     if not ARGS.quick:
         g = bench_int_gemm()

@@ -24,6 +24,7 @@ ap.add_argument("--repeats", type=int, default=5)
 ARGS = ap.parse_args()
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "REFVIT_THREADS"):
     os.environ[var] = str(ARGS.threads)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # as `import refvit` sets it when it loads numpy first
 
 import numpy as np  # noqa: E402
 

@@ -10,7 +10,9 @@ The knob: `threads()` is `set_threads(n)` if called (the CLI's `--threads N`), e
 REFVIT_THREADS, else BLAS's own thread count (OpenBLAS reads OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, else
 uses every core), else os.cpu_count(). `set_threads` and REFVIT_THREADS also set the thread count of the
 OpenBLAS that numpy loaded (when it exports its set_num_threads), so one number sizes both. One thread runs
-everything in the caller's thread, as before.
+everything in the caller's thread, as before. OpenBLAS's idle workers spin for a while after each call, on the
+core the pool's next pass needs: `import refvit` before numpy sets OPENBLAS_THREAD_TIMEOUT=4 (unless set) so
+that they sleep at once (measured: without it the pool gains nothing on the integer path at 2 threads).
 """
 from __future__ import annotations
 
