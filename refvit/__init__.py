@@ -1,5 +1,10 @@
 """refvit: golden bit-exact NumPy reference of DeiT (float and INT8 integer forms)."""
+import os
+import sys
 from pathlib import Path
+
+if "numpy" not in sys.modules:  # OpenBLAS reads it once, when numpy loads it: its idle workers then sleep at once
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # instead of spinning on the core refvit.parallel needs
 
 __version__ = "0.1.0"
 

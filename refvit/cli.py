@@ -19,7 +19,7 @@ import numpy as np
 
 import refvit
 
-from . import check, golden, int_model, registry as R, report
+from . import check, golden, int_model, parallel, registry as R, report
 from .errors import RefvitError, UsageError
 from .outfiles import current_umask, write_atomically, write_folder_atomically
 from .dumpfmt import FORMATS, check_formats, file_sha256
@@ -91,6 +91,9 @@ def add_model_args(p: argparse.ArgumentParser, *, quantized: bool = True, calib:
                         "one package token, e.g. 1:0.7,3:0.7,5:0.7; order=position (default) | score (EViT's code) "
                         "orders the kept tokens, package=mean (default, HeatViT) | weighted-sum (EViT's code) "
                         "makes the package token; 'none' drops a --model's recorded pruning")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="threads for BLAS and the elementwise passes (same results at any count; default: "
+                        "$REFVIT_THREADS, else the BLAS thread count, e.g. $OPENBLAS_NUM_THREADS, else every core)")
     if calib:
         p.add_argument("--calib", nargs="+", metavar="IMG_OR_DIR",
                        help="calibration images (files, folders, or a Fashion-MNIST .npz) for quantizing --weights")
@@ -849,6 +852,10 @@ def main(argv=None) -> int:
     except SystemExit as e:  # argparse has printed usage and its message; --help exits 0
         return e.code
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be at least 1, got {args.threads}")
+            parallel.set_threads(args.threads)
         return args.run(args)
     except BrokenPipeError:  # `refvit classify | head`: the reader left; end quietly
         try:

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from . import parallel
+
 _ERF_PIECES = [(0.0, 0.5), (0.5, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 6.0)]
 _ERF_DEGREE = 24  # analytic on each piece: degree 24 reaches double precision with margin
 
@@ -76,20 +78,26 @@ def _gelu_float32_chunk(x, out, z, t, s, zmax, zero):
     out -= s
 
 
+_GELU_CONST = (np.full(_CHUNK, _GELU_ZMAX), np.zeros(_CHUNK, np.float32))   # read-only, shared by the threads
+for _a in _GELU_CONST:
+    _a.flags.writeable = False
+
+
 def _gelu_float32(x: np.ndarray) -> np.ndarray:
     """GELU in float32, |error| <= 0.75e-7 |x| + float32 rounding, in cache-sized chunks (on whole MLP
-    activations the 19 passes would be memory bound)."""
+    activations the 19 passes would be memory bound), the chunks on refvit.parallel's threads."""
     x = np.asarray(x, dtype=np.float32)
     perm = np.argsort([-s for s in x.strides], kind="stable")  # x's memory order: the conv form's activations
     xt = np.ascontiguousarray(x.transpose(perm))              # are transposed views; no copy for those
     flat = xt.reshape(-1)
     out = np.empty_like(flat)
-    n0 = min(_CHUNK, flat.size)
-    scratch = [np.empty(n0, np.float32) for _ in range(3)] + [np.full(n0, _GELU_ZMAX), np.zeros(n0, np.float32)]
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for i in range(0, flat.size, _CHUNK):
-            n = min(_CHUNK, flat.size - i)
-            _gelu_float32_chunk(flat[i:i + n], out[i:i + n], *(a[:n] for a in scratch))
+
+    def chunk(r):
+        i, n = r[0], r[1] - r[0]
+        scratch = [parallel.scratch(key, n, np.float32) for key in ("gelu_z", "gelu_t", "gelu_s")]
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            _gelu_float32_chunk(flat[i:i + n], out[i:i + n], *scratch, *(a[:n] for a in _GELU_CONST))
+    parallel.run(chunk, parallel.ranges(flat.size, 1, _CHUNK))   # near-equal chunks of <= _CHUNK elements
     return out.reshape(xt.shape).transpose(np.argsort(perm))  # x's shape, in x's memory order
 
 
@@ -118,7 +126,9 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     q (B, Hh, N, D) already scaled, k_t (B, Hh, D, N), v (B, Hh, N, D) and out (B, Hh, N, D) may be strided
     views (BLAS reads them in place). One image at a time, so that its (Hh, N, N) scores stay in cache; the
     row sums come from a GEMV with a ones vector (a reduction would be another pass over N x N), and the
-    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout."""
+    normalization is applied to e @ v (D wide, not N wide) in the same pass that writes out's layout. Not on
+    refvit.parallel's threads: between small GEMMs, the pool's threads meet OpenBLAS's spinning workers (with
+    2 BLAS threads on 2 busy cores, measured 3.6x slower than the serial pass; bench/profile_ops.py)."""
     B, Hh, N, _ = q.shape
     ones = np.ones(N, q.dtype)
     p = np.empty((B, Hh, N, N), q.dtype) if probs else None
@@ -133,13 +143,46 @@ def attend(q: np.ndarray, k_t: np.ndarray, v: np.ndarray, out: np.ndarray, probs
     return p
 
 
+GEMV_ROW_GROUP = 4   # OpenBLAS's GEMV takes a call's rows 4 by 4 from its first row and the last 1-3 rows with
+                     # other kernels, so a row's bits depend on its place in the call modulo 4 (not on alignment
+                     # or BLAS threads: measured, and tests/test_parallel.py holds it): split calls at multiples of 4
+
+
+def _layer_norm_block(xb, db, u, weight, bias, eps) -> None:
+    """LayerNorm of the rows xb (rows, C) into db, every pass on the block while it is in cache: the two means
+    as GEMVs with the 1/C vector u, d = x - mean, var = d^2 @ u, d * (1 / sqrt(var + eps)) * weight + bias."""
+    np.subtract(xb, (xb @ u)[:, None], out=db)                               # d = x - mean
+    sq = parallel.scratch("layer_norm_sq", db.size, db.dtype).reshape(db.shape)
+    np.square(db, out=sq)
+    db *= np.reciprocal(np.sqrt(sq @ u + eps))[:, None]                       # biased variance
+    db *= weight
+    db += bias
+
+
+def layer_norm_rows(x2: np.ndarray, d2: np.ndarray, group: int, weight, bias, eps) -> None:
+    """LayerNorm of the rows of x2 (rows, C) into d2 (rows, C), fused per row block on refvit.parallel's threads.
+
+    `group` is the number of rows of one GEMV call in the unsplit form (numpy calls BLAS per image of a 3-D
+    stack; a 2-D matrix is one call): blocks never straddle a group and start at multiples of GEMV_ROW_GROUP
+    inside it, the group's last 1-3 rows in its last block, so every row meets the same GEMV kernel as in one
+    call: the same bits."""
+    rows, C = x2.shape
+    u = np.full(C, 1.0 / C, x2.dtype)                                          # (C,)
+    eps = np.asarray(eps, x2.dtype)
+    per = parallel.block_target(rows * C, 1 << 17) // max(1, C) // GEMV_ROW_GROUP * GEMV_ROW_GROUP
+    per = max(GEMV_ROW_GROUP, per)
+    full = group // GEMV_ROW_GROUP * GEMV_ROW_GROUP          # the last 1-3 rows stay with the block before them
+    starts = range(0, full, per) if full else range(1)       # (a lone row would be a dot product, not a GEMV)
+    blocks = [(g + i, g + (i + per if i + per < full else group)) for g in range(0, rows, group) for i in starts]
+    parallel.run(lambda r: _layer_norm_block(x2[r[0]:r[1]], d2[r[0]:r[1]], u, weight, bias, eps), blocks)
+
+
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis with the biased variance, as torch; weight, bias (C,). The two means
-    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower)."""
-    u = np.full(x.shape[-1], 1.0 / x.shape[-1], x.dtype)                    # (C,)
-    d = x - (x @ u)[..., None]                                              # x - mean
-    var = np.square(d) @ u                                                  # biased variance
-    d *= np.reciprocal(np.sqrt(var + np.asarray(eps, x.dtype)))[..., None]
-    d *= weight
-    d += bias
+    are GEMVs with a 1/C vector (a reduction along the row is ~3x slower), one call per image as numpy
+    makes them on a (B, N, C) stack; all passes fused per row block (layer_norm_rows)."""
+    C = x.shape[-1]
+    d = np.empty(x.shape, x.dtype)                                           # (..., C)
+    group = x.shape[-2] if x.ndim >= 3 else int(np.prod(x.shape[:-1]))        # rows of one GEMV call
+    layer_norm_rows(np.ascontiguousarray(x).reshape(-1, C), d.reshape(-1, C), max(1, group), weight, bias, eps)
     return d

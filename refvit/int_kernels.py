@@ -22,9 +22,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from refvit import parallel
 from refvit.intmath import (
-    BLOCK, SINGLE_ROUND, _blocks, _check_scale_args, _clip_store, _expand, _sub, _round_shift, _rounding_terms,
-    _scale_float_into, _scale_into, apply_scale, float_scale_exact, int_matmul_exact, int_range, isqrt, requantize,
+    BLOCK, SINGLE_ROUND, _check_scale_args, _clip_store, _expand, _sub, _round_shift, _rounding_terms, _scale_float_into,
+    _scale_into, apply_scale, copy_into, float_scale_exact, for_blocks, int_matmul_exact, int_range, isqrt, requantize,
     round_half_away_from_zero, saturate, scale_factor,
 )
 
@@ -276,19 +277,20 @@ def conv_requantize(g, shape, bias, multiplier, shift, *, rounding: str, out_dty
     rnd, corr = _rounding_terms(s, rounding)
     bias_m = bias.astype(np.int64).reshape(cout, 1) * m           # |bias*m| < 2^62
     add1, add2 = (bias_m + rnd, None) if corr is None else (bias_m, rnd)
+
+    def block(idx):
+        o = out[idx]
+        t = parallel.scratch("conv_requantize", o.size, np.int64).reshape(o.shape)
+        np.copyto(t, g[idx], casting="unsafe")                    # exact: integer-valued float, |g| < 2^30
+        np.multiply(t, _sub(m, idx), out=t)                       # g*m
+        np.add(t, _sub(add1, idx), out=t)                         # SINGLE: + bias*m + rnd; DOUBLE: + bias*m
+        if corr is None:
+            np.right_shift(t, _sub(s, idx), out=t)
+            _clip_store(t, lo, hi, o)
+        else:
+            _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, lo, hi)
     if out.size:
-        scratch = np.empty(min(BLOCK, g.size), np.int64)
-        for idx in _blocks(g.shape):
-            o = out[idx]
-            t = scratch[:o.size].reshape(o.shape)
-            np.copyto(t, g[idx], casting="unsafe")                # exact: integer-valued float, |g| < 2^30
-            np.multiply(t, _sub(m, idx), out=t)                   # g*m
-            np.add(t, _sub(add1, idx), out=t)                     # SINGLE: + bias*m + rnd; DOUBLE: + bias*m
-            if corr is None:
-                np.right_shift(t, _sub(s, idx), out=t)
-                _clip_store(t, lo, hi, o)
-            else:
-                _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, lo, hi)
+        for_blocks(g.shape, block)
     return _nchw(out, shape)
 
 
@@ -310,7 +312,9 @@ def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     if q.shape[2] > MAX_HEAD_DIM:
         raise ValueError(f"{fn}: head dim D = {q.shape[2]} exceeds {MAX_HEAD_DIM} (accumulator bound)")
     s = int_matmul_exact(np.swapaxes(q, 2, 3), k)                   # (B, Hh, N, D) @ (B, Hh, D, N)
-    return s.astype(np.int32)                                       # exact integers, |s| <= 2^30
+    out = np.empty(s.shape, np.int32)
+    copy_into(out, s)                                               # exact integers, |s| <= 2^30
+    return out
 
 
 def make_exp_table() -> np.ndarray:
@@ -379,8 +383,11 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
 
     s = scores.reshape(-1, n)                                     # (rows, N), a view when possible
-    top = s.max(axis=-1, keepdims=True)                           # (rows, 1) int32
-    dmax = int((top.astype(np.int64) - s.min(axis=-1, keepdims=True)).max()) if s.size else 0
+    top, low = np.empty((s.shape[0], 1), np.int32), np.empty((s.shape[0], 1), np.int32)   # (rows, 1)
+    row_blocks = parallel.ranges(s.shape[0], n, BLOCK)            # row blocks on the threads
+    parallel.run(lambda r: (np.max(s[r[0]:r[1]], axis=-1, keepdims=True, out=top[r[0]:r[1]]),
+                            np.min(s[r[0]:r[1]], axis=-1, keepdims=True, out=low[r[0]:r[1]])), row_blocks)
+    dmax = int((top.astype(np.int64) - low).max()) if s.size else 0
     if dmax > INT32_MAX:                                          # d = max - s, 0 <= d <= dmax per row
         raise OverflowError(f"{fn}: score difference max - s = {dmax} does not fit int32")
     # apply_scale's preconditions on d: d ranges over [0, dmax] (0 at each row's max), and the value
@@ -397,14 +404,13 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
                                            "sum": np.empty((s.shape[0], 1), np.int32),
                                            "recip": np.empty((s.shape[0], 1), np.int32)}   # (rows, N), (rows, 1)
     table16 = exp_table.astype(np.uint16)                         # [0, 2^15]: exact
-    rows = max(1, BLOCK // n)
-    dbuf = np.empty((rows, n), np.int32)                          # d = top - s in [0, dmax], dmax < 2^31 (checked)
-    ebuf = np.empty((rows, n), np.uint16)
-    wbuf = np.empty((rows, n), np.float64)
     ones = np.ones(n)                                             # sigma = e @ ones, a float64 GEMV
-    for r0 in range(0, s.shape[0], rows):
-        r1 = min(r0 + rows, s.shape[0])
-        d, e, w = dbuf[:r1 - r0], ebuf[:r1 - r0], wbuf[:r1 - r0]
+
+    def block(r):
+        r0, r1 = r
+        d = parallel.scratch("softmax_d", (r1 - r0) * n, np.int32).reshape(r1 - r0, n)   # d = top - s in [0, dmax],
+        e = parallel.scratch("softmax_e", (r1 - r0) * n, np.uint16).reshape(r1 - r0, n)  # dmax < 2^31 (checked)
+        w = parallel.scratch("softmax_w", (r1 - r0) * n, np.float64).reshape(r1 - r0, n)
         np.subtract(top[r0:r1], s[r0:r1], out=d)                  # exact in int32: 0 <= d <= dmax <= 2^31 - 1
         if lut is not None:                                       # e = exp_table[min(apply_scale(d), 255)]:
             np.take(lut, d, out=e, mode="clip")                   # T[min(d, len(T) - 1)] (d >= 0)
@@ -423,6 +429,7 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
         w *= (PROB_ONE * recip).astype(np.float64) * 2.0 ** -SOFTMAX_RECIP_BITS
         np.add(w, 0.5, out=w)
         np.copyto(o2[r0:r1], w, casting="unsafe")                 # 0 <= p <= 127: the int8 saturate never clamps
+    parallel.run(block, row_blocks)
     if kept is not None:                                          # index, exp (..., N); sum, recip (..., 1)
         internals.update({k: v.reshape(scores.shape[:-1] + (v.shape[1],)) for k, v in kept.items()})
     return out
@@ -477,16 +484,17 @@ def _add_direct(a: np.ndarray, b: np.ndarray, ma: int, mb: int, shift: int, out_
     half = (1 << shift - 1) if shift else 0                       # rounding_shift_right(acc, shift)
     out = np.empty(a.shape, out_dtype)
     ma64, mb64 = np.int64(ma), np.int64(mb)
-    scratch = np.empty((2, min(BLOCK, a.size)), np.int64)
-    for idx in _blocks(a.shape):
+
+    def block(idx):
         o = out[idx]
-        t, u = (buf[:o.size] for buf in scratch)
+        t, u = (parallel.scratch(key, o.size, np.int64) for key in ("add_t", "add_u"))
         np.multiply(a[idx], ma64, out=t)                          # acc = a*ma + b*mb, |acc| < 2^39
         np.multiply(b[idx], mb64, out=u)
         np.add(t, u, out=t)
         np.add(t, half, out=t)                                    # + 2^(shift-1) <= 2^61: stays in int64
         np.right_shift(t, shift, out=t)
         _clip_store(t, lo, hi, o)           # saturate
+    for_blocks(a.shape, block)
     return out
 
 
@@ -519,10 +527,17 @@ def add(a, b, multiplier_a, multiplier_b, shift, *, out_dtype=np.int8) -> np.nda
     out = np.empty(a.shape, out_dtype)
     if out.size:                                                  # out = T[256 * ua + ub], (ua, ub) the bit patterns
         a1, b1 = (a, b) if a.ndim else (a.reshape(1), b.reshape(1))
-        idx = np.empty(a1.shape, np.uint16)
-        np.left_shift(a1.view(np.uint8), 8, out=idx, dtype=np.uint16)
-        np.bitwise_or(idx, b1.view(np.uint8), out=idx)            # b broadcasts
-        np.take(_add_lut(ma, mb, shift, np.dtype(out_dtype).str), idx, out=out.reshape(a1.shape))
+        b1 = _expand(b1, a1.ndim)
+        o1 = out.reshape(a1.shape)
+        lut = _add_lut(ma, mb, shift, np.dtype(out_dtype).str)
+
+        def block(i):
+            o = o1[i]
+            idx = parallel.scratch("add_idx", o.size, np.uint16).reshape(o.shape)
+            np.left_shift(a1[i].view(np.uint8), 8, out=idx, dtype=np.uint16)
+            np.bitwise_or(idx, _sub(b1, i).view(np.uint8), out=idx)   # b broadcasts
+            np.take(lut, idx, out=o, mode="clip")                     # (uint16 indices < 65536: a no-op)
+        for_blocks(a1.shape, block)
     return out if out.ndim else out[()]
 
 
@@ -547,7 +562,12 @@ def gelu(x, table) -> np.ndarray:
     if table.shape != (GELU_TABLE_SIZE,):
         raise ValueError(f"{fn}: table must have shape ({GELU_TABLE_SIZE},), got {table.shape}")
     # table[x + 128] == rolled[x mod 256] with rolled = roll(table, 128): x mod 256 is x's uint8 view
-    return np.take(np.roll(table, 128), x.view(np.uint8), mode="clip")   # (uint8 indices < 256: clip is a no-op)
+    rolled, u = np.roll(table, 128), x.view(np.uint8)
+    if not x.ndim or not x.flags.c_contiguous:
+        return np.take(rolled, u, mode="clip")                    # (uint8 indices < 256: clip is a no-op)
+    out = np.empty(x.shape, np.int8)
+    for_blocks(x.shape, lambda i: np.take(rolled, u[i], out=out[i], mode="clip"))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,6 +627,18 @@ def _layernorm_rows(x: np.ndarray, c: int, eps_int: int, internals: dict | None 
     return c * inv, (1 << (LN_T_SHIFT - 1)) - total * inv         # |C*inv| <= 2^52, |total*inv| <= 2^59
 
 
+def _layernorm_coefs(x: np.ndarray, c: int, eps_int: int):
+    """_layernorm_rows of every position, computed on blocks of positions (every channel of each) on the threads."""
+    bsz, _, h, w = x.shape
+    a, b = np.empty((bsz, 1, h, w), np.int64), np.empty((bsz, 1, h, w), np.int64)   # (B, 1, H, W)
+
+    def block(pos):
+        i, (w0, w1) = pos
+        a[i:i + 1, ..., w0:w1], b[i:i + 1, ..., w0:w1] = _layernorm_rows(x[i:i + 1, ..., w0:w1], c, eps_int)
+    parallel.run(block, [(i, r) for i in range(bsz) for r in parallel.ranges(w, c * h, BLOCK)])
+    return a, b
+
+
 def _layernorm_t(t: np.ndarray, xb: np.ndarray, ab: np.ndarray, bb: np.ndarray) -> None:
     """t = rounding_shift_right(d*inv, 24) = (x*(C*inv) + (2^23 - total*inv)) >> 24, in place (int64)."""
     np.multiply(xb, ab, out=t)                                    # |x*C*inv| <= 128 * 2^52 = 2^59
@@ -621,15 +653,16 @@ def layernorm_normalize(x, eps_int, internals: dict | None = None) -> np.ndarray
     internals: a dict receives `sum`, `sumsq` (sum_c d^2), `root`, `recip` (B, 1, H, W) and `d`, `t` (B, C, H, W).
     """
     c, eps_int = _layernorm_args(x, eps_int)
-    a, b = _layernorm_rows(x, c, eps_int, internals)
+    a, b = _layernorm_rows(x, c, eps_int, internals) if internals is not None else _layernorm_coefs(x, c, eps_int)
     out = np.empty(x.shape, np.int32)
+
+    def block(idx):
+        o = out[idx]
+        t = parallel.scratch("layernorm_t", o.size, np.int64).reshape(o.shape)
+        _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))
+        np.copyto(o, t, casting="unsafe")                         # |t| <= 2^16: exact in int32
     if out.size:
-        scratch = np.empty(min(BLOCK, x.size), np.int64)
-        for idx in _blocks(x.shape):
-            o = out[idx]
-            t = scratch[:o.size].reshape(o.shape)
-            _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))
-            np.copyto(o, t, casting="unsafe")                     # |t| <= 2^16: exact in int32
+        for_blocks(x.shape, block)
     if internals is not None:                                     # d = C*x - total, |d| < 2^20
         internals.update({"d": c * x.astype(np.int32) - internals["sum"], "t": out})
     return out
@@ -660,24 +693,24 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
         if internals is not None:
             internals["acc"] = acc.astype(np.int32)
         return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)
-    a, b = _layernorm_rows(x, c, eps_int)
+    a, b = _layernorm_coefs(x, c, eps_int)
     rnd, corr = _rounding_terms(s, rounding)
     bias_m = b64 * m
     add1, add2 = (bias_m + rnd, None) if corr is None else (bias_m, rnd)
     out = np.empty(x.shape, np.int8)
+    gm = g64 * m
+
+    def block(idx):
+        o = out[idx]
+        t = parallel.scratch("layernorm_t", o.size, np.int64).reshape(o.shape)
+        _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))       # t
+        np.multiply(t, _sub(gm, idx), out=t)                      # t*gamma*m
+        np.add(t, _sub(add1, idx), out=t)                         # SINGLE: acc*m + rnd; DOUBLE: acc*m
+        if corr is None:
+            np.right_shift(t, _sub(s, idx), out=t)
+            _clip_store(t, -128, 127, o)
+        else:
+            _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, -128, 127)
     if out.size:
-        shape = x.shape
-        gm = g64 * m
-        scratch = np.empty(min(BLOCK, x.size), np.int64)
-        for idx in _blocks(shape):
-            o = out[idx]
-            t = scratch[:o.size].reshape(o.shape)
-            _layernorm_t(t, x[idx], _sub(a, idx), _sub(b, idx))   # t
-            np.multiply(t, _sub(gm, idx), out=t)                  # t*gamma*m
-            np.add(t, _sub(add1, idx), out=t)                     # SINGLE: acc*m + rnd; DOUBLE: acc*m
-            if corr is None:
-                np.right_shift(t, _sub(s, idx), out=t)
-                _clip_store(t, -128, 127, o)
-            else:
-                _round_shift(t, _sub(add2, idx), _sub(corr, idx), _sub(s, idx), o, -128, 127)
+        for_blocks(x.shape, block)
     return out

@@ -20,6 +20,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from refvit import parallel
+
 SINGLE_ROUND = "SINGLE_ROUND"   # TOSA apply_scale_32, double_round=false
 DOUBLE_ROUND = "DOUBLE_ROUND"   # TFLite/gemmlowp MultiplyByQuantizedMultiplier
 ROUNDING_MODES = (SINGLE_ROUND, DOUBLE_ROUND)
@@ -79,23 +81,40 @@ def _sub(a: np.ndarray, idx: tuple):
     return a[tuple(i if n != 1 else (slice(None) if type(i) is slice else 0) for i, n in zip(idx, a.shape))]
 
 
-def _blocks(shape: tuple, target: int = BLOCK):
-    """Index tuples tiling an array of `shape` in C order, each block at most max(target, last dim) elements.
+def _blocks(shape: tuple, target: int = BLOCK) -> list:
+    """Index tuples tiling an array of `shape` in C order into near-equal blocks of at most max(t, last dim)
+    elements, t = parallel.block_target(size, target) (small enough to give every thread a block).
 
     Whole trailing axes are kept; one axis is cut into pieces. Pure slicing: the tiles cover every
-    element exactly once, so an elementwise computation done tile by tile is the same computation.
+    element exactly once, so an elementwise computation done tile by tile (in any order, on any thread)
+    is the same computation.
     """
+    target = parallel.block_target(math.prod(shape), target)
     inner, ax = 1, len(shape)
     while ax > 0 and inner * shape[ax - 1] <= target:
         ax -= 1
         inner *= shape[ax]
     if ax == 0:
-        yield ()
+        return [()]
+    split = ax - 1
+    pieces = math.ceil(shape[split] / max(1, target // inner))
+    step = math.ceil(shape[split] / pieces)                          # near-equal pieces of the cut axis
+    return [lead + (slice(i, i + step),) for lead in np.ndindex(*shape[:split]) for i in range(0, shape[split], step)]
+
+
+def for_blocks(shape: tuple, body, target: int = BLOCK) -> None:
+    """body(idx) for every block of _blocks(shape, target), on refvit.parallel's threads: body must write
+    only its own block of the output (and take its scratch from parallel.scratch)."""
+    parallel.run(body, _blocks(shape, target))
+
+
+def copy_into(out: np.ndarray, src) -> None:
+    """out[...] = src (broadcast, cast unsafely: callers copy exact integers), block by block on the threads."""
+    srcb = _expand(src, out.ndim)
+    if not out.ndim:
+        np.copyto(out, src, casting="unsafe")
         return
-    split, step = ax - 1, max(1, target // inner)
-    for lead in np.ndindex(*shape[:split]):
-        for i in range(0, shape[split], step):
-            yield lead + (slice(i, i + step),)
+    for_blocks(out.shape, lambda idx: np.copyto(out[idx], _sub(srcb, idx), casting="unsafe"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,15 +313,16 @@ def _scale_float_into(value, factor, lo: int, hi: int, out: np.ndarray, addend=N
     nd = out.ndim
     vb, fb = _expand(value, nd), _expand(factor, nd)
     ab = None if addend is None else _expand(addend, nd)
-    scratch = np.empty(min(FLOAT_BLOCK, out.size) if nd else 1, np.float64)
-    for idx in _blocks(out.shape, FLOAT_BLOCK):
+
+    def block(idx):
         o = out[idx] if nd else out.reshape(1)
-        w = scratch[:o.size].reshape(o.shape)
+        w = parallel.scratch("scale_float", o.size, np.float64).reshape(o.shape)
         if ab is None:
             np.copyto(w, _sub(vb, idx), casting="unsafe")         # exact: integers, |.| < 2^31
         else:
             np.add(_sub(vb, idx), _sub(ab, idx), out=w)           # exact: the sum is an integer, |.| < 2^31
         _scale_float_store(w, _sub(fb, idx), lo, hi, o)
+    for_blocks(out.shape, block, FLOAT_BLOCK)
 
 
 def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> None:
@@ -322,10 +342,10 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
     vb, mb, sb, rb = (_expand(a, nd) for a in (value, multiplier, shift, rnd))
     cb = None if corr is None else _expand(corr, nd)
     direct = out.dtype == np.int64 and lo is None
-    scratch = None if direct else np.empty(min(BLOCK, out.size) if len(shape) else 1, np.int64)
-    for idx in _blocks(shape):
+
+    def block(idx):
         o = out[idx] if out.ndim else out                      # (a 0-d array indexed by () is a scalar)
-        t = o if direct else scratch[:o.size].reshape(o.shape)
+        t = o if direct else parallel.scratch("scale_int", o.size, np.int64).reshape(o.shape)
         if vb.dtype.kind == "f":
             np.copyto(t, _sub(vb, idx), casting="unsafe")      # exact: an integer-valued float, |.| < 2^53
             np.multiply(t, _sub(mb, idx), out=t)
@@ -333,6 +353,7 @@ def _scale_into(value, multiplier, shift, rounding, out, lo=None, hi=None) -> No
             np.multiply(_sub(vb, idx), _sub(mb, idx), out=t)   # int64 product, |.| < 2^62
         _round_shift(t, _sub(rb, idx), None if cb is None else _sub(cb, idx), _sub(sb, idx),
                      None if direct else o, lo, hi)
+    for_blocks(shape, block)
 
 
 def apply_scale(value, multiplier, shift, rounding: str = SINGLE_ROUND) -> np.ndarray:
@@ -486,16 +507,17 @@ def round_half_away_from_zero(x) -> np.ndarray:
     shape = x.shape
     if x.ndim == 0:
         x, out = x.reshape(1), out.reshape(1)
-    mag, whole = (np.empty(min(BLOCK, x.size), x.dtype) for _ in range(2))
-    for idx in _blocks(x.shape):
+
+    def block(idx):
         xb, o = x[idx], out[idx]
-        m, w = mag[:o.size].reshape(o.shape), whole[:o.size].reshape(o.shape)
+        m, w = (parallel.scratch(key, o.size, x.dtype).reshape(o.shape) for key in ("rhafz_mag", "rhafz_whole"))
         np.abs(xb, out=m)
         np.floor(m, out=w)
         np.subtract(m, w, out=m)                              # exact fractional part
         np.add(w, m >= 0.5, out=w)                            # exact: integers below 2^63 (checked)
         np.copysign(w, xb, out=w)
         np.copyto(o, w, casting="unsafe")                     # integer-valued, |.| < 2^63: exact
+    for_blocks(x.shape, block)
     return out.reshape(shape)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import DeiTConfig
-from .functional import attend, gelu
+from .functional import attend, gelu, layer_norm_rows
 from .prune import prune_plan, select_float
 
 
@@ -44,19 +44,18 @@ def channels_last(B: int, C: int, N: int, dtype) -> np.ndarray:
     return np.empty((B, 1, N, C), dtype).transpose(0, 3, 1, 2)
 
 
-def depthwise_conv1x1(x, w, b, out=None):  # x (B, C, H, W), w (C, 1, 1, 1), b (C,): per-channel affine
-    out = np.multiply(x, w.reshape(1, -1, 1, 1), out=out)
-    out += b.reshape(1, -1, 1, 1)
-    return out
+def _positions(a):  # (B, C, H, W) -> its (B*H*W, C) matrix: a view for channels-last memory, else a copy
+    return a.transpose(0, 2, 3, 1).reshape(-1, a.shape[1])
 
 
-def layer_norm_conv(x, w, b, eps):  # x (B, C, 1, N) normalized over C
-    C = x.shape[1]
-    mean_w = np.full((1, C, 1, 1), 1.0 / C, dtype=x.dtype)                     # channel-mean as a 1x1 conv
-    d = x - conv2d(x, mean_w)                                                    # (B, C, 1, N)
-    var = conv2d(d * d, mean_w)                                                  # (B, 1, 1, N)
-    d *= 1.0 / np.sqrt(var + np.asarray(eps, x.dtype))                          # rsqrt, multiply
-    return depthwise_conv1x1(d, w, b, out=d)
+def layer_norm_conv(x, w, b, eps):  # x (B, C, H, W) normalized over C -> (B, C, H, W) channels-last
+    """Channel mean and variance as 1x1 convs with weight 1/C (the GEMVs conv2d makes of them: one call over
+    the B*H*W positions), subtract, square, rsqrt, multiply, then gamma/beta as a depthwise 1x1 conv; all fused
+    per block of positions on refvit.parallel's threads (functional.layer_norm_rows: the same bits)."""
+    B, C, H, W = x.shape
+    d = np.empty((B, H, W, C), x.dtype).transpose(0, 3, 1, 2)                   # channels-last
+    layer_norm_rows(_positions(x), _positions(d), B * H * W, w.reshape(-1), b, eps)
+    return d
 
 
 def _record(trace, name, x):
