@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import int_model
+from . import int_model, parallel
 from .preprocess import ImageError
 from .resolve import IMAGE_SUFFIXES, Resolved, expand_images
 
@@ -154,6 +154,8 @@ _WORKER: dict = {}
 
 
 def _init_worker(r, data):
+    """A local worker process: one thread (the workers already share the cores; same results at any count)."""
+    parallel.set_threads(1)
     _WORKER["r"], _WORKER["data"] = r, data
 
 
