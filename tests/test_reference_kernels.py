@@ -656,6 +656,7 @@ def test_spec_points_to_every_reference_kernel():
     assert {r.reference for r in R.rows()} <= named
 
 
+@pytest.mark.slow   # every quick case built twice, once with the plain kernels (~30 s)
 def test_conformance_expected_outputs_are_the_same_with_the_reference_kernels():
     """`python -m conformance run --kernels reference`: every quick case's expected output, computed with the
     reference kernels, equals the default (fast) one; and refvit's own DUT passes them all."""
