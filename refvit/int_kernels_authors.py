@@ -21,8 +21,8 @@ import numpy as np
 
 from refvit import int_kernels_variants as KV
 from refvit.int_kernels import PROB_ONE, _require_array, _require_range, _scalar_int
-from refvit.int_kernels_prune import _check_index, cls_attention_scores, divide_round, prune_tokens
-from refvit.intmath import (SINGLE_ROUND, _check_rounding, int_matmul, int_matmul_exact, isqrt, requantize,
+from refvit.int_kernels_prune import _check_index, cls_attention_scores, divide_round, prune_args, prune_tokens
+from refvit.intmath import (SINGLE_ROUND, int_matmul, int_matmul_exact, isqrt, requantize,
                             rounding_shift_right, saturate)
 
 # --- i-GELU as I-BERT's code: the erf argument unit is s_in / 1.4142 ------------------------------------------
@@ -218,15 +218,7 @@ def select_tokens_score_order(p, *, keep, num_prefix) -> np.ndarray:
 def _prune_parts(x, p, index, num_prefix, rounding, fn: str):
     """Checked inputs (index: distinct patch positions in any order) -> (tokens (B, C, N), score (B, n), index
     (B, k), dropped mask (B, N), prefix)."""
-    if not isinstance(x, np.ndarray) or x.dtype not in (np.dtype(np.int8), np.dtype(np.int16)):
-        raise ValueError(f"{fn}: x must be an int8 or int16 array, got {getattr(x, 'dtype', type(x).__name__)}")
-    _require_array(x, fn, "x", x.dtype, 4, "(B, C, 1, N)")
-    _check_rounding(rounding, fn)
-    score = cls_attention_scores(p, num_prefix, fn)                                 # (B, n)
-    b, c, one, n_tokens = x.shape
-    prefix = int(num_prefix)
-    if one != 1 or p.shape[0] != b or p.shape[2] != n_tokens:
-        raise ValueError(f"{fn}: x (B, C, 1, N) = {x.shape} and p (B, Hh, N, N) = {p.shape} must agree on B and N")
+    score, b, n_tokens, prefix = prune_args(x, p, num_prefix, rounding, fn)          # (B, n)
     _require_array(index, fn, "index", np.int32, 2, "(B, k)")
     _check_index(np.sort(index, axis=1), b, prefix, n_tokens, fn)                   # distinct positions in range
     dropped = np.ones((b, n_tokens), bool)                                          # (B, N)

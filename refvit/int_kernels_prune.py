@@ -69,19 +69,25 @@ def _check_index(index, b: int, prefix: int, n_tokens: int, fn: str) -> np.ndarr
     return index
 
 
-def prune_tokens(x, p, index, *, num_prefix, rounding: str = SINGLE_ROUND) -> np.ndarray:
-    """Tokens x (B, C, 1, N) int8 or int16, their block's probabilities p (B, Hh, N, N) and the kept positions
-    index int32 (B, k) -> x's dtype (B, C, 1, P + k + 1): prefix, kept tokens, package token; x when k = n."""
-    fn = "prune_tokens"
+def prune_args(x, p, num_prefix, rounding: str, fn: str) -> tuple:
+    """The checks every package kernel makes: x int8 or int16 (B, C, 1, N), p (B, Hh, N, N) agreeing on B and N,
+    a known rounding mode -> (the cls scores (B, n), B, N, P)."""
     if not isinstance(x, np.ndarray) or x.dtype not in (np.dtype(np.int8), np.dtype(np.int16)):
         raise ValueError(f"{fn}: x must be an int8 or int16 array, got {getattr(x, 'dtype', type(x).__name__)}")
     _require_array(x, fn, "x", x.dtype, 4, "(B, C, 1, N)")
     _check_rounding(rounding, fn)
     score = cls_attention_scores(p, num_prefix, fn)                                 # (B, n)
-    b, c, one, n_tokens = x.shape
-    prefix = int(num_prefix)
+    b, _, one, n_tokens = x.shape
     if one != 1 or p.shape[0] != b or p.shape[2] != n_tokens:
         raise ValueError(f"{fn}: x (B, C, 1, N) = {x.shape} and p (B, Hh, N, N) = {p.shape} must agree on B and N")
+    return score, b, n_tokens, int(num_prefix)
+
+
+def prune_tokens(x, p, index, *, num_prefix, rounding: str = SINGLE_ROUND) -> np.ndarray:
+    """Tokens x (B, C, 1, N) int8 or int16, their block's probabilities p (B, Hh, N, N) and the kept positions
+    index int32 (B, k) -> x's dtype (B, C, 1, P + k + 1): prefix, kept tokens, package token; x when k = n."""
+    fn = "prune_tokens"
+    score, b, n_tokens, prefix = prune_args(x, p, num_prefix, rounding, fn)          # (B, n)
     index = _check_index(index, b, prefix, n_tokens, fn)
     k, n = index.shape[1], n_tokens - prefix
     if k == n:
