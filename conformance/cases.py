@@ -975,20 +975,26 @@ def _softmax_variant_kind(name, op, kind, n, mode):
     raise ValueError(kind)
 
 
+def _softmax_family(op, sweep):
+    """The cases of one softmax variant kernel (Part 4 and the authors' code): random and designed rows in both
+    roundings, every kind at N up to the longest row, and its own sweep (`sweep(name)`: every exp boundary)."""
+    for mode in _MODES:
+        yield f"{op}_n197_random_sqk0.01_{mode}", op, True, _p(mode), \
+            lambda nm, m=mode: _softmax_variant_kind(nm, op, "random_sqk0.01", 197, m)
+        yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, _p(mode), lambda nm, m=mode: \
+            _softmax_variant_kind(nm, op, "shift33_randommult", 16384, m)
+    for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
+                    ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
+        yield f"{op}_n{n}_{kind}_single", op, True, _p("single"), lambda nm, k=kind, n=n: \
+            _softmax_variant_kind(nm, op, k, n, "single")
+    yield f"{op}_sweep_n2_shift30_single", op, True, _p("single"), sweep
+    yield f"{op}_n577_random_sqk0.01_double", op, False, _p("double"), lambda nm: _softmax_variant_kind(
+        nm, op, "random_sqk0.01", 577, "double")
+
+
 def _softmax_variant_specs():
     for op in SOFTMAX_VARIANTS:
-        for mode in _MODES:
-            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, _p(mode), \
-                lambda nm, o=op, m=mode: _softmax_variant_kind(nm, o, "random_sqk0.01", 197, m)
-            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: \
-                _softmax_variant_kind(nm, o, "shift33_randommult", 16384, m)
-        for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
-                        ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
-            yield f"{op}_n{n}_{kind}_single", op, True, _p("single"), lambda nm, o=op, k=kind, n=n: \
-                _softmax_variant_kind(nm, o, k, n, "single")
-        yield f"{op}_sweep_n2_shift30_single", op, True, _p("single"), lambda nm, o=op: _softmax_sweep(nm, o)
-        yield f"{op}_n577_random_sqk0.01_double", op, False, _p("double"), lambda nm, o=op: _softmax_variant_kind(
-            nm, o, "random_sqk0.01", 577, "double")
+        yield from _softmax_family(op, lambda nm, o=op: _softmax_sweep(nm, o))
 
 
 def _ln_x(rng, kind, c, n, dtype=np.int8) -> np.ndarray:
@@ -1600,18 +1606,7 @@ SOFTMAX_CODE_CAPS = {"softmax_poly_ibert_code": KA.SOFTMAX_CODE_CAP, "softmax_sh
 
 def _softmax_code_specs():
     for op, cap in SOFTMAX_CODE_CAPS.items():
-        for mode in _MODES:
-            yield f"{op}_n197_random_sqk0.01_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: _softmax_variant_kind(
-                nm, o, "random_sqk0.01", 197, m)
-            yield f"{op}_rows16384_n2_shift33_randommult_{mode}", op, True, _p(mode), lambda nm, o=op, m=mode: \
-                _softmax_variant_kind(nm, o, "shift33_randommult", 16384, m)
-        for kind, n in (("random_sqk0.03", 64), ("equal", 64), ("random_sqk0.01", 1), ("ties_shift31", 64),
-                        ("dcap_shift20", 64), ("shift2", 16), ("shift62", 16), ("spread", K.MAX_TOKENS)):
-            yield f"{op}_n{n}_{kind}_single", op, True, _p("single"), lambda nm, o=op, k=kind, n=n: \
-                _softmax_variant_kind(nm, o, k, n, "single")
-        yield f"{op}_sweep_n2_shift30_single", op, True, _p("single"), lambda nm, o=op, c=cap: _softmax_code_sweep(nm, o, c)
-        yield f"{op}_n577_random_sqk0.01_double", op, False, _p("double"), lambda nm, o=op: _softmax_variant_kind(
-            nm, o, "random_sqk0.01", 577, "double")
+        yield from _softmax_family(op, lambda nm, o=op, c=cap: _softmax_code_sweep(nm, o, c))
 
 
 def _context_p16_case(name, heads, d, n, mode, kind="random"):
