@@ -435,20 +435,28 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     return out
 
 
+def context_args(p, v, p_dtype, p_max: int, max_tokens: int, fn: str, bound: str, what: str) -> tuple:
+    """The checks of a context kernel: p (B, Hh, N, N) of p_dtype in [0, p_max], int8 v (B, Hh, D, N) that
+    agree, N <= max_tokens (`bound` says why) -> (B, Hh, D, N)."""
+    _require_array(p, fn, "p", p_dtype, 4, "(B, Hh, N, N)")
+    _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
+    b, h, d, n = v.shape
+    if p.shape != (b, h, n, n):
+        raise ValueError(f"{fn}: p must have shape (B, Hh, N, N) = {(b, h, n, n)} to match v {v.shape}, got {p.shape}")
+    if n > max_tokens:
+        raise ValueError(f"{fn}: N = {n} exceeds {max_tokens} ({bound})")
+    _require_range(p, 0, p_max, fn, what)
+    return b, h, d, n
+
+
 def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND,
                       internals: dict | None = None) -> np.ndarray:
     """acc[b, h, d, i] = sum_j p[b, h, i, j] * v[b, h, d, j]; requantize (scalar constants) -> int8 (B, Hh, D, N).
 
     internals: a dict receives `acc` (int32 (B, Hh, D, N))."""
     fn = "attention_context"
-    _require_array(p, fn, "p", np.int8, 4, "(B, Hh, N, N)")
-    _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
-    b, h, d, n = v.shape
-    if p.shape != (b, h, n, n):
-        raise ValueError(f"{fn}: p must have shape (B, Hh, N, N) = {(b, h, n, n)} to match v {v.shape}, got {p.shape}")
-    if n > MAX_TOKENS:
-        raise ValueError(f"{fn}: N = {n} exceeds {MAX_TOKENS} (accumulator bound)")
-    _require_range(p, 0, PROB_ONE, fn, "p (probabilities at scale 1/127)")
+    b, h, d, n = context_args(p, v, np.int8, PROB_ONE, MAX_TOKENS, fn, "accumulator bound",
+                              "p (probabilities at scale 1/127)")
     multiplier, shift = _scalar_int(multiplier, fn, "multiplier"), _scalar_int(shift, fn, "shift")
     # acc^T = p @ v^T (B, Hh, N, D), viewed back as (B, Hh, D, N): p is then read in its own order
     acc = np.swapaxes(int_matmul_exact(p, np.swapaxes(v, 2, 3)), 2, 3)   # (B, Hh, D, N), |.| <= N*127*128

@@ -20,7 +20,7 @@ from fractions import Fraction
 import numpy as np
 
 from refvit import int_kernels_variants as KV
-from refvit.int_kernels import PROB_ONE, _require_array, _require_range, _scalar_int
+from refvit.int_kernels import PROB_ONE, _require_array, _require_range, _scalar_int, context_args
 from refvit.int_kernels_prune import _check_index, cls_attention_scores, divide_round, prune_args, prune_tokens
 from refvit.intmath import (SINGLE_ROUND, int_matmul, int_matmul_exact, isqrt, requantize,
                             rounding_shift_right, saturate)
@@ -183,14 +183,8 @@ def attention_context_p16(p, v, multiplier, shift, *, rounding: str = SINGLE_ROU
     """acc[b, h, d, i] = sum_j p[b, h, i, j] * v[b, h, d, j] for int16 p in [0, 32767] (scale 2^-15) and int8 v,
     N <= 512 (|acc| <= 512 * 32767 * 128 < 2^31); requantize (scalar constants) -> int8 (B, Hh, D, N)."""
     fn = "attention_context_p16"
-    _require_array(p, fn, "p", np.int16, 4, "(B, Hh, N, N)")
-    _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
-    b, h, d, n = v.shape
-    if p.shape != (b, h, n, n):
-        raise ValueError(f"{fn}: p must have shape (B, Hh, N, N) = {(b, h, n, n)} to match v {v.shape}, got {p.shape}")
-    if n > MAX_TOKENS_P16:
-        raise ValueError(f"{fn}: N = {n} exceeds {MAX_TOKENS_P16} (int32 accumulator bound N * 32767 * 128)")
-    _require_range(p, 0, PROB16_MAX, fn, "p (probabilities at scale 2^-15)")
+    b, h, d, n = context_args(p, v, np.int16, PROB16_MAX, MAX_TOKENS_P16, fn,
+                              "int32 accumulator bound N * 32767 * 128", "p (probabilities at scale 2^-15)")
     m = _scalar_int(multiplier, fn, "multiplier")
     s = _scalar_int(shift, fn, "shift")
     acc = np.swapaxes(int_matmul_exact(p, np.swapaxes(v, 2, 3)), 2, 3)   # (B, Hh, D, N), |.| < 2^31
