@@ -20,7 +20,7 @@ from fractions import Fraction
 import numpy as np
 
 from refvit import int_kernels_variants as KV
-from refvit.int_kernels import PROB_ONE, _require_array, _require_range, _scalar_int, context_args
+from refvit.int_kernels import PROB_ONE, _require_array, _scalar_int, context_args
 from refvit.int_kernels_prune import _check_index, cls_attention_scores, divide_round, prune_args, prune_tokens
 from refvit.intmath import (SINGLE_ROUND, int_matmul, int_matmul_exact, isqrt, requantize,
                             rounding_shift_right, saturate)
@@ -84,11 +84,7 @@ def exp_poly_ibert_code(v) -> np.ndarray:
     e = z >> (q + 15)                                  # e(0) = 22873
     """
     fn = "exp_poly_ibert_code"
-    v = np.asarray(v)
-    if v.dtype.kind not in "iu":
-        raise ValueError(f"{fn}: v must be an integer array, got dtype {v.dtype}")
-    v = v.astype(np.int64)
-    _require_range(v, -SOFTMAX_CODE_CAP, 0, fn, "v")
+    v = KV.exp_argument(v, SOFTMAX_CODE_CAP, fn)                   # int64 in [-cap, 0]
     q = (-v) // EXP_CODE_LN2                                       # [0, 30]
     r = v + q * EXP_CODE_LN2                                       # (-11356, 0]
     z = (r + EXP_CODE_QB) * r + EXP_CODE_QC                        # [374776239, 749502594] < 2^30

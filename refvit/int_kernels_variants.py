@@ -250,6 +250,16 @@ def gelu_shift_constants(scale_in: float, scale_out: float) -> dict:
 # softmax, polynomial exp (I-BERT) and shift exp (I-ViT Shiftmax)
 # =============================================================================================
 
+def exp_argument(v, cap: int, fn: str) -> np.ndarray:
+    """An exp kernel's argument: integers in [-cap, 0] (units 2^-14), as int64."""
+    v = np.asarray(v)
+    if v.dtype.kind not in "iu":
+        raise ValueError(f"{fn}: v must be an integer array, got dtype {v.dtype}")
+    v = v.astype(np.int64)
+    _require_range(v, -cap, 0, fn, "v")
+    return v
+
+
 def exp_poly(v) -> np.ndarray:
     """I-BERT i-exp of v * 2^-14 for integer v in [-SOFTMAX_POLY_CAP, 0] (int64 array), relative units.
 
@@ -258,11 +268,7 @@ def exp_poly(v) -> np.ndarray:
     e = poly >> (z + 15)                               # exp(v) * 22856 approximately; e(0) = 22856
     """
     fn = "exp_poly"
-    v = np.asarray(v)
-    if v.dtype.kind not in "iu":
-        raise ValueError(f"{fn}: v must be an integer array, got dtype {v.dtype}")
-    v = v.astype(np.int64)
-    _require_range(v, -SOFTMAX_POLY_CAP, 0, fn, "v")
+    v = exp_argument(v, SOFTMAX_POLY_CAP, fn)                      # int64 in [-cap, 0]
     z = (-v) // EXP_POLY_LN2                                       # [0, 30]
     r = v + z * EXP_POLY_LN2                                       # (-11357, 0]
     p = r + EXP_POLY_QB                                            # [10811, 22167]
