@@ -26,7 +26,7 @@ from .dumpfmt import FORMATS, check_formats, file_sha256
 from .evaluate import check_classes, evaluate, open_dataset
 from .export_tosa import OUTPUTS, export_tosa
 from .functional import softmax
-from .graph import KERNEL_SETS, PARAMETERS, SCHEME_NOTES, SCHEMES, resolve_scheme, select_ops
+from .graph import KERNEL_SETS, PARAMETERS, SCHEME_NOTES, SCHEMES, input_dtype, resolve_scheme, select_ops
 from .intmath import ROUNDING_MODES
 from .labels import DATA, default_model_info
 from .models import load_model
@@ -368,7 +368,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     inp = p.add_mutually_exclusive_group()
     inp.add_argument("--image", nargs="+", metavar="IMG", help="input image(s) or folders of them: one batch, "
                      "preprocessed as the model expects")
-    inp.add_argument("--seed", type=int, metavar="S", help=f"synthetic int8 input: {golden.SEED_GENERATOR}")
+    inp.add_argument("--seed", type=int, metavar="S", help=f"synthetic int8 input: {golden.SEED_GENERATOR} "
+                     f"(16-bit activations: {golden.SEED_GENERATOR16})")
     inp.add_argument("--input", metavar="X.npy|X.hex|X.bin", help="your own int8 input tensor in the model's input "
                      "layout (B, C, H, W), row-major (hex/bin: B from the element count)")
     p.add_argument("--batch", type=int, metavar="B", help="batch size of a --seed input (default 1)")
@@ -423,7 +424,7 @@ def run_golden(args) -> int:
           + (f", {inside} internals" if args.internals else "") + f") and {len(manifest['constants'])} constants as "
           f"{','.join(formats)}" + (" + float" if args.float else "") + f" to {args.out} in "
           f"{time.perf_counter() - t0:.1f} s")
-    print(f"input sha256 (int8 bytes): {manifest['input']['sha256_int8']}; rounding {r.qm.rounding}")
+    print(f"input sha256 ({manifest['input']['dtype']} bytes): {manifest['input']['sha256_int8']}; rounding {r.qm.rounding}")
     logits = np.asarray(manifest["output"]["logits"] or [])
     for b, row in enumerate(logits[:4]):
         top = np.argsort(-row, kind="stable")[:5]
@@ -440,15 +441,24 @@ def _model_and_input(args) -> tuple:
     images = expand_images(args.image) if args.image else None
 
     def int8_calibration(cfg):  # a seed or an int8 file has no float image: its int8 values read as float int8/64
-        x = (golden.read_input(args.input, cfg, args.hex_width) if args.input else
-             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))).astype(np.float32) / 64
-        return x, f"the {'--input' if args.input else 'seed'} input itself read as float int8/64 (no --calib given)"
+        dt = _scheme_input_dtype(args)                              # (int16 ones of 16-bit activations: / 16384)
+        x = (golden.read_input(args.input, cfg, args.hex_width, dt) if args.input else
+             golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size), dt)).astype(np.float32)
+        x /= 64 if dt == np.int8 else 16384
+        return x, (f"the {'--input' if args.input else 'seed'} input itself read as float {dt.name}/"
+                   f"{64 if dt == np.int8 else 16384} (no --calib given)")
     calib = progress_printer("calibrating", args.quiet)
     fallback = (lambda cfg: images) if images else int8_calibration
     r = _float_and_int(args, "golden --float", fallback, calib) if args.float else \
         resolve_from_args(args, int8=True, calib_fallback=fallback, progress=calib)
     _end_progress(calib)
     return r, images, _golden_input(args, r, images, seed, batch)
+
+
+def _scheme_input_dtype(args) -> np.dtype:
+    """The input dtype of the scheme --scheme names (int16 with act_bits 16), before any model exists."""
+    scheme = resolve_scheme(args.scheme) if getattr(args, "scheme", None) else None
+    return np.dtype(np.int16 if scheme is not None and scheme.act_bits == 16 else np.int8)
 
 
 def _check_input_args(args) -> None:
@@ -506,13 +516,14 @@ def _golden_input(args, r: Resolved, images, seed: int, batch: int) -> tuple:
     if images:
         x = r.images(images)                                                        # (B, 3, H, W) float32
         return int_model.quantize_input(r.qm, x), x, {"kind": "image", "files": [golden_file(p) for p in images]}
+    dt = input_dtype(r.qm.graph)                                                    # int8, or int16 (Part 7)
     if args.input:
-        xq = golden.read_input(args.input, cfg, args.hex_width)
+        xq = golden.read_input(args.input, cfg, args.hex_width, dt)
         src = golden_file(args.input)
         source = {"kind": "file", "path": src["path"], "sha256": src["sha256"], "shape": list(xq.shape)}
     else:
-        xq = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size))
-        source = {"kind": "seed", "seed": seed, "generator": golden.SEED_GENERATOR, "shape": list(xq.shape)}
+        xq = golden.seed_input(seed, (batch, cfg.in_chans, cfg.img_size, cfg.img_size), dt)
+        source = {"kind": "seed", "seed": seed, "generator": golden.seed_generator(dt), "shape": list(xq.shape)}
     x = (xq.astype(np.float32) * np.float32(r.qm.tensors["input.scale"])) if args.float else None
     return xq, x, source
 

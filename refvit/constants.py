@@ -20,10 +20,11 @@ import numpy as np
 from . import int_kernels as K
 from . import int_kernels_authors as KA
 from . import int_kernels_variants as KV
+from . import int_kernels_a16 as KA16
 from .config import DeiTConfig
 from .errors import RefvitError
-from .intmath import (int_range, quantize_add_multipliers, quantize_multiplier, quantize_multipliers,
-                      round_half_away_from_zero, saturate)
+from .intmath import (int_range, quantize_add_multipliers, quantize_multiplier, quantize_multiplier16,
+                      quantize_multipliers, round_half_away_from_zero, saturate)
 
 
 class QuantizationError(RefvitError):
@@ -201,16 +202,17 @@ def add_constants(op, ctx: Context) -> dict:
         if arg in op.inputs:
             scales.append(ctx.s[op.inputs[arg]])
         else:
-            c = op.constants[arg]
-            scales.append(activation_scale(np.abs(ctx.p[c]).max(), np.int8, ctx.options))
-            T |= {c: quantize_tensor(ctx.p[c], scales[-1], np.int8), f"{c}.scale": scales[-1]}
+            c, dtype = op.constants[arg], activation_dtype(ctx.options)
+            scales.append(activation_scale(np.abs(ctx.p[c]).max(), dtype, ctx.options))
+            T |= {c: quantize_tensor(ctx.p[c], scales[-1], dtype), f"{c}.scale": scales[-1]}
     ma, mb, s = quantize_add_multipliers(*scales, ctx.s[op.name])
     return T | {f"{op.name}.multiplier_a": np.array(ma, np.int32), f"{op.name}.multiplier_b": np.array(mb, np.int32),
                 f"{op.name}.shift": np.array(s, np.int8)}
 
 
 def concat_constants(op, ctx: Context) -> dict:
-    return {op.constants["prefix"]: quantize_tensor(prefix_tokens(ctx.p, ctx.cfg), ctx.s[op.name], np.int8)}
+    return {op.constants["prefix"]: quantize_tensor(prefix_tokens(ctx.p, ctx.cfg), ctx.s[op.name],
+                                                    activation_dtype(ctx.options))}
 
 
 def _logit_scale(op, ctx: Context) -> float:
@@ -370,3 +372,59 @@ def softmax_table_n_constants(op, ctx: Context) -> dict:
 def gelu_table_n_constants(op, ctx: Context) -> dict:
     return {op.constants["table"]: KV.make_gelu_table_n(ctx.s[op.inputs["x"]], ctx.s[op.name],
                                                         ctx.options.get("gelu_table_size", 256))}
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit activations (act_bits 16, the scheme a16w8; docs/spec.md Part 7): int48 accumulators, apply_scale_16
+# ---------------------------------------------------------------------------------------------
+
+def activation_dtype(options: dict):
+    """The dtype of every activation (and of the constants added to or concatenated with one): int8, or int16 with
+    act_bits 16."""
+    return np.int16 if options.get("act_bits", 8) == 16 else np.int8
+
+
+def rescale16(name: str, scale: float) -> dict:
+    """One real rescale as `<name>.multiplier` (int16, the 16-bit multiplier) and `<name>.shift` (int8) scalars."""
+    m, s = quantize_multiplier16(scale)
+    return {f"{name}.multiplier": np.array(m, np.int16), f"{name}.shift": np.array(s, np.int8)}
+
+
+def conv_a16_constants(op, ctx: Context) -> dict:
+    """conv2d_a16: part 3's int8 codes (the scheme's weight rule), an int64 bias at s_in*s_w within the int48
+    headroom, and per channel the 16-bit rescale quantize_multiplier16(s_in*s_w/s_out)."""
+    w, b = float_conv(op, ctx.p, ctx.cfg)
+    wq, s_w = weight_rule(ctx.options)(w)
+    s_acc = ctx.s[op.inputs["x"]] * s_w                                            # (Cout,)
+    bias = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64)
+    bq = round_half_away_from_zero(bias / s_acc)
+    headroom = KA16.ACC48_MAX - int(np.prod(w.shape[1:])) * (1 << 15) * 127
+    if np.abs(bq).max(initial=0) > headroom:
+        raise QuantizationError(f"{op.name}: bias does not fit the int48 accumulator headroom at scale s_in*s_w")
+    s_out = np.broadcast_to(_conv_out_scales(op, ctx, w.shape[0]), s_acc.shape)
+    ms = [quantize_multiplier16(float(r)) for r in s_acc / s_out]
+    name = op.name
+    return {f"{name}.weight": wq, f"{name}.bias": bq.astype(np.int64),
+            f"{name}.multiplier": np.array([m for m, _ in ms], np.int16),
+            f"{name}.shift": np.array([s for _, s in ms], np.int8), f"{name}.weight_scale": s_w}
+
+
+def softmax_a16_constants(op, ctx: Context) -> dict:
+    """softmax_a16: the 16-bit rescale to units of 2^-b of a real score difference, Part 6's exp table (L, b)."""
+    b, size = ctx.options.get("exp_index_bits", 4), ctx.options.get("exp_table_size", 256)
+    T = rescale16(op.name, _logit_scale(op, ctx) * 2 ** b)
+    T[op.constants["exp_table"]] = KV.make_exp_table_n(size, b)
+    return T | {f"{op.inputs['scores']}.scale": ctx.s[op.inputs["scores"]]}
+
+
+def context_a16_constants(op, ctx: Context) -> dict:
+    """attention_context_a16: probabilities at 1/32767: one 16-bit rescale s_v / 32767 / s_out."""
+    return rescale16(op.name, ctx.s[op.inputs["v"]] / KA16.PROB16_ONE / ctx.s[op.name])
+
+
+def gelu_a16_constants(op, ctx: Context) -> dict:
+    return {op.constants["table"]: KA16.make_gelu_table16(ctx.s[op.inputs["x"]], ctx.s[op.name])}
+
+
+def scale_of_probabilities_a16(op, s: dict) -> float:
+    return 1.0 / KA16.PROB16_ONE

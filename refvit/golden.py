@@ -31,6 +31,7 @@ from .qfile import QuantizedModel
 SCHEMA = "refvit-golden"
 SCHEMA_VERSION = 2
 SEED_GENERATOR = "numpy PCG64: np.random.default_rng(seed).integers(-128, 128, shape, dtype=np.int8)"
+SEED_GENERATOR16 = "numpy PCG64: np.random.default_rng(seed).integers(-32768, 32768, shape, dtype=np.int16)"
 INPUT_FORMATS = ("npy", "hex", "bin")   # a team's own int8 input (read_input)
 HEX_PACKING = ("hex_width bits per line: lanes = floor(hex_width / element bits) elements (at least 1); element i "
                "in lane i % lanes, lane 0 the least significant (rightmost) digits; the last line's unused lanes 0")
@@ -44,13 +45,20 @@ def states_value(name: str, arr: np.ndarray) -> bool:
     return arr.dtype.kind == "f" or arr.ndim == 0 or name.endswith(R.rescale_constant_suffixes() + (".eps_int",))
 
 
-def seed_input(seed: int, shape) -> np.ndarray:
-    """The synthetic int8 input of `--seed`: uniform over [-128, 127], see SEED_GENERATOR."""
-    return np.random.default_rng(seed).integers(-128, 128, size=tuple(shape), dtype=np.int8)
+def seed_input(seed: int, shape, dtype=np.int8) -> np.ndarray:
+    """The synthetic input of `--seed`: uniform over the dtype's range, int8 (SEED_GENERATOR) or int16 for 16-bit
+    activations (SEED_GENERATOR16)."""
+    lo, hi = np.iinfo(dtype).min, np.iinfo(dtype).max
+    return np.random.default_rng(seed).integers(lo, hi + 1, size=tuple(shape), dtype=dtype)
 
 
-def read_input(path, cfg, hex_width: int | None = None) -> np.ndarray:
-    """A team's own int8 input in the model's layout (B, C, H, W): a .npy of dtype int8, shape (B, C, H, W) or
+def seed_generator(dtype) -> str:
+    return SEED_GENERATOR16 if np.dtype(dtype) == np.int16 else SEED_GENERATOR
+
+
+def read_input(path, cfg, hex_width: int | None = None, dtype=np.int8) -> np.ndarray:
+    """A team's own int8 input (int16 for 16-bit activations: `dtype`) in the model's layout (B, C, H, W): a .npy
+    of that dtype, shape (B, C, H, W) or
     (C, H, W); or .hex ($readmemh: one element per line, or packed lines of hex_width bits as `golden
     --hex-width` writes them) / .bin (raw), row-major, B from the element count."""
     path = Path(path)
@@ -58,17 +66,19 @@ def read_input(path, cfg, hex_width: int | None = None) -> np.ndarray:
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in INPUT_FORMATS:
         raise DumpFormatError(f"{path}: an input tensor is .npy, .hex or .bin, got {path.suffix or 'no extension'}")
-    arr = read_array(path, np.int8, hex_width=hex_width)         # npy as saved; hex / bin: int8 (n,)
-    if arr.dtype != np.int8:
-        raise DumpFormatError(f"{path}: the input must be int8 (the model's quantized input), got {arr.dtype}", "dtype")
+    dtype = np.dtype(dtype)
+    arr = read_array(path, dtype, hex_width=hex_width)           # npy as saved; hex / bin: dtype (n,)
+    if arr.dtype != dtype:
+        raise DumpFormatError(f"{path}: the input must be {dtype} (the model's quantized input), got {arr.dtype}",
+                              "dtype")
     per_image = int(np.prod(chw))
     if fmt == "hex" and arr.size % per_image:                     # packed: the last line's unused lanes are 0
         whole = arr.size // per_image * per_image
-        if arr.size - whole < hex_lanes(np.int8, hex_width) and not arr[whole:].any():
+        if arr.size - whole < hex_lanes(dtype, hex_width) and not arr[whole:].any():
             arr = arr[:whole]
     if fmt != "npy":
         if arr.size == 0 or arr.size % per_image:
-            raise DumpFormatError(f"{path}: {arr.size} int8 elements is not a whole number of images (C, H, W) = "
+            raise DumpFormatError(f"{path}: {arr.size} {dtype} elements is not a whole number of images (C, H, W) = "
                                   f"{chw}, {per_image} elements each", "shape")
         arr = arr.reshape((-1,) + chw)                            # (B, C, H, W)
     elif arr.shape == chw:

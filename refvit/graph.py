@@ -33,7 +33,7 @@ LOGITS = "NCHW (B,K,1,1)"
 KEPT = "(B,k) [kept token positions, ascending]"
 KEPT_BY_SCORE = "(B,k) [kept token positions, score order]"
 # the softmax variants whose probabilities are not int8: (dtype, the attention_context variant that reads them)
-PROBABILITIES = {"shift16": ("int16", "p16")}
+PROBABILITIES = {"shift16": ("int16", "p16"), R.A16: ("int16", R.A16)}
 # prune setting (order, package) -> (token_select variant, token_prune variant) (docs/spec.md, "Token pruning")
 PRUNE_VARIANTS = {("position", "mean"): ("cls_attention", "package"),
                   ("score", "mean"): ("cls_attention-score-order", "mean-any-order"),
@@ -162,13 +162,15 @@ class Scheme:
     exp_table_size: int = 256
     exp_index_bits: int = 4
     gelu_table_size: int = 256
+    act_bits: int = 8
+    softmax_bits: int = 8
 
     def __post_init__(self):
         for fld, op in SCHEME_FIELDS.items():
             variant = getattr(self, fld)
             if variant not in R.variants(op):
                 raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {R.variants(op)}")
-        if self.residual == "int16" and self.layernorm in ("int64", "ibert-code"):
+        if self.residual == "int16" and self.layernorm in ("int64", "ibert-code", A16):
             raise GraphError(f"scheme {self.name!r}: an int16 residual stream needs a LayerNorm that reads int16 "
                              f"(layernorm 'wide' or 'int32')")
         if not (isinstance(self.pot_fraction, (int, float)) and 0 <= self.pot_fraction <= 1):
@@ -207,10 +209,14 @@ PARAMETERS = {"weights": ("per-channel", ("per-channel", "per-tensor")),
               "acc_overflow": ("error", ("error", "saturate", "wrap")),
               "exp_table_size": (256, tuple(1 << k for k in range(6, 13))),
               "exp_index_bits": (4, tuple(range(0, 9))),
-              "gelu_table_size": (256, tuple(1 << k for k in range(4, 9)))}
+              "gelu_table_size": (256, tuple(1 << k for k in range(4, 9))),
+              "act_bits": (8, (8, 16)),
+              "softmax_bits": (8, (8, 16))}
 SIZED_TABLE = "table-n"                  # the softmax / gelu variant of a table size other than part 2's
 NARROW = "acc-narrow"                    # the variant of conv2d / attention_scores / attention_context (acc_overflow)
 PER_CHANNEL_ONLY = ("w4", "mixed-pot")   # conv variants whose offline rule is per channel by definition
+A16 = R.A16                              # the variant of every arithmetic op with act_bits 16 (Part 7)
+A16_FIELDS = {"conv": "w8", "layernorm": "wide", "softmax": "table", "gelu": "table", "residual": "int16"}
 
 
 def _check_parameters(sc: "Scheme") -> None:
@@ -237,6 +243,20 @@ def _check_parameters(sc: "Scheme") -> None:
     if sc.acc_overflow != "error" and (sc.acc_bits == 32 or sc.conv != "w8"):
         raise GraphError(f"scheme {sc.name!r}: acc_overflow {sc.acc_overflow!r} needs acc_bits below 32 and conv "
                          f"'w8' (got acc_bits {sc.acc_bits}, conv {sc.conv!r})")
+    for fld in SCHEME_FIELDS:
+        if getattr(sc, fld) == A16:
+            raise GraphError(f"scheme {sc.name!r}: {fld} {A16!r} is chosen by act_bits 16, not by name")
+    if sc.act_bits == 16:
+        wrong = {f: getattr(sc, f) for f, v in A16_FIELDS.items() if getattr(sc, f) != v}
+        others = {k: getattr(sc, k) for k in ("scales", "acc_bits", "softmax_bits")
+                  if getattr(sc, k) != {"scales": "float", "acc_bits": 32, "softmax_bits": 16}[k]}
+        if wrong or others:
+            raise GraphError(f"scheme {sc.name!r}: act_bits 16 (Part 7) is defined with " + ", ".join(
+                f"{f} {v!r}" for f, v in A16_FIELDS.items()) + ", scales 'float', acc_bits 32 (int48 accumulators) "
+                f"and softmax_bits 16; got " + ", ".join(f"{k} {v!r}" for k, v in (wrong | others).items()))
+    elif sc.softmax_bits == 16 and sc.softmax not in ("shift", "shift16"):
+        raise GraphError(f"scheme {sc.name!r}: 16-bit probabilities with int8 activations are defined for I-ViT's "
+                         f"Shiftmax (softmax 'shift'); with softmax {sc.softmax!r} they need act_bits 16")
     if (sc.scales == "pot") != (sc.conv == "pot"):
         raise GraphError(f"scheme {sc.name!r}: power-of-two scales (scales 'pot') and the shift-only conv (conv "
                          f"'pot') go together; got scales {sc.scales!r} with conv {sc.conv!r}")
@@ -255,6 +275,9 @@ def scheme_of(graph, name: str, options: dict | None = None) -> Scheme:
             choices[fld] = found.pop()
     if choices.get("conv") == NARROW:           # chosen by the options' acc_overflow: the weights are w8
         choices["conv"] = "w8"
+    for fld, v in A16_FIELDS.items():           # chosen by the options' act_bits 16
+        if choices.get(fld) == A16:
+            choices[fld] = v
     for fld in ("softmax", "gelu"):             # chosen by the options' table sizes
         if choices.get(fld) == SIZED_TABLE:
             choices[fld] = "table"
@@ -273,6 +296,8 @@ SCHEMES = {s.name: s for s in (  # the named schemes (`python -m refvit schemes`
     Scheme("mixed-pot", conv="mixed-pot", pot_fraction=0.5),
     Scheme("tosa-int32", layernorm="int32", softmax="poly"),
     Scheme("pot8", conv="pot", scales="pot"),
+    Scheme("a16w8", layernorm="wide", residual="int16", act_bits=16, softmax_bits=16, exp_table_size=4096,
+           exp_index_bits=8),
 )}
 SCHEME_NOTES = {
     "refvit-int8": "int8 everywhere; table GELU and exp; int64 LayerNorm; W8 per channel",
@@ -288,6 +313,9 @@ SCHEME_NOTES = {
     "tosa-int32": "every op in TOSA's 32-bit integer types (export-tosa): int32 LayerNorm, i-exp softmax, table GELU",
     "pot8": "int8, every activation and weight scale a power of two (fixed-point positions, as FPGA DPUs): conv "
             "requantization a rounding shift, no multiplier",
+    "a16w8": "int16 activations everywhere, int8 weights per channel, int48 accumulators rescaled with a 16-bit "
+             "multiplier (TFLite's 16x8 mode, TOSA's int16 ops); 16-bit softmax (4096-entry exp table at 2^-8), "
+             "65536-entry GELU table",
 }
 
 
@@ -318,11 +346,22 @@ class _Builder:
         """The residual stream's dtype (the adds' outputs)."""
         return "int16" if self.scheme.residual == "int16" else "int8"
 
-    def add(self, name, op, variant, inputs, attrs=None, constants=None, *, shape, dtype="int8", layout=TOKENS,
+    @property
+    def a16(self) -> bool:
+        """16-bit activations (Part 7): every arithmetic op is its 'a16' variant."""
+        return self.scheme.act_bits == 16
+
+    @property
+    def act_dtype(self) -> str:
+        """The dtype of the activations (every op output but scores, selections and logits)."""
+        return "int16" if self.a16 else "int8"
+
+    def add(self, name, op, variant, inputs, attrs=None, constants=None, *, shape, dtype=None, layout=TOKENS,
             scale="", weight_scale=None, calibrate=None):
         """Append a record of (op, variant): its constants named by the registry row (constants: {argument:
-        name} overrides), `rounding` when the kernel takes one. scale "" is the op's own calibrated scale
-        `<name>.scale`."""
+        name} overrides), `rounding` when the kernel takes one. dtype None: the activations' dtype. scale "" is
+        the op's own calibrated scale `<name>.scale`."""
+        dtype = dtype or self.act_dtype
         row, given = R.row(op, variant), dict(constants or {})
         consts = {a: given.get(a) or row.constant_name(name, a) for a in row.positional_args
                   if a in given or a in row.constant_args}                                   # kernel argument order
@@ -337,25 +376,33 @@ class _Builder:
         """(variant, attrs) of an accumulating op: the 'acc-narrow' row, with acc_bits and acc_overflow, when the
         scheme's accumulator is narrower than 32 bits and saturates or wraps (docs/spec.md Part 6)."""
         sc = self.scheme
+        if self.a16:
+            return A16, {}
         if sc.acc_bits < 32 and sc.acc_overflow != "error":
             return NARROW, {"acc_bits": sc.acc_bits, "acc_overflow": sc.acc_overflow}
         return variant, {}
 
     def sized(self, fld: str) -> str:
-        """The softmax / gelu variant: 'table-n' for a table size or index step other than part 2's."""
+        """The softmax / gelu variant: 'a16' with act_bits 16, 'table-n' for a table size or index step other than
+        part 2's, 'shift16' for softmax 'shift' with softmax_bits 16."""
         sc = self.scheme
+        if self.a16:
+            return A16
+        if fld == "softmax" and sc.softmax == "shift" and sc.softmax_bits == 16:
+            return "shift16"
         sized = (sc.exp_table_size, sc.exp_index_bits) != (256, 4) if fld == "softmax" else sc.gelu_table_size != 256
         return SIZED_TABLE if sized else getattr(sc, fld)
 
-    def conv(self, name, x, cout, *, spatial=None, dtype="int8", layout=TOKENS, scale="", calibrate=None,
+    def conv(self, name, x, cout, *, spatial=None, dtype=None, layout=TOKENS, scale="", calibrate=None,
              variant=None):
         variant, acc = self.narrow(variant or self.scheme.conv)
+        dtype = dtype or self.act_dtype
         return self.add(name, "conv2d", variant, {"x": x}, {"out_dtype": dtype} | acc,
                         shape=(BATCH, cout, 1, spatial or self.tokens), dtype=dtype, layout=layout, scale=scale,
                         weight_scale=f"{name}.weight_scale", calibrate=calibrate)
 
     def layernorm(self, name, x):
-        return self.add(name, "layernorm", self.scheme.layernorm, {"x": x},
+        return self.add(name, "layernorm", A16 if self.a16 else self.scheme.layernorm, {"x": x},
                         shape=(BATCH, self.cfg.embed_dim, 1, self.tokens), weight_scale=f"{name}.weight_scale")
 
     def residual(self, name, a, b, b_constant=False, out_dtype=None):
@@ -370,9 +417,9 @@ class _Builder:
         """Token pruning in block prefix b (docs/spec.md, "Token pruning"): `select`, the kept positions (B, k)
         from the probabilities p, then `pruned`, the tokens x (B, C, 1, N) -> (B, C, 1, P + k [+ 1])."""
         P = self.cfg.num_prefix_tokens
-        if self.scheme.softmax in PROBABILITIES:
-            raise GraphError(f"token pruning reads int8 probabilities; softmax {self.scheme.softmax!r} of scheme "
-                             f"{self.scheme.name!r} gives {PROBABILITIES[self.scheme.softmax][0]}")
+        if self.sized("softmax") in PROBABILITIES:
+            raise GraphError(f"token pruning reads int8 probabilities; the softmax {self.sized('softmax')!r} of scheme "
+                             f"{self.scheme.name!r} gives {PROBABILITIES[self.sized('softmax')][0]}")
         select, prune = PRUNE_VARIANTS[(stage.order, stage.package)]
         index = self.add(b + "select", "token_select", select, {"p": p},
                          {"keep": stage.keep, "num_prefix": P}, shape=(BATCH, stage.keep), dtype="int32",
@@ -395,14 +442,14 @@ def _block(g: _Builder, i: int, x: str) -> str:
                for j, t in enumerate("qkv"))                                        # 3 x (B, Hh, D, N)
     av, aa = g.narrow("int32")                                                      # the accumulators' row
     s = g.add(b + "attn.scores", "attention_scores", av, {"q": q, "k": k}, aa, shape=(BATCH, Hh, N, N),
-              dtype="int32", layout=SCORES, calibrate=False)                        # (B, Hh, N, N) at s_q*s_k
-    p_dtype, context = PROBABILITIES.get(g.scheme.softmax, ("int8", "int32"))
-    if context != "int32" and av != "int32":
+              dtype="int64" if g.a16 else "int32", layout=SCORES, calibrate=False)  # (B, Hh, N, N) at s_q*s_k
+    p_dtype, context = PROBABILITIES.get(g.sized("softmax"), ("int8", "int32"))
+    if context not in ("int32", R.A16) and av == NARROW:
         raise GraphError(f"scheme {g.scheme.name!r}: a narrow accumulator (acc_bits {g.scheme.acc_bits}) is not "
                          f"defined for {g.scheme.softmax!r}'s {p_dtype} probabilities")
     p = g.add(b + "attn.softmax", "softmax", g.sized("softmax"), {"scores": s}, shape=(BATCH, Hh, N, N),
               layout=SCORES, dtype=p_dtype, scale="attn.softmax.scale")             # (B, Hh, N, N) at 1/127 (int16: 2^-15)
-    o = g.add(b + "attn.context", "attention_context", av if context == "int32" else context, {"p": p, "v": v}, aa,
+    o = g.add(b + "attn.context", "attention_context", context if context != "int32" else av, {"p": p, "v": v}, aa,
               shape=(BATCH, C, 1, N))                                               # (B, C, 1, N) = merged heads
     o = g.conv(b + "attn.proj", o, C)                                               # (B, C, 1, N)
     x = g.residual(b + "residual1", x, o)                                           # (B, C, 1, N)
@@ -427,7 +474,7 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
     t = g.conv("patch_embed", "input", C, spatial=Np, variant=_edge_conv(scheme))                 # (B, C, 1, Np) = (B, C, g, g)
     if cfg.no_embed_class:   # DeiT-III: pos_embed on the patches (int8, what concat_tokens takes), then the prefix
         g.tokens = Np
-        t = g.residual("embed", t, "pos_embed", b_constant=True, out_dtype="int8")  # (B, C, 1, Np)
+        t = g.residual("embed", t, "pos_embed", b_constant=True, out_dtype=g.act_dtype)  # (B, C, 1, Np)
         g.tokens = N
         x = g.add("tokens", "concat_tokens", "prefix", {"patches": t}, shape=(BATCH, C, 1, N),
                   scale="embed.scale")                                              # (B, C, 1, N)
@@ -446,8 +493,9 @@ def build_graph(cfg: DeiTConfig, rounding: str = SINGLE_ROUND, scheme: Scheme = 
 
 
 def _edge_conv(scheme: Scheme) -> str:
-    """The variant of the patch embedding and the head: w8 (8-bit weights), shift-only with pot scales."""
-    return "pot" if scheme.scales == "pot" else "w8"
+    """The variant of the patch embedding and the head: w8 (8-bit weights), shift-only with pot scales, a16 with
+    16-bit activations."""
+    return A16 if scheme.act_bits == 16 else "pot" if scheme.scales == "pot" else "w8"
 
 
 MANIFEST_FIELDS = ("index", "internals")   # what a golden manifest's op entry adds to the record
@@ -489,6 +537,13 @@ def graph_from_dicts(records, *, open_inputs: bool = False) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 BOUNDARY_CONSTANTS = ("input.scale", "logits.scale")   # the float model boundary: quantize_input, dequantize
+
+
+def input_dtype(graph) -> np.dtype:
+    """The dtype of the model's input tensor 'input': int16 when the record that reads it is a 16-bit-activation
+    ('a16') record (Part 7), else int8."""
+    readers = [op for op in graph if "input" in op.inputs.values()]
+    return np.dtype(np.int16 if any(op.variant == A16 for op in readers) else np.int8)
 
 
 def required_constants(graph) -> list:

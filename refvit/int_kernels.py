@@ -102,10 +102,12 @@ def _scalar_int(v, fn: str, name: str) -> int:
     return int(arr)
 
 
-def _require_bias_headroom(bias: np.ndarray, max_abs_sum: int, fn: str) -> None:
-    """|sum| <= max_abs_sum for every input, so acc = sum + bias fits int32 iff |bias| <= INT32_MAX - max_abs_sum."""
-    limit = INT32_MAX - max_abs_sum
-    _require_range(bias, -limit, limit, fn, f"bias (so that |acc| <= {max_abs_sum} + |bias| fits int32)")
+def _require_bias_headroom(bias: np.ndarray, max_abs_sum: int, fn: str, acc_max: int = INT32_MAX,
+                           acc: str = "int32") -> None:
+    """|sum| <= max_abs_sum for every input, so acc = sum + bias fits the accumulator (|acc| <= acc_max: int32, or
+    int48 for Part 7's 16-bit activations) iff |bias| <= acc_max - max_abs_sum."""
+    limit = acc_max - max_abs_sum
+    _require_range(bias, -limit, limit, fn, f"bias (so that |acc| <= {max_abs_sum} + |bias| fits {acc})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +135,12 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
 
 
 def concat_tokens(prefix: np.ndarray, patches: np.ndarray) -> np.ndarray:
-    """[prefix | patches] along tokens: prefix int8 (1, C, 1, P) broadcast over B, patches int8 (B, C, 1, Np)."""
+    """[prefix | patches] along tokens: prefix (1, C, 1, P) broadcast over B, patches (B, C, 1, Np); both int8, or
+    both int16 (Part 7's 16-bit activations)."""
     fn = "concat_tokens"
-    _require_array(prefix, fn, "prefix", np.int8, 4, "(1, C, 1, P)")
-    _require_array(patches, fn, "patches", np.int8, 4, "(B, C, 1, Np)")
+    dtype = patches.dtype if isinstance(patches, np.ndarray) and patches.dtype == np.int16 else np.int8
+    _require_array(prefix, fn, "prefix", dtype, 4, "(1, C, 1, P)")
+    _require_array(patches, fn, "patches", dtype, 4, "(B, C, 1, Np)")
     if prefix.shape[0] != 1 or prefix.shape[2] != 1:
         raise ValueError(f"{fn}: prefix must have shape (1, C, 1, P), got {prefix.shape}")
     b, c, h, _ = patches.shape
@@ -157,10 +161,11 @@ def _require_scale(scale, fn: str) -> np.ndarray:
     return s
 
 
-def quantize_input(x, scale) -> np.ndarray:
-    """Model boundary (like TFLite QUANTIZE): saturate(round_half_away(x / scale), int8), x / scale in float64.
+def quantize_input(x, scale, dtype=np.int8) -> np.ndarray:
+    """Model boundary (like TFLite QUANTIZE): saturate(round_half_away(x / scale), dtype), x / scale in float64.
 
-    scale is a positive float (or an array broadcasting against x, e.g. per channel (1, C, 1, 1)).
+    scale is a positive float (or an array broadcasting against x, e.g. per channel (1, C, 1, 1)); dtype int8, or
+    int16 for 16-bit activations (Part 7).
     """
     fn = "quantize_input"
     x = np.asarray(x)
@@ -170,7 +175,7 @@ def quantize_input(x, scale) -> np.ndarray:
     if np.isnan(ratio).any():
         raise ValueError(f"{fn}: x must not contain NaN (+-inf saturate)")
     ratio = np.clip(ratio, -2.0 ** 62, 2.0 ** 62)              # keeps +-inf / huge values in int64; saturate decides
-    return saturate(round_half_away_from_zero(ratio), np.int8)
+    return saturate(round_half_away_from_zero(ratio), dtype)
 
 
 def dequantize(q, scale) -> np.ndarray:
@@ -185,17 +190,24 @@ def dequantize(q, scale) -> np.ndarray:
 # convolution (every Linear as a 1x1 conv, and the patch embedding)
 # ---------------------------------------------------------------------------------------------
 
+_ACCUMULATORS = {np.dtype(np.int8): (np.int32, INT32_MAX, "int32"),      # x dtype -> (bias dtype, |acc| bound, name)
+                 np.dtype(np.int16): (np.int64, (1 << 47) - 1, "int48")}  # Part 7: int16 x int8 in an int48 acc
+
+
 def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, fn: str = "conv2d", weight_max: int = 127,
-               max_terms: int = MAX_CONV_TERMS):
+               max_terms: int = MAX_CONV_TERMS, x_dtype=np.int8):
     """Checks of conv2d_accumulate, then sum_{c,u,v} x*w as an exact GEMM result (Cout, B*Ho*Wo) without bias.
 
     Weights in [-weight_max, weight_max] (127 for int8 codes; conv2d_w4 passes 7), Cin*k*k <= max_terms with
     max_terms * 128 * weight_max < 2^30. Returns (g, (B, Cout, Ho, Wo)); g is float32 or float64 holding the
-    exact integers (|g| <= terms * 128 * weight_max < 2^30).
+    exact integers (|g| <= terms * 128 * weight_max < 2^30). x_dtype int16 (Part 7, conv2d_a16): int64 bias,
+    |g| <= terms * 2^15 * 127 < 2^38 (float64, exact), acc = g + bias within int48.
     """
-    _require_array(x, fn, "x", np.int8, 4, "(B, Cin, H, W)")
+    bias_dtype, acc_max, acc_name = _ACCUMULATORS[np.dtype(x_dtype)]
+    x_max = -int_range(x_dtype)[0]                                # 128 or 2^15
+    _require_array(x, fn, "x", x_dtype, 4, "(B, Cin, H, W)")
     _require_array(weight, fn, "weight", np.int8, 4, "(Cout, Cin, k, k)")
-    _require_array(bias, fn, "bias", np.int32, 1, "(Cout,)")
+    _require_array(bias, fn, "bias", bias_dtype, 1, "(Cout,)")
     b, cin, h, w = x.shape
     cout, wcin, k, k2 = weight.shape
     if k != k2 or k == 0:
@@ -211,13 +223,13 @@ def _conv_gemm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, fn: str = "c
     terms = cin * k * k
     if terms > max_terms:
         raise ValueError(f"{fn}: Cin*k*k = {terms} exceeds {max_terms} (accumulator bound)")
-    _require_bias_headroom(bias, terms * 128 * weight_max, fn)
+    _require_bias_headroom(bias, terms * x_max * weight_max, fn, acc_max, acc_name)
     ho, wo = h // k, w // k
     # One GEMM over all images and positions (batched small GEMMs are ~5x slower in numpy).
     cols = (x.reshape(b, cin, ho, k, wo, k)
              .transpose(1, 3, 5, 0, 2, 4)
              .reshape(terms, b * ho * wo))                        # (Cin*k*k, B*Ho*Wo), (c, u, v) order
-    g = int_matmul_exact(weight.reshape(cout, terms), cols)       # (Cout, B*Ho*Wo), |.| <= terms*128*127 < 2^30
+    g = int_matmul_exact(weight.reshape(cout, terms), cols)       # (Cout, B*Ho*Wo), |.| <= terms*x_max*127
     return g, (b, cout, ho, wo)
 
 
@@ -435,11 +447,12 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     return out
 
 
-def context_args(p, v, p_dtype, p_max: int, max_tokens: int, fn: str, bound: str, what: str) -> tuple:
-    """The checks of a context kernel: p (B, Hh, N, N) of p_dtype in [0, p_max], int8 v (B, Hh, D, N) that
+def context_args(p, v, p_dtype, p_max: int, max_tokens: int, fn: str, bound: str, what: str,
+                 v_dtype=np.int8) -> tuple:
+    """The checks of a context kernel: p (B, Hh, N, N) of p_dtype in [0, p_max], v (B, Hh, D, N) of v_dtype that
     agree, N <= max_tokens (`bound` says why) -> (B, Hh, D, N)."""
     _require_array(p, fn, "p", p_dtype, 4, "(B, Hh, N, N)")
-    _require_array(v, fn, "v", np.int8, 4, "(B, Hh, D, N)")
+    _require_array(v, fn, "v", v_dtype, 4, "(B, Hh, D, N)")
     b, h, d, n = v.shape
     if p.shape != (b, h, n, n):
         raise ValueError(f"{fn}: p must have shape (B, Hh, N, N) = {(b, h, n, n)} to match v {v.shape}, got {p.shape}")
@@ -554,12 +567,19 @@ def make_gelu_table(scale_in: float, scale_out: float) -> np.ndarray:
 
     gelu is the exact-erf GELU 0.5 * x * (1 + erf(x / sqrt(2))) in float64 (math.erf).
     """
+    return gelu_table_of(scale_in, scale_out, np.int8)
+
+
+def gelu_table_of(scale_in: float, scale_out: float, dtype) -> np.ndarray:
+    """Offline: the GELU table over every code x of an integer dtype (int8: 256 entries, int16: 65536; Part 7),
+    table[x - min] = saturate(round_half_away(gelu(x * scale_in) / scale_out), dtype), x ascending."""
     for name, s in (("scale_in", scale_in), ("scale_out", scale_out)):
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"make_gelu_table: {name} must be finite and > 0, got {s!r}")
-    xs = [(i - 128) * float(scale_in) for i in range(GELU_TABLE_SIZE)]
+    lo, hi = int_range(dtype)
+    xs = [x * float(scale_in) for x in range(lo, hi + 1)]
     g = np.array([0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0))) for x in xs])
-    return saturate(round_half_away_from_zero(g / float(scale_out)), np.int8)
+    return saturate(round_half_away_from_zero(g / float(scale_out)), dtype)
 
 
 def gelu(x, table) -> np.ndarray:

@@ -294,16 +294,18 @@ def _softmax_differences(scores, multiplier, shift, rounding: str, cap: int, fn:
     return np.minimum(scaled, cap)
 
 
-def _normalize_probabilities(e: np.ndarray, internals: dict | None = None) -> np.ndarray:
-    """Part 2 softmax tail: recip = 2^40 // sum e; p = saturate(rounding_shift_right(e * 127 * recip, 40), int8).
+def _normalize_probabilities(e: np.ndarray, internals: dict | None = None, one: int = K.PROB_ONE,
+                             dtype=np.int8) -> np.ndarray:
+    """Part 2 softmax tail: recip = 2^40 // sum e; p = saturate(rounding_shift_right(e * one * recip, 40), dtype)
+    (one = 127, int8; Part 7's softmax_a16: 32767, int16).
 
     internals: a dict receives `exp` (int32, e's shape), `sum` and `recip` (int32 (..., 1))."""
     sigma = e.sum(axis=-1, keepdims=True)                          # >= e of the max key >= 1
     recip = (1 << K.SOFTMAX_RECIP_BITS) // sigma
     if internals is not None:                      # e <= 2^15, sigma < 2^31, recip < 2^26 (sigma >= e(0) >= 22856)
         internals.update({k: v.astype(np.int32) for k, v in (("exp", e), ("sum", sigma), ("recip", recip))})
-    p = rounding_shift_right(e * K.PROB_ONE * recip, K.SOFTMAX_RECIP_BITS)   # e <= sigma: p <= 127
-    return saturate(p, np.int8)
+    p = rounding_shift_right(e * one * recip, K.SOFTMAX_RECIP_BITS)   # e <= sigma: p <= one; e*one*recip < 2^56
+    return saturate(p, dtype)
 
 
 def _kept_diff(d: np.ndarray, internals: dict | None) -> np.ndarray:
@@ -410,8 +412,9 @@ def layernorm_int32_normalize(x, eps_int, eps_shift, internals: dict | None = No
 
 
 def _ln_tail(t: np.ndarray, c: int, gamma, bias, multiplier, shift, rounding: str, fn: str,
-             internals: dict | None = None) -> np.ndarray:
-    """Part 2 layernorm tail: acc = t * gamma[c] + bias[c]; requantize per channel -> int8 (internals: `acc`)."""
+             internals: dict | None = None, out_dtype=np.int8) -> np.ndarray:
+    """Part 2 layernorm tail: acc = t * gamma[c] + bias[c]; requantize per channel -> int8 (Part 7: int16)
+    (internals: `acc`)."""
     _require_array(gamma, fn, "gamma", np.int8, 1, f"({c},)")
     _require_array(bias, fn, "bias", np.int32, 1, f"({c},)")
     if gamma.shape != (c,) or bias.shape != (c,):
@@ -422,7 +425,7 @@ def _ln_tail(t: np.ndarray, c: int, gamma, bias, multiplier, shift, rounding: st
     acc = t.astype(np.int64) * gamma.astype(np.int64).reshape(1, c, 1, 1) + bias.astype(np.int64).reshape(1, c, 1, 1)
     if internals is not None:
         internals["acc"] = acc.astype(np.int32)                    # fits int32 by the bias check
-    return requantize(acc, m, s, out_dtype=np.int8, rounding=rounding)
+    return requantize(acc, m, s, out_dtype=out_dtype, rounding=rounding)
 
 
 def layernorm_int32(x, eps_int, eps_shift, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,

@@ -384,6 +384,35 @@ def requantize(value, multiplier, shift, out_dtype=np.int8, rounding: str = SING
 
 
 # ---------------------------------------------------------------------------------------------
+# the 48-bit rescale of 16-bit activations (docs/spec.md, Part 7, apply_scale_16)
+# ---------------------------------------------------------------------------------------------
+
+ACC48_MAX = (1 << 47) - 1          # an int48 accumulator: |value| <= 2^47 - 1 (TOSA's int48_t)
+MULT16_MAX = (1 << 15) - 1         # a 16-bit multiplier: [0, 2^15 - 1] (TOSA's int16_t multiplier, >= 0)
+
+
+def apply_scale_16(value, multiplier, shift) -> np.ndarray:
+    """value * multiplier * 2^-shift rounded half up (TOSA apply_scale_16): (value*multiplier + 2^(shift-1)) >> shift.
+
+    Preconditions: |value| <= 2^47 - 1 (int48), 0 <= multiplier <= 2^15 - 1, 2 <= shift <= 62. Then
+    |value*multiplier| < 2^62 and adding 2^(shift-1) <= 2^61 stays in int64. One rounding in both rounding
+    modes (TOSA's apply_scale_16 and TFLite's int64 MultiplyByQuantizedMultiplier both round once).
+    Returns int64 (not saturated; |result| <= 2^60)."""
+    fn = "apply_scale_16"
+    value, multiplier, shift = _int64(value, fn, "value"), _int64(multiplier, fn, "multiplier"), _int64(shift, fn, "shift")
+    _require_in(value, -ACC48_MAX, ACC48_MAX, fn, "value (int48)")
+    _require_in(multiplier, 0, MULT16_MAX, fn, "multiplier (16-bit)")
+    _require_in(shift, 2, 62, fn, "shift")
+    t = value * multiplier                                        # |.| < 2^62
+    t += np.left_shift(np.int64(1), shift - 1)                    # + 2^(shift-1) <= 2^61: < 2^63
+    return t >> shift
+
+
+def requantize_16(value, multiplier, shift, out_dtype=np.int16) -> np.ndarray:
+    """saturate(apply_scale_16(value, multiplier, shift), out_dtype)."""
+    return saturate(apply_scale_16(value, multiplier, shift), out_dtype)
+
+# ---------------------------------------------------------------------------------------------
 # offline: float scales -> (multiplier, shift), exact rational rounding
 # ---------------------------------------------------------------------------------------------
 
@@ -431,6 +460,31 @@ def quantize_multiplier(scale: float) -> tuple[int, int]:
         multiplier, shift = _round_half_up_scaled(num, den, 62), 62
     if shift < 2:
         raise ValueError(f"{fn}: scale {scale!r} too large: needs shift {shift} < 2 (scale must be < 2^29 - 2^-3)")
+    return multiplier, shift
+
+
+def quantize_multiplier16(scale: float) -> tuple[int, int]:
+    """scale ~= multiplier * 2^-shift with a 16-bit multiplier in [2^14, 2^15), 2 <= shift <= 62 (apply_scale_16).
+
+    quantize_multiplier's rule with a 15-bit mantissa: multiplier = round_half_up(scale * 2^(15 - e)) for scale =
+    f 2^e, f in [1/2, 1) (exact rational rounding); a mantissa that rounds up to 2^15 becomes 2^14 with the shift
+    one less; shift > 62 is clamped to 62 with one rounding of scale * 2^62 (multiplier < 2^14, possibly 0);
+    scale 0 -> (0, 62); a scale that needs shift < 2 (scale >= 2^13 - 2^-3) is a ValueError."""
+    fn = "quantize_multiplier16"
+    s = float(scale)
+    if not (math.isfinite(s) and s >= 0):
+        _check_scale_float(scale, fn, "scale")
+    if s == 0:
+        return 0, 62
+    num, den = s.as_integer_ratio()
+    _, e = math.frexp(s)
+    multiplier, shift = _round_half_up_scaled(num, den, 15 - e), 15 - e
+    if multiplier == 1 << 15:
+        multiplier, shift = 1 << 14, shift - 1
+    if shift > 62:
+        multiplier, shift = _round_half_up_scaled(num, den, 62), 62
+    if shift < 2:
+        raise ValueError(f"{fn}: scale {scale!r} too large: needs shift {shift} < 2 (scale must be < 2^13 - 2^-3)")
     return multiplier, shift
 
 

@@ -100,7 +100,7 @@ def tensor_scales(graph, cfg: DeiTConfig, ranges: dict, p: dict, options: dict |
     input's scale, scores are at s_q * s_k, probabilities at 1/127, pruned tokens keep x's), or none."""
     options = options or {}
     prefix = C.prefix_tokens(p, cfg)
-    s = {"input": C.activation_scale(ranges["input"], np.int8, options)}
+    s = {"input": C.activation_scale(ranges["input"], G.input_dtype(graph), options)}
     for op in graph:
         rule = R.row(op.op, op.variant).scale
         if op.calibrate:

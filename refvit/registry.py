@@ -28,11 +28,13 @@ from . import int_kernels_prune as KP
 from . import int_kernels_authors as KA
 from .reference import authors as RH
 from . import int_kernels_variants as KV
+from . import int_kernels_a16 as KA16
 from .errors import RefvitError
 from .reference import kernels as RK
 from .reference import params as RPA
 from .reference import prune as RP
 from .reference import variants as RV
+from .reference import a16 as RA16
 
 # Layouts of internals (docs/spec.md "Internals of the ops"). OUTPUT: as many elements as the op's output, in
 # its order, reshaped to the record's shape and layout (a conv's acc, the merged-head context acc).
@@ -413,5 +415,37 @@ for _row in (
               "table[(x + 128) >> log2(256 / L)], L = 16 ... 256 entries: int8 x, any shape -> int8",
               "Part 6, gelu_table_n", constants=C.gelu_table_n_constants, quantizer_options=("gelu_table_size",),
               no_tosa="not emitted yet: a shift and TOSA TABLE of the repeated entries would express it"),
+):
+    register(_row)
+
+
+# 16-bit activations (act_bits 16, the scheme a16w8; docs/spec.md Part 7): int16 x int8 into int48 accumulators
+A16 = "a16"
+_NO_TOSA_A16 = ("not emitted yet: TOSA has the int16 x int8 CONV2D and int16 MATMUL with int48 accumulators and "
+                "RESCALE with a 16-bit multiplier (scale32 false), which express it; no emitter is written")
+for _row in (
+    OpVariant("conv2d", A16, KA16.conv2d_a16, RA16.conv2d_a16, ("x",),
+              "int16 x (B, Cin, H, W), int8 weights, int64 bias, int48 acc -> out_dtype; per-channel apply_scale_16",
+              "Part 7, conv2d_a16", constants=C.conv_a16_constants, internals={"acc": OUTPUT}, no_tosa=_NO_TOSA_A16),
+    OpVariant("attention_scores", A16, KA16.attention_scores_a16, RA16.attention_scores_a16, ("q", "k"),
+              "int16 (B, Hh, D, N) x2 -> int64 (B, Hh, N, N), an int48 value", "Part 7, attention_scores_a16",
+              scale=C.scale_of_product, no_tosa=_NO_TOSA_A16),
+    OpVariant("softmax", A16, KA16.softmax_a16, RA16.softmax_a16, ("scores",),
+              "int48 scores (..., N) -> int16 probabilities in [0, 32767] at 1/32767 (Part 6's exp table, "
+              "apply_scale_16 front end)", "Part 7, softmax_a16", constants=C.softmax_a16_constants,
+              scale=C.scale_of_probabilities_a16, constant_names={"exp_table": "exp_table"},
+              internals={"index": OUTPUT, **_SOFTMAX_TAIL}, quantizer_options=("exp_table_size", "exp_index_bits"),
+              no_tosa=_NO_TOSA_A16),
+    OpVariant("attention_context", A16, KA16.attention_context_a16, RA16.attention_context_a16, ("p", "v"),
+              "int16 p (B, Hh, N, N) at 1/32767, int16 v (B, Hh, D, N) -> int16 (B, Hh, D, N); int48 acc",
+              "Part 7, attention_context_a16", constants=C.context_a16_constants, internals={"acc": OUTPUT},
+              no_tosa=_NO_TOSA_A16),
+    OpVariant("layernorm", A16, KA16.layernorm_a16, RA16.layernorm_a16, ("x",),
+              "Part 4's layernorm_wide on int16 (B, C, H, W) -> int16", "Part 7, layernorm_a16",
+              constants=C.layernorm_constants, constant_names={"gamma": "{name}.weight"}, internals=_LN,
+              no_tosa="its sum of squares reaches 2^61 and its square root a 62-bit value, " + _NO_64),
+    OpVariant("gelu", A16, KA16.gelu_a16, RA16.gelu_a16, ("x",), "table[x + 32768], int16 (65536 entries)",
+              "Part 7, gelu_a16", constants=C.gelu_a16_constants,
+              no_tosa="not emitted yet: TOSA TABLE on int16 has 513 interpolated entries, not a 65536-entry table"),
 ):
     register(_row)

@@ -18,7 +18,7 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 __all__ = ["SINGLE_ROUND", "DOUBLE_ROUND", "INT32_MIN", "INT32_MAX", "INT64_MIN", "INT64_MAX", "require", "int64", "saturate",
            "rounding_shift_right", "saturating_rounding_doubling_high_mul", "rounding_divide_by_pot",
-           "apply_scale", "requantize", "isqrt", "digit_by_digit_sqrt", "round_half_away"]
+           "apply_scale", "requantize", "apply_scale_16", "requantize_16", "isqrt", "digit_by_digit_sqrt", "round_half_away"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +142,24 @@ def requantize(value, multiplier, shift, out_dtype=np.int8, rounding: str = SING
     """docs/spec.md, Part 1, requantize: y = saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)."""
     return saturate(apply_scale(value, multiplier, shift, rounding), out_dtype)
 
+
+def apply_scale_16(value, multiplier, shift) -> np.ndarray:
+    """docs/spec.md, Part 7, apply_scale_16 (TOSA apply_scale_16: int48 value, 16-bit multiplier), int64:
+
+    prod = value * multiplier ; y = (prod + (1 << (shift - 1))) >> shift        # one rounding, half up
+    """
+    fn = "apply_scale_16"
+    value, multiplier, shift = int64(value, fn, "value"), int64(multiplier, fn, "multiplier"), int64(shift, fn, "shift")
+    require((-(1 << 47) < value) & (value < 1 << 47), fn, "value must be int48: |value| <= 2^47 - 1")
+    require((0 <= multiplier) & (multiplier < 1 << 15), fn, "multiplier must be in [0, 2^15 - 1]")
+    require((2 <= shift) & (shift <= 62), fn, "shift must be in [2, 62]")
+    prod = value * multiplier                                         # |prod| < 2^62
+    return (prod + np.left_shift(1, shift - 1)) >> shift
+
+
+def requantize_16(value, multiplier, shift, out_dtype=np.int16) -> np.ndarray:
+    """docs/spec.md, Part 7: y = saturate(apply_scale_16(value, multiplier, shift), out_dtype)."""
+    return saturate(apply_scale_16(value, multiplier, shift), out_dtype)
 
 # ---------------------------------------------------------------------------------------------
 # isqrt: the bit-by-bit method

@@ -274,7 +274,7 @@ def layernorm_normalize(x, eps_int, internals: dict | None = None, *, fn: str = 
     return t.astype(np.int32)
 
 
-def layernorm_tail(t, gamma, bias, multiplier, shift, rounding, internals, fn) -> np.ndarray:
+def layernorm_tail(t, gamma, bias, multiplier, shift, rounding, internals, fn, out_dtype=np.int8) -> np.ndarray:
     """docs/spec.md, Part 2, layernorm, its last two lines (shared with Part 4's LayerNorms):
 
     acc = t * gamma[c] + bias[c]
@@ -292,7 +292,7 @@ def layernorm_tail(t, gamma, bias, multiplier, shift, rounding, internals, fn) -
     acc = t.astype(np.int64) * per_channel(gamma, fn, "gamma", C) + per_channel(bias, fn, "bias", C)  # (B, C, H, W)
     if internals is not None:
         internals["acc"] = acc.astype(np.int32)
-    return requantize(acc, m, s, np.int8, rounding)
+    return requantize(acc, m, s, out_dtype, rounding)                   # int8 (Part 7's layernorm_a16: int16)
 
 
 def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND,
@@ -336,16 +336,16 @@ def gelu(x, table) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def concat_tokens(prefix, patches) -> np.ndarray:
-    """docs/spec.md, Part 2, concat_tokens: [prefix | patches] along tokens -> int8 (B, C, 1, P + Np);
-    prefix (1, C, 1, P) is the same for every image."""
+    """docs/spec.md, Part 2, concat_tokens: [prefix | patches] along tokens -> (B, C, 1, P + Np), int8 (Part 7:
+    both int16); prefix (1, C, 1, P) is the same for every image."""
     fn = "concat_tokens"
-    array_arg(prefix, fn, "prefix", np.int8, 4)
-    array_arg(patches, fn, "patches", np.int8, 4)
+    array_arg(patches, fn, "patches", (np.int8, np.int16), 4)
+    array_arg(prefix, fn, "prefix", patches.dtype, 4)
     B, C, one, Np = patches.shape
     P = prefix.shape[3]
     require(prefix.shape[:3] == (1, C, 1) and one == 1, fn, f"prefix {prefix.shape} must be (1, C, 1, P) and "
             f"patches {patches.shape} (B, C, 1, Np)")
-    out = np.empty((B, C, 1, P + Np), np.int8)
+    out = np.empty((B, C, 1, P + Np), patches.dtype)
     out[:, :, :, :P] = prefix                                          # every image gets the prefix tokens
     out[:, :, :, P:] = patches
     return out
