@@ -19,7 +19,7 @@ from refvit import registry as R
 from refvit.cli import main
 from refvit.config import DeiTConfig
 from refvit.constants import Context
-from refvit.graph import GraphError, Scheme, build_graph
+from refvit.graph import GraphError, Scheme, build_graph, input_dtype
 from refvit.intmath import round_half_away_from_zero, saturate
 from refvit.checkpoints.convert import token_to_conv
 from refvit.models import random_params
@@ -223,7 +223,7 @@ def test_cli_help_lists_every_internal(capsys):
 def test_internals_never_take_a_constant_or_tensor_name(small_models):
     for qm in small_models:
         trace = int_model.Trace()
-        xq = golden.seed_input(1, (1, 3, qm.config.img_size, qm.config.img_size))
+        xq = golden.seed_input(1, (1, 3, qm.config.img_size, qm.config.img_size), input_dtype(qm.graph))
         int_model.forward_int(qm, xq, trace, internals=True)                   # run_graph raises on a clash
         inside = {n for names in trace.internals.values() for n in names.values()}
         assert not inside & set(qm.tensors), qm.scheme.name
