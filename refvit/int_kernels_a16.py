@@ -16,7 +16,8 @@ import numpy as np
 from refvit import int_kernels as K
 from refvit import int_kernels_variants as KV
 from refvit.int_kernels import _conv_gemm, _nchw, _per_channel, _require_array, _require_range, _scalar_int
-from refvit.intmath import ACC48_MAX, MULT16_MAX, SINGLE_ROUND, apply_scale_16, int_matmul_exact, requantize_16
+from refvit.intmath import (ACC48_MAX, MULT16_MAX, SINGLE_ROUND, apply_scale_16, int_matmul_exact, requantize_16,
+                            requantize_16_into)
 
 ACT16_TYPES = (np.int8, np.int16)
 PROB16_ONE = 32767                 # probabilities at scale 1/32767: p in [0, 32767]
@@ -50,10 +51,13 @@ def conv2d_a16(x, weight, bias, multiplier, shift, *, out_dtype=np.int16, intern
     fn = "conv2d_a16"
     g, shape = _conv_gemm(x, weight, bias, fn, 127, MAX_CONV_TERMS_16, np.int16)   # (Cout, B*Ho*Wo), |g| < 2^38
     m, s = _rescale16(multiplier, shift, fn, shape[1])
-    acc = g.astype(np.int64) + bias.astype(np.int64)[:, None]                     # exact: |acc| <= 2^47 - 1
-    out = requantize_16(acc, m.reshape(-1, 1), s.reshape(-1, 1), out_dtype)       # (Cout, B*Ho*Wo)
-    if internals is not None:
+    m, s = m.reshape(-1, 1), s.reshape(-1, 1)                                     # (Cout, 1)
+    if internals is not None:                                                     # the plain form
+        acc = g.astype(np.int64) + bias.astype(np.int64)[:, None]                 # exact: |acc| <= 2^47 - 1
         internals["acc"] = _nchw(acc, shape)
+        return _nchw(requantize_16(acc, m, s, out_dtype), shape)
+    out = np.empty(g.shape, out_dtype)                                            # (Cout, B*Ho*Wo)
+    requantize_16_into(g, bias.astype(np.int64)[:, None] * m, m, s, out)          # fused: |bias*m| < 2^62
     return _nchw(out, shape)
 
 
@@ -110,10 +114,13 @@ def attention_context_a16(p, v, multiplier, shift, *, internals: dict | None = N
     K.context_args(p, v, np.int16, PROB16_ONE, MAX_TOKENS_16, fn, "int48 accumulator bound",
                    "p (probabilities at scale 1/32767)", v_dtype=np.int16)
     m, s = _rescale16(multiplier, shift, fn)
-    acc = np.swapaxes(int_matmul_exact(p, np.swapaxes(v, 2, 3)), 2, 3).astype(np.int64)   # (B, Hh, D, N), < 2^46
+    acc = np.swapaxes(int_matmul_exact(p, np.swapaxes(v, 2, 3)), 2, 3)          # (B, Hh, D, N), exact, < 2^46
     if internals is not None:
-        internals["acc"] = acc
-    return requantize_16(acc, m, s, np.int16)
+        internals["acc"] = acc.astype(np.int64, order="C")
+        return requantize_16(internals["acc"], m, s, np.int16)
+    out = np.empty(acc.shape, np.int16)
+    requantize_16_into(acc, 0, m, s, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

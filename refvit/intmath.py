@@ -412,6 +412,31 @@ def requantize_16(value, multiplier, shift, out_dtype=np.int16) -> np.ndarray:
     """saturate(apply_scale_16(value, multiplier, shift), out_dtype)."""
     return saturate(apply_scale_16(value, multiplier, shift), out_dtype)
 
+
+def requantize_16_into(g, bias_m, multiplier, shift, out: np.ndarray) -> None:
+    """out = saturate(apply_scale_16(g + bias, multiplier, shift), out.dtype), fused and block by block on the
+    threads, for callers that have proved |g + bias| <= 2^47 - 1 (the conv's headroom check, the context's N bound).
+
+    g: the exact integer GEMM result (float64 or int64, |g| < 2^47); bias_m = bias * multiplier (int64, broadcasting
+    like multiplier; 0 for no bias). Fused form of the spec's line: (acc*m + 2^(s-1)) >> s with acc = g + bias is
+    (g*m + (bias*m + 2^(s-1))) >> s, the same integer: every partial sum is a partial sum of the spec's (|acc*m| <
+    2^62, + 2^(s-1) <= 2^61) or |g*m| < 2^62, |bias*m + 2^(s-1)| < 2^63 - 2^62, so nothing leaves int64."""
+    m, s = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
+    add = np.asarray(bias_m, np.int64) + np.left_shift(np.int64(1), s - 1)        # bias*m + 2^(s-1)
+    mb, sb, ab = (_expand(a, out.ndim) for a in (m, s, add))
+    lo, hi = int_range(out.dtype)
+
+    def block(idx):
+        o = out[idx]
+        t = parallel.scratch("requantize_16", o.size, np.int64).reshape(o.shape)
+        np.copyto(t, g[idx], casting="unsafe")                    # exact: integers, |g| < 2^47
+        np.multiply(t, _sub(mb, idx), out=t)                      # g*m
+        np.add(t, _sub(ab, idx), out=t)                           # + bias*m + 2^(s-1)
+        np.right_shift(t, _sub(sb, idx), out=t)
+        _clip_store(t, lo, hi, o)                                 # saturate
+    if out.size:
+        for_blocks(out.shape, block)
+
 # ---------------------------------------------------------------------------------------------
 # offline: float scales -> (multiplier, shift), exact rational rounding
 # ---------------------------------------------------------------------------------------------
