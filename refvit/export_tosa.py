@@ -296,7 +296,8 @@ def _conv2d_pot(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
     to a non-negative acc, which rounds acc = 2^(s-1) - 1 (mod 2^s) up."""
     acc, bound = _conv_accumulate(em, x, c)
     shift = c["shift"][1].astype(np.int64)                                          # (Cout,)
-    _require(op, (np.abs(shift) <= KV.POT_MAX_SHIFT).all(), f"shift must be in [-{KV.POT_MAX_SHIFT}, {KV.POT_MAX_SHIFT}]")
+    _require(op, (np.abs(shift) <= KV.POT_MAX_SHIFT).all(),
+             f"shift must be in [-{KV.POT_MAX_SHIFT}, {KV.POT_MAX_SHIFT}], got [{shift.min()}, {shift.max()}]")
     rescale_shift, clamp = pot_rescale_shifts(shift, 8 * np.dtype(op.dtype).itemsize)
     channels = (1, 1, 1, len(shift))
     if op.attrs["rounding"] != SINGLE_ROUND:

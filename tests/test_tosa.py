@@ -299,6 +299,13 @@ def test_conv2d_pot_rescale_constants():
             assert h == (1 << 31) - 1 or (r(h) >= (1 << (bits - 1)) - 1 and r(-h) <= -(1 << (bits - 1))), (s, bits)
 
 
+def test_conv2d_pot_outside_its_shift_range_is_refused():
+    x = np.zeros((1, 1, 1, 1), np.int8)
+    c = constants(weight=np.ones((2, 1, 1, 1), np.int8), bias=np.zeros(2, np.int32), shift=np.array([3, 32], np.int8))
+    with pytest.raises(E.TosaExportError, match=r"op 't' \(conv2d_pot\): shift must be in \[-31, 31\], got \[3, 32\]"):
+        run_emitter(E._conv2d_pot, record("conv2d", "pot", rounding=SINGLE_ROUND), {"x": x}, c)
+
+
 def test_tosa_double_round_is_not_pot_shift():
     """Why the emitter does not use TOSA's double_round: RESCALE(acc, 2^30, s + 30, double_round) adds 2^30 before
     the shift when s >= 2, and rounds acc = 2^(s-1) - 1 (mod 2^s), acc >= 0, up; pot_shift rounds it down."""
@@ -515,20 +522,22 @@ def test_iree_runs_conv2d_pot_bit_exact(iree, embedded):
 
 
 @pytest.mark.slow
-def test_iree_runs_deit_tiny_bit_exact(iree):
-    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32, batch 2: every tensor in
-    both rounding modes. Prints the compile time and the MLIR size."""
+@pytest.mark.parametrize("scheme", ["tosa-int32", POT_TOSA], ids=["tosa-int32", "pot8-tosa"])
+def test_iree_runs_deit_tiny_bit_exact(iree, scheme):
+    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32 and pot8-tosa (shift-only
+    convs; the head's shifts are 0 and 1), batch 2: every tensor in both rounding modes. Prints the compile time
+    and the MLIR size."""
     cfg = DeiTConfig()
     rng = np.random.default_rng(0)
     qm = quantize(token_to_conv(random_params(cfg, "cls", 0)), cfg, [rng.standard_normal((2, 3, 224, 224))],
-                  head_mode="cls", scheme=G.SCHEMES["tosa-int32"])
+                  head_mode="cls", scheme=G.resolve_scheme(scheme))
     x = int_model.quantize_input(qm, rng.standard_normal((2, 3, 224, 224)))
     models = {"single": qm, "double": qm.with_rounding(DOUBLE_ROUND)}
     programs = {fn: E.export_tosa(q, batch=2, outputs="all") for fn, q in models.items()}
     texts = {fn: p.to_mlir(fn) for fn, p in programs.items()}
     out, seconds = iree_run(iree, "\n".join(texts.values()), {fn: x for fn in programs})
-    print(f"\nDeiT-Tiny: MLIR {len(texts['single']) / 1e6:.1f} MB per export ({len(programs['single'].ops)} TOSA "
-          f"ops); IREE compiled both exports in {seconds:.1f} s")
+    print(f"\nDeiT-Tiny ({qm.scheme.name}): MLIR {len(texts['single']) / 1e6:.1f} MB per export "
+          f"({len(programs['single'].ops)} TOSA ops); IREE compiled both exports in {seconds:.1f} s")
     for fn, program in programs.items():
         assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
 
