@@ -250,8 +250,10 @@ def _require(op: G.Op, ok: bool, why: str) -> None:
 # {argument: (constant name, array)}, returns (internal output value, its layout kind)
 # ---------------------------------------------------------------------------------------------
 
-def _conv2d(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
-    """CONV2D (OHWI weights, stride = kernel, int32 accumulator + bias), then a per-channel RESCALE."""
+def _conv_accumulate(em: _Emitter, x: Value, c: dict):
+    """CONV2D (OHWI weights, stride = kernel, int32 accumulator + bias) as tokens -> (acc (B, 1, N, Cout), bound
+    (Cout,)): |acc[..., o]| <= bound[o] = 128 sum |weight[o]| + |bias[o]| for every int8 input (<= 2^31 - 1 by
+    part 2's bias headroom)."""
     (wn, w), (bn, bias) = c["weight"], c["bias"]                                   # (Cout, Cin, k, k), (Cout,)
     cout, k = w.shape[0], w.shape[2]
     B, H, W, _ = x.shape                                                            # NHWC
@@ -259,11 +261,54 @@ def _conv2d(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
     acc = em.emit("conv2d", (x, em.const(w.transpose(0, 2, 3, 1), "int8", wn), em.const(bias, "int32", bn), zp, zp),
                   (B, H // k, W // k, cout), "int32", pad=(0, 0, 0, 0), stride=(k, k), dilation=(1, 1),
                   acc_type="i32")                                                   # (B, H/k, W/k, Cout)
-    acc = em.reshape(acc, (B, 1, (H // k) * (W // k), cout))                       # (B, 1, N, Cout) tokens
     bound = 128 * np.abs(w.astype(np.int64)).sum(axis=(1, 2, 3)) + np.abs(bias.astype(np.int64))
+    return em.reshape(acc, (B, 1, (H // k) * (W // k), cout)), bound                # (B, 1, N, Cout) tokens
+
+
+def _conv2d(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
+    """CONV2D, then a per-channel RESCALE (multiplier, shift) in the record's rounding."""
+    acc, bound = _conv_accumulate(em, x, c)
     _require_rescale_domain(op, bound, c["shift"][1], "acc")
     return em.rescale(acc, c["multiplier"][1], c["shift"][1], op.dtype, op.attrs["rounding"],
                       (c["multiplier"][0], c["shift"][0])), "nhwc"
+
+
+def pot_rescale_shifts(shift, bits: int) -> tuple:
+    """conv2d_pot's shift (Cout,) in [-31, 31] with a `bits`-bit output -> (RESCALE shift 30 + s', clamp H (Cout,)),
+    s' = max(shift, -bits), H = min(2^max(bits - 1 + s', 0), 2^31 - 1) (docs/spec.md Part 5, conv2d_pot).
+
+    With R(v, t) = apply_scale_32(v, 2^30, 30 + t) = floor((v 2^30 + 2^(29+t)) / 2^(30+t)) = floor(v / 2^t + 1/2)
+    for t in [-28, 32] (TOSA's 2 <= 30 + t <= 62), R is pot_shift's SINGLE_ROUND (t >= 1) and the exact left
+    shift (t <= 0: an integer plus 1/2, floored). R is nondecreasing in v and R(+-H, s') saturates at the output's
+    max / min, so clamping v to [-H, H] changes no saturated result; s' = shift unless shift < -bits, where
+    |v| <= 1 after the clamp and 2^bits saturates as 2^-shift does. RESCALE's value condition |v| < 2^(29+s') then
+    holds for every v in [-H, H] (bits <= 16 < 30)."""
+    s = np.maximum(np.asarray(shift, np.int64), -bits)                              # (Cout,) in [-bits, 31]
+    clamp = np.minimum(np.left_shift(np.int64(1), np.maximum(bits - 1 + s, 0)), INT32_MAX)
+    return 30 + s, clamp
+
+
+def _conv2d_pot(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
+    """conv2d_pot: CONV2D, then pot_shift as RESCALE(acc, 2^30, 30 + s', SINGLE_ROUND) per channel (a MINIMUM /
+    MAXIMUM clamp first where RESCALE's value condition is not proved). DOUBLE_ROUND's ties away from zero is
+    the single rounding of acc - 1 for acc < 0: acc + (acc >> 31) on the channels with shift >= 1 (>= -2^31 by
+    the headroom). TOSA's double_round RESCALE is not used: with multiplier 2^j (j <= 30) it adds 2^(30-j) >= 1
+    to a non-negative acc, which rounds acc = 2^(s-1) - 1 (mod 2^s) up."""
+    acc, bound = _conv_accumulate(em, x, c)
+    shift = c["shift"][1].astype(np.int64)                                          # (Cout,)
+    _require(op, (np.abs(shift) <= KV.POT_MAX_SHIFT).all(),
+             f"shift must be in [-{KV.POT_MAX_SHIFT}, {KV.POT_MAX_SHIFT}], got [{shift.min()}, {shift.max()}]")
+    rescale_shift, clamp = pot_rescale_shifts(shift, 8 * np.dtype(op.dtype).itemsize)
+    channels = (1, 1, 1, len(shift))
+    if op.attrs["rounding"] != SINGLE_ROUND:
+        neg = em.ars(acc, em.scalar(31, 4), round=False)                            # -1 where acc < 0, else 0
+        if (shift < 1).any():                                                       # exact channels keep acc
+            neg = em.mul(neg, em.const((shift >= 1).astype(np.int64).reshape(channels), "int32"))
+        acc, bound = em.binary("add", acc, neg), bound + 1                         # (B, 1, N, Cout)
+    if (bound >= np.left_shift(np.int64(1), rescale_shift - 1)).any():             # value condition not proved
+        acc = em.binary("maximum", em.binary("minimum", acc, em.const(clamp.reshape(channels), "int32")),
+                        em.const(-clamp.reshape(channels), "int32"))                # [-H, H]
+    return em.rescale(acc, np.full(len(shift), 1 << 30), rescale_shift, op.dtype, SINGLE_ROUND), "nhwc"
 
 
 def _concat_tokens(em: _Emitter, op: G.Op, ctx: dict, patches: Value, c: dict):

@@ -388,8 +388,7 @@ for _row in (
 register(OpVariant("conv2d", "pot", KV.conv2d_pot, RPA.conv2d_pot, ("x",),
                    "conv2d with power-of-two scales: int32 acc, a rounding right shift per channel (no multiplier)",
                    "Part 6, conv2d_pot", constants=C.conv_pot_constants, internals={"acc": OUTPUT},
-                   no_tosa="not emitted yet: TOSA RESCALE with multiplier 2^30 and shift + 30 is the same value "
-                   "under SINGLE_ROUND only (DOUBLE_ROUND's pot_shift rounds ties away from zero)"))
+                   tosa="_conv2d_pot"))
 _NARROW = "TOSA's accumulators are 32 (int8) or 48 bits (int16) wide; a narrower one that saturates or wraps " \
           "has no TOSA operator"
 _NARROW_ACC = {"acc_exact": OUTPUT, "acc": OUTPUT}

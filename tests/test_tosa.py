@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -33,6 +34,8 @@ from refvit.quantize import quantize
 from tosa_reference import TosaRequireError, run_program
 
 ROUNDINGS = (SINGLE_ROUND, DOUBLE_ROUND)
+POT_TOSA = {"name": "pot8-tosa", "conv": "pot", "scales": "pot", "layernorm": "int32", "softmax": "poly"}  # a scheme
+#   JSON: pot8 (power-of-two scales, shift-only convs) with tosa-int32's LayerNorm and softmax, which TOSA expresses
 BROKEN_OP = "blocks.0.attn.context"       # the op whose RESCALE shift the broken export moves by one
 IREE_FLAGS = ["--iree-llvmcpu-target-cpu=generic"]
 
@@ -236,6 +239,84 @@ def test_recip_long_division_is_floor(hi):
     assert sum(op.opcode == "intdiv" for op in em.ops) == {198 * 32768: 3, 1 << 30: 11}[hi]
 
 
+def pot_reference(acc: int, shift: int, rounding: str, bits: int) -> int:
+    """Part 6 pot_shift in Python integers, saturated: a left shift for shift <= 0; for shift > 0 round(acc / 2^shift),
+    ties up (SINGLE_ROUND) or away from zero (DOUBLE_ROUND, on |acc|)."""
+    if shift <= 0:
+        y = acc << -shift
+    elif rounding == SINGLE_ROUND:
+        y = (acc + (1 << (shift - 1))) >> shift
+    else:
+        y = (1 if acc >= 0 else -1) * ((abs(acc) + (1 << (shift - 1))) >> shift)
+    return max(-(1 << (bits - 1)), min((1 << (bits - 1)) - 1, y))
+
+
+def pot_channels():
+    """(weight (Cout, 1, 1, 1), bias (Cout,), shift (Cout,)) of a 1x1 conv on one input channel: acc = w x + b with
+    x over all 256 int8 values, so a w = 1 channel sees 256 consecutive accumulators around b (every residue mod
+    2^shift up to shift 8; ties at 0.5, -0.5, 3.5, -3.5 and their neighbours for larger shifts), and channels with
+    w = -+127 reach the extremes +-(2^31 - 1), at every shift in [-31, 31]."""
+    lim = (1 << 31) - 1 - 128 * 127                                                 # part 2's bias headroom
+    rows = []
+    for s in range(-31, 32):
+        tie = 1 << (s - 1) if s >= 1 else 0
+        rows += [(1, b, s) for b in {0, *(tie + m * (1 << max(s, 0)) for m in (-4, -1, 0, 3))} if abs(b) <= lim]
+        rows += [(-127, lim, s), (127, -lim, s)]                                    # acc reaches +-(2^31 - 1)
+    w, b, s = map(np.array, zip(*rows))
+    return w.astype(np.int8).reshape(-1, 1, 1, 1), b.astype(np.int32), s.astype(np.int8)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int16"])
+def test_conv2d_pot_matches_kernel_at_every_shift(dtype):
+    """conv2d/pot (RESCALE 2^30, 30 + s', a clamp where the value condition needs it; DOUBLE_ROUND's ties away
+    from zero as acc - [acc < 0]) against refvit's conv2d_pot and Python integers, every REQUIRE checked."""
+    w, bias, shift = pot_channels()
+    x = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)                  # NHWC
+    acc = w.reshape(1, -1).astype(np.int64) * x.reshape(-1, 1) + bias                # (256, Cout), the accumulators
+    assert acc.max() == (1 << 31) - 1 and acc.min() == -(1 << 31) + 1
+    c = constants(weight=w, bias=bias, shift=shift)
+    for rounding in ROUNDINGS:
+        op = G.Op("t", "conv2d", "pot", {}, {}, {"rounding": rounding}, dtype, (), "")
+        got = run_emitter(E._conv2d_pot, op, {"x": x}, c)                           # (1, 1, 256, Cout) tokens
+        want = KV.conv2d_pot(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), w, bias, shift, rounding=rounding,
+                             out_dtype=np.dtype(dtype))                             # (1, Cout, 16, 16)
+        assert np.array_equal(got.reshape(256, -1), want.reshape(-1, 256).T), rounding
+        py = [[pot_reference(int(a), int(s), rounding, 8 * np.dtype(dtype).itemsize) for a, s in zip(row, shift)]
+              for row in acc]
+        assert np.array_equal(got.reshape(256, -1), np.array(py)), rounding
+
+
+def test_conv2d_pot_rescale_constants():
+    """The RESCALE shift 30 + max(s, -bits) stays in TOSA's [2, 62] for every s in [-31, 31] and the clamp H makes
+    R(+-H) saturate: R(v, t) = floor(v / 2^t + 1/2) evaluated on Python integers."""
+    for bits in (8, 16):
+        shifts = np.arange(-31, 32)
+        rs, clamp = E.pot_rescale_shifts(shifts, bits)
+        assert rs.min() == 30 - bits and rs.max() == 61
+        for s, t, h in zip(shifts.tolist(), (rs - 30).tolist(), clamp.tolist()):
+            r = (lambda v: (v * (1 << 30) + (1 << (t + 29))) >> (t + 30))            # apply_scale_32(v, 2^30, 30 + t)
+            assert -(1 << (t + 29)) <= -h and h < 1 << (t + 29)                       # RESCALE's value condition
+            assert h == (1 << 31) - 1 or (r(h) >= (1 << (bits - 1)) - 1 and r(-h) <= -(1 << (bits - 1))), (s, bits)
+
+
+def test_conv2d_pot_outside_its_shift_range_is_refused():
+    x = np.zeros((1, 1, 1, 1), np.int8)
+    c = constants(weight=np.ones((2, 1, 1, 1), np.int8), bias=np.zeros(2, np.int32), shift=np.array([3, 32], np.int8))
+    with pytest.raises(E.TosaExportError, match=r"op 't' \(conv2d_pot\): shift must be in \[-31, 31\], got \[3, 32\]"):
+        run_emitter(E._conv2d_pot, record("conv2d", "pot", rounding=SINGLE_ROUND), {"x": x}, c)
+
+
+def test_tosa_double_round_is_not_pot_shift():
+    """Why the emitter does not use TOSA's double_round: RESCALE(acc, 2^30, s + 30, double_round) adds 2^30 before
+    the shift when s >= 2, and rounds acc = 2^(s-1) - 1 (mod 2^s), acc >= 0, up; pot_shift rounds it down."""
+    from tosa_reference import _apply_scale_32
+    op = E.TosaOp("rescale", (), {}, E.Value("v", (), "int32"), "t")
+    for s in (2, 3, 17, 30, 31):
+        acc = np.array([v for v in ((1 << (s - 1)) - 1 + k * (1 << s) for k in (0, 1, 5)) if v < 1 << 31], np.int64)
+        tosa = _apply_scale_32(acc, 1 << 30, s + 30, True, op)
+        assert (tosa == KV.pot_shift(acc, np.int64(s), DOUBLE_ROUND) + 1).all(), s
+
+
 def test_rescale_precondition_refused_when_unprovable():
     op = record("conv2d", "w8")
     E._require_rescale_domain(op, np.array([(1 << 30) - 1, 3]), np.array([31, 3]), "acc")   # holds
@@ -269,7 +350,7 @@ FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the 
     "w4a8": ("blocks.0.norm1", "2^50"),
     "mixed-pot": ("blocks.0.norm1", "2^50"),
     "int16-residual": ("embed", "2^46"),
-    "pot8": ("patch_embed", "DOUBLE_ROUND's pot_shift"),
+    "pot8": ("blocks.0.norm1", "2^50"),
 }
 
 
@@ -303,6 +384,21 @@ def test_embedded_model_tosa_reading_equals_refvit(embedded, rounding):
     logits_only = E.export_tosa(qm, batch=len(x))
     assert [n for n, _ in logits_only.results] == ["head"]
     assert np.array_equal(run_program(logits_only, x)["head"], tr.tensors["head"])
+
+
+@pytest.mark.shared
+def test_pot_scheme_json_exports_and_the_tosa_reading_equals_refvit(embedded, tmp_path):
+    """pot8 with the 32-bit LayerNorm and the i-exp softmax (a scheme JSON file) exports in both rounding modes;
+    every tensor through the TOSA reading equals refvit's. pot8 itself stops at its int64 LayerNorm."""
+    quantize_with, _, x = embedded
+    path = tmp_path / "pot8-tosa.json"
+    path.write_text(json.dumps(POT_TOSA))
+    for rounding in ROUNDINGS:
+        qm = quantize_with(G.resolve_scheme(str(path)), rounding)
+        assert {op.variant for op in qm.graph if op.op == "conv2d"} == {"pot"}
+        program = E.export_tosa(qm, batch=len(x), outputs="all")
+        assert sum(op.loc == "head" and op.opcode == "rescale" for op in program.ops) == 1
+        assert first_difference(run_program(program, x), traced(qm, x)) is None, rounding
 
 
 @pytest.mark.shared
@@ -393,20 +489,55 @@ def test_iree_runs_the_embedded_model_bit_exact(iree, embedded):
 
 
 @pytest.mark.slow
-def test_iree_runs_deit_tiny_bit_exact(iree):
-    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32, batch 2: every tensor in
-    both rounding modes. Prints the compile time and the MLIR size."""
+@pytest.mark.shared
+def test_iree_runs_conv2d_pot_bit_exact(iree, embedded):
+    """conv2d/pot in IREE: the pot8-tosa scheme on the embedded model (both rounding modes, every tensor), and
+    the hand-made 1x1 conv of every shift in [-31, 31] with ties and +-(2^31 - 1) accumulators (int8 and int16
+    out, both rounding modes) against refvit's conv2d_pot."""
+    quantize_with, _, x = embedded
+    models = {f"pot_{r.split('_')[0].lower()}": quantize_with(G.resolve_scheme(POT_TOSA), r) for r in ROUNDINGS}
+    programs = {fn: E.export_tosa(q, batch=len(x), outputs="all") for fn, q in models.items()}
+    w, bias, shift = pot_channels()
+    xc = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)                # NHWC
+    wants = {}
+    for rounding in ROUNDINGS:
+        for dtype in ("int8", "int16"):
+            em = E._Emitter()
+            v = E.Value("x", xc.shape, "int8")
+            op = G.Op("t", "conv2d", "pot", {}, {}, {"rounding": rounding}, dtype, (), "")
+            out, _ = E._conv2d_pot(em, op, {}, v, constants(weight=w, bias=bias, shift=shift))
+            fn = f"conv_{rounding.split('_')[0].lower()}_{dtype}"
+            programs[fn] = E.TosaProgram(v, em.ops, [("out", out)])
+            wants[fn] = KV.conv2d_pot(np.ascontiguousarray(xc.transpose(0, 3, 1, 2)), w, bias, shift,
+                                      rounding=rounding, out_dtype=np.dtype(dtype)).reshape(-1, 256).T
+    calls = {fn: (x if fn in models else xc) for fn in programs}
+    out, seconds = iree_run(iree, "\n".join(p.to_mlir(fn) for fn, p in programs.items()), calls)
+    print(f"\nIREE compiled {len(programs)} conv2d/pot programs in {seconds:.1f} s (pot8-tosa: "
+          f"{len(programs['pot_single'].ops)} TOSA ops with every tensor)")
+    for fn, program in programs.items():
+        if fn in models:
+            assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
+        else:
+            assert np.array_equal(out[fn][0].reshape(256, -1), wants[fn]), fn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["tosa-int32", POT_TOSA], ids=["tosa-int32", "pot8-tosa"])
+def test_iree_runs_deit_tiny_bit_exact(iree, scheme):
+    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32 and pot8-tosa (shift-only
+    convs; the head's shifts are 0 and 1), batch 2: every tensor in both rounding modes. Prints the compile time
+    and the MLIR size."""
     cfg = DeiTConfig()
     rng = np.random.default_rng(0)
     qm = quantize(token_to_conv(random_params(cfg, "cls", 0)), cfg, [rng.standard_normal((2, 3, 224, 224))],
-                  head_mode="cls", scheme=G.SCHEMES["tosa-int32"])
+                  head_mode="cls", scheme=G.resolve_scheme(scheme))
     x = int_model.quantize_input(qm, rng.standard_normal((2, 3, 224, 224)))
     models = {"single": qm, "double": qm.with_rounding(DOUBLE_ROUND)}
     programs = {fn: E.export_tosa(q, batch=2, outputs="all") for fn, q in models.items()}
     texts = {fn: p.to_mlir(fn) for fn, p in programs.items()}
     out, seconds = iree_run(iree, "\n".join(texts.values()), {fn: x for fn in programs})
-    print(f"\nDeiT-Tiny: MLIR {len(texts['single']) / 1e6:.1f} MB per export ({len(programs['single'].ops)} TOSA "
-          f"ops); IREE compiled both exports in {seconds:.1f} s")
+    print(f"\nDeiT-Tiny ({qm.scheme.name}): MLIR {len(texts['single']) / 1e6:.1f} MB per export "
+          f"({len(programs['single'].ops)} TOSA ops); IREE compiled both exports in {seconds:.1f} s")
     for fn, program in programs.items():
         assert first_difference(named(program, out[fn]), traced(models[fn], x)) is None, fn
 
