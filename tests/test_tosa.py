@@ -351,6 +351,7 @@ FIRST_REFUSED = {  # scheme -> (first record TOSA cannot express, a word of the 
     "mixed-pot": ("blocks.0.norm1", "2^50"),
     "int16-residual": ("embed", "2^46"),
     "pot8": ("blocks.0.norm1", "2^50"),
+    "a16w8": ("patch_embed", "int48"),
 }
 
 
