@@ -511,21 +511,29 @@ def _softmax_shift(em, op, ctx, s, c):
                          KV.EXP_SHIFT_ONE)
 
 
-def _softmax_table(em: _Emitter, op: G.Op, ctx: dict, s: Value, c: dict):
-    """Part 2 softmax: idx = min(RESCALE(max - s), 255), e = GATHER(exp_table, idx), then the output stage."""
+def _softmax_table(em: _Emitter, op: G.Op, ctx: dict, s: Value, c: dict, sizes=(K.EXP_TABLE_SIZE,)):
+    """Part 2 softmax: idx = min(RESCALE(max - s), L - 1), e = GATHER(exp_table, idx), then the output stage (L =
+    256; Part 6's softmax_table_n: L in `sizes`, where the kernel's cap of d at apply_scale's domain never acts,
+    since RESCALE's domain is required of every difference)."""
     m, sh = int(c["multiplier"][1]), int(c["shift"][1])
     name, table = c["exp_table"]
-    _require(op, table.shape == (K.EXP_TABLE_SIZE,) and int(table[0]) == K.EXP_ONE and 0 <= table.min()
-             and table.max() <= K.EXP_ONE, "exp_table must be 256 Q0.15 entries in [0, 2^15] with exp_table[0] = 2^15")
+    L = len(table)
+    _require(op, L in sizes and int(table[0]) == K.EXP_ONE and 0 <= table.min() and table.max() <= K.EXP_ONE,
+             f"exp_table must be {' | '.join(map(str, sizes))} Q0.15 entries in [0, 2^15] with exp_table[0] = 2^15")
     _require_rescale_domain(op, _score_bound(ctx), sh, "max - s")
     mx = em.reduce("reduce_max", s, 2)                                              # (R, N, 1)
     d = em.binary("sub", mx, s)                                                     # (R, N, N) >= 0
     idx = em.rescale(d, m, sh, "int32", op.attrs["rounding"], (c["multiplier"][0], c["shift"][0]))
-    idx = em.binary("minimum", idx, em.scalar(K.EXP_TABLE_SIZE - 1, 3))             # [0, 255]
-    values = em.const(table.astype(np.int64).reshape(1, -1, 1), "int32", name)    # (1, 256, 1)
+    idx = em.binary("minimum", idx, em.scalar(L - 1, 3))                            # [0, L - 1]
+    values = em.const(table.astype(np.int64).reshape(1, -1, 1), "int32", name)    # (1, L, 1)
     flat = em.reshape(idx, (1, int(np.prod(idx.shape))))                            # (1, R*N*N)
     e = em.emit("gather", (values, flat), (1, flat.shape[1], 1), "int32")          # (1, R*N*N, 1)
     return _softmax_tail(em, op, em.reshape(e, s.shape), K.EXP_ONE)
+
+
+def _softmax_table_n(em: _Emitter, op: G.Op, ctx: dict, s: Value, c: dict):
+    """Part 6's softmax_table_n: _softmax_table with an exp table of 64 ... 4096 entries (GATHER takes any length)."""
+    return _softmax_table(em, op, ctx, s, c, KV.EXP_TABLE_SIZES)
 
 
 def _attention_context(em: _Emitter, op: G.Op, ctx: dict, p: Value, v: Value, c: dict):
@@ -544,6 +552,15 @@ def _gelu_table(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
     """TABLE int8: out = table[x + 128], exactly Part 2's gelu."""
     name, table = c["table"]
     return em.emit("table", (x, em.const(table, "int8", name)), x.shape, "int8"), "nhwc"
+
+
+def _gelu_table_n(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):
+    """gelu_table_n (Part 6) as one TABLE int8 of 256 entries: T[i] = table[i >> log2(256 / G)], so T[x + 128] is
+    table[(x + 128) >> log2(step)], the kernel's value for every int8 x."""
+    name, table = c["table"]
+    step = 256 // len(table)
+    expanded = np.repeat(np.asarray(table), step)                                  # (256,): entry j repeated step times
+    return em.emit("table", (x, em.const(expanded, "int8", f"{name}.expanded")), x.shape, "int8"), "nhwc"
 
 
 def _gelu_poly(em: _Emitter, op: G.Op, ctx: dict, x: Value, c: dict):

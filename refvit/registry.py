@@ -408,12 +408,11 @@ for _row in (
               "-> int8 probabilities at 1/127", "Part 6, softmax_table_n", constants=C.softmax_table_n_constants,
               scale=C.scale_of_probabilities, constant_names={"exp_table": "exp_table"},
               internals={"index": OUTPUT, **_SOFTMAX_TAIL}, quantizer_options=("exp_table_size", "exp_index_bits"),
-              no_tosa="not emitted yet: TOSA TABLE has 256 (int8) or 513 (int16, interpolated) entries, so another "
-              "size needs a GATHER"),
+              tosa="_softmax_table_n"),
     OpVariant("gelu", "table-n", KV.gelu_table_n, RPA.gelu_table_n, ("x",),
               "table[(x + 128) >> log2(256 / L)], L = 16 ... 256 entries: int8 x, any shape -> int8",
               "Part 6, gelu_table_n", constants=C.gelu_table_n_constants, quantizer_options=("gelu_table_size",),
-              no_tosa="not emitted yet: a shift and TOSA TABLE of the repeated entries would express it"),
+              tosa="_gelu_table_n"),
 ):
     register(_row)
 

@@ -35,6 +35,8 @@ from tosa_reference import TosaRequireError, run_program
 
 ROUNDINGS = (SINGLE_ROUND, DOUBLE_ROUND)
 POT_TOSA = {"name": "pot8-tosa", "conv": "pot", "scales": "pot", "layernorm": "int32", "softmax": "poly"}  # a scheme
+GELU64_TOSA = {"name": "tosa-gelu64", "layernorm": "int32", "softmax": "poly", "gelu_table_size": 64}   # gelu table-n
+EXP1024_TOSA = {"name": "tosa-exp1024", "layernorm": "int32", "exp_table_size": 1024, "exp_index_bits": 6}  # softmax
 #   JSON: pot8 (power-of-two scales, shift-only convs) with tosa-int32's LayerNorm and softmax, which TOSA expresses
 BROKEN_OP = "blocks.0.attn.context"       # the op whose RESCALE shift the broken export moves by one
 IREE_FLAGS = ["--iree-llvmcpu-target-cpu=generic"]
@@ -187,6 +189,21 @@ def test_softmax_matches_kernel(variant, sigma):
         assert np.array_equal(got, want), (variant, sigma, rounding)
 
 
+@pytest.mark.parametrize("size,bits", [(64, 2), (1024, 6), (4096, 8)])
+@pytest.mark.parametrize("sigma", [3e-4, 0.004, 0.03])
+def test_softmax_table_n_matches_kernel(size, bits, sigma):
+    """Part 6's exp table of L entries at 2^-b through GATHER: every output equals softmax_table_n, both roundings."""
+    D, N = 64, 37
+    scores = score_rows(D, N, np.random.default_rng(int(sigma * 1e6) + size))
+    m, s = quantize_multiplier(2 ** bits * sigma)
+    table = KV.make_exp_table_n(size, bits)
+    c = constants(multiplier=np.int32(m), shift=np.int8(s), exp_table=table)
+    for rounding in ROUNDINGS:
+        got = run_emitter(E._softmax_table_n, record("softmax", "table-n", rounding=rounding), {"s": scores}, c,
+                          {"head_dim": D})
+        assert np.array_equal(got, KV.softmax_table_n(scores, m, s, table, rounding=rounding)), (size, sigma, rounding)
+
+
 def softmax_case(variant: str, sigma: float):
     """(emitter, refvit kernel, constants) of a softmax variant for the real logit per score unit sigma."""
     if variant == "table":
@@ -224,6 +241,11 @@ def test_gelu_variants_match_kernels_on_every_int8(scale_in, scale_out):
     table = K.make_gelu_table(scale_in, scale_out)
     assert np.array_equal(run_emitter(E._gelu_table, record("gelu", "table"), {"x": x}, constants(table=table)),
                           K.gelu(x, table))
+    for size in KV.GELU_TABLE_SIZES:                                               # Part 6's sizes, every int8 x
+        table = KV.make_gelu_table_n(scale_in, scale_out, size)
+        got = run_emitter(E._gelu_table_n, record("gelu", "table-n"), {"x": x}, constants(table=table))
+        want = [int(table[(v + 128) // (256 // size)]) for v in range(-128, 128)]   # Python ints, the spec's line
+        assert got.ravel().tolist() == want and np.array_equal(got, KV.gelu_table_n(x, table)), size
 
 
 @pytest.mark.parametrize("hi", [198 * 32768, 1 << 30])
@@ -403,6 +425,19 @@ def test_pot_scheme_json_exports_and_the_tosa_reading_equals_refvit(embedded, tm
 
 
 @pytest.mark.shared
+@pytest.mark.parametrize("scheme, op", [(GELU64_TOSA, "gelu"), (EXP1024_TOSA, "softmax")], ids=["gelu64", "exp1024"])
+def test_table_n_schemes_export_and_the_tosa_reading_equals_refvit(embedded, scheme, op):
+    """tosa-int32 with a 64-entry GELU table (gelu_table_n: one 256-entry TABLE of repeated entries) or a 1024-entry
+    exp table at 2^-6 (softmax_table_n: GATHER), both roundings, every tensor."""
+    quantize_with, _, x = embedded
+    for rounding in ROUNDINGS:
+        qm = quantize_with(G.resolve_scheme(scheme), rounding)
+        assert {r.variant for r in qm.graph if r.op == op} == {"table-n"}
+        program = E.export_tosa(qm, batch=len(x), outputs="all")
+        assert first_difference(run_program(program, x), traced(qm, x)) is None, rounding
+
+
+@pytest.mark.shared
 def test_broken_export_is_caught_by_the_tosa_reading(embedded):
     _, qm, x = embedded
     program = E.export_tosa(qm, batch=len(x), outputs="all")
@@ -496,7 +531,8 @@ def test_iree_runs_conv2d_pot_bit_exact(iree, embedded):
     the hand-made 1x1 conv of every shift in [-31, 31] with ties and +-(2^31 - 1) accumulators (int8 and int16
     out, both rounding modes) against refvit's conv2d_pot."""
     quantize_with, _, x = embedded
-    models = {f"pot_{r.split('_')[0].lower()}": quantize_with(G.resolve_scheme(POT_TOSA), r) for r in ROUNDINGS}
+    models = {f"{tag}_{r.split('_')[0].lower()}": quantize_with(G.resolve_scheme(scheme), r) for r in ROUNDINGS
+              for tag, scheme in (("pot", POT_TOSA), ("gelu64", GELU64_TOSA), ("exp1024", EXP1024_TOSA))}  # + table-n
     programs = {fn: E.export_tosa(q, batch=len(x), outputs="all") for fn, q in models.items()}
     w, bias, shift = pot_channels()
     xc = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)                # NHWC
