@@ -18,7 +18,8 @@ from refvit.checkpoints import CheckpointError
 from refvit.checkpoints.safetensors_io import read_safetensors, read_safetensors_metadata, write_safetensors
 from refvit.config import ConfigError, DeiTConfig
 from refvit.graph import (BOUNDARY_CONSTANTS, DEFAULT_SCHEME, PRUNE_VARIANTS, SCHEME_NOTES, GraphError, Scheme,
-                          build_graph, check_rounding, graph_from_dicts, required_constants, run_graph, scheme_of)
+                          build_graph, check_rounding, graph_from_dicts, input_dtype, required_constants, run_graph,
+                          scheme_of)
 from refvit.intmath import SINGLE_ROUND
 from refvit.prune import parse_prune
 
@@ -187,6 +188,6 @@ def check_quantized(qm: QuantizedModel, path="<model>") -> None:
     if problems:
         raise CheckpointError(f"{path}: {'; '.join(problems)}")
     try:
-        run_graph(qm.graph, T, np.zeros((1, cfg.in_chans, cfg.img_size, cfg.img_size), np.int8))
+        run_graph(qm.graph, T, np.zeros((1, cfg.in_chans, cfg.img_size, cfg.img_size), input_dtype(qm.graph)))
     except (ValueError, OverflowError, TypeError, KeyError, GraphError) as e:
         raise CheckpointError(f"{path}: constants do not fit the graph: {e}") from None
