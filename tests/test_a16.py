@@ -753,3 +753,252 @@ def test_golden_a16w8_input_dtype_and_check(a16_golden, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(out), str(again)]) == 0
     assert np.array_equal(np.load(again / "tensors" / "head.npy"), np.load(out / "tensors" / "head.npy"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the conformance cases of 16-bit activations (conformance/cases.py, `_a16_specs` and the a16w8 composites)
+# ---------------------------------------------------------------------------------------------
+
+from conformance import ERROR, FAIL, PASS, RefvitDUT, run_cases, select   # noqa: E402
+from conformance.cases import get_case                                     # noqa: E402
+from conformance.dut import use_kernels                                    # noqa: E402
+
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def a16_specs(set_name="quick"):
+    return [s for s in select(set_name) if s.op in A16_KERNELS.values() or "a16w8" in s.name]
+
+
+def _statuses(dut, specs) -> dict:
+    return {r.case: r.status for r in run_cases(dut, specs)}
+
+
+@pytest.mark.parametrize("kernels", ["fast", "reference"])
+def test_refvit_passes_the_a16_cases(kernels):
+    """Every quick a16 case (per op, and the a16w8 block and model) passes with refvit's fast kernels and with the
+    reference kernels, whose cases are built from the reference (the same expected bits)."""
+    specs = a16_specs()
+    names = {s.name for s in specs}
+    assert {s.op for s in specs} == set(A16_KERNELS.values()) | {"block", "model"}
+    assert {"block_a16w8_c48_h3_n18_b2_single", "model_a16w8_c48_d2_h3_img32_p8_b2_single",
+            "model_a16w8_c48_d2_h3_img32_p8_b2_double"} <= names
+    use_kernels(kernels)
+    try:
+        results = run_cases(RefvitDUT(), specs)
+        built = {s.name: get_case(s.name).expected for s in specs}
+    finally:
+        use_kernels("fast")
+    assert [r.line() for r in results if r.status != PASS] == []
+    for name, expected in built.items():                     # fast- and reference-built expectations agree
+        assert_same(expected, get_case(name).expected, name)
+
+
+def test_a16_case_names_and_params():
+    """Named by their parameters, both roundings for layernorm_a16 (and a difference between them), the kernel's
+    keyword parameters on the spec; the inputs have the kernels' dtypes."""
+    specs = {s.name: s for s in select("full") if s.op in A16_KERNELS.values()}
+    assert len(specs) == 30 and sum(s.quick for s in specs.values()) == 29
+    for s in specs.values():
+        assert s.params == get_case(s.name).params
+        assert (s.rounding is not None) == (s.op == "layernorm_a16"), s.name
+    for kind, c, n in (("random", 192, 32), ("constant", 48, 8), ("extreme", 1290, 6)):
+        a, b = (get_case(f"layernorm_a16_c{c}_{kind}_n{n}_{m}") for m in ("single", "double"))
+        assert a.params["rounding"] == SINGLE_ROUND and b.params["rounding"] == DOUBLE_ROUND
+        assert all(np.array_equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        if kind == "constant":
+            assert np.any(a.expected != b.expected)
+    conv = get_case("conv_a16_c256_k2_extreme_cout8_n4")
+    assert conv.inputs["x"].dtype == np.int16 and conv.inputs["bias"].dtype == np.int64
+    assert conv.inputs["multiplier"].dtype == np.int16 and conv.inputs["multiplier"].max() == M16
+    acc = np.einsum("bcij,ocij->bo", conv.inputs["x"].astype(object)[..., :2, :2],
+                    conv.inputs["weight"].astype(object)) + conv.inputs["bias"].astype(object)
+    assert {abs(v) for v in acc.ravel()} == {ACC48, 256 * 4 * 32768 * 127}       # the int48 extreme, bias 0
+    cap = get_case("softmax_a16_L4096_b8_cap_n24").inputs["scores"]
+    assert cap.dtype == np.int64 and int(cap.max()) - int(cap.min()) == 2 * ACC48
+    ties = get_case("conv_a16_c1_k1_ties_cout4_n64_shift17")
+    acc = ties.inputs["x"].astype(np.int64)[0, 0, 0] * ties.inputs["weight"].astype(np.int64).reshape(4, 1) + 4
+    assert np.all(acc * (1 << 14) % (1 << 17) == 1 << 16)                          # every one a tie
+    ctx = get_case("context_a16_ties_h2_d8_n32")
+    acc = py_context(ctx.inputs["p"], ctx.inputs["v"], 3 << 13, 28)[0]
+    assert all((a * (3 << 13)) % (1 << 28) == 1 << 27 for a in acc.ravel())
+    g = get_case("gelu_a16_all65536_randomtable")
+    assert sorted(g.inputs["x"].ravel().tolist()) == list(range(-32768, 32768))
+    assert g.expected.ravel().tolist() == [int(g.inputs["table"][int(v) + 32768]) for v in g.inputs["x"].ravel()]
+    one = get_case("softmax_a16_L4096_b8_onekey_n1")
+    assert set(one.expected.ravel().tolist()) == {32767}
+    eq = get_case("softmax_a16_L4096_b8_equal_n24")
+    assert set(eq.expected.ravel().tolist()) == {((1 << 15) * 32767 * ((1 << 25) // 24) + (1 << 39)) >> 40}
+
+
+# ---------------------------------------------------------------- neighbouring choices, one DUT each
+
+def _shift32(s):
+    """A 16-bit rescale (m, s) as TOSA's 32-bit one: m << (s32 - s) at shift s32 = min(s + 16, 62) (exact)."""
+    s = np.asarray(s, np.int64)
+    return np.minimum(s + 16, 62)
+
+
+def tosa32(acc, m, s):
+    """TOSA's 32-bit RESCALE instead of apply_scale_16: the accumulator held in int32 (saturating), the 16-bit
+    multiplier as a 31-bit one (m << 16, shift + 16; exact), double_round (refvit's DOUBLE_ROUND)."""
+    s32 = _shift32(s)
+    m32 = np.asarray(m, np.int64) << (s32 - np.asarray(s, np.int64))
+    return im.apply_scale(np.clip(acc, INT32_MIN, INT32_MAX), m32, s32, DOUBLE_ROUND)
+
+
+def round_away16(acc, m, s):
+    """apply_scale_16 rounding half away from zero instead of up."""
+    prod = np.asarray(acc, np.int64) * np.asarray(m, np.int64)
+    s = np.asarray(s, np.int64)
+    return np.sign(prod) * ((np.abs(prod) + (np.int64(1) << (s - 1))) >> s)
+
+
+def _conv_with(rescale, out=np.int16):
+    def conv2d_a16(self, x, weight, bias, multiplier, shift, *, out_dtype=np.int16):
+        kept = {}
+        RA16.conv2d_a16(x, weight, bias, multiplier, shift, out_dtype=out_dtype, internals=kept)
+        cout = weight.shape[0]
+        m, s = (np.asarray(v, np.int64).reshape(1, cout, 1, 1) for v in (multiplier, shift))
+        return im.saturate(rescale(kept["acc"], m, s), out).astype(out_dtype)
+    return conv2d_a16
+
+
+def _context_with(rescale, out=np.int16):
+    def attention_context_a16(self, p, v, multiplier, shift):
+        kept = {}
+        RA16.attention_context_a16(p, v, multiplier, shift, internals=kept)
+        return im.saturate(rescale(kept["acc"], int(multiplier), int(shift)), out).astype(np.int16)
+    return attention_context_a16
+
+
+def _scores_int32(self, q, k):
+    return np.clip(RA16.attention_scores_a16(q, k), INT32_MIN, INT32_MAX)
+
+
+def _softmax_with(one=32767, d_max=ACC48):
+    """softmax_a16 with the output at 1/one (127: Part 2's int8 scale) or the differences clipped at d_max
+    (2^31 - 1: a 32-bit difference) -- anything else as the spec says (Python integers, py_softmax's)."""
+    def softmax_a16(self, scores, multiplier, shift, exp_table):
+        L, m, s = len(exp_table), int(multiplier), int(shift)
+        out = np.empty(scores.shape, np.int16)
+        for idx in np.ndindex(scores.shape[:-1]):
+            row = [int(v) for v in scores[idx]]
+            e = [int(exp_table[min(py_scale16(min(max(row) - v, d_max), m, s), L - 1)]) for v in row]
+            recip = (1 << 40) // sum(e)
+            out[idx] = [py_sat((ei * one * recip + (1 << 39)) >> 40, np.int16) for ei in e]
+        return out
+    return softmax_a16
+
+
+def _layernorm_int8(self, x, eps_int, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
+    """Part 4's layernorm_wide on the int16 x: its int8 output."""
+    return KV.layernorm_wide(x, eps_int, gamma, bias, multiplier, shift, rounding=rounding).astype(np.int16)
+
+
+def _layernorm_other_rounding(self, x, eps_int, gamma, bias, multiplier, shift, *, rounding=SINGLE_ROUND):
+    other = DOUBLE_ROUND if rounding == SINGLE_ROUND else SINGLE_ROUND
+    return RA16.layernorm_a16(x, eps_int, gamma, bias, multiplier, shift, rounding=other)
+
+
+def _gelu_offset(offset):
+    def gelu_a16(self, x, table):
+        return table[(x.astype(np.int64) + offset) % (1 << 16)]
+    return gelu_a16
+
+
+NEIGHBOURS = {   # name -> (DUT method name, the neighbouring implementation)
+    "conv_tosa32": ("conv2d_a16", _conv_with(tosa32)),
+    "conv_int8out": ("conv2d_a16", _conv_with(lambda a, m, s: arith.apply_scale_16(a, m, s), np.int8)),
+    "conv_roundaway": ("conv2d_a16", _conv_with(round_away16)),
+    "scores_int32": ("attention_scores_a16", _scores_int32),
+    "softmax_p127": ("softmax_a16", _softmax_with(one=127)),
+    "softmax_d32": ("softmax_a16", _softmax_with(d_max=INT32_MAX)),
+    "context_tosa32": ("attention_context_a16", _context_with(tosa32)),
+    "context_int8out": ("attention_context_a16", _context_with(lambda a, m, s: arith.apply_scale_16(a, m, s),
+                                                               np.int8)),
+    "layernorm_int8out": ("layernorm_a16", _layernorm_int8),
+    "layernorm_otherrounding": ("layernorm_a16", _layernorm_other_rounding),
+    "gelu_offset32767": ("gelu_a16", _gelu_offset(32767)),
+    "gelu_nooffset": ("gelu_a16", _gelu_offset(0)),
+}
+
+# each quick per-op case, and the neighbours that must FAIL it (every case has at least one; the first is the
+# choice the case is designed against)
+CATCHES = {
+    "conv_a16_c192_k1_random_cout64_n32": ("conv_int8out",),
+    "conv_a16_c3_k4_random_cout48_img32": ("conv_int8out",),
+    "conv_a16_c256_k2_extreme_cout8_n4": ("conv_tosa32", "conv_int8out"),
+    "conv_a16_c1_k1_ties_cout4_n64_shift17": ("conv_roundaway", "conv_tosa32", "conv_int8out"),
+    "scores_a16_random_h3_d64_n24": ("scores_int32",),
+    "scores_a16_extreme_h2_d64_n8": ("scores_int32",),
+    **{f"softmax_a16_L{L}_b{b}_{k}_n24": ("softmax_p127",) + (("softmax_d32",) if k == "cap" else ())
+       for L, b in ((4096, 8), (256, 4)) for k in ("random", "equal", "cap")},
+    "softmax_a16_L4096_b8_ties_n24": ("softmax_p127",),
+    "softmax_a16_L4096_b8_far_n24": ("softmax_p127",),
+    "softmax_a16_L1024_b6_randomtable_n24": ("softmax_p127",),
+    "softmax_a16_L4096_b8_onekey_n1": ("softmax_p127",),
+    "context_a16_random_h3_d16_n66": ("context_int8out",),
+    "context_a16_pone_h2_d4_n197": ("context_tosa32", "context_int8out"),
+    "context_a16_ties_h2_d8_n32": ("context_tosa32", "context_int8out"),
+    "context_a16_random_h1_d4_n1": ("context_int8out",),
+    **{f"layernorm_a16_c{c}_{k}_n{n}_{m}": ("layernorm_int8out",) + (("layernorm_otherrounding",)
+                                                                      if k == "constant" else ())
+       for k, c, n in (("random", 192, 32), ("constant", 48, 8), ("extreme", 1290, 6)) for m in ("single", "double")},
+    "gelu_a16_all65536_sin0.001_sout0.002": ("gelu_offset32767", "gelu_nooffset"),
+    "gelu_a16_all65536_sin0.0002_sout0.0002": ("gelu_offset32767", "gelu_nooffset"),
+    "gelu_a16_all65536_randomtable": ("gelu_offset32767", "gelu_nooffset"),
+}
+
+
+def neighbour(name):
+    method, fn = NEIGHBOURS[name]
+    return type(name, (RefvitDUT,), {method: fn})()
+
+
+def test_every_a16_case_fails_for_its_neighbouring_choice():
+    specs = {s.name: s for s in a16_specs() if s.op not in ("block", "model")}
+    assert set(specs) == set(CATCHES)
+    for nb, (method, _) in NEIGHBOURS.items():
+        st_ = _statuses(neighbour(nb), [s for s in specs.values() if s.op == method])
+        must = {c for c, names in CATCHES.items() if nb in names}
+        assert must, f"{nb} is asked to fail no case"
+        assert {c: st_[c] for c in must} == dict.fromkeys(must, FAIL), nb
+    # (a neighbour's other cases may pass: the int8 output on a case whose outputs all lie in int8, ...)
+
+
+def test_the_a16w8_composites_fail_for_the_neighbouring_kernels():
+    """The a16w8 block and model run the DUT's per-op methods: a neighbouring conv, softmax, LayerNorm or GELU
+    fails them (the composites call the a16 kernels, not refvit's)."""
+    specs = [s for s in a16_specs() if s.op in ("block", "model")]
+    for nb in ("conv_tosa32", "conv_int8out", "softmax_p127", "context_int8out", "layernorm_int8out",
+               "gelu_offset32767"):
+        st_ = _statuses(neighbour(nb), specs)
+        assert FAIL in st_.values() and ERROR not in st_.values(), (nb, st_)
+
+
+def _model_as(qm_dut, qm_case):
+    """A DUT whose model is `qm_dut` (another scheme's quantization of the same float model and calibration): it
+    reads the case's input at qm_case's input scale as real values, quantizes them at its own, and gives its
+    logits at qm_case's logits scale (round half away from zero, saturated to int16)."""
+    class OtherScheme(RefvitDUT):
+        def model(self, x, constants, *, graph):
+            real = x.astype(np.float64) * float(qm_case.tensors["input.scale"])
+            xq = K.quantize_input(real, float(qm_dut.tensors["input.scale"]), input_dtype(qm_dut.graph))
+            logits = int_model.forward_int(qm_dut, xq).astype(np.float64)
+            ratio = float(qm_dut.tensors["logits.scale"]) / float(qm_case.tensors["logits.scale"])
+            return im.saturate(im.round_half_away_from_zero(logits * ratio), np.int16)
+    return OtherScheme()
+
+
+@pytest.mark.parametrize("rounding, mode", [(SINGLE_ROUND, "single"), (DOUBLE_ROUND, "double")])
+def test_a16w8_and_int8_model_cases_tell_the_schemes_apart(rounding, mode):
+    a16, _ = a16_model(rounding)
+    int8, _ = random_quantized_model(48, 2, 3, 32, 8, True, rounding, "refvit-int8")
+    cases = {"a16w8": f"model_a16w8_c48_d2_h3_img32_p8_b2_{mode}", "int8": f"model_c48_d2_h3_img32_p8_b2_{mode}"}
+    specs = {k: [s for s in select("quick") if s.name == v] for k, v in cases.items()}
+    assert _statuses(_model_as(int8, a16), specs["a16w8"]) == {cases["a16w8"]: FAIL}
+    assert _statuses(_model_as(a16, int8), specs["int8"]) == {cases["int8"]: FAIL}
+    # the adapter itself is faithful: a model mapped onto its own scheme passes
+    assert _statuses(_model_as(a16, a16), specs["a16w8"]) == {cases["a16w8"]: PASS}
+    assert _statuses(_model_as(int8, int8), specs["int8"]) == {cases["int8"]: PASS}
