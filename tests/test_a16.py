@@ -20,11 +20,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from conformance import ERROR, FAIL, PASS, RefvitDUT, run_cases, select
+from conformance.cases import get_case, random_quantized_model
+from conformance.dut import use_kernels
 from refvit import int_kernels as K
 from refvit import int_kernels_a16 as KA16
 from refvit import int_kernels_variants as KV
+from refvit import int_model
 from refvit import intmath as im
+from refvit.cli import main
+from refvit.graph import SCHEMES, GraphError, Scheme, Trace, build_graph, input_dtype, scheme_of
 from refvit.intmath import DOUBLE_ROUND, SINGLE_ROUND
+from refvit.qfile import load_quantized, save_quantized
 from refvit.reference import a16 as RA16
 from refvit.reference import arith
 
@@ -206,6 +213,36 @@ def test_apply_scale_16_broadcasts_like_the_reference():
     want = np.array([py_scale16(3, 1 << 14, 15), py_scale16(3, 1 << 14, 16)])
     assert_same(arith.apply_scale_16(v, 1 << 14, s), want)
     assert_same(im.apply_scale_16(v, 1 << 14, s), want)
+
+
+@SETTINGS
+@given(scale=st.floats(2.0 ** -80, 8191.0, allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [8191.875 - 2.0 ** -40, 2.0 ** -48, 2.0 ** -47 * (1 - 2.0 ** -20), 1.0, 0.5 + 2.0 ** -17, 0.75]))
+def test_quantize_multiplier16_is_the_exact_rounding(scale):
+    """m 2^-s ~ scale with the 15-bit mantissa rounded half up (exact rationals): m in [2^14, 2^15) at s =
+    15 - e (scale = f 2^e, f in [1/2, 1)), one shift less when it rounds up to 2^15, s clamped at 62."""
+    from fractions import Fraction
+    m, s = im.quantize_multiplier16(scale)
+    assert 0 <= m <= M16 and 2 <= s <= 62
+    e = math.frexp(scale)[1]
+    s_want = min(15 - e, 62)
+    x = Fraction(scale) * 2 ** s_want
+    m_want = math.floor(x + Fraction(1, 2))
+    if m_want == 1 << 15:
+        m_want, s_want = 1 << 14, s_want - 1
+    assert (m, s) == (m_want, s_want)
+    if s < 62:
+        assert 1 << 14 <= m
+    assert abs(Fraction(m, 2 ** s) - Fraction(scale)) <= Fraction(1, 2 ** (s + 1))
+
+
+def test_quantize_multiplier16_edges():
+    assert im.quantize_multiplier16(0.0) == (0, 62)
+    assert im.quantize_multiplier16(0.5) == (1 << 14, 15)
+    assert im.quantize_multiplier16(2.0 ** -80) == (0, 62)
+    for bad in (8191.875, 1e6, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="quantize_multiplier16"):
+            im.quantize_multiplier16(bad)
 
 
 @pytest.mark.parametrize("v, m, s", [(0, 1 << 15, 10), (0, -1, 10), (0, 1, 1), (0, 1, 63), (1 << 47, 1, 10),
@@ -496,6 +533,24 @@ def test_gelu_a16_all_65536_inputs():
     assert_same(RA16.make_gelu_table16(0.001, 0.002), g)
 
 
+def test_concat_tokens_on_int16():
+    """Part 2's concat_tokens takes int16 prefix and patches (both): [prefix | patches] per image; mixed widths
+    are refused by both implementations."""
+    from refvit.reference import kernels as RK
+    rng = np.random.default_rng(3)
+    pre, pat = rng.integers(-32768, 32768, (1, 3, 1, 2)).astype(np.int16), rng.integers(-32768, 32768, (2, 3, 1, 4))
+    pat = pat.astype(np.int16)
+    want = np.empty((2, 3, 1, 6), np.int16)
+    for b in range(2):
+        for c in range(3):
+            want[b, c, 0] = [int(v) for v in pre[0, c, 0]] + [int(v) for v in pat[b, c, 0]]
+    for fn in (K.concat_tokens, RK.concat_tokens):
+        assert_same(fn(pre, pat), want)
+        for a, b in ((pre.astype(np.int8), pat), (pre, pat.astype(np.int8))):
+            with pytest.raises(ValueError, match="concat_tokens"):
+                fn(a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1e. argument errors: ValueError naming the kernel, fast and reference alike
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +611,10 @@ BAD = [
     ("attention_context_a16", _context_args(shift=63)),
     ("layernorm_a16", _ln_args(x=np.zeros((1, 4, 1, 2), np.int8))),
     ("layernorm_a16", _ln_args(gamma=np.full(4, -128, np.int8))),
+    ("layernorm_a16", _ln_args(eps_int=np.int64(0))),
+    ("layernorm_a16", _ln_args(x=np.zeros((1, 1291, 1, 2), np.int16), gamma=np.ones(1291, np.int8),
+                               bias=np.zeros(1291, np.int32), multiplier=np.full(1291, 1 << 30, np.int32),
+                               shift=np.full(1291, 30, np.int8))),
     ("gelu_a16", {"x": np.zeros(4, np.int8), "table": np.zeros(1 << 16, np.int16)}),
     ("gelu_a16", {"x": np.zeros(4, np.int16), "table": np.zeros(1 << 16, np.int8)}),
     ("gelu_a16", {"x": np.zeros(4, np.int16), "table": np.zeros(256, np.int16)}),
@@ -577,11 +636,6 @@ def test_argument_errors_name_the_kernel(name, args):
 # 2. the whole model: a small random DeiT quantized with a16w8
 # ---------------------------------------------------------------------------------------------
 
-from conformance.cases import random_quantized_model                          # noqa: E402
-from refvit import int_model                                                  # noqa: E402
-from refvit.config import DeiTConfig                                          # noqa: E402
-from refvit.graph import SCHEMES, GraphError, Scheme, Trace, build_graph, input_dtype, scheme_of  # noqa: E402
-from refvit.qfile import load_quantized, save_quantized                       # noqa: E402
 
 A16_KERNELS = {"conv2d": "conv2d_a16", "attention_scores": "attention_scores_a16", "softmax": "softmax_a16",
                "attention_context": "attention_context_a16", "layernorm": "layernorm_a16", "gelu": "gelu_a16"}
@@ -706,8 +760,6 @@ def test_token_pruning_is_refused_with_a16w8():
 # 2b. the command line
 # ---------------------------------------------------------------------------------------------
 
-from refvit.cli import main                                                   # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def a16_golden(tmp_path_factory):
@@ -759,9 +811,6 @@ def test_golden_a16w8_input_dtype_and_check(a16_golden, tmp_path, capsys):
 # 3. the conformance cases of 16-bit activations (conformance/cases.py, `_a16_specs` and the a16w8 composites)
 # ---------------------------------------------------------------------------------------------
 
-from conformance import ERROR, FAIL, PASS, RefvitDUT, run_cases, select   # noqa: E402
-from conformance.cases import get_case                                     # noqa: E402
-from conformance.dut import use_kernels                                    # noqa: E402
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -1002,3 +1051,18 @@ def test_a16w8_and_int8_model_cases_tell_the_schemes_apart(rounding, mode):
     # the adapter itself is faithful: a model mapped onto its own scheme passes
     assert _statuses(_model_as(a16, a16), specs["a16w8"]) == {cases["a16w8"]: PASS}
     assert _statuses(_model_as(int8, int8), specs["int8"]) == {cases["int8"]: PASS}
+
+
+def test_golden_model_file_refuses_an_int8_input(tmp_path, capsys):
+    """A saved a16w8 model (load_quantized checks it with an int16 input) given an int8 --input: one line, exit 2;
+    the same file's --seed input is int16."""
+    qm, _ = a16_model()
+    f = save_quantized(qm, tmp_path / "a16.safetensors")
+    np.save(tmp_path / "x8.npy", np.zeros((1, 3, 32, 32), np.int8))
+    capsys.readouterr()
+    assert main(["golden", "--model", str(f), "--input", str(tmp_path / "x8.npy"), "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("refvit: error:") and "int16" in err[0], err
+    from refvit import golden
+    x = golden.seed_input(5, (1, 3, 32, 32), input_dtype(load_quantized(f).graph))
+    assert x.dtype == np.int16
