@@ -23,6 +23,14 @@ The scheme parameters (docs/spec.md Part 6) add, at the end of the suite: conv2d
 accumulators (`conv_narrow_*`, `scores_narrow_*`, `context_narrow_*`), the table sizes (`softmax_tablen_*`,
 `gelu_tablen_*`) and block and model cases of unnamed parameter schemes (PARAM_SCHEMES: `model_pertensor_*`,
 `model_accsat16_*`, ...); tests/test_scheme_params.py checks that the neighbouring choices fail them.
+The 16-bit activations (docs/spec.md Part 7, act_bits 16, the scheme a16w8) come last: conv2d_a16 (`conv_a16_*`:
+random, the int48 extremes, ties), attention_scores_a16 (`scores_a16_*`), softmax_a16 (`softmax_a16_L{4096,256}_b{8,4}_
+{random,equal,cap}_*`, ties, one key far above, a random table, N = 1), attention_context_a16 (`context_a16_*`: random,
+p = 32767 everywhere, ties), layernorm_a16 (`layernorm_a16_c*_{random,constant,extreme}_*`, both roundings) and
+gelu_a16 (`gelu_a16_all65536_*`: every int16 input); their block and model cases are the named scheme's
+(`block_a16w8_*`, `model_a16w8_*`). tests/test_a16.py checks that a neighbouring choice fails each of them (a 32-bit
+accumulator and rescale, an int8 output, ties away from zero, probabilities at 1/127, 32-bit score differences,
+the other rounding, another GELU index offset) and that the a16w8 and int8 model cases tell the schemes apart.
 tests/test_mutation.py checks that one-line mutants of the reference kernels each FAIL some quick case.
 Sets: `quick` (seconds) is a subset of `full`.
 Each family declares, per case, its rounding mode and the DUT method's keyword parameters (CaseSpec.rounding,
@@ -1254,7 +1262,7 @@ def _all_specs(generation: int) -> tuple:
     for family in (_scale_specs, _conv_specs, _attention_specs, _elementwise_specs, _composite_specs,
                    _gelu_variant_specs, _softmax_variant_specs, _layernorm_variant_specs, _add_wide_specs,
                    _conv_variant_specs, _scheme_model_specs, _deit3_specs, _prune_specs, _authors_code_specs,
-                   _registry_specs, _scheme_param_specs):
+                   _registry_specs, _scheme_param_specs, _a16_specs):
         for name, op, quick, params, builder in family():
             specs.append(CaseSpec(name, op, quick, functools.partial(builder, name), params.get("rounding"),
                                   MappingProxyType(params)))
@@ -1822,3 +1830,216 @@ def _authors_code_specs():
     for family in (_gelu_code_specs, _softmax_code_specs, _context_p16_specs, _layernorm_code_specs,
                    _prune_option_specs):
         yield from family()
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit activations (act_bits 16, the scheme a16w8; docs/spec.md Part 7): int16 activations, int8 weights, int48
+# accumulators rescaled by apply_scale_16 (16-bit multipliers), 16-bit probabilities, a 65536-entry GELU table.
+# The block and model cases of a16w8 are `_scheme_model_specs`' (a16w8 is a named scheme).
+# ---------------------------------------------------------------------------------------------
+
+from refvit import int_kernels_a16 as KA16   # noqa: E402  (this section's own imports, kept with it)
+from refvit.intmath import quantize_multiplier16   # noqa: E402
+
+ACC48_MAX = (1 << 47) - 1
+A16_EXP_TABLES = ((4096, 8), (256, 4))       # (entries, index bits): a16w8's table and part 2's
+A16_GELU_SCALES = ((0.001, 0.002), (2e-4, 2e-4))   # (scale_in, scale_out) of the shipped-table GELU cases
+
+
+def _i16(rng, shape, lo=-32768, hi=32767) -> np.ndarray:
+    return rng.integers(lo, hi + 1, size=shape).astype(np.int16)
+
+
+def _rescale16(real_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(multiplier int16, shift int8) arrays encoding real scale(s) as apply_scale_16 takes them (the quantizer's
+    quantize_multiplier16)."""
+    pairs = [quantize_multiplier16(float(s)) for s in np.atleast_1d(real_scale)]
+    m, s = np.array([p[0] for p in pairs], np.int16), np.array([p[1] for p in pairs], np.int8)
+    return (m, s) if np.ndim(real_scale) else (m.reshape(()), s.reshape(()))
+
+
+def _fit16(acc: np.ndarray, axis=None, headroom: float = 3.0):
+    """The 16-bit rescale putting `headroom` standard deviations of acc at 32767 (per channel when axis given)."""
+    std = np.std(acc.astype(np.float64), axis=axis)
+    return _rescale16(32767.0 / (headroom * np.maximum(std, 1.0)))
+
+
+def _conv_a16(name, kind, cin, k, cout, spatial):
+    """conv2d_a16 cases (out_dtype int16). random: full-range int16 x, int8 weights in [-127, 127], random bias,
+    per-channel rescale fitted to the accumulators (3 sigma at 32767); extreme: x = -32768, weights -127 / +127 per
+    row, bias at the int48 headroom (acc = +-(2^47 - 1)) or 0, multiplier 2^15 - 1 at shifts 62, 47, 40, 33;
+    ties: Cin 1, weights +-1, bias 4, x in 8Z, multiplier 2^14, shift 17 (every acc / 8 is a tie)."""
+    rng = _rng(name)
+    h, w = spatial
+    if kind == "random":
+        x, wt = _i16(rng, (1, cin, h, w)), _i8(rng, (cout, cin, k, k), -127)
+        bias = rng.integers(-(1 << 30), 1 << 30, cout).astype(np.int64)
+        acc = np.einsum("bciujv,ocuv->boij", x.astype(np.int64).reshape(1, cin, h // k, k, w // k, k),
+                        wt.astype(np.int64)) + bias.reshape(1, cout, 1, 1)
+        mult, shift = _fit16(acc, axis=(0, 2, 3))
+        note = "random int16 x, fitted 16-bit rescale"
+    elif kind == "extreme":
+        x = np.full((1, cin, h, w), -32768, np.int16)
+        sign = np.where(np.arange(cout) % 2 == 0, -1, 1)
+        wt = (sign * 127).astype(np.int8)[:, None, None, None] * np.ones((1, cin, k, k), np.int8)
+        head = ACC48_MAX - cin * k * k * (1 << 15) * 127
+        bias = np.where(np.arange(cout) % 4 < 2, -sign * head, 0).astype(np.int64)      # acc +-(2^47 - 1), +-2^30 127
+        mult = np.full(cout, (1 << 15) - 1, np.int16)
+        shift = np.resize(np.array([62, 62, 47, 47, 40, 40, 33, 33], np.int8), cout)
+        note = "acc = +-(2^47 - 1) (bias at the int48 headroom) and +-Cin k^2 2^15 127"
+    else:
+        x = (rng.integers(-4096, 4096, (1, 1, h, w)) * 8).astype(np.int16)
+        wt = np.array([1, -1, 1, -1], np.int8).reshape(4, 1, 1, 1)
+        bias = np.full(4, 4, np.int64)
+        mult, shift = np.full(4, 1 << 14, np.int16), np.full(4, 17, np.int8)
+        note = "every acc / 8 is a rounding tie"
+    inputs = {"x": x, "weight": wt, "bias": bias, "multiplier": mult, "shift": shift}
+    return _kernel_case(name, "conv2d_a16", inputs, {"out_dtype": "int16"}, note)
+
+
+def _scores_a16(name, kind, heads, d, n):
+    """random: full-range int16 q, k (|s| beyond int32); extreme: head 0 q = k = -32768 (s = D 2^30), head 1
+    q = -32768, k = 32767."""
+    if kind == "extreme":
+        q = np.full((1, 2, d, n), -32768, np.int16)
+        k = np.stack([np.full((d, n), -32768), np.full((d, n), 32767)])[None].astype(np.int16)
+    else:
+        rng = _rng(name)
+        q, k = _i16(rng, (1, heads, d, n)), _i16(rng, (1, heads, d, n))
+    return _kernel_case(name, "attention_scores_a16", {"q": q, "k": k}, {}, kind)
+
+
+def _a16_scores_random(rng, heads, n, d=64, std=4000.0):
+    """int48 scores of random int16 heads (Gaussian q, k of the given std, as a calibrated int16 activation)."""
+    q, k = (_gaussian(rng, (1, heads, d, n), std, np.int16) for _ in range(2))
+    return KA16.attention_scores_a16(q, k)
+
+
+def _softmax_a16(name, size, bits, kind, n):
+    """softmax_a16 against make_exp_table_n(size, bits) (a random valid table for `randomtable`). random: scores
+    of random heads, the rescale spreading their differences over the table; equal: every key equal (sigma =
+    N 2^15); cap: scores in {-(2^47 - 1), 0, 2^47 - 1} (differences up to 2^48 - 2, capped at 2^47 - 1) at the
+    model's rescale of int16 q, k (s 0.05/256, D 64: one real unit at 2^bits index units); ties: multiplier 2^14,
+    shift 16 (index = round(d / 4): d = 2 mod 4 are ties); far: one key per row 2^40 above the others (p = 32767
+    and 0 where table[L - 1] = 0); onekey: N = 1 (p = 32767)."""
+    rng = _rng(name)
+    table = KV.make_exp_table_n(size, bits)
+    s_qk = (0.05 / 256) ** 2 / math.sqrt(64) * 2 ** bits
+    mult, shift = _rescale16(s_qk)
+    if kind in ("random", "randomtable"):
+        scores = _a16_scores_random(rng, 3, n)
+        mult, shift = _rescale16(size / (4.0 * float(np.std(scores.astype(np.float64)))))
+        if kind == "randomtable":
+            table = rng.integers(0, K.EXP_ONE + 1, size).astype(np.uint16)
+            table[0] = K.EXP_ONE
+    elif kind == "equal":
+        scores = np.full((1, 2, n, n), 123456789, np.int64)
+    elif kind == "cap":
+        scores = rng.choice(np.array([-ACC48_MAX, 0, ACC48_MAX]), (1, 1, n, n)).astype(np.int64)
+        assert KA16.apply_scale_16(ACC48_MAX, mult, shift) >= size - 1
+    elif kind == "ties":
+        scores = rng.integers(-16 * size, 16 * size, (1, 2, n, n)).astype(np.int64)
+        mult, shift = _scalar(1 << 14, np.int16), _scalar(16, np.int8)
+    elif kind == "far":
+        scores = rng.integers(-(1 << 20), 1 << 20, (1, 2, n, n)).astype(np.int64)
+        scores[0, :, np.arange(n), rng.integers(0, n, n)] = 1 << 40
+        mult, shift = _scalar(1 << 14, np.int16), _scalar(34, np.int8)
+    else:
+        scores = rng.integers(-ACC48_MAX, ACC48_MAX, (2, 3, 1)).astype(np.int64)
+    inputs = {"scores": scores, "multiplier": mult, "shift": shift, "exp_table": table}
+    return _kernel_case(name, "softmax_a16", inputs, {}, f"{size} entries at 2^-{bits}; {kind}")
+
+
+def _context_a16(name, kind, heads, d, n):
+    """random: p from softmax_a16 of random scores, random int16 v, the rescale fitted (3 sigma at 32767); pone:
+    p = 32767 everywhere, v = -32768 (head 0) and random (acc up to N 32767 2^15); ties: odd p < 7000 on 1 or 3
+    keys, v = +-2^14: acc = 2^14 S with S odd; multiplier 3 2^13, shift 28: out = 1.5 S, every one a tie."""
+    rng = _rng(name)
+    if kind == "pone":
+        p = np.full((1, heads, n, n), KA16.PROB16_ONE, np.int16)
+        v = _i16(rng, (1, heads, d, n))
+        v[0, 0] = -32768
+        mult, shift = _rescale16(32767.0 / (n * 32767.0 * 32768.0))
+    elif kind == "ties":
+        v = (rng.choice(np.array([-1, 1]), (1, heads, d, n)) << 14).astype(np.int16)
+        p = np.zeros((1, heads, n, n), np.int16)
+        for h in range(heads):
+            for i in range(n):
+                keys = rng.choice(n, 1 + 2 * int(rng.integers(2)), replace=False)
+                p[0, h, i, keys] = rng.integers(0, 3500, keys.size) * 2 + 1
+        mult, shift = _scalar(3 << 13, np.int16), _scalar(28, np.int8)
+    else:
+        scores = _a16_scores_random(rng, heads, n, d)
+        sm, ss = _rescale16(256 / (4.0 * max(float(np.std(scores.astype(np.float64))), 1.0)))
+        p = KA16.softmax_a16(scores, sm, ss, KV.make_exp_table_n(256, 4))
+        v = _gaussian(rng, (1, heads, d, n), 6000.0, np.int16)
+        acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))
+        mult, shift = _fit16(acc)
+    return _kernel_case(name, "attention_context_a16", {"p": p, "v": v, "multiplier": mult, "shift": shift}, {},
+                        kind)
+
+
+def _layernorm_a16(name, kind, c, n, mode):
+    """layernorm_a16 on int16 rows: random (Gaussian residual stream with outlier channels), constant (d = 0:
+    out = requantize(bias), biases on negative ties, int16 values beyond int8), extreme (-32768 / 32767
+    alternating, one 32767 among -32768, all -32768). Tail: random gamma, bias 8 b - 4 with |b| < 20000,
+    multiplier 2^30, shift 33 (acc / 8: the constant rows' outputs are ties, and |out| reaches the int16 range);
+    random rows: a plausible tail at s_out 2^-8 of s_t."""
+    rng = _rng(name)
+    if kind == "random":
+        x = _ln_x(rng, "residual", c, n, np.int16)
+    elif kind == "constant":
+        x = np.broadcast_to(_i16(rng, (1, 1, 1, n)), (1, c, 1, n)).copy()
+    else:
+        x = np.full((1, c, 1, n), -32768, np.int16)
+        x[0, :, 0, 0::3] = np.where(np.arange(c) % 2 == 0, -32768, 32767)[:, None]
+        x[0, np.arange(c) % c, 0, 1] = -32768
+        x[0, 0, 0, 1::3] = 32767
+    eps = {"eps_int": _scalar(K.layernorm_eps_int(1e-6, c, 0.05 / 256), np.int64)}
+    if kind == "random":
+        tail = _ln_tail_constants(_rng(name, "/constants"), c)
+        tail["shift"] = (tail["shift"].astype(np.int64) - 8).astype(np.int8)          # 256x: int16 outputs
+    else:
+        r = _rng(name, "/constants")
+        tail = {"gamma": _i8(r, (c,), -127), "bias": (8 * r.integers(-20000, 20000, c) - 4).astype(np.int32),
+                "multiplier": np.full(c, 1 << 30, np.int32), "shift": np.full(c, 33, np.int8)}
+    return _kernel_case(name, "layernorm_a16", {"x": x} | eps | tail, {"rounding": _MODES[mode]}, kind)
+
+
+def _gelu_a16(name, table):
+    x = np.arange(-32768, 32768, dtype=np.int64).astype(np.int16).reshape(1, 256, 1, 256)    # every int16 value
+    return _kernel_case(name, "gelu_a16", {"x": x, "table": table}, {}, "every int16 input")
+
+
+def _a16_specs():
+    conv = "conv2d_a16"
+    for kind, cin, k, cout, spatial, tag in (("random", 192, 1, 64, (1, 32), "cout64_n32"),
+                                             ("random", 3, 4, 48, (32, 32), "cout48_img32"),
+                                             ("extreme", 256, 2, 8, (2, 8), "cout8_n4"),
+                                             ("ties", 1, 1, 4, (1, 64), "cout4_n64_shift17")):
+        yield f"conv_a16_c{cin}_k{k}_{kind}_{tag}", conv, True, _p(out_dtype="int16"), \
+            lambda nm, a=(kind, cin, k, cout, spatial): _conv_a16(nm, *a)
+    yield "conv_a16_c768_k1_random_cout3072_n197", conv, False, _p(out_dtype="int16"), \
+        lambda nm: _conv_a16(nm, "random", 768, 1, 3072, (1, 197))
+    for kind, h, d, n in (("random", 3, 64, 24), ("extreme", 2, 64, 8)):
+        yield f"scores_a16_{kind}_h{h}_d{d}_n{n}", "attention_scores_a16", True, _p(), \
+            lambda nm, a=(kind, h, d, n): _scores_a16(nm, *a)
+    for size, bits in A16_EXP_TABLES:
+        for kind in ("random", "equal", "cap"):
+            yield f"softmax_a16_L{size}_b{bits}_{kind}_n24", "softmax_a16", True, _p(), \
+                lambda nm, L=size, b=bits, k=kind: _softmax_a16(nm, L, b, k, 24)
+    for kind, n in (("ties", 24), ("far", 24), ("randomtable", 24), ("onekey", 1)):
+        size, bits = (1024, 6) if kind == "randomtable" else A16_EXP_TABLES[0]
+        yield f"softmax_a16_L{size}_b{bits}_{kind}_n{n}", "softmax_a16", True, _p(), \
+            lambda nm, L=size, b=bits, k=kind, n=n: _softmax_a16(nm, L, b, k, n)
+    for kind, h, d, n in (("random", 3, 16, 66), ("pone", 2, 4, 197), ("ties", 2, 8, 32), ("random", 1, 4, 1)):
+        yield f"context_a16_{kind}_h{h}_d{d}_n{n}", "attention_context_a16", True, _p(), \
+            lambda nm, a=(kind, h, d, n): _context_a16(nm, *a)
+    for kind, c, n in (("random", 192, 32), ("constant", 48, 8), ("extreme", 1290, 6)):
+        for mode in _MODES:
+            yield f"layernorm_a16_c{c}_{kind}_n{n}_{mode}", "layernorm_a16", True, _p(mode), \
+                lambda nm, a=(kind, c, n), m=mode: _layernorm_a16(nm, *a, m)
+    for s_in, s_out in A16_GELU_SCALES:
+        yield f"gelu_a16_all65536_{scales_tag(s_in, s_out)}", "gelu_a16", True, _p(), \
+            lambda nm, si=s_in, so=s_out: _gelu_a16(nm, KA16.make_gelu_table16(si, so))
+    yield "gelu_a16_all65536_randomtable", "gelu_a16", True, _p(), lambda nm: _gelu_a16(nm, _i16(_rng(nm), (1 << 16,)))

@@ -403,8 +403,7 @@ def apply_scale_16(value, multiplier, shift) -> np.ndarray:
     _require_in(value, -ACC48_MAX, ACC48_MAX, fn, "value (int48)")
     _require_in(multiplier, 0, MULT16_MAX, fn, "multiplier (16-bit)")
     _require_in(shift, 2, 62, fn, "shift")
-    t = value * multiplier                                        # |.| < 2^62
-    t += np.left_shift(np.int64(1), shift - 1)                    # + 2^(shift-1) <= 2^61: < 2^63
+    t = value * multiplier + np.left_shift(np.int64(1), shift - 1)   # |v m| < 2^62, + 2^(shift-1) <= 2^61: < 2^63
     return t >> shift
 
 

@@ -60,7 +60,7 @@ FAMILIES = {
     "token_prune": (None, {"package": "prune_tokens", "mean-any-order": "prune_tokens_mean_any_order",
                            "weighted-sum": "prune_tokens_weighted_sum"}),
 }
-PARAMETER_VARIANTS = {"pot", "acc-narrow", "table-n"}   # chosen by scheme parameters: tests/test_scheme_params.py
+PARAMETER_VARIANTS = {"pot", "acc-narrow", "table-n", "a16"}   # by scheme parameters: test_scheme_params, test_a16
 PAIRS = [(fam, req, impl) for fam, (_, variants) in FAMILIES.items()
          for req, impl in itertools.permutations(variants, 2)]
 
