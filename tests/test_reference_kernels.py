@@ -587,7 +587,8 @@ CFG = G.DeiTConfig(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2
 
 @pytest.fixture(scope="module")
 def scheme_models():
-    """Every named scheme's quantization of one random tiny float model, and an int8 batch for it."""
+    """Every named scheme's quantization of one random tiny float model, and an input batch for each: int8 at
+    refvit-int8's input scale (the same bytes for every int8 scheme), int16 for a16w8 (Part 7)."""
     from refvit.checkpoints.convert import token_to_conv
     from refvit.models import random_params
     from refvit.quantize import quantize
@@ -597,16 +598,19 @@ def scheme_models():
     models = {name: quantize(params, CFG, [x], head_mode="mean", method="max", scheme=scheme)
               for name, scheme in G.SCHEMES.items()}
     xq = K.quantize_input(x.astype(np.float64) * 3, float(models["refvit-int8"].tensors["input.scale"]))  # saturates
-    return models, xq
+    xq16 = {name: K.quantize_input(x.astype(np.float64) * 3, float(qm.tensors["input.scale"]), np.int16)
+            for name, qm in models.items() if G.input_dtype(qm.graph) == np.int16}
+    return models, {name: xq16.get(name, xq) for name in models}
 
 
 @pytest.mark.parametrize("prune", ["", "1:0.5"])
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("scheme", list(G.SCHEMES))
 def test_whole_models_bit_identical(scheme_models, scheme, rounding, prune):
-    models, xq = scheme_models
-    qm = models[scheme]
-    if prune and G.PROBABILITIES.get(qm.scheme.softmax, ("int8",))[0] != "int8":
+    models, xqs = scheme_models
+    qm, xq = models[scheme], xqs[scheme]
+    softmax = next(op.variant for op in qm.graph if op.op == "softmax")
+    if prune and G.PROBABILITIES.get(softmax, ("int8",))[0] != "int8":
         with pytest.raises(G.GraphError, match="prun"):      # the selector reads int8 probabilities only
             G.build_graph(CFG, rounding, qm.scheme, prune=prune)
         return
@@ -679,8 +683,8 @@ def test_conformance_expected_outputs_are_the_same_with_the_reference_kernels():
 def test_golden_with_reference_kernels_writes_the_same_bytes(scheme_models, scheme, tmp_path):
     """`golden --kernels reference` == the default, file for file (internals, every format), every scheme."""
     from refvit import golden
-    models, xq = scheme_models
-    qm = models[scheme].with_prune("1:0.5") if scheme == "refvit-int8" else models[scheme]   # pruned once
+    models, xqs = scheme_models
+    qm, xq = (models[scheme].with_prune("1:0.5") if scheme == "refvit-int8" else models[scheme]), xqs[scheme]
     for kernels in ("fast", "reference"):
         golden.write_golden(qm, xq, tmp_path / kernels, formats=("npy", "hex", "bin", "h"), internals=True,
                             kernels=kernels)
