@@ -419,8 +419,9 @@ for _row in (
 
 # 16-bit activations (act_bits 16, the scheme a16w8; docs/spec.md Part 7): int16 x int8 into int48 accumulators
 A16 = "a16"
-_NO_TOSA_A16 = ("not emitted yet: TOSA has the int16 x int8 CONV2D and int16 MATMUL with int48 accumulators and "
-                "RESCALE with a 16-bit multiplier (scale32 false), which express it; no emitter is written")
+_NO_TOSA_A16 = ("no a16 graph can be exported, since its LayerNorm needs 64-bit intermediates (layernorm_a16); TOSA's "
+                "int16 x int8 CONV2D, int16 MATMUL into int48 and RESCALE with a 16-bit multiplier would express "
+                "this op, but no emitter is written for a graph that cannot export whole")
 for _row in (
     OpVariant("conv2d", A16, KA16.conv2d_a16, RA16.conv2d_a16, ("x",),
               "int16 x (B, Cin, H, W), int8 weights, int64 bias, int48 acc -> out_dtype; per-channel apply_scale_16",
