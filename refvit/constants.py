@@ -361,10 +361,11 @@ def activation_scale(amax: float, dtype, options: dict) -> float:
     return scale_of(amax, dtype)
 
 
-def softmax_table_n_constants(op, ctx: Context) -> dict:
-    """softmax_table_n: the rescale to units of 2^-b of a real score difference, the exp table of L entries."""
+def softmax_table_n_constants(op, ctx: Context, rescale_rule=rescale) -> dict:
+    """softmax_table_n: the rescale to units of 2^-b of a real score difference, the exp table of L entries
+    (softmax_a16: the same with the 16-bit rescale, rescale16)."""
     b, size = ctx.options.get("exp_index_bits", 4), ctx.options.get("exp_table_size", 256)
-    T = rescale(op.name, _logit_scale(op, ctx) * 2 ** b)
+    T = rescale_rule(op.name, _logit_scale(op, ctx) * 2 ** b)
     T[op.constants["exp_table"]] = KV.make_exp_table_n(size, b)
     return T | {f"{op.inputs['scores']}.scale": ctx.s[op.inputs["scores"]]}
 
@@ -411,10 +412,7 @@ def conv_a16_constants(op, ctx: Context) -> dict:
 
 def softmax_a16_constants(op, ctx: Context) -> dict:
     """softmax_a16: the 16-bit rescale to units of 2^-b of a real score difference, Part 6's exp table (L, b)."""
-    b, size = ctx.options.get("exp_index_bits", 4), ctx.options.get("exp_table_size", 256)
-    T = rescale16(op.name, _logit_scale(op, ctx) * 2 ** b)
-    T[op.constants["exp_table"]] = KV.make_exp_table_n(size, b)
-    return T | {f"{op.inputs['scores']}.scale": ctx.s[op.inputs["scores"]]}
+    return softmax_table_n_constants(op, ctx, rescale16)
 
 
 def context_a16_constants(op, ctx: Context) -> dict:

@@ -247,13 +247,12 @@ def _check_parameters(sc: "Scheme") -> None:
         if getattr(sc, fld) == A16:
             raise GraphError(f"scheme {sc.name!r}: {fld} {A16!r} is chosen by act_bits 16, not by name")
     if sc.act_bits == 16:
-        wrong = {f: getattr(sc, f) for f, v in A16_FIELDS.items() if getattr(sc, f) != v}
-        others = {k: getattr(sc, k) for k in ("scales", "acc_bits", "softmax_bits")
-                  if getattr(sc, k) != {"scales": "float", "acc_bits": 32, "softmax_bits": 16}[k]}
-        if wrong or others:
+        need = A16_FIELDS | {"scales": "float", "acc_bits": 32, "softmax_bits": 16}
+        wrong = {k: getattr(sc, k) for k, v in need.items() if getattr(sc, k) != v}
+        if wrong:
             raise GraphError(f"scheme {sc.name!r}: act_bits 16 (Part 7) is defined with " + ", ".join(
-                f"{f} {v!r}" for f, v in A16_FIELDS.items()) + ", scales 'float', acc_bits 32 (int48 accumulators) "
-                f"and softmax_bits 16; got " + ", ".join(f"{k} {v!r}" for k, v in (wrong | others).items()))
+                f"{k} {v!r}" for k, v in need.items()) + " (acc_bits 32: its accumulators are int48, not narrowed); "
+                "got " + ", ".join(f"{k} {v!r}" for k, v in wrong.items()))
     elif sc.softmax_bits == 16 and sc.softmax not in ("shift", "shift16"):
         raise GraphError(f"scheme {sc.name!r}: 16-bit probabilities with int8 activations are defined for I-ViT's "
                          f"Shiftmax (softmax 'shift'); with softmax {sc.softmax!r} they need act_bits 16")

@@ -13,7 +13,7 @@ import numpy as np
 from refvit.reference.arith import (
     SINGLE_ROUND, apply_scale_16, int64, requantize_16, require, round_half_away, rounding_shift_right, saturate,
 )
-from refvit.reference.kernels import array_arg, in_range, layernorm_tail, per_channel, scalar_arg
+from refvit.reference.kernels import array_arg, conv2d_accumulate, in_range, layernorm_tail, per_channel, scalar_arg
 from refvit.reference.params import EXP_TABLE_SIZES
 from refvit.reference.variants import layernorm_wide_normalize
 
@@ -46,23 +46,8 @@ def conv2d_a16(x, weight, bias, multiplier, shift, *, out_dtype=np.int16, intern
     internals: `acc` (int64).
     """
     fn = "conv2d_a16"
-    array_arg(x, fn, "x", np.int16, 4)
-    array_arg(weight, fn, "weight", np.int8, 4)
-    array_arg(bias, fn, "bias", np.int64, 1)
-    B, Cin, H, W = x.shape
-    Cout, wcin, k, k2 = weight.shape
-    require(k == k2 and k >= 1 and wcin == Cin and H % k == 0 and W % k == 0, fn,
-            f"weight {weight.shape} must be (Cout, Cin, k, k) for x {x.shape} with H, W multiples of k")
-    require(bias.shape == (Cout,), fn, f"bias must have shape ({Cout},), got {bias.shape}")
-    terms = Cin * k * k
-    require(terms <= MAX_TERMS_16, fn, f"Cin*k*k = {terms} exceeds {MAX_TERMS_16} (accumulator bound)")
-    require(in_range(weight, -127, 127), fn, "weight must be in [-127, 127]")
-    headroom = ACC48_MAX - terms * (1 << 15) * 127
-    require(in_range(bias, -headroom, headroom), fn, f"bias must satisfy |bias| <= {headroom} (int48 headroom)")
-    m, s = _rescale16(multiplier, shift, fn, Cout)
-    xs = x.astype(np.int64).reshape(B, Cin, H // k, k, W // k, k)         # xs[b, c, i, u, j, v] = x[b, c, i*k+u, j*k+v]
-    acc = np.einsum("bciujv,ocuv->boij", xs, weight.astype(np.int64))     # (B, Cout, H/k, W/k), |.| < 2^38
-    acc = acc + bias.reshape(1, Cout, 1, 1)                               # |acc| <= 2^47 - 1 (headroom)
+    acc = conv2d_accumulate(x, weight, bias, max_terms=MAX_TERMS_16, fn=fn, x_dtype=np.int16)   # int48, in int64
+    m, s = _rescale16(multiplier, shift, fn, weight.shape[0])
     if internals is not None:
         internals["acc"] = acc
     return requantize_16(acc, m, s, out_dtype)

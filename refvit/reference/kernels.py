@@ -66,17 +66,23 @@ def in_range(x: np.ndarray, lo: int, hi: int) -> bool:
 # conv2d
 # ---------------------------------------------------------------------------------------------
 
+ACCUMULATORS = {np.dtype(np.int8): (np.int32, INT32_MAX),           # x dtype -> (bias and acc dtype, |acc| bound)
+                np.dtype(np.int16): (np.int64, (1 << 47) - 1)}     # Part 7: an int48 accumulator, held in int64
+
+
 def conv2d_accumulate(x, weight, bias, *, weight_max: int = 127, max_terms: int = MAX_CONV_TERMS,
-                      fn: str = "conv2d") -> np.ndarray:
-    """docs/spec.md, Part 2, conv2d_accumulate (Part 4, conv2d_w4, passes weight_max 7 and max_terms 2^20):
+                      fn: str = "conv2d", x_dtype=np.int8) -> np.ndarray:
+    """docs/spec.md, Part 2, conv2d_accumulate (Part 4, conv2d_w4, passes weight_max 7 and max_terms 2^20; Part 7,
+    conv2d_a16, int16 x with an int64 bias into an int48 accumulator):
 
     terms = Cin * k * k
     acc[b, o, i, j] = bias[o] + sum_{c < Cin, u < k, v < k} x[b, c, i*k + u, j*k + v] * weight[o, c, u, v]
-    -> int32 (B, Cout, H/k, W/k)
+    -> int32 (B, Cout, H/k, W/k) (int16 x: int64)
     """
-    array_arg(x, fn, "x", np.int8, 4)
+    acc_dtype, acc_max = ACCUMULATORS[np.dtype(x_dtype)]
+    array_arg(x, fn, "x", x_dtype, 4)
     array_arg(weight, fn, "weight", np.int8, 4)
-    array_arg(bias, fn, "bias", np.int32, 1)
+    array_arg(bias, fn, "bias", acc_dtype, 1)
     B, Cin, H, W = x.shape
     Cout, wcin, k, k2 = weight.shape
     require(k == k2 and k >= 1 and wcin == Cin and H % k == 0 and W % k == 0, fn,
@@ -85,12 +91,12 @@ def conv2d_accumulate(x, weight, bias, *, weight_max: int = 127, max_terms: int 
     terms = Cin * k * k
     require(terms <= max_terms, fn, f"Cin*k*k = {terms} exceeds {max_terms} (accumulator bound)")
     require(in_range(weight, -weight_max, weight_max), fn, f"weight must be in [-{weight_max}, {weight_max}]")
-    headroom = INT32_MAX - terms * 128 * weight_max
-    require(in_range(bias, -headroom, headroom), fn, f"bias must satisfy |bias| <= {headroom} (int32 headroom)")
+    headroom = acc_max - terms * -int(np.iinfo(x_dtype).min) * weight_max  # |x| <= 128 (int8) or 2^15 (int16)
+    require(in_range(bias, -headroom, headroom), fn, f"bias must satisfy |bias| <= {headroom} (accumulator headroom)")
     xs = x.astype(np.int64).reshape(B, Cin, H // k, k, W // k, k)         # xs[b, c, i, u, j, v] = x[b, c, i*k+u, j*k+v]
     acc = np.einsum("bciujv,ocuv->boij", xs, weight.astype(np.int64))     # (B, Cout, H/k, W/k), exact int64
-    acc = acc + bias.astype(np.int64).reshape(1, Cout, 1, 1)              # |acc| <= 2^31 - 1 (headroom)
-    return acc.astype(np.int32)
+    acc = acc + bias.astype(np.int64).reshape(1, Cout, 1, 1)              # |acc| <= acc_max (headroom)
+    return acc.astype(acc_dtype)
 
 
 def conv2d(x, weight, bias, multiplier, shift, *, rounding: str = SINGLE_ROUND, out_dtype=np.int8,
