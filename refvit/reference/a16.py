@@ -6,14 +6,11 @@ fast kernels of `refvit.int_kernels_a16`.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from refvit.reference.arith import (
-    SINGLE_ROUND, apply_scale_16, int64, requantize_16, require, round_half_away, rounding_shift_right, saturate,
-)
-from refvit.reference.kernels import array_arg, conv2d_accumulate, in_range, layernorm_tail, per_channel, scalar_arg
+from refvit.reference.arith import SINGLE_ROUND, apply_scale_16, requantize_16, require, rounding_shift_right, saturate
+from refvit.reference.kernels import (array_arg, conv2d_accumulate, gelu_lookup, gelu_table_over, in_range,
+                                     layernorm_tail, per_channel, scalar_arg)
 from refvit.reference.params import EXP_TABLE_SIZES
 from refvit.reference.variants import layernorm_wide_normalize
 
@@ -138,18 +135,9 @@ def layernorm_a16(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str =
 def make_gelu_table16(scale_in: float, scale_out: float) -> np.ndarray:
     """docs/spec.md, Part 7, gelu_a16, "Table (offline)": for i = 0 .. 65535, x_i = (i - 32768) * scale_in (float64),
     table[i] = saturate(round_half_away(0.5 * x_i * (1 + erf(x_i / sqrt(2))) / scale_out), int16)."""
-    for name, v in (("scale_in", scale_in), ("scale_out", scale_out)):
-        require(math.isfinite(v) and v > 0, "make_gelu_table16", f"{name} must be finite and > 0, got {v!r}")
-    values = []
-    for i in range(1 << 16):
-        x_i = (i - 32768) * float(scale_in)
-        values.append(round_half_away(0.5 * x_i * (1.0 + math.erf(x_i / math.sqrt(2.0))) / float(scale_out)))
-    return saturate(np.array(values), np.int16)
+    return gelu_table_over(scale_in, scale_out, np.int16, "make_gelu_table16")
 
 
 def gelu_a16(x, table) -> np.ndarray:
     """docs/spec.md, Part 7, gelu_a16: out = table[x + 32768] (int16, the shape of x)."""
-    array_arg(x, "gelu_a16", "x", np.int16)
-    array_arg(table, "gelu_a16", "table", np.int16, 1)
-    require(table.shape == (1 << 16,), "gelu_a16", f"table must have shape (65536,), got {table.shape}")
-    return table[int64(x, "gelu_a16", "x") + 32768]
+    return gelu_lookup(x, table, np.int16, "gelu_a16")

@@ -320,21 +320,34 @@ def layernorm(x, eps_int, gamma, bias, multiplier, shift, *, rounding: str = SIN
 def make_gelu_table(scale_in: float, scale_out: float) -> np.ndarray:
     """docs/spec.md, Part 2, gelu, "Table (offline)": for i = 0 .. 255, x_i = (i - 128) * scale_in (float64),
     table[i] = saturate(round_half_away(0.5 * x_i * (1 + erf(x_i / sqrt(2))) / scale_out), int8)."""
+    return gelu_table_over(scale_in, scale_out, np.int8, "make_gelu_table")
+
+
+def gelu_table_over(scale_in: float, scale_out: float, dtype, fn: str) -> np.ndarray:
+    """The GELU table over every code of an integer dtype (int8: Part 2; int16: Part 7's make_gelu_table16):
+    for i = 0 .. 2^bits - 1, x_i = (i + min) * scale_in, table[i] = saturate(round_half_away(gelu(x_i) / scale_out))."""
     for name, v in (("scale_in", scale_in), ("scale_out", scale_out)):
-        require(math.isfinite(v) and v > 0, "make_gelu_table", f"{name} must be finite and > 0, got {v!r}")
+        require(math.isfinite(v) and v > 0, fn, f"{name} must be finite and > 0, got {v!r}")
+    lo, hi = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
     values = []
-    for i in range(256):
-        x_i = (i - 128) * float(scale_in)
+    for i in range(hi - lo + 1):
+        x_i = (i + lo) * float(scale_in)
         values.append(round_half_away(0.5 * x_i * (1.0 + math.erf(x_i / math.sqrt(2.0))) / float(scale_out)))
-    return saturate(np.array(values), np.int8)
+    return saturate(np.array(values), dtype)
 
 
 def gelu(x, table) -> np.ndarray:
     """docs/spec.md, Part 2, gelu: out = table[x + 128] (int8, the shape of x)."""
-    array_arg(x, "gelu", "x", np.int8)
-    array_arg(table, "gelu", "table", np.int8, 1)
-    require(table.shape == (256,), "gelu", f"table must have shape (256,), got {table.shape}")
-    return table[x.astype(np.int64) + 128]
+    return gelu_lookup(x, table, np.int8, "gelu")
+
+
+def gelu_lookup(x, table, dtype, fn: str) -> np.ndarray:
+    """out = table[x - min] for x of dtype and a table over every code of it (int8: Part 2's gelu; int16: gelu_a16)."""
+    lo, n = int(np.iinfo(dtype).min), 1 << (8 * np.dtype(dtype).itemsize)
+    array_arg(x, fn, "x", dtype)
+    array_arg(table, fn, "table", dtype, 1)
+    require(table.shape == (n,), fn, f"table must have shape ({n},), got {table.shape}")
+    return table[int64(x, fn, "x") - lo]
 
 
 # ---------------------------------------------------------------------------------------------
