@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from refvit.reference.arith import SINGLE_ROUND, apply_scale_16, requantize_16, require, rounding_shift_right, saturate
-from refvit.reference.kernels import (array_arg, conv2d_accumulate, gelu_lookup, gelu_table_over, in_range,
-                                     layernorm_tail, per_channel, scalar_arg)
+from refvit.reference.kernels import (array_arg, context_accumulate, conv2d_accumulate, gelu_lookup, gelu_table_over,
+                                     in_range, layernorm_tail, per_channel, scalar_arg)
 from refvit.reference.params import EXP_TABLE_SIZES
 from refvit.reference.variants import layernorm_wide_normalize
 
@@ -106,14 +106,8 @@ def attention_context_a16(p, v, multiplier, shift, *, internals: dict | None = N
     internals: `acc` (int64).
     """
     fn = "attention_context_a16"
-    array_arg(p, fn, "p", np.int16, 4)
-    array_arg(v, fn, "v", np.int16, 4)
-    B, Hh, D, N = v.shape
-    require(p.shape == (B, Hh, N, N), fn, f"p must have shape {(B, Hh, N, N)} to match v {v.shape}, got {p.shape}")
-    require(N <= MAX_TOKENS_16, fn, f"N = {N} exceeds {MAX_TOKENS_16}")
-    require(in_range(p, 0, PROB16_ONE), fn, "p must be in [0, 32767] (probabilities at scale 1/32767)")
+    acc = context_accumulate(p, v, np.int16, PROB16_ONE, MAX_TOKENS_16, fn)   # (B, Hh, D, N), |acc| < 2^46
     m, s = _rescale16(multiplier, shift, fn)
-    acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))   # (B, Hh, D, N)
     if internals is not None:
         internals["acc"] = acc
     return requantize_16(acc, m, s, np.int16)

@@ -192,6 +192,18 @@ def softmax(scores, multiplier, shift, exp_table, *, rounding: str = SINGLE_ROUN
     return p
 
 
+def context_accumulate(p, v, dtype, p_max: int, max_tokens: int, fn: str) -> np.ndarray:
+    """acc[b, h, d, i] = sum_{j < N} p[b, h, i, j] * v[b, h, d, j] -> int64, p (B, Hh, N, N) in [0, p_max] and v
+    (B, Hh, D, N) both of dtype (int8: Part 2; int16: Part 7's attention_context_a16), N <= max_tokens."""
+    array_arg(p, fn, "p", dtype, 4)
+    array_arg(v, fn, "v", dtype, 4)
+    B, Hh, D, N = v.shape
+    require(p.shape == (B, Hh, N, N), fn, f"p must have shape {(B, Hh, N, N)} to match v {v.shape}, got {p.shape}")
+    require(N <= max_tokens, fn, f"N = {N} exceeds {max_tokens}")
+    require(in_range(p, 0, p_max), fn, f"p must be in [0, {p_max}] (probabilities at scale 1/{p_max})")
+    return np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))   # (B, Hh, D, N)
+
+
 def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND,
                       internals: dict | None = None) -> np.ndarray:
     """docs/spec.md, Part 2, attention_context -> int8 (B, Hh, D, N):
@@ -201,14 +213,8 @@ def attention_context(p, v, multiplier, shift, *, rounding: str = SINGLE_ROUND,
     internals: `acc` (int32 (B, Hh, D, N)).
     """
     fn = "attention_context"
-    array_arg(p, fn, "p", np.int8, 4)
-    array_arg(v, fn, "v", np.int8, 4)
-    B, Hh, D, N = v.shape
-    require(p.shape == (B, Hh, N, N), fn, f"p must have shape {(B, Hh, N, N)} to match v {v.shape}, got {p.shape}")
-    require(N <= MAX_TOKENS, fn, f"N = {N} exceeds {MAX_TOKENS}")
-    require(in_range(p, 0, PROB_ONE), fn, "p must be in [0, 127] (probabilities at scale 1/127)")
+    acc = context_accumulate(p, v, np.int8, PROB_ONE, MAX_TOKENS, fn)    # (B, Hh, D, N), |acc| < 2^30
     multiplier, shift = scalar_arg(multiplier, fn, "multiplier", 0, INT32_MAX), scalar_arg(shift, fn, "shift", 2, 62)
-    acc = np.einsum("bhij,bhdj->bhdi", p.astype(np.int64), v.astype(np.int64))   # (B, Hh, D, N), |acc| < 2^30
     if internals is not None:
         internals["acc"] = acc.astype(np.int32)
     return requantize(acc, multiplier, shift, np.int8, rounding)
