@@ -30,9 +30,8 @@ def max_err(a, b) -> float:
 
 # ---------------------------------------------------------------- peers
 
-# every peer in both forms; the quick run (-m "not slow") takes each peer in one form, each form twice
-QUICK_PEER_FORMS = {("timm_tiny", "token"), ("timm_tiny_distilled", "conv"), ("hf_with_teacher", "conv"),
-                    ("hf_plain", "token")}
+# every peer in both forms; the quick run (-m "not slow") takes a timm and a Hugging Face one, one form each
+QUICK_PEER_FORMS = {("timm_tiny", "token"), ("hf_with_teacher", "conv")}
 
 
 @pytest.mark.parametrize("name, form", [pytest.param(n, f, marks=() if (n, f) in QUICK_PEER_FORMS else pytest.mark.slow,
