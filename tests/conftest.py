@@ -57,8 +57,9 @@ def have_shared() -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared: needs the ../shared data folder; skipped when it is absent")
-    config.addinivalue_line("markers", "slow: real-data evaluations and fresh quantizations (minutes); "
-                                       "deselect with -m 'not slow' for a quick local run")
+    config.addinivalue_line("markers", "slow: real-data evaluations, fresh quantizations (minutes) and the rest of "
+                                       "the cross products the quick run samples; deselect with -m 'not slow' for a "
+                                       "quick local run")
 
 
 # The quick local run (-m "not slow") draws an eighth of each property test's examples (at least 10, or all
