@@ -57,11 +57,40 @@ def have_shared() -> bool:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared: needs the ../shared data folder; skipped when it is absent")
-    config.addinivalue_line("markers", "slow: real-data evaluations and fresh quantizations (minutes); "
-                                       "deselect with -m 'not slow' for a quick local run")
+    config.addinivalue_line("markers", "slow: real-data evaluations, fresh quantizations (minutes) and the rest of "
+                                       "the cross products the quick run samples; deselect with -m 'not slow' for a "
+                                       "quick local run")
+
+
+# The quick local run (-m "not slow") draws an eighth of each property test's examples (at least 10, or all
+# when it asks for fewer); the full run (CI) draws them all. Both draw the same examples on every run.
+QUICK_EXAMPLES_DIVISOR, QUICK_EXAMPLES_MIN = 8, 10
+
+
+def quick_run(config) -> bool:
+    return "not slow" in (config.getoption("markexpr") or "")
+
+
+def quick_examples(n: int) -> int:
+    return max(min(n, QUICK_EXAMPLES_MIN), n // QUICK_EXAMPLES_DIVISOR)
+
+
+def fewer_examples(items) -> None:
+    """Each hypothesis test's settings with quick_examples(max_examples): hypothesis reads a test's settings
+    from this attribute on every call (it is what @settings sets)."""
+    done = set()
+    for item in items:
+        fn = getattr(item, "function", None)
+        if not getattr(fn, "is_hypothesis_test", False) or id(fn) in done:
+            continue
+        done.add(id(fn))
+        own = fn._hypothesis_internal_use_settings
+        fn._hypothesis_internal_use_settings = settings(own, max_examples=quick_examples(own.max_examples))
 
 
 def pytest_collection_modifyitems(config, items):
+    if quick_run(config):
+        fewer_examples(items)
     if have_shared():
         return
     for item in items:

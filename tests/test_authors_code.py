@@ -135,7 +135,9 @@ def _shiftmax16_ivit(row: list, s: Fraction) -> list:
     return [(v * factor) >> 16 for v in e]
 
 
-@pytest.mark.parametrize("s, differ, most", [(0.02, 128712, 132), (0.05, 125176, 194), (0.1, 104946, 414)])
+@pytest.mark.parametrize("s, differ, most", [pytest.param(0.02, 128712, 132, marks=pytest.mark.slow),
+                                              pytest.param(0.05, 125176, 194, marks=pytest.mark.slow),
+                                              (0.1, 104946, 414)])      # the quick run (-m "not slow"): one scale
 def test_shiftmax16_difference_count_against_ivit(s, differ, most):
     """spec: over all 65536 rows of two int8 scores at score scale s, the outputs of softmax_shift16 that
     differ from I-ViT's IntSoftmax(16) at its own unit (of 131072)."""

@@ -124,7 +124,8 @@ def _ln_internals(case):
     out = []
     for b, h, w in np.ndindex(x.shape[0], x.shape[2], x.shape[3]):
         xs = [int(v) for v in x[b, :, h, w]]
-        d = [c * v - sum(xs) for v in xs]
+        total = sum(xs)
+        d = [c * v - total for v in xs]
         out.append((d, sum(v * v for v in d) + eps))
     return out
 

@@ -78,6 +78,20 @@ def golden_dump(out, capsys, *extra):
     return json.loads((Path(out) / "manifest.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def plain_golden(tmp_path_factory):
+    """golden_dump(out) with no options, made once: the tests that edit a dump edit a copy (copy_golden)."""
+    out = tmp_path_factory.mktemp("plain") / "g"
+    code = main(["golden", "--seed", "5", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def copy_golden(plain_golden, to) -> Path:
+    shutil.copytree(plain_golden, to)
+    return to
+
+
 def test_manifest_has_the_sha256_of_every_file(tmp_path, capsys):
     m = golden_dump(tmp_path / "g", capsys, "--formats", "npy,hex,bin,h")
     on_disk = sorted(p.relative_to(tmp_path / "g").as_posix() for p in (tmp_path / "g").rglob("*")
@@ -86,9 +100,8 @@ def test_manifest_has_the_sha256_of_every_file(tmp_path, capsys):
     assert all(m["file_sha256"][f] == sha256(tmp_path / "g" / f) for f in on_disk)
 
 
-def test_check_blames_an_edited_golden_file_not_the_device(tmp_path, capsys):
-    gold = tmp_path / "g"
-    golden_dump(gold, capsys)
+def test_check_blames_an_edited_golden_file_not_the_device(plain_golden, tmp_path, capsys):
+    gold = copy_golden(plain_golden, tmp_path / "g")
     device = tmp_path / "dev"
     shutil.copytree(gold / "tensors", device)
     assert run(capsys, "check", gold, device)[0] == 0
@@ -101,9 +114,8 @@ def test_check_blames_an_edited_golden_file_not_the_device(tmp_path, capsys):
     assert "MISMATCH" not in out
 
 
-def test_a_missing_golden_file_is_one_plain_line(tmp_path, capsys):
-    gold = tmp_path / "g"
-    golden_dump(gold, capsys)
+def test_a_missing_golden_file_is_one_plain_line(plain_golden, tmp_path, capsys):
+    gold = copy_golden(plain_golden, tmp_path / "g")
     (gold / "tensors" / "head.npy").unlink()
     code, _, err = run(capsys, "check", gold, gold / "tensors")
     one_line_error(code, err, f"golden folder {gold} is incomplete: tensors/head.npy (listed in the manifest) is "
@@ -311,8 +323,8 @@ def test_docs_ship_as_package_data_and_info_prints_where(capsys):
     one_line_error(*run(capsys, "info", "--docs", DATA / "fmnist_deit.safetensors")[::2], "--docs")
 
 
-def test_manifest_and_mlir_header_say_where_the_docs_are(tmp_path, capsys):
-    m = golden_dump(tmp_path / "g", capsys)
+def test_manifest_and_mlir_header_say_where_the_docs_are(plain_golden):
+    m = json.loads((plain_golden / "manifest.json").read_text())
     assert m["docs"]["spec"] == "spec.md" and "refvit info --docs" in m["docs"]["where"]
     from refvit.export_tosa import export_tosa
     from refvit.graph import SCHEMES

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import PEERS
 from hypothesis import given, settings, strategies as st
 
 from refvit import model_conv, model_token
@@ -29,8 +30,14 @@ def max_err(a, b) -> float:
 
 # ---------------------------------------------------------------- peers
 
-@pytest.mark.parametrize("form", list(FORMS))
-def test_logits_match_peer(peer, peer_inputs, form):
+# every peer in both forms; the quick run (-m "not slow") takes a timm and a Hugging Face one, one form each
+QUICK_PEER_FORMS = {("timm_tiny", "token"), ("hf_with_teacher", "conv")}
+
+
+@pytest.mark.parametrize("name, form", [pytest.param(n, f, marks=() if (n, f) in QUICK_PEER_FORMS else pytest.mark.slow,
+                                                     id=f"{n}-{f}") for n in PEERS for f in FORMS])
+def test_logits_match_peer(peers, peer_inputs, name, form):
+    peer = peers[name]
     ck = peer.checkpoint
     logits = FORWARD[form](FORMS[form](ck.params), peer_inputs, ck.config)
     assert logits.dtype == np.float32
@@ -95,13 +102,28 @@ def test_embedded_model_card_matches_weights(fmnist):
     assert model.head_mode == "mean"
 
 
-def test_fmnist_ref_logits(fmnist):
-    card, images, _ = fmnist
+def ref_logits(card) -> np.ndarray:
     ref = np.asarray(card["ref_logits"], np.float32)
     assert ref.shape == (card["n_ref"], card["num_classes"])
+    return ref
+
+
+def test_fmnist_ref_logits_first_images(fmnist):
+    """The quick run's share of the next test: the first two batches of 50 (the same batches as fmnist_logits)."""
+    card, images, _ = fmnist
+    ref = ref_logits(card)[:100]
     model = load_model(None)
     mine = np.concatenate([model.logits(fmnist_transform(images[i:i + 50])) for i in range(0, len(ref), 50)])
     err = max_err(mine, ref)
+    print(f"\nfmnist ref_logits (first {len(ref)} images): max abs err {err:.3g}")
+    assert err <= LOGITS_TOL
+
+
+@pytest.mark.slow   # all 1,000 reference images, read from the 10,000 logits the top-1 test computes too
+def test_fmnist_ref_logits(fmnist, fmnist_logits):
+    card, _, _ = fmnist
+    ref = ref_logits(card)
+    err = max_err(fmnist_logits[:len(ref)], ref)
     print(f"\nfmnist ref_logits ({len(ref)} images): max abs err {err:.3g}")
     assert err <= LOGITS_TOL
 

@@ -603,9 +603,18 @@ def scheme_models():
     return models, {name: xq16.get(name, xq) for name in models}
 
 
-@pytest.mark.parametrize("prune", ["", "1:0.5"])
-@pytest.mark.parametrize("rounding", ROUNDINGS)
-@pytest.mark.parametrize("scheme", list(G.SCHEMES))
+def whole_model_params():
+    """Every scheme x rounding x pruning; the quick run (-m "not slow") takes every scheme unpruned with
+    SINGLE_ROUND and pruned with DOUBLE_ROUND."""
+    for scheme in G.SCHEMES:
+        for rounding in ROUNDINGS:
+            for prune in ("", "1:0.5"):
+                quick = (rounding == SINGLE_ROUND) == (prune == "")
+                yield pytest.param(scheme, rounding, prune, id=f"{scheme}-{rounding}-{prune}",
+                                   marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("scheme, rounding, prune", whole_model_params())
 def test_whole_models_bit_identical(scheme_models, scheme, rounding, prune):
     models, xqs = scheme_models
     qm, xq = models[scheme], xqs[scheme]
@@ -679,9 +688,14 @@ def test_conformance_expected_outputs_are_the_same_with_the_reference_kernels():
         use_kernels("fast")
 
 
-@pytest.mark.parametrize("scheme", list(G.SCHEMES))
+QUICK_GOLDEN_SCHEMES = ("refvit-int8", "int16-residual")   # the quick run's: int8 and int16 tensors, pruned and not
+
+
+@pytest.mark.parametrize("scheme", [s if s in QUICK_GOLDEN_SCHEMES else pytest.param(s, marks=pytest.mark.slow)
+                                    for s in G.SCHEMES])
 def test_golden_with_reference_kernels_writes_the_same_bytes(scheme_models, scheme, tmp_path):
-    """`golden --kernels reference` == the default, file for file (internals, every format), every scheme."""
+    """`golden --kernels reference` == the default, file for file (internals, every format), every scheme (the
+    quick run: two; test_whole_models_bit_identical compares every scheme's traced tensors and internals)."""
     from refvit import golden
     models, xqs = scheme_models
     qm, xq = (models[scheme].with_prune("1:0.5") if scheme == "refvit-int8" else models[scheme]), xqs[scheme]

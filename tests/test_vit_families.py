@@ -57,9 +57,12 @@ def nontrivial(cfg: DeiTConfig, seed: int = 0) -> dict:
 
 # ---------------------------------------------------------------- the peers: timm and transformers themselves
 
+QUICK_FORM = {DEIT3: "token", VIT: "conv", HF_VIT: "token", HF_DEIT: "conv"}   # each peer's form in the quick run
+
+
 @pytest.mark.shared
-@pytest.mark.parametrize("name", [DEIT3, VIT, HF_VIT, HF_DEIT])
-@pytest.mark.parametrize("form", ["token", "conv"])
+@pytest.mark.parametrize("name, form", [pytest.param(n, f, id=f"{f}-{n}", marks=() if f == q else pytest.mark.slow)
+                                        for n, q in QUICK_FORM.items() for f in ("token", "conv")])
 def test_logits_equal_the_peers(name, form):
     z = peer_npz(name)
     m = load_model(PEER_DIR / name, form=form)
