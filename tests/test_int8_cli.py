@@ -28,7 +28,11 @@ def fmnist(shared):
 
 @pytest.mark.slow
 def test_shipped_int8_default_matches_a_fresh_quantization(tmp_path, capsys, shared):
-    """The packaged INT8 default is exactly what `refvit quantize` makes from the recorded calibration."""
+    """The packaged INT8 default is what `refvit quantize` makes from the recorded calibration, up to the float
+    calibration's last bits: the float model's percentiles come from float32 BLAS, whose last bits differ between
+    CPUs (seen: relative 1e-7 on another machine than the one that made the file). So the weight codes, their
+    scales, the shifts and the graph are equal; every real scale and every rescale multiplier agrees to a
+    relative 1e-6; every other integer constant (biases, tables, eps) within one unit."""
     shipped = load_quantized(default_int8_path())
     cal = shipped.calibration
     args = ["quantize", "--calib", shared / "data" / "fmnist_test.npz", "--max-images", cal["images"],
@@ -38,9 +42,17 @@ def test_shipped_int8_default_matches_a_fresh_quantization(tmp_path, capsys, sha
     code, out, err = run(capsys, *args)
     assert code == 0, err
     fresh = load_quantized(tmp_path / "q.safetensors")
-    assert set(fresh.tensors) == set(shipped.tensors)
+    assert set(fresh.tensors) == set(shipped.tensors) and fresh.graph == shipped.graph
     for k, v in shipped.tensors.items():
-        assert np.array_equal(fresh.tensors[k], v), k
+        got, v = np.asarray(fresh.tensors[k]), np.asarray(v)
+        assert (got.dtype, got.shape) == (v.dtype, v.shape), k
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ("weight", "weight_scale", "pos_embed") or leaf.startswith("shift"):
+            assert np.array_equal(got, v), k                                       # no activation scale in them
+        elif v.dtype.kind == "f" or leaf.startswith("multiplier"):
+            assert np.allclose(got, v, rtol=1e-6, atol=0), k
+        else:
+            assert np.abs(got.astype(np.int64) - v.astype(np.int64)).max(initial=0) <= 1, k
 
 
 @pytest.mark.slow
