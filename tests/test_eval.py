@@ -40,6 +40,7 @@ def independent_predictions(images):
     return fm.logits(x).argmax(1), int_model.logits_int8_model(qm, x)[0].argmax(1)
 
 
+@pytest.mark.slow   # ~4 s: two worker processes (the quick run checks the in-process path: test_eval_cli_json)
 def test_npz_in_process_and_two_workers_agree_with_an_independent_loop(fmnist_small):
     root, images, labels = fmnist_small
     r = resolve_model(int8=True, form="conv")

@@ -49,10 +49,11 @@ needs_sim = pytest.mark.skipif(MISSING is not None, reason=f"RTL simulation unav
 # A subset that reaches every RTL feature: rounding ties in both modes, int8 / int16 / int32 (apply_scale)
 # outputs, shifts 2..62, the int32 accumulator's extremes, bias, per-channel scales, a patch conv (im2col)
 # and a table lookup. Each case is one simulator start (about a second) plus its clocks.
-QUICK_CASES = ["apply_scale_ties_shift2to62_double", "requantize_ties_int8_single", "requantize_saturate_int16_double",
-               "conv1x1_ties_cin1_cout4_n64_shift33_single", "conv1x1_saturate_cin64_cout32_n16_double",
-               "gelu_randomtable_sweep_all256"]
-SLOW_CASES = ["apply_scale_ties_shift2to62_single", "apply_scale_random_single", "requantize_ties_int8_double",
+QUICK_CASES = ["apply_scale_ties_shift2to62_double", "requantize_saturate_int16_double",
+               "gelu_randomtable_sweep_all256"]   # the requantizer and the table unit (the MAC tile: the quick head layer)
+SLOW_CASES = ["requantize_ties_int8_single", "conv1x1_saturate_cin64_cout32_n16_double",
+              "conv1x1_ties_cin1_cout4_n64_shift33_single",
+              "apply_scale_ties_shift2to62_single", "apply_scale_random_single", "requantize_ties_int8_double",
               "requantize_shift2_single", "requantize_shift62_double", "requantize_maxacc_single",
               "requantize_maxacc_double", "conv1x1_maxacc_cin3072_cout8_n4_double", "conv1x1_allmax_cin3071_cout4_n4_single",
               "patchconv_k4_cin3_cout192_img32_single", "gelu_sweep_all256"]

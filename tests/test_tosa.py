@@ -425,7 +425,8 @@ def test_pot_scheme_json_exports_and_the_tosa_reading_equals_refvit(embedded, tm
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("scheme, op", [(GELU64_TOSA, "gelu"), (EXP1024_TOSA, "softmax")], ids=["gelu64", "exp1024"])
+@pytest.mark.parametrize("scheme, op", [pytest.param(GELU64_TOSA, "gelu", marks=pytest.mark.slow),
+                                        (EXP1024_TOSA, "softmax")], ids=["gelu64", "exp1024"])
 def test_table_n_schemes_export_and_the_tosa_reading_equals_refvit(embedded, scheme, op):
     """tosa-int32 with a 64-entry GELU table (gelu_table_n: one 256-entry TABLE of repeated entries) or a 1024-entry
     exp table at 2^-6 (softmax_table_n: GATHER), both roundings, every tensor."""
@@ -531,8 +532,9 @@ def test_iree_runs_conv2d_pot_bit_exact(iree, embedded):
     the hand-made 1x1 conv of every shift in [-31, 31] with ties and +-(2^31 - 1) accumulators (int8 and int16
     out, both rounding modes) against refvit's conv2d_pot."""
     quantize_with, _, x = embedded
-    models = {f"{tag}_{r.split('_')[0].lower()}": quantize_with(G.resolve_scheme(scheme), r) for r in ROUNDINGS
-              for tag, scheme in (("pot", POT_TOSA), ("gelu64", GELU64_TOSA), ("exp1024", EXP1024_TOSA))}  # + table-n
+    models = {f"pot_{r.split('_')[0].lower()}": quantize_with(G.resolve_scheme(POT_TOSA), r) for r in ROUNDINGS}
+    models |= {f"{tag}_single": quantize_with(G.resolve_scheme(scheme), SINGLE_ROUND)      # table-n (both roundings:
+               for tag, scheme in (("gelu64", GELU64_TOSA), ("exp1024", EXP1024_TOSA))}  # the TOSA reading, quick)
     programs = {fn: E.export_tosa(q, batch=len(x), outputs="all") for fn, q in models.items()}
     w, bias, shift = pot_channels()
     xc = np.arange(-128, 128, dtype=np.int8).reshape(1, 16, 16, 1)                # NHWC
@@ -559,11 +561,12 @@ def test_iree_runs_conv2d_pot_bit_exact(iree, embedded):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["tosa-int32", POT_TOSA], ids=["tosa-int32", "pot8-tosa"])
+@pytest.mark.parametrize("scheme", ["tosa-int32"])
 def test_iree_runs_deit_tiny_bit_exact(iree, scheme):
-    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32 and pot8-tosa (shift-only
-    convs; the head's shifts are 0 and 1), batch 2: every tensor in both rounding modes. Prints the compile time
-    and the MLIR size."""
+    """DeiT-Tiny (224 px, d192, 12 layers, 1000 classes), random weights, tosa-int32, batch 2: every tensor in both
+    rounding modes. Prints the compile time and the MLIR size. (pot8-tosa ran here bit-exact too, once: 5,011 /
+    5,113 TOSA ops; the suite runs it on the embedded model, test_iree_runs_conv2d_pot_bit_exact, to stay in CI's
+    time.)"""
     cfg = DeiTConfig()
     rng = np.random.default_rng(0)
     qm = quantize(token_to_conv(random_params(cfg, "cls", 0)), cfg, [rng.standard_normal((2, 3, 224, 224))],
