@@ -62,9 +62,9 @@ def pytest_configure(config):
                                        "quick local run")
 
 
-# The quick local run (-m "not slow") draws a sixteenth of each property test's examples (at least 10, or all
+# The quick local run (-m "not slow") draws a sixteenth of each property test's examples (at least 5, or all
 # when it asks for fewer); the full run (CI) draws them all. Both draw the same examples on every run.
-QUICK_EXAMPLES_DIVISOR, QUICK_EXAMPLES_MIN = 16, 10
+QUICK_EXAMPLES_DIVISOR, QUICK_EXAMPLES_MIN = 16, 5
 
 
 def quick_run(config) -> bool:

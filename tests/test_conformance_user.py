@@ -37,6 +37,7 @@ def _quick_counts():
     return len(quick), len(mine), len(single), len(blocks)
 
 
+@pytest.mark.slow   # ~3.5 s: the user project's whole quick session (the failure test below runs it quick)
 def test_user_project_counts(user_project):
     n, mine, single, blocks = _quick_counts()
     assert mine >= 16 and 0 < single < mine and blocks >= 4

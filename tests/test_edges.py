@@ -124,7 +124,8 @@ def test_a_missing_golden_file_is_one_plain_line(plain_golden, tmp_path, capsys)
 
 # ---------------------------------------------------------------- files others can read
 
-@pytest.mark.parametrize("mask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+@pytest.mark.parametrize("mask, folder_mode, file_mode", [(0o022, 0o755, 0o644),
+                                                          pytest.param(0o077, 0o700, 0o600, marks=pytest.mark.slow)])
 def test_outputs_honour_the_umask(tmp_path, capsys, umask, mask, folder_mode, file_mode):
     umask(mask)
     golden_dump(tmp_path / "g", capsys)

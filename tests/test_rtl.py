@@ -110,6 +110,7 @@ def test_broken_rtl_build_fails_naming_the_case_and_first_element(build_dir):
 
 
 @needs_sim
+@pytest.mark.slow   # a second RTL build (~1.2 s); the quick run builds the RTL once
 def test_broken_rtl_build_fails_from_the_command_line(build_dir):
     """The README's command with the broken build: exit 1, FAIL line with the case and its first element."""
     name = "conv1x1_ties_cin1_cout4_n64_shift33_single"
