@@ -170,7 +170,7 @@ class Scheme:
             variant = getattr(self, fld)
             if variant not in R.variants(op):
                 raise GraphError(f"scheme {self.name!r}: {op} variant {variant!r} is not one of {R.variants(op)}")
-        if self.residual == "int16" and self.layernorm in ("int64", "ibert-code", A16):
+        if self.residual == "int16" and self.layernorm in ("int64", "ibert-code"):
             raise GraphError(f"scheme {self.name!r}: an int16 residual stream needs a LayerNorm that reads int16 "
                              f"(layernorm 'wide' or 'int32')")
         if not (isinstance(self.pot_fraction, (int, float)) and 0 <= self.pot_fraction <= 1):

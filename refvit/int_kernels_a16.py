@@ -19,7 +19,6 @@ from refvit.int_kernels import _conv_gemm, _nchw, _per_channel, _require_array, 
 from refvit.intmath import (ACC48_MAX, MULT16_MAX, SINGLE_ROUND, apply_scale_16, int_matmul_exact, requantize_16,
                             requantize_16_into)
 
-ACT16_TYPES = (np.int8, np.int16)
 PROB16_ONE = 32767                 # probabilities at scale 1/32767: p in [0, 32767]
 MAX_CONV_TERMS_16 = 1 << 16        # Cin*k*k: |sum x*w| <= 2^16 * 2^15 * 127 < 2^38
 MAX_HEAD_DIM_16 = 1 << 16          # D: |q . k| <= 2^16 * 2^30 = 2^46 <= 2^47 - 1
